@@ -1,0 +1,86 @@
+"""The reward seam: what the rollout callback hands a reward and what it gets back.
+
+Every reward (the rule rewards below, the Whisper reward module, the HTTP client) implements
+`Reward.score(samples) -> RewardResult`. A reward never raises for one bad sample: it gives that
+sample a defined reward and a reason string, which the trainer logs as a fraction per reason.
+A reward raises only when it cannot score at all (a dead server after retries, a broken model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class SpeechSample:
+    """One completion to score.
+
+    text: the ground-truth text the prompt asked for; codes: codec codes of the speech span;
+    stopped: the completion ended with <|SPEECH_GENERATION_END|>; truncated: it hit
+    max_new_tokens; num_invalid: non-speech ids inside the speech span; language: an ISO code
+    such as "en" or "ko", or None for the reward's default.
+    """
+
+    text: str
+    codes: list[int]
+    stopped: bool = True
+    truncated: bool = False
+    num_invalid: int = 0
+    language: str | None = None
+
+
+@dataclass
+class RewardResult:
+    """Rewards and diagnostics for N samples.
+
+    rewards: (N,) float32, finite, usually in [0, 1];
+    metrics: name -> (N,) float32 per-sample diagnostics (e.g. "cer", "nll"); NaN marks
+             "not measured for this sample" and is excluded from logged means;
+    reasons: N strings, "ok" or why the sample got a fixed reward ("empty_speech", ...);
+    transcripts: N strings when the reward transcribes, else empty.
+    """
+
+    rewards: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    transcripts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.rewards.shape[0]
+        if not self.reasons:
+            self.reasons = [OK] * n
+        if len(self.reasons) != n:
+            raise ValueError(f"RewardResult has {n} rewards but {len(self.reasons)} reasons")
+        for name, value in self.metrics.items():
+            if value.shape != (n,):
+                raise ValueError(f"metric {name!r} has shape {tuple(value.shape)}, expected ({n},)")
+        if not torch.isfinite(self.rewards).all():
+            raise ValueError(f"reward is not finite: {self.rewards.tolist()}")
+
+    @staticmethod
+    def cat(results: Sequence["RewardResult"]) -> "RewardResult":
+        names = set().union(*(r.metrics for r in results)) if results else set()
+        metrics = {}
+        for name in names:
+            metrics[name] = torch.cat(
+                [r.metrics.get(name, torch.full_like(r.rewards, math.nan)) for r in results]
+            )
+        return RewardResult(
+            rewards=torch.cat([r.rewards for r in results]),
+            metrics=metrics,
+            reasons=[x for r in results for x in r.reasons],
+            transcripts=[x for r in results for x in (r.transcripts or [""] * len(r.rewards))],
+        )
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Anything that scores a batch of speech samples."""
+
+    def score(self, samples: Sequence[SpeechSample]) -> RewardResult: ...

@@ -1,0 +1,117 @@
+"""Samplers: turn prompt ids into G completions each, behind one small Protocol.
+
+`HFSampler` uses `transformers` `generate` (CPU default, tests, any device). The vLLM sampler
+(`lightning_grpo.vllm_sampler`) implements the same Protocol for GPU rollouts.
+Rows of `Completions` are grouped by prompt: rows i*n .. i*n+n-1 are the n samples of prompt i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class Completions:
+    """Sampled completions for len(prompts) * n rows.
+
+    ids: each row's completion ids, prompt excluded, stop token included when produced, no padding;
+    truncated: the row reached max_new_tokens without the stop token;
+    logprobs: the sampler's own log-prob of each completion id (same lengths as ids), or None.
+    """
+
+    ids: list[list[int]]
+    truncated: list[bool]
+    logprobs: list[list[float]] | None = None
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    max_new_tokens: int
+
+    def setup(self, pl_module) -> None:
+        """Called once at fit start on every rank (e.g. to build an engine on this rank's GPU)."""
+
+    def sample(
+        self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int, stop_token_id: int, step: int
+    ) -> Completions:
+        """Sample n completions per prompt from the current weights of `model`."""
+
+
+class HFSampler:
+    """Sampling with `model.generate` on the model's own device: simple, exact, slow."""
+
+    def __init__(
+        self,
+        temperature: float = 0.8,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 2048,
+        pad_token_id: int | None = None,
+    ) -> None:
+        """
+        Args:
+            temperature: softmax temperature (LLaSA card: 0.8; the original GRPO run: 0.8).
+            top_p: nucleus mass; 1.0 disables it (some LLaSA users report runaway audio below 1).
+            top_k: keep the k most likely tokens; 0 disables it.
+            max_new_tokens: completion budget; 2048 tokens are about 41 s of audio at 50 tokens/s.
+                Completions that reach it are flagged truncated, never silently cut.
+            pad_token_id: id used to left-pad prompts; default: the stop token id (never sampled
+                inside a completion because sampling ends at the stop token).
+        """
+        if temperature <= 0:
+            raise ValueError(f"--temperature={temperature} must be > 0 (use a small value for near-greedy)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"--top_p={top_p} must be in (0, 1]")
+        if max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.max_new_tokens = max_new_tokens
+        self.pad_token_id = pad_token_id
+
+    def setup(self, pl_module) -> None:
+        pass
+
+    @torch.no_grad()
+    def sample(
+        self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int, stop_token_id: int, step: int
+    ) -> Completions:
+        pad = stop_token_id if self.pad_token_id is None else self.pad_token_id
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompts)
+        rows = [list(p) for p in prompts for _ in range(n)]  # (B*G,) grouped by prompt
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(rows):  # left padding so every completion starts at column `width`
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention_mask[i, width - len(p) :] = 1
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=stop_token_id,
+                pad_token_id=pad,
+                use_cache=True,
+            )  # (B*G, width + T)
+        finally:
+            model.train(was_training)
+        ids, truncated = [], []
+        for row in out[:, width:].tolist():
+            if stop_token_id in row:
+                row = row[: row.index(stop_token_id) + 1]
+                truncated.append(False)
+            else:
+                truncated.append(True)
+            ids.append(row)
+        return Completions(ids=ids, truncated=truncated)
