@@ -1,0 +1,234 @@
+"""`RemoteReward`: the reward seam backed by the HTTP scoring server (`lightning_grpo.reward.server`).
+
+Used by the training loop when a server URL is configured (the `url` argument, or the `WHISPER_SERVER`
+environment variable as in the original recipe, e.g. http://127.0.0.1:8001). Unlike the original client,
+a server that cannot be reached or keeps failing is never turned into a silent zero reward: requests are
+retried with exponential backoff on connection errors, timeouts and 5xx answers, and then `score` raises
+a RuntimeError that names the URL. A 4xx answer (a bug in what we send) raises at once.
+
+Samples with no speech codes are scored here, not sent (the server rejects empty token lists): reward 0,
+reason "invalid_token" when the span held non-speech ids, else "empty_speech" (the same reasons the reward
+module gives), CER 1 and NLL not measured. Everything else is sent in batched bodies of at most
+`max_samples_per_request` samples over one persistent connection pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from typing import Any, Sequence
+
+import httpx
+import torch
+
+from .base import RewardResult, SpeechSample
+
+log = logging.getLogger(__name__)
+
+URL_ENV = "WHISPER_SERVER"
+TOKEN_ENV = "WHISPER_SERVER_TOKEN"
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class RemoteReward:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout_s: float = 300.0,
+        connect_timeout_s: float = 5.0,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        max_samples_per_request: int = 64,
+        ready_timeout_s: float = 900.0,
+    ) -> None:
+        """
+        Args:
+            url: base URL of the scoring server, e.g. http://127.0.0.1:8001; None reads $WHISPER_SERVER.
+            token: bearer token the server was started with; None reads $WHISPER_SERVER_TOKEN (may be unset).
+            timeout_s: read timeout of one request; a batch of long clips on a busy server can take minutes.
+            connect_timeout_s: TCP connect timeout.
+            max_retries: retries after the first attempt on connection errors, timeouts and 5xx answers,
+                before `score` raises. 0 fails on the first error.
+            backoff_s: wait before the first retry; doubled at each retry (with jitter), capped by max_backoff_s.
+            max_backoff_s: longest wait between two retries.
+            max_samples_per_request: samples per HTTP body; must not exceed the server's --max-batch-samples.
+            ready_timeout_s: how long the first call waits for a server that answers "loading" (large-v3
+                takes a while to load) before raising.
+        """
+        url = url or os.environ.get(URL_ENV)
+        if not url:
+            raise ValueError(
+                f"no scoring server URL: pass RemoteReward(url=...) (config key url) or set {URL_ENV}="
+                "http://127.0.0.1:8001 (the default of `python -m lightning_grpo serve`)"
+            )
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"scoring server URL {url!r} must start with http:// or https://")
+        if max_retries < 0 or backoff_s < 0 or max_samples_per_request < 1:
+            raise ValueError("max_retries and backoff_s must be >= 0 and max_samples_per_request >= 1")
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_samples_per_request = max_samples_per_request
+        self.ready_timeout_s = ready_timeout_s
+        self._client: httpx.Client | None = None
+        self._ready = False
+        self._lock = threading.Lock()
+
+    # The client is built lazily so the reward can be pickled into worker processes (DDP spawn).
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_client=None, _ready=False, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            # trust_env=False: an HTTP(S)_PROXY meant for the internet must not capture the reward server.
+            self._client = httpx.Client(
+                base_url=self.url, headers=headers, trust_env=False,
+                timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+            )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> "RemoteReward":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------------- HTTP
+
+    def _fail(self, what: str, err: str, attempts: int) -> RuntimeError:
+        return RuntimeError(
+            f"scoring server {self.url} {what} after {attempts} attempt(s): {err}. Check that the server is "
+            f"running (python -m lightning_grpo serve ...) and that {URL_ENV} / RemoteReward(url=...) points at it"
+        )
+
+    def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        """One request with retries; returns the first answer that is not retryable."""
+        err = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+                log.warning("scoring server %s: %s; retry %d/%d in %.1fs", self.url, err, attempt, self.max_retries, delay)
+                time.sleep(delay)
+            try:
+                response = self.client.request(method, path, json=body)
+            except httpx.TransportError as e:  # connect / read / write errors and timeouts
+                err = f"{type(e).__name__}: {e}"
+                continue
+            if response.status_code not in _RETRY_STATUS:
+                return response
+            err = f"HTTP {response.status_code}: {_detail(response)}"
+            if path == "/healthz" and response.status_code == 503:
+                return response  # "loading" is answered by _ensure_ready's own wait
+        raise self._fail(f"{method} {path} failed", err, self.max_retries + 1)
+
+    def _ensure_ready(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            deadline = time.monotonic() + self.ready_timeout_s
+            while True:
+                response = self._request("GET", "/healthz")
+                status = _json(response).get("status")
+                if response.status_code == 200 and status == "ok":
+                    self._ready = True
+                    return
+                if status == "failed" or response.status_code != 503:
+                    raise RuntimeError(
+                        f"scoring server {self.url} is not usable: HTTP {response.status_code} {_detail(response)}"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"scoring server {self.url} still loading after ready_timeout_s={self.ready_timeout_s}"
+                    )
+                time.sleep(min(2.0, max(0.05, self.backoff_s)))
+
+    def _score_remote(self, samples: Sequence[SpeechSample]) -> list[dict[str, Any]]:
+        body = {"samples": [
+            {"tokens": [int(c) for c in s.codes], "text": s.text, "language": s.language,
+             "stopped": bool(s.stopped), "truncated": bool(s.truncated), "num_invalid": int(s.num_invalid)}
+            for s in samples
+        ]}
+        response = self._request("POST", "/score", body)
+        if response.status_code != 200:
+            raise RuntimeError(
+                f"scoring server {self.url} rejected a batch of {len(samples)} samples: "
+                f"HTTP {response.status_code} {_detail(response)}"
+            )
+        results = _json(response).get("results")
+        if not isinstance(results, list) or len(results) != len(samples):
+            raise RuntimeError(f"scoring server {self.url} answered {response.text[:200]!r} for {len(samples)} samples")
+        return results
+
+    # --------------------------------------------------------------------------------------------- seam
+
+    def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
+        """Score samples on the server, in order; raises RuntimeError naming the URL if it cannot."""
+        answers: list[dict[str, Any] | None] = [None] * len(samples)
+        remote = [i for i, s in enumerate(samples) if len(s.codes) > 0]
+        for i, s in enumerate(samples):
+            if not s.codes:
+                reason = "invalid_token" if s.num_invalid else "empty_speech"
+                answers[i] = {"reward": 0.0, "reason": reason, "transcript": "", "metrics": {"cer": 1.0, "nll": None}}
+        if remote:
+            self._ensure_ready()
+        for start in range(0, len(remote), self.max_samples_per_request):
+            chunk = remote[start:start + self.max_samples_per_request]
+            for i, answer in zip(chunk, self._score_remote([samples[i] for i in chunk])):
+                answers[i] = answer
+        return _to_result(answers)  # type: ignore[arg-type]
+
+
+def _to_result(answers: list[dict[str, Any]]) -> RewardResult:
+    names = sorted({name for a in answers for name in (a.get("metrics") or {})})
+    metrics = {
+        name: torch.tensor(
+            [_nan_if_none((a.get("metrics") or {}).get(name)) for a in answers], dtype=torch.float32
+        )
+        for name in names
+    }
+    return RewardResult(
+        rewards=torch.tensor([float(a["reward"]) for a in answers], dtype=torch.float32).reshape(len(answers)),
+        metrics=metrics,
+        reasons=[str(a["reason"]) for a in answers],
+        transcripts=[str(a.get("transcript") or "") for a in answers],
+    )
+
+
+def _nan_if_none(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _detail(response: httpx.Response) -> str:
+    body = _json(response)
+    return str(body.get("detail") or body.get("status") or response.text[:200])

@@ -1,0 +1,470 @@
+"""HTTP scoring service: any `Reward` (the Whisper reward in practice) behind FastAPI, micro-batched.
+
+For the 2-train + 1-reward GPU layout of the original recipe: the reward runs on its own GPU in its own
+process and the trainers score through `lightning_grpo.reward.client.RemoteReward`.
+
+    python -m lightning_grpo serve --port 8001 --model large-v3 --device cuda:0 --codec HKUSTAudio/xcodec2
+    export WHISPER_SERVER=http://127.0.0.1:8001      # the client's default env var; matches --port 8001
+
+Endpoints:
+    POST /score   {"tokens": [codes], "text": str}               -> {"nll", "transcript", "cer", "reward", "reason", "metrics"}
+                  {"samples": [{"tokens", "text", "language"?, "stopped"?, "truncated"?, "num_invalid"?}, ...]}
+                                                                 -> {"results": [one answer per sample, in order]}
+    GET  /healthz /readyz   200 {"status": "ok"} when the models are loaded, 503 {"status": "loading"} before,
+                            503 {"status": "failed", "detail"} when loading failed.
+"tokens" are codec codes 0..codebook_size-1 (X-codec2: 65,536), not LLaSA vocabulary ids. Metrics that
+were not measured for a sample (NaN in `RewardResult`) are null in JSON.
+
+How it departs from the original server (one sample per request, handled one at a time, port 8000):
+concurrent requests are gathered into one `Reward.score` call (at most `max_batch_size` samples, waiting at
+most `max_wait_ms` for company), scored on a single worker thread that owns the model, and the results are
+routed back by position. A reward exception fails only the requests of that batch: the batch is re-scored
+request by request so one poisoned request cannot fail its neighbours. The server binds 127.0.0.1 by
+default, can require a bearer token, and answers 413 / 4xx (naming the field) to oversized or malformed
+bodies without ever going down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import importlib
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from .base import Reward, RewardResult, SpeechSample
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8001  # WHISPER_SERVER=http://127.0.0.1:8001 (the original README's port; its code said 8000)
+TOKEN_ENV = "WHISPER_SERVER_TOKEN"
+CODEBOOK_SIZE = 65_536  # X-codec2's single FSQ codebook
+
+RewardFactory = Callable[[], Reward]
+
+
+# ----------------------------------------------------------------------------------------------- schemas
+
+
+class SampleIn(BaseModel):
+    """One sample of a request body; the original server's body is exactly {"tokens", "text"}."""
+
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[StrictInt] = Field(min_length=1)
+    text: StrictStr = Field(min_length=1)
+    language: StrictStr | None = None
+    stopped: StrictBool = True
+    truncated: StrictBool = False
+    num_invalid: StrictInt = Field(0, ge=0)
+
+
+class BatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    samples: list[SampleIn] = Field(min_length=1)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _field_name(loc: Sequence[Union[str, int]]) -> str:
+    """('samples', 0, 'tokens', 3) -> 'samples[0].tokens[3]'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def parse_body(raw: bytes, codebook_size: int, max_samples: int) -> tuple[list[SpeechSample], bool]:
+    """Validate a /score body; returns the samples and whether it was the batched form.
+
+    Raises BadRequest (400 malformed JSON, 422 schema, 413 too many samples) naming the field.
+    """
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"body is not valid JSON ({e}); send {{\"tokens\": [...], \"text\": \"...\"}}")
+    batched = isinstance(body, dict) and "samples" in body
+    if batched and isinstance(body["samples"], list) and len(body["samples"]) > max_samples:
+        raise BadRequest(
+            413, f"samples has {len(body['samples'])} entries, more than --max-batch-samples={max_samples}; "
+            "split the request"
+        )
+    try:
+        items = BatchIn.model_validate(body).samples if batched else [SampleIn.model_validate(body)]
+    except ValidationError as e:
+        msgs = [f"{_field_name(err['loc'])}: {err['msg']}" for err in e.errors()[:10]]
+        raise BadRequest(422, "invalid request body: " + "; ".join(msgs))
+    samples = []
+    for i, item in enumerate(items):
+        where = f"samples[{i}]." if batched else ""
+        if not item.text.strip():
+            raise BadRequest(422, f"invalid request body: {where}text is blank; send the ground-truth text")
+        lo, hi = min(item.tokens), max(item.tokens)
+        if lo < 0 or hi >= codebook_size:
+            j, bad = next((j, c) for j, c in enumerate(item.tokens) if not 0 <= c < codebook_size)
+            raise BadRequest(
+                422, f"invalid request body: {where}tokens[{j}] = {bad} is outside the codebook 0..{codebook_size - 1}; "
+                "send codec codes (speech token id minus the id of <|s_0|>), not vocabulary ids"
+            )
+        samples.append(SpeechSample(
+            text=item.text, codes=list(item.tokens), stopped=item.stopped, truncated=item.truncated,
+            num_invalid=item.num_invalid, language=item.language,
+        ))
+    return samples, batched
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def result_to_json(result: RewardResult) -> list[dict[str, Any]]:
+    """One JSON-safe answer per sample (NaN metrics -> null)."""
+    metrics = {name: value.tolist() for name, value in result.metrics.items()}
+    out = []
+    for i, reward in enumerate(result.rewards.tolist()):
+        m = {name: _finite_or_none(values[i]) for name, values in metrics.items()}
+        out.append({
+            "reward": reward,
+            "reason": result.reasons[i],
+            "transcript": result.transcripts[i] if result.transcripts else "",
+            "nll": m.get("nll"),
+            "cer": m.get("cer"),
+            "metrics": m,
+        })
+    return out
+
+
+def slice_result(result: RewardResult, start: int, stop: int) -> RewardResult:
+    """Rows start..stop-1 of a result."""
+    return RewardResult(
+        rewards=result.rewards[start:stop],
+        metrics={k: v[start:stop] for k, v in result.metrics.items()},
+        reasons=result.reasons[start:stop],
+        transcripts=result.transcripts[start:stop] if result.transcripts else [],
+    )
+
+
+# ------------------------------------------------------------------------------------------ micro-batcher
+
+
+@dataclass
+class _Job:
+    samples: list[SpeechSample]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher:
+    """Gathers concurrent jobs into `Reward.score` calls of at most `max_batch_size` samples.
+
+    The first job of a batch waits at most `max_wait_ms` for company; jobs that arrive while a batch is
+    being scored are taken at once by the next batch. All scoring happens on one worker thread, which is
+    also the thread that built the reward, so the model is never used concurrently.
+    """
+
+    def __init__(self, max_batch_size: int, max_wait_ms: float) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"--max-batch-size={max_batch_size} must be >= 1")
+        if max_wait_ms < 0:
+            raise ValueError(f"--max-wait-ms={max_wait_ms} must be >= 0")
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-worker")
+        self.reward: Reward | None = None
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._carry: _Job | None = None
+        self._task: asyncio.Task | None = None
+        self.batches = 0  # number of Reward.score calls, for logs and tests
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for job in ([self._carry] if self._carry else []) + [self._queue.get_nowait() for _ in range(self._queue.qsize())]:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("server is shutting down"))
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def score(self, samples: list[SpeechSample]) -> RewardResult:
+        """Score one request's samples; requests larger than max_batch_size are split into chunks."""
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for start in range(0, len(samples), self.max_batch_size):
+            job = _Job(samples[start:start + self.max_batch_size], loop.create_future())
+            self._queue.put_nowait(job)
+            jobs.append(job)
+        results = await asyncio.gather(*(job.future for job in jobs))
+        return results[0] if len(results) == 1 else RewardResult.cat(results)
+
+    async def _next_job(self, timeout: float | None) -> _Job | None:
+        if self._carry is not None:
+            job, self._carry = self._carry, None
+            return job
+        if timeout is None:
+            return await self._queue.get()
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        if timeout <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next_job(None)
+            batch, n = [first], len(first.samples)
+            deadline = first.enqueued + self.max_wait_s
+            while n < self.max_batch_size:
+                job = await self._next_job(deadline - time.monotonic())
+                if job is None:
+                    break
+                if n + len(job.samples) > self.max_batch_size:
+                    self._carry = job  # starts the next batch; chunks never exceed max_batch_size
+                    break
+                batch.append(job)
+                n += len(job.samples)
+            batch = [job for job in batch if not job.future.done()]  # drop requests whose client went away
+            if batch:
+                await self._score_batch(loop, batch)
+
+    async def _score_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+        samples = [s for job in batch for s in job.samples]
+        try:
+            result = await loop.run_in_executor(self.executor, self._score_checked, samples)
+        except Exception as e:
+            if len(batch) > 1:  # find the culprit: only its request may fail
+                for job in batch:
+                    await self._score_batch(loop, [job])
+                return
+            log.exception("reward failed on a batch of %d samples", len(samples))
+            if not batch[0].future.done():
+                batch[0].future.set_exception(e)
+            return
+        start = 0
+        for job in batch:
+            stop = start + len(job.samples)
+            if not job.future.done():
+                job.future.set_result(slice_result(result, start, stop))
+            start = stop
+
+    def _score_checked(self, samples: list[SpeechSample]) -> RewardResult:
+        assert self.reward is not None
+        self.batches += 1
+        result = self.reward.score(samples)
+        if result.rewards.shape != (len(samples),) or (result.transcripts and len(result.transcripts) != len(samples)):
+            raise RuntimeError(
+                f"{type(self.reward).__name__}.score returned {tuple(result.rewards.shape)} rewards "
+                f"for {len(samples)} samples"
+            )
+        return result
+
+
+# -------------------------------------------------------------------------------------------------- app
+
+
+def create_app(
+    reward: Reward | RewardFactory,
+    *,
+    token: str | None = None,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    max_request_bytes: int = 8 * 1024 * 1024,
+    max_request_samples: int = 256,
+    codebook_size: int = CODEBOOK_SIZE,
+) -> FastAPI:
+    """The scoring app.
+
+    Args:
+        reward: a ready `Reward`, or a zero-argument factory that builds one; a factory runs on the
+            worker thread at startup while /healthz answers 503 "loading".
+        token: bearer token required on /score (None: no auth; health endpoints are always open).
+        max_batch_size: most samples per `Reward.score` call (1 reproduces the original one-at-a-time server).
+        max_wait_ms: how long the first request of a batch waits for others to join it.
+        max_request_bytes: larger bodies answer 413.
+        max_request_samples: batched bodies with more samples answer 413.
+        codebook_size: codes must be in [0, codebook_size); 65,536 for X-codec2.
+    """
+    if max_request_bytes < 1 or max_request_samples < 1 or codebook_size < 1:
+        raise ValueError("--max-request-bytes, --max-batch-samples and --codebook-size must be >= 1")
+    is_factory = isinstance(reward, type) or not hasattr(reward, "score")  # a class is a factory too
+    state: dict[str, Any] = {"status": "loading", "detail": None}
+    batcher_box: dict[str, MicroBatcher] = {}
+
+    def load(batcher: MicroBatcher) -> None:
+        try:
+            batcher.reward = reward() if is_factory else reward  # type: ignore[operator]
+            if not isinstance(batcher.reward, Reward):
+                raise TypeError(f"reward factory returned {type(batcher.reward).__name__}, which has no score()")
+            state["status"] = "ok"
+            log.info("reward %s ready", type(batcher.reward).__name__)
+        except BaseException as e:  # report, don't die: /healthz says why, clients fail loudly
+            log.exception("loading the reward failed")
+            state["status"], state["detail"] = "failed", f"{type(e).__name__}: {e}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = MicroBatcher(max_batch_size, max_wait_ms)
+        batcher_box["b"] = batcher
+        app.state.batcher = batcher
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(batcher.executor, load, batcher)  # same thread as scoring
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="lightning_grpo scoring server", lifespan=lifespan)
+
+    def health() -> JSONResponse:
+        code = 200 if state["status"] == "ok" else 503
+        body = {"status": state["status"]}
+        if state["detail"]:
+            body["detail"] = state["detail"]
+        return JSONResponse(body, status_code=code)
+
+    app.get("/healthz")(health)
+    app.get("/readyz")(health)
+
+    @app.post("/score")
+    async def score(request: Request) -> JSONResponse:
+        try:
+            if token is not None:
+                auth = request.headers.get("authorization", "")
+                if not hmac.compare_digest(auth.encode(), f"Bearer {token}".encode()):
+                    raise BadRequest(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+                raise BadRequest(413, f"body of {declared} bytes exceeds --max-request-bytes={max_request_bytes}")
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > max_request_bytes:
+                    raise BadRequest(413, f"body exceeds --max-request-bytes={max_request_bytes}")
+            samples, batched = parse_body(bytes(raw), codebook_size, max_request_samples)
+            if state["status"] != "ok":
+                raise BadRequest(503, f"reward is {state['status']}: {state['detail'] or 'retry later'}")
+            try:
+                result = await batcher_box["b"].score(samples)
+            except Exception as e:
+                raise BadRequest(500, f"reward failed: {type(e).__name__}: {e}")
+        except BadRequest as e:
+            headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+            return JSONResponse({"detail": e.detail}, status_code=e.status, headers=headers)
+        answers = result_to_json(result)
+        return JSONResponse({"results": answers} if batched else answers[0])
+
+    return app
+
+
+def serve(reward: Reward | RewardFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          log_level: str = "info", **app_kwargs: Any) -> None:
+    """Run the app with uvicorn until interrupted; `app_kwargs` go to `create_app`."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: the scoring server is reachable from other machines%s", host,
+                    "" if app_kwargs.get("token") else " and has no --token")
+    uvicorn.run(create_app(reward, **app_kwargs), host=host, port=port, log_level=log_level,
+                access_log=False, timeout_keep_alive=30)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def reward_from_config(path: str) -> Reward:
+    """Build a reward from YAML `{class_path: pkg.mod.Class, init_args: {...}}`."""
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    class_path = cfg.get("class_path")
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise ValueError(f"--reward-config {path}: needs 'class_path: package.module.Class' (got {class_path!r})")
+    module_name, _, cls_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**(cfg.get("init_args") or {}))
+
+
+def build_whisper_reward(model: str, device: str, codec: str | None, language: str | None) -> Reward:
+    """The Whisper reward module on `device`; imported here so the server imports without Whisper weights."""
+    from .module import WhisperReward
+
+    kwargs: dict[str, Any] = {"whisper_model": model, "device": device}
+    if codec is not None:
+        kwargs["codec"] = codec
+    if language is not None:
+        kwargs["language"] = language
+    return WhisperReward(**kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_grpo serve",
+        description="Serve a reward over HTTP (POST /score, GET /healthz). Point trainers at it with "
+        f"WHISPER_SERVER=http://127.0.0.1:{DEFAULT_PORT} (the default --host/--port).",
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help="interface to bind; 0.0.0.0 exposes the server (use --token)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; WHISPER_SERVER=http://127.0.0.1:8001 matches the default")
+    p.add_argument("--model", default="large-v3", help="Whisper model name openai-whisper accepts, or a checkpoint path")
+    p.add_argument("--device", default="cuda:0", help="device of the codec and Whisper (cuda:N or cpu)")
+    p.add_argument("--codec", default=None, help="X-codec2 checkpoint: HF id (HKUSTAudio/xcodec2) or local dir")
+    p.add_argument("--language", default=None, help="default language of the texts (e.g. en, ko); per-sample 'language' overrides")
+    p.add_argument("--token", default=None, help=f"bearer token required on /score (default: ${TOKEN_ENV}, else none)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most samples per reward call (1 = one at a time, as the original)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to share its batch")
+    p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies answer 413")
+    p.add_argument("--max-batch-samples", type=int, default=256, help="most samples in one batched body (more: 413)")
+    p.add_argument("--codebook-size", type=int, default=CODEBOOK_SIZE, help="codes must be < this (X-codec2: 65536)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--reward-config", default=None, help="YAML {class_path, init_args} of the reward to serve instead of Whisper")
+    group.add_argument("--fake-reward", choices=["rule"], default=None, help="serve the rule reward (tests; no Whisper)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lightning_grpo serve ...`: parse flags and serve until interrupted."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.fake_reward == "rule":
+        from .rule import RuleReward
+
+        factory: RewardFactory = RuleReward
+    elif args.reward_config:
+        factory = lambda: reward_from_config(args.reward_config)  # noqa: E731
+    else:
+        factory = lambda: build_whisper_reward(args.model, args.device, args.codec, args.language)  # noqa: E731
+    serve(
+        factory, host=args.host, port=args.port, log_level=args.log_level,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_request_bytes=args.max_request_bytes, max_request_samples=args.max_batch_samples,
+        codebook_size=args.codebook_size,
+    )
+
+
+if __name__ == "__main__":
+    main()
