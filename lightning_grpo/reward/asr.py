@@ -1,0 +1,123 @@
+"""Batched Whisper: log-mel, one encoder pass, greedy transcripts, teacher-forced NLL of the ground truth.
+
+All functions take an openai-whisper `Whisper` model and a batch; the encoder runs once per batch and
+both the transcription and the NLL reuse its output. Audio is padded or trimmed to Whisper's 30 s
+window (`whisper.pad_or_trim`), as in the original.
+
+Departures from the original server, on purpose:
+  - Transcription is greedy (temperature 0, no fallback), so the same audio always gets the same
+    transcript and reward; the original used `transcribe` with temperature fallback (random).
+  - The NLL prefix is Whisper's full prompt: <|startoftranscript|> <|lang|> <|transcribe|>
+    <|notimestamps|> (English-only models: <|startoftranscript|> <|notimestamps|>); the loss covers the
+    text tokens and <|endoftext|>. `nll_prefix="original"` reproduces the original's
+    [sot] + text + [eot], which asks Whisper to score text in a context it never saw in training.
+  - A transcript Whisper itself marks as "no speech" (no-speech probability above
+    `no_speech_threshold` and mean log-prob below `logprob_threshold`, Whisper's own gate in
+    `transcribe`) is returned empty, so it scores CER 1 instead of a hallucinated sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+import whisper
+from whisper.model import Whisper
+from whisper.tokenizer import Tokenizer, get_tokenizer
+
+NllPrefix = Literal["full", "original"]
+
+
+def tokenizer_for(model: Whisper, language: str | None) -> Tokenizer:
+    """The transcribe tokenizer of `model` for `language` (ignored by English-only models)."""
+    if not model.is_multilingual:
+        return get_tokenizer(False)
+    return get_tokenizer(True, num_languages=model.num_languages, language=language, task="transcribe")
+
+
+def log_mel_batch(audios: Sequence[torch.Tensor], model: Whisper) -> torch.Tensor:
+    """audios: N 1-D float32 16 kHz waveforms -> log-mel (N, n_mels, 3000) on the model's device."""
+    device = next(model.parameters()).device
+    padded = torch.stack([whisper.pad_or_trim(a.to(device=device, dtype=torch.float32)) for a in audios])
+    return whisper.log_mel_spectrogram(padded, n_mels=model.dims.n_mels)  # (N, n_mels, 3000)
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str
+    no_speech_prob: float
+    avg_logprob: float
+
+
+def transcribe(
+    model: Whisper,
+    audio_features: torch.Tensor,
+    language: str | None,
+    max_tokens: int = 224,
+    no_speech_threshold: float = 0.6,
+    logprob_threshold: float = -1.0,
+) -> list[Transcript]:
+    """Greedy transcripts of encoded audio (N, n_audio_ctx, n_audio_state); language None = detect."""
+    options = whisper.DecodingOptions(
+        task="transcribe",
+        language="en" if not model.is_multilingual else language,
+        temperature=0.0,
+        sample_len=max_tokens,
+        without_timestamps=True,
+        fp16=False,
+    )
+    results = whisper.decode(model, audio_features, options)
+    out = []
+    for r in results:
+        silent = r.no_speech_prob > no_speech_threshold and r.avg_logprob < logprob_threshold
+        out.append(Transcript("" if silent else r.text.strip(), r.language, r.no_speech_prob, r.avg_logprob))
+    return out
+
+
+def nll_tokens(
+    model: Whisper, text: str, language: str | None, prefix: NllPrefix
+) -> tuple[list[int], int]:
+    """Decoder input ids for scoring `text` and how many of them are prefix (not scored).
+
+    Returns (ids, n_prefix): ids = prefix + text tokens + [eot], truncated to the text context.
+    """
+    tokenizer = tokenizer_for(model, language)
+    text_ids = tokenizer.encode(" " + text.strip())
+    if prefix == "full":
+        head = list(tokenizer.sot_sequence_including_notimestamps)
+    elif prefix == "original":
+        head = [tokenizer.sot]
+    else:
+        raise ValueError(f"--nll_prefix={prefix!r} must be 'full' or 'original'")
+    ids = head + text_ids[: model.dims.n_text_ctx - len(head) - 1] + [tokenizer.eot]
+    return ids, len(head)
+
+
+def teacher_forced_nll(
+    model: Whisper,
+    audio_features: torch.Tensor,
+    texts: Sequence[str],
+    languages: Sequence[str | None],
+    prefix: NllPrefix = "full",
+) -> torch.Tensor:
+    """Mean per-token NLL (nats) of each ground-truth text + <|endoftext|> given its audio.
+
+    audio_features: (N, n_audio_ctx, n_audio_state); texts, languages: N each -> (N,) float32 on CPU.
+    One batched decoder pass; sequences are right-padded and padded positions are masked out.
+    """
+    seqs = [nll_tokens(model, t, lang, prefix) for t, lang in zip(texts, languages)]
+    n, length = len(seqs), max(len(ids) for ids, _ in seqs)
+    device = audio_features.device
+    tokens = torch.zeros(n, length, dtype=torch.long)  # (N, L)
+    scored = torch.zeros(n, length, dtype=torch.bool)  # (N, L): True where ids[t] is a target
+    for i, (ids, n_prefix) in enumerate(seqs):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        scored[i, n_prefix : len(ids)] = True
+    tokens, scored = tokens.to(device), scored.to(device)
+    logits = model.decoder(tokens[:, :-1], audio_features).float()  # (N, L-1, V)
+    logp = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]  # (N, L-1)
+    mask = scored[:, 1:].float()
+    return (-(logp * mask).sum(-1) / mask.sum(-1)).cpu()
