@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -35,9 +36,19 @@ class Sampler(Protocol):
         """Called once at fit start on every rank (e.g. to build an engine on this rank's GPU)."""
 
     def sample(
-        self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int, stop_token_id: int, step: int
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        stop_token_id: int,
+        step: int,
+        allowed_token_ids: Sequence[int] | None = None,
     ) -> Completions:
-        """Sample n completions per prompt from the current weights of `model`."""
+        """Sample n completions per prompt from the current weights of `model`.
+
+        allowed_token_ids: when given, every other token has probability 0 (LLaSA: the speech
+        tokens and the stop token), and the trainer scores log-probs over the same set.
+        """
 
 
 class HFSampler:
@@ -78,7 +89,13 @@ class HFSampler:
 
     @torch.no_grad()
     def sample(
-        self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int, stop_token_id: int, step: int
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        stop_token_id: int,
+        step: int,
+        allowed_token_ids: Sequence[int] | None = None,
     ) -> Completions:
         pad = stop_token_id if self.pad_token_id is None else self.pad_token_id
         device = next(model.parameters()).device
@@ -103,6 +120,7 @@ class HFSampler:
                 eos_token_id=stop_token_id,
                 pad_token_id=pad,
                 use_cache=True,
+                logits_processor=LogitsProcessorList([_AllowOnly(allowed_token_ids)]) if allowed_token_ids else None,
             )  # (B*G, width + T)
         finally:
             model.train(was_training)
@@ -115,3 +133,18 @@ class HFSampler:
                 truncated.append(True)
             ids.append(row)
         return Completions(ids=ids, truncated=truncated)
+
+
+class _AllowOnly(LogitsProcessor):
+    """Sets every score outside `allowed` to -inf (applied before temperature / top-p / top-k)."""
+
+    def __init__(self, allowed: Sequence[int]) -> None:
+        self.allowed = torch.tensor(sorted(set(int(i) for i in allowed)), dtype=torch.long)
+        self._bias: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._bias is None or self._bias.shape[0] != scores.shape[-1] or self._bias.device != scores.device:
+            bias = torch.full((scores.shape[-1],), float("-inf"), device=scores.device)
+            bias[self.allowed.to(scores.device)] = 0.0
+            self._bias = bias
+        return scores + self._bias.to(scores.dtype)

@@ -35,7 +35,8 @@ class EchoReward:
 
     Each answer carries its own input (transcript = text + code count), so a mixed-up answer is caught;
     metric "batch_size" records how many samples shared the Reward.score call. A sample whose text is
-    `fail_text` makes the whole call raise, like a model crashing on one input.
+    `fail_text` makes the whole call raise, like a model crashing on one input; "sleep:<seconds>" holds the
+    worker busy so that the requests sent meanwhile queue up and share the next batch.
     """
 
     def __init__(self, delay_s: float = 0.0, load_delay_s: float = 0.0, fail_text: str = "boom") -> None:
@@ -50,7 +51,7 @@ class EchoReward:
     def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
         if any(s.text == self.fail_text for s in samples):
             raise RuntimeError("poisoned sample")
-        time.sleep(self.delay_s)
+        time.sleep(self.delay_s + sum(float(s.text[6:]) for s in samples if s.text.startswith("sleep:")))
         n = len(samples)
         return RewardResult(
             rewards=torch.tensor([self.expected(s)[0] for s in samples], dtype=torch.float32),
@@ -222,11 +223,15 @@ def test_reward_exception_fails_only_its_request(echo_server):
         with _http() as c:
             answers[text] = c.post(echo_server + "/score", json={"tokens": [1, 2, 3], "text": text})
 
+    busy = threading.Thread(target=send, args=("sleep:1.0",))
+    busy.start()
+    time.sleep(0.3)  # the worker is busy: the 8 requests below queue up and form one batch
     threads = [threading.Thread(target=send, args=(t,)) for t in texts]
-    for t in threads:
-        t.start()
-    for t in threads:
+    for t in threads + [busy]:
+        t.start() if t is not busy else None
+    for t in threads + [busy]:
         t.join(60)
+    assert answers["sleep:1.0"].status_code == 200
     assert answers["boom"].status_code == 500 and "poisoned sample" in answers["boom"].json()["detail"]
     for text in texts[1:]:
         assert answers[text].status_code == 200, answers[text].text

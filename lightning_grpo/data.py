@@ -1,0 +1,221 @@
+"""Prompt data and the Rollout a training step consumes.
+
+`PromptDataModule` yields batches of prompt texts ({"text": [...], "language": [...]}) from
+an embedded prompt set (`builtin:en`, shipped in the package, so the default run needs no download),
+a local parquet / jsonl / json / csv / txt file, a directory holding `{split}.parquet` (the layout
+`python -m lightning_grpo prepare` and the original recipe write), or a HF datasets id.
+The rollout callback turns each batch into a `Rollout` before `training_step` sees it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .reward.base import RewardResult
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass
+class Rollout:
+    """One step's samples, on the policy's device.
+
+    input_ids: (N, P + C) prompts left-padded to width P, completions right-padded to C;
+    attention_mask: (N, P + C); completion_mask: (N, C) 1 on tokens the loss sees (stop token
+    included; all 0 for rows masked by the truncation policy); rewards, truncated: (N,);
+    sampler_logprobs: (N, C) or None. N = B * group_size, grouped by prompt.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_width: int
+    rewards: torch.Tensor
+    truncated: torch.Tensor
+    group_size: int
+    temperature: float
+    max_new_tokens: int
+    texts: list[str]
+    reward_result: RewardResult
+    sampler_logprobs: torch.Tensor | None = None
+    vocab_range: tuple[int, int] | None = None
+    disallowed: tuple[int, ...] = ()
+    completion_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        """(N,) tokens sampled per row (stop token included), before any loss mask."""
+        return torch.tensor([len(c) for c in self.completion_ids], dtype=torch.float32)
+
+
+def _rows_from_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".txt":
+        return [{"text": line.rstrip("\n")} for line in path.read_text(encoding="utf-8").splitlines()]
+    raise ValueError(f"prompt file {path} has suffix {suffix!r}; use .parquet, .jsonl, .json, .csv or .txt")
+
+
+def _text_of(row: dict[str, Any], text_column: str) -> Any:
+    """The ground-truth text of a row: `text_column`, else the original recipe's nested fields."""
+    if text_column in row:
+        return row[text_column]
+    rm = row.get("reward_model")
+    if isinstance(rm, dict) and "ground_truth" in rm:
+        return rm["ground_truth"]
+    extra = row.get("extra_info")
+    if isinstance(extra, dict) and "text" in extra:
+        return extra["text"]
+    return None
+
+
+def load_prompts(
+    source: str, split: str = "train", text_column: str = "text", language_column: str = "language", default_language: str | None = None
+) -> list[dict[str, Any]]:
+    """Read prompt rows [{"text": str, "language": str | None}] from any supported source."""
+    if source.startswith("builtin:"):
+        path = ASSETS / f"prompts_{source.split(':', 1)[1]}_{split}.jsonl"
+        if not path.exists():
+            known = sorted({p.name.split("_")[1] for p in ASSETS.glob("prompts_*_*.jsonl")})
+            raise ValueError(f"no embedded prompt set {source!r} with split {split!r}; known: {known}")
+        raw = _rows_from_file(path)
+    elif Path(source).expanduser().is_dir():
+        path = Path(source).expanduser() / f"{split}.parquet"
+        if not path.exists():
+            raise ValueError(f"{path} does not exist: a data directory needs {split}.parquet (see `prepare`)")
+        raw = _rows_from_file(path)
+    elif Path(source).expanduser().is_file():
+        raw = _rows_from_file(Path(source).expanduser())
+    else:
+        import datasets
+
+        raw = list(datasets.load_dataset(source, split=split))
+    rows = []
+    for i, row in enumerate(raw):
+        text = _text_of(row, text_column)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(
+                f"row {i} of {source!r} (split {split!r}) has no text in column {text_column!r} "
+                f"(got {text!r}); drop the row or set --data.text_column"
+            )
+        rows.append({"text": text.strip(), "language": row.get(language_column) or default_language})
+    if not rows:
+        raise ValueError(f"{source!r} (split {split!r}) has no rows")
+    return rows
+
+
+class _Rows(Dataset):
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {"text": [r["text"] for r in rows], "language": [r["language"] for r in rows]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_data: str = "builtin:en",
+        val_data: str | None = "builtin:en",
+        train_split: str = "train",
+        val_split: str = "test",
+        prompts_per_step: int = 8,
+        val_batch_size: int = 8,
+        text_column: str = "text",
+        language_column: str = "language",
+        default_language: str | None = None,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            train_data: `builtin:en`, a parquet/jsonl/json/csv/txt file, a directory with
+                `{split}.parquet`, or a HF datasets id.
+            val_data: same forms; None disables validation.
+            prompts_per_step: prompts per optimisation step over ALL ranks (the original: 8); each
+                rank takes prompts_per_step / world_size. Times the group size = samples per step.
+            val_batch_size: prompts per validation batch on each rank.
+            text_column / language_column: column names; nested `reward_model.ground_truth` and
+                `extra_info.text` (the original recipe's parquet) are read when text_column is absent.
+            default_language: language for rows without one (None: the reward's default).
+            max_train_samples / max_val_samples: keep only the first n rows.
+        """
+        super().__init__()
+        if prompts_per_step < 1:
+            raise ValueError(f"--data.prompts_per_step={prompts_per_step} must be >= 1")
+        self.train_data, self.val_data = train_data, val_data
+        self.train_split, self.val_split = train_split, val_split
+        self.prompts_per_step = prompts_per_step
+        self.val_batch_size = val_batch_size
+        self.text_column, self.language_column = text_column, language_column
+        self.default_language = default_language
+        self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
+        self.num_workers = num_workers
+        self.train_rows: list[dict[str, Any]] = []
+        self.val_rows: list[dict[str, Any]] = []
+
+    def per_rank_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.prompts_per_step % world:
+            raise ValueError(
+                f"--data.prompts_per_step={self.prompts_per_step} is not divisible by the {world} training "
+                f"processes; use a multiple of {world}"
+            )
+        return self.prompts_per_step // world
+
+    def _load(self, source: str, split: str, limit: int | None) -> list[dict[str, Any]]:
+        rows = load_prompts(source, split, self.text_column, self.language_column, self.default_language)
+        return rows[:limit] if limit else rows
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self.train_rows:
+            self.train_rows = self._load(self.train_data, self.train_split, self.max_train_samples)
+        if stage in ("fit", "validate") and self.val_data and not self.val_rows:
+            self.val_rows = self._load(self.val_data, self.val_split, self.max_val_samples)
+
+    def train_dataloader(self) -> DataLoader:
+        batch = self.per_rank_batch_size()
+        if len(self.train_rows) < batch:
+            raise ValueError(
+                f"{self.train_data!r} has {len(self.train_rows)} prompts, fewer than the {batch} each rank "
+                "needs per step; lower --data.prompts_per_step or add prompts"
+            )
+        return DataLoader(
+            _Rows(self.train_rows), batch_size=batch, shuffle=True, drop_last=True,
+            collate_fn=collate_prompts, num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_rows:
+            return []
+        return DataLoader(
+            _Rows(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
+            collate_fn=collate_prompts, num_workers=self.num_workers,
+        )

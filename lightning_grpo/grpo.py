@@ -1,0 +1,182 @@
+"""GRPO math as pure torch functions: advantages, token log-probs, clipped loss, KL, aggregation.
+
+Notation: N = B*G rows (B prompts x G samples, grouped: rows i*G..i*G+G-1 share prompt i),
+T = completion length (padded), H = hidden size, V = vocabulary rows scored.
+
+Departures from the GRPO paper (DeepSeekMath, arXiv 2402.03300), all switchable:
+- `aggregate` makes the normalisation explicit (token-mean as DAPO, seq-mean-token-mean as the paper,
+  seq-mean-token-sum-norm as Dr.GRPO arXiv 2503.20783) and takes the whole mini-batch's normaliser,
+  so gradient accumulation over micro-batches gives the same gradient as one big batch.
+- `token_logprobs` never builds the full (N, T, V) logits: it scores chunks of tokens under
+  activation checkpointing, so peak memory is one (chunk, V) block forward and backward. With
+  `vocab_range` it scores only the rows LLaSA may emit (speech tokens + the stop token).
+- Clip is asymmetric (epsilon_low / epsilon_high, DAPO) with an optional dual clip (Ye et al. 2020)
+  that bounds the loss of negative-advantage tokens whose ratio has exploded.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+RewardScale = Literal["group", "batch", "none"]
+KLEstimator = Literal["k1", "k3"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: RewardScale = "group", eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages.
+
+    rewards: (N,) with N = B*G grouped by prompt. Returns (N,) float32:
+    r - mean(group), divided by the group's std ("group", GRPO), the whole batch's std ("batch",
+    more robust for small G) or not at all ("none", Dr.GRPO). A zero-variance group gives zero.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: GRPO needs at least 2 samples per prompt")
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (r.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale={scale!r} is not one of group, batch, none")
+    return centred.view(-1)
+
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    logits = (h @ weight.T).float()  # (c, V)
+    if bias is not None:
+        logits = logits + bias
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+    vocab_range: tuple[int, int] | None = None,
+    disallowed: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """log p(targets) under the LM head, chunked so full logits never exist.
+
+    hidden: (N, T, H) states that predict `targets` (N, T); weight: (V, H) LM head.
+    vocab_range: score only rows [lo, hi) of the head (a view, no copy); `disallowed` ids inside
+    it get -inf. Targets outside the scored rows are an error.
+    Returns (N, T) float32 log-probs; differentiable w.r.t. hidden and weight.
+    """
+    n, t, h = hidden.shape
+    lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
+    w = weight[lo:hi]  # (V', H) view
+    flat_t = targets.reshape(-1) - lo  # (N*T,)
+    if flat_t.numel() and (flat_t.min() < 0 or flat_t.max() >= hi - lo):
+        bad = (targets.reshape(-1)[(flat_t < 0) | (flat_t >= hi - lo)])[0].item()
+        raise ValueError(f"target id {bad} is outside the scored vocabulary rows [{lo}, {hi})")
+    bias = None
+    if disallowed:
+        bias = torch.zeros(hi - lo, device=hidden.device, dtype=torch.float32)
+        bias[torch.tensor(disallowed, device=hidden.device) - lo] = float("-inf")
+    flat_h = hidden.reshape(n * t, h)
+    out = []
+    for start in range(0, n * t, chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and (flat_h.requires_grad or w.requires_grad):
+            # Recompute the (chunk, V) logits in backward instead of keeping them.
+            out.append(checkpoint(_chunk_logprobs, flat_h[sl], w, flat_t[sl], bias, temperature, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(flat_h[sl], w, flat_t[sl], bias, temperature))
+    return torch.cat(out).view(n, t) if out else hidden.new_zeros(n, t, dtype=torch.float32)
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO/GRPO clipped surrogate per token.
+
+    logp, old_logp: (N, T); advantages: (N,) broadcast over T; is_weights: optional (N, T) detached
+    importance weights (sampler/trainer mismatch correction). Returns (loss (N, T), clipped (N, T) bool).
+    loss = -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A); with dual clip c > 1, for A < 0 the loss is
+    also capped at -c*A.
+    """
+    adv = advantages[:, None].to(logp.dtype)  # (N, 1)
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    loss = torch.maximum(unclipped, clipped)
+    was_clipped = clipped > unclipped
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip={dual_clip} must be > 1 (or None to disable)")
+        cap = -adv * dual_clip
+        capped = (adv < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+        was_clipped = was_clipped | capped
+    if is_weights is not None:
+        loss = loss * is_weights
+    return loss, was_clipped
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from samples of pi. (N, T) -> (N, T).
+
+    k1 = log pi - log pi_ref (unbiased, can be negative, high variance);
+    k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's low-variance, non-negative; GRPO paper).
+    """
+    delta = ref_logp - logp
+    if estimator == "k1":
+        return -delta
+    if estimator == "k3":
+        delta = delta.clamp(-20.0, 20.0)  # keeps exp finite for tokens the reference finds impossible
+        return torch.exp(delta) - delta - 1
+    raise ValueError(f"kl estimator {estimator!r} is not one of k1, k3")
+
+
+def aggregate(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: LossAggregation = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce per-token loss (N, T) with mask (N, T) to a scalar.
+
+    token-mean: sum(loss*mask) / num_tokens (default mask.sum());
+    seq-mean-token-mean: sum over rows of each row's masked mean / num_seqs (default N);
+    seq-mean-token-sum-norm: sum(loss*mask) / (num_seqs * max_len)  (Dr.GRPO; max_len required).
+    Pass the whole mini-batch's num_tokens/num_seqs when `loss` is one micro-batch of it, so the
+    micro-batch losses add up to the mini-batch loss. Rows with no unmasked token contribute 0.
+    """
+    mask = mask.to(loss.dtype)
+    if mode == "token-mean":
+        denom = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))
+        return (loss * mask).sum() / denom.clamp(min=1.0)
+    seqs = float(loss.shape[0] if num_seqs is None else num_seqs)
+    if mode == "seq-mean-token-mean":
+        per_row = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_row.sum() / max(seqs, 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        if not max_len:
+            raise ValueError("seq-mean-token-sum-norm needs max_len (the sampler's max_new_tokens)")
+        return (loss * mask).sum() / (max(seqs, 1.0) * max_len)
+    raise ValueError(f"loss aggregation {mode!r} is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask == 1; 0 when the mask is empty. (N, T), (N, T) -> ()."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,275 @@
+"""The policy LightningModule: a trainable LLaSA policy, a frozen reference, and the GRPO update.
+
+`training_step` receives a batch that the rollout callback has already sampled and scored
+(`batch["rollout"]`). It computes group advantages, then runs `num_iterations` optimiser updates
+over the rollout in micro-batches (manual optimisation), with the clipped surrogate, an optional KL
+to the reference, and one explicit loss aggregation. All math is in `grpo.py`.
+
+The reference is loaded once, kept out of the optimiser, the checkpoint and DDP, and is not even
+loaded when `beta == 0` (the original recipe ran without KL).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from . import grpo
+from .data import Rollout
+
+BUILTIN_TINY = "builtin:tiny-llasa"
+
+
+def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
+    """(model, tokenizer) from a HF id (e.g. HKUSTAudio/Llasa-1B), a local dir, or `builtin:tiny-llasa`."""
+    torch_dtype = getattr(torch, dtype)
+    if model_name_or_path == BUILTIN_TINY:
+        from .tiny import build_tiny_llasa
+
+        model, tokenizer = build_tiny_llasa()
+        return model.to(torch_dtype), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    return model, tokenizer
+
+
+class GRPOPolicy(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str = BUILTIN_TINY,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = "sdpa",
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        max_grad_norm: float | None = 1.0,
+        beta: float = 0.0,
+        kl_estimator: grpo.KLEstimator = "k3",
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        dual_clip: float | None = 3.0,
+        loss_aggregation: grpo.LossAggregation = "token-mean",
+        scale_rewards: grpo.RewardScale = "group",
+        num_iterations: int = 1,
+        micro_batch_size: int = 4,
+        logprob_chunk_size: int = 512,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: HF id (HKUSTAudio/Llasa-1B, -3B, -8B), a local HF dir, or
+                `builtin:tiny-llasa` (a tiny random LLaSA built in code, for CPU runs and tests).
+            dtype: weight dtype of policy and reference. bfloat16 halves memory; combine with
+                `--trainer.precision bf16-mixed` for fp32-accumulated matmuls on GPU.
+            attn_implementation: `sdpa`, `eager`, `flash_attention_2` (GPU) or None for the default.
+            learning_rate: AdamW learning rate (the original: 1e-6).
+            warmup_steps / lr_schedule: linear warm-up, then constant or cosine to 0 at max_steps.
+            max_grad_norm: clip the global gradient norm; None disables.
+            beta: KL coefficient to the reference (the original: 0, i.e. no reference at all).
+            kl_estimator: k1 (unbiased, noisy) or k3 (low variance, GRPO paper).
+            epsilon_low / epsilon_high: clip range of the ratio (DAPO raises epsilon_high, e.g. 0.28,
+                to let unlikely good tokens grow).
+            dual_clip: cap on the loss of negative-advantage tokens (the original: 3.0); None off.
+            loss_aggregation: token-mean (the original, DAPO), seq-mean-token-mean (GRPO paper),
+                seq-mean-token-sum-norm (Dr.GRPO: no length bias, with scale_rewards=none).
+            scale_rewards: divide centred rewards by the group std (GRPO), the batch std, or none.
+            num_iterations: optimiser updates per rollout (PPO epochs); >1 uses the rollout's
+                log-probs as the old policy, so the clip matters.
+            micro_batch_size: rows per forward/backward; gradients accumulate over the rollout.
+            logprob_chunk_size: tokens per chunk of the LM head; peak logits memory is
+                chunk x vocab x 4 bytes (512 x 65,537 = 134 MB for LLaSA's speech rows).
+            gradient_checkpointing: recompute layer activations in backward (the original: on).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if num_iterations < 1:
+            raise ValueError(f"--model.num_iterations={num_iterations} must be >= 1")
+        if micro_batch_size < 1 or logprob_chunk_size < 1:
+            raise ValueError("--model.micro_batch_size and --model.logprob_chunk_size must be >= 1")
+        if beta < 0:
+            raise ValueError(f"--model.beta={beta} must be >= 0")
+        self.automatic_optimization = False
+        self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, attn_implementation)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy.config.use_cache = False
+        reference = None
+        if beta > 0:
+            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        # Not an attribute nn.Module registers: the reference stays out of the optimiser, the
+        # checkpoint (it is the pretrained weights, reloaded on resume) and DDP's gradient sync.
+        self.__dict__["reference"] = reference
+
+    # -- setup -----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.on_fit_start()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
+        )
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else None
+
+        def factor(step: int) -> float:
+            if hp.warmup_steps and step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.lr_schedule == "cosine" and total:
+                progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}]
+
+    # -- log-probs -------------------------------------------------------------------------
+    def completion_logprobs(self, model: torch.nn.Module, r: Rollout, rows: slice) -> torch.Tensor:
+        """log p(completion tokens) of `model` for rollout rows `rows`: (m, C) float32."""
+        ids = r.input_ids[rows]
+        mask = r.attention_mask[rows]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # matches generate() with left padding
+        hidden = model.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (m, P+C, H)
+        w = r.prompt_width
+        targets = ids[:, w:]  # (m, C)
+        if r.vocab_range is not None:  # padding after a completion is not a scored row; any valid id will do
+            targets = torch.where(mask[:, w:].bool(), targets, r.vocab_range[0])
+        return grpo.token_logprobs(
+            hidden[:, w - 1 : -1],  # states that predict the completion tokens
+            model.get_output_embeddings().weight,
+            targets,
+            chunk_size=self.hparams.logprob_chunk_size,
+            temperature=r.temperature,
+            vocab_range=r.vocab_range,
+            disallowed=r.disallowed,
+        )
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        m = self.hparams.micro_batch_size
+        return [slice(i, min(i + m, n)) for i in range(0, n, m)]
+
+    # -- training --------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if "rollout" not in batch:
+            raise RuntimeError(
+                "training batch has no rollout: add lightning_grpo.rollout.GRPORollout to --trainer.callbacks"
+            )
+        r: Rollout = batch["rollout"]
+        hp = self.hparams
+        n = r.rewards.shape[0]
+        advantages = grpo.group_advantages(r.rewards, r.group_size, hp.scale_rewards)  # (N,)
+        mbs = self._micro_batches(n)
+        num_tokens = r.completion_mask.sum().item()
+
+        old_logp = ref_logp = None
+        with torch.no_grad():
+            if hp.num_iterations > 1:
+                old_logp = torch.cat([self.completion_logprobs(self.policy, r, s) for s in mbs])
+            if self.reference is not None:
+                ref_logp = torch.cat([self.completion_logprobs(self.reference, r, s) for s in mbs])
+
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        sums = Counter()
+        for _ in range(hp.num_iterations):
+            opt.zero_grad(set_to_none=True)
+            for s in mbs:
+                logp = self.completion_logprobs(self.policy, r, s)  # (m, C)
+                old = old_logp[s] if old_logp is not None else logp.detach()
+                tok_loss, clipped = grpo.clipped_policy_loss(
+                    logp, old, advantages[s], hp.epsilon_low, hp.epsilon_high, hp.dual_clip
+                )
+                cmask = r.completion_mask[s]
+                if ref_logp is not None:
+                    kl = grpo.kl_penalty(logp, ref_logp[s], hp.kl_estimator)
+                    tok_loss = tok_loss + hp.beta * kl
+                    sums["kl"] += (kl.detach() * cmask).sum().item()
+                loss = grpo.aggregate(tok_loss, cmask, hp.loss_aggregation, num_tokens, n, r.max_new_tokens)
+                self.manual_backward(loss)
+                sums["loss"] += loss.item()
+                sums["clipped"] += (clipped.float() * cmask).sum().item()
+                sums["ratio"] += (torch.exp(logp.detach() - old) * cmask).sum().item()
+                sums["entropy_proxy"] += (-logp.detach() * cmask).sum().item()
+            grad_norm = None
+            if hp.max_grad_norm:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
+            opt.step()
+            sched.step()
+
+        iters, tokens = hp.num_iterations, max(num_tokens, 1.0)
+        stats = {
+            "train/loss": sums["loss"] / iters,
+            "train/clip_fraction": sums["clipped"] / (tokens * iters),
+            "train/ratio_mean": sums["ratio"] / (tokens * iters) if num_tokens else 1.0,
+            "train/neg_logp": sums["entropy_proxy"] / (tokens * iters),
+            "train/lr": sched.get_last_lr()[0],
+        }
+        if ref_logp is not None:
+            stats["train/kl"] = sums["kl"] / (tokens * iters)
+        if grad_norm is not None:
+            stats["train/grad_norm"] = float(grad_norm)
+        self.log_dict(stats, on_step=True, sync_dist=True, batch_size=n)
+        self.log_rollout_stats(r, "train")
+        return torch.tensor(stats["train/loss"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if "rollout" not in batch:
+            raise RuntimeError("validation batch has no rollout: add GRPORollout to --trainer.callbacks")
+        self.log_rollout_stats(batch["rollout"], "val", on_epoch=True)
+
+    # -- logging ---------------------------------------------------------------------------
+    def log_rollout_stats(self, r: Rollout, prefix: str, on_epoch: bool = False) -> None:
+        """Exact statistics over all ranks' samples: rewards, reward metrics, lengths, reasons."""
+        per_sample = {
+            "reward": r.rewards.float(),
+            "completion_length": r.completion_lengths.to(self.device),
+            "truncated": r.truncated.float(),
+        }
+        for name, value in sorted(r.reward_result.metrics.items()):
+            per_sample[name] = value.float().to(self.device)
+        gathered = {k: self.all_gather(v).reshape(-1) for k, v in per_sample.items()}  # (world*N,)
+        stats = {}
+        for name, v in gathered.items():
+            finite = v[torch.isfinite(v)]
+            if name in ("truncated",):
+                stats[f"{prefix}/truncation_rate"] = v.mean().item()
+                continue
+            if finite.numel() == 0:
+                continue
+            stats[f"{prefix}/{name}_mean"] = finite.mean().item()
+            if name in ("reward", "completion_length"):
+                stats[f"{prefix}/{name}_std"] = finite.std().item() if finite.numel() > 1 else 0.0
+                stats[f"{prefix}/{name}_min"] = finite.min().item()
+                stats[f"{prefix}/{name}_max"] = finite.max().item()
+        reasons = list(r.reward_result.reasons)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, reasons)
+            reasons = [x for rank in everyone for x in rank]
+        for reason, count in sorted(Counter(reasons).items()):
+            stats[f"{prefix}/reason_{reason}"] = count / len(reasons)
+        # Already reduced over ranks above, so no sync_dist; every rank logs the same numbers.
+        self.log_dict(
+            stats, on_step=not on_epoch, on_epoch=on_epoch, batch_size=len(reasons),
+            prog_bar=False, rank_zero_only=False,
+        )
+        self.log(f"{prefix}/reward", stats[f"{prefix}/reward_mean"], prog_bar=True,
+                 on_step=not on_epoch, on_epoch=on_epoch, batch_size=len(reasons))

@@ -1,0 +1,174 @@
+"""The rollout callback: before every training (and validation) step, sample and score.
+
+For each batch of prompt texts it builds LLaSA prompts, asks the sampler for `group_size`
+completions per prompt from the *current* policy weights, parses the speech span, scores it with
+the reward, applies the truncation policy and attaches a `Rollout` to the batch as
+`batch["rollout"]`. The policy's `training_step` only does the GRPO update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from .data import Rollout
+from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
+from .reward.base import Reward, SpeechSample
+from .sampling import Sampler
+
+TruncationPolicy = Literal["penalize", "mask", "keep"]
+
+
+class GRPORollout(L.Callback):
+    def __init__(
+        self,
+        sampler: Sampler,
+        reward: Reward,
+        group_size: int = 4,
+        val_group_size: int = 1,
+        max_prompt_length: int = 512,
+        truncation: TruncationPolicy = "penalize",
+        truncation_reward: float = 0.0,
+        restrict_to_speech: bool = True,
+        on_invalid: InvalidTokenPolicy = "flag",
+    ) -> None:
+        """
+        Args:
+            sampler: who samples (lightning_grpo.sampling.HFSampler, lightning_grpo.vllm_sampler.VLLMSampler).
+            reward: who scores (rule reward, Whisper reward module, or the HTTP client).
+            group_size: G, completions per prompt (the original: 16). Samples per step =
+                prompts_per_step x G.
+            val_group_size: completions per prompt in validation.
+            max_prompt_length: prompts with more tokens are an error naming the text (the original: 512).
+            truncation: what to do with completions that hit max_new_tokens without the stop token.
+                `penalize` (default) sets their reward to `truncation_reward` so runaway audio loses
+                to audio that ends; `mask` keeps their reward in the group statistics but drops their
+                tokens from the loss (TRL's mask_truncated_completions); `keep` scores them as is.
+            truncation_reward: the reward of a truncated completion under `penalize`.
+            restrict_to_speech: sample only speech tokens and the stop token (the trainer then
+                scores log-probs over the same rows, about a third of LLaSA's 193,800-row head). Off:
+                the full vocabulary, and non-speech ids become per-sample `invalid_token` reasons.
+            on_invalid: `flag` scores a completion with non-speech ids inside its speech span through
+                the reward's `invalid_token` reason; `error` stops training.
+        """
+        super().__init__()
+        if group_size < 2:
+            raise ValueError(f"--group_size={group_size}: GRPO compares samples of one prompt, use >= 2")
+        if val_group_size < 1:
+            raise ValueError(f"--val_group_size={val_group_size} must be >= 1")
+        if truncation not in ("penalize", "mask", "keep"):
+            raise ValueError(f"--truncation={truncation!r} is not one of penalize, mask, keep")
+        self.sampler = sampler
+        self.reward = reward
+        self.group_size = group_size
+        self.val_group_size = val_group_size
+        self.max_prompt_length = max_prompt_length
+        self.truncation = truncation
+        self.truncation_reward = truncation_reward
+        self.restrict_to_speech = restrict_to_speech
+        self.on_invalid = on_invalid
+        self.vocab: LlasaVocab | None = None
+        self.last_rollout: Rollout | None = None
+        self._sampler_ready = False
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.vocab = LlasaVocab.from_tokenizer(pl_module.tokenizer)
+
+    def _ensure_sampler(self, pl_module: L.LightningModule) -> None:
+        if not self._sampler_ready:
+            self.sampler.setup(pl_module)
+            self._sampler_ready = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._ensure_sampler(pl_module)
+        batch["rollout"] = self.make_rollout(pl_module, batch, self.group_size, trainer.global_step)
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._ensure_sampler(pl_module)
+        batch["rollout"] = self.make_rollout(pl_module, batch, self.val_group_size, trainer.global_step)
+
+    # -- the work --------------------------------------------------------------------------
+    def allowed_token_ids(self) -> list[int] | None:
+        v = self.vocab
+        if not self.restrict_to_speech:
+            return None
+        return [v.speech_gen_end_id, *range(v.speech_start_id, v.speech_end_id)]
+
+    @torch.no_grad()
+    def make_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
+        v = self.vocab
+        texts, languages = batch["text"], batch.get("language") or [None] * len(batch["text"])
+        prompts = [encode_prompt(pl_module.tokenizer, t, self.max_prompt_length) for t in texts]
+        allowed = self.allowed_token_ids()
+        kwargs = {"allowed_token_ids": allowed} if allowed else {}
+        comps = self.sampler.sample(pl_module.policy, prompts, group_size, v.speech_gen_end_id, step, **kwargs)
+        n = len(prompts) * group_size
+        if len(comps.ids) != n:
+            raise RuntimeError(f"sampler returned {len(comps.ids)} completions for {len(prompts)} prompts x {group_size}")
+
+        samples = []
+        for i, ids in enumerate(comps.ids):
+            parsed = parse_completion(ids, v, self.on_invalid)
+            samples.append(
+                SpeechSample(
+                    text=texts[i // group_size],
+                    codes=parsed.codes,
+                    stopped=parsed.stopped,
+                    truncated=comps.truncated[i],
+                    num_invalid=parsed.num_invalid,
+                    language=languages[i // group_size],
+                )
+            )
+        result = self.reward.score(samples)
+        truncated = torch.tensor(comps.truncated, dtype=torch.bool)
+        rewards = result.rewards.float().clone()
+        if self.truncation == "penalize":
+            rewards[truncated] = self.truncation_reward
+
+        width = max(len(p) for p in prompts)
+        clen = max(1, max(len(c) for c in comps.ids))
+        input_ids = torch.full((n, width + clen), v.pad_id, dtype=torch.long)  # (B*G, P+C)
+        attention_mask = torch.zeros_like(input_ids)
+        completion_mask = torch.zeros(n, clen, dtype=torch.float32)  # (B*G, C)
+        sampler_logprobs = torch.zeros(n, clen) if comps.logprobs is not None else None
+        for i, ids in enumerate(comps.ids):
+            p = prompts[i // group_size]
+            input_ids[i, width - len(p) : width] = torch.tensor(p)
+            input_ids[i, width : width + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(p) : width + len(ids)] = 1
+            completion_mask[i, : len(ids)] = 1.0
+            if sampler_logprobs is not None:
+                sampler_logprobs[i, : len(ids)] = torch.tensor(comps.logprobs[i])
+        if self.truncation == "mask":
+            completion_mask[truncated] = 0.0
+
+        vocab_range, disallowed = None, ()
+        if allowed:
+            lo, hi = min(allowed), max(allowed) + 1
+            vocab_range = (lo, hi)
+            disallowed = tuple(sorted(set(range(lo, hi)) - set(allowed)))
+        device = pl_module.device
+        rollout = Rollout(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            completion_mask=completion_mask.to(device),
+            prompt_width=width,
+            rewards=rewards.to(device),
+            truncated=truncated.to(device),
+            group_size=group_size,
+            temperature=float(getattr(self.sampler, "temperature", 1.0)),
+            max_new_tokens=int(self.sampler.max_new_tokens),
+            texts=[s.text for s in samples],
+            reward_result=result,
+            sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs.to(device),
+            vocab_range=vocab_range,
+            disallowed=disallowed,
+            completion_ids=comps.ids,
+        )
+        self.last_rollout = rollout
+        return rollout
