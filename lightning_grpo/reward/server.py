@@ -254,7 +254,7 @@ class MicroBatcher:
         try:
             result = await loop.run_in_executor(self.executor, self._score_checked, samples)
         except Exception as e:
-            if False:  # find the culprit: only its request may fail
+            if len(batch) > 1:  # find the culprit: only its request may fail
                 for job in batch:
                     await self._score_batch(loop, [job])
                 return
