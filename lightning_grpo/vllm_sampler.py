@@ -3,7 +3,7 @@
 `VLLMSampler` implements the `Sampler` Protocol of `sampling.py`. At fit start each rank builds its own
 vLLM engine on its own GPU (`pl_module.device`) from the policy's config with *dummy* weights; the first
 `sample()` copies the policy's weights into it, then every `sync_every` steps again, in place
-(`model.load_weights` on the engine's own `nn.Module`, no reload, no disk). `verify_every` checks the copy:
+(the vLLM worker's `reload_weights` from the policy's tensors, GPU to GPU: no engine restart, no disk). `verify_every` checks the copy:
 the engine's prompt log-probs of a fixed completion must match the policy's teacher-forced ones.
 
 One step, in this order (the order is what makes sleep mode safe):
@@ -15,22 +15,33 @@ cache is reset after every sync because cached KV blocks were computed with the 
 
 Departures from peers: the engine stops only on <|SPEECH_GENERATION_END|> (`ignore_eos`: the base
 model's eos never ends a speech span), and prompts and completions are token ids (no detokenisation).
-Every vLLM call lives in `_VLLMEngine`; tests substitute a fake engine through `engine_factory`.
+Every vLLM call lives in `vllm_engine.VLLMEngine`; tests substitute a fake engine through `engine_factory`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal, Protocol, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
 from .sampling import Completions
+from .vllm_engine import Engine, EngineConfig, RawCompletion, SampleRequest, VLLMEngine
+
+__all__ = [
+    "VLLMSampler",
+    "truncated_importance_weights",
+    "importance_weight_stats",
+    "hf_weights",
+    "policy_logprobs",
+    "Engine",
+    "EngineConfig",
+    "RawCompletion",
+    "SampleRequest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,152 +50,6 @@ log = logging.getLogger(__name__)
 _PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
 _INFIX = "_checkpoint_wrapped_module."
 _HF_NAMES = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.rotary_emb.", "lm_head.")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything needed to build one rank's engine (what `engine_factory` receives)."""
-
-    model_path: str
-    load_format: str  # "dummy" when weights come from the first sync, else "auto"
-    device: torch.device
-    dtype: str
-    gpu_memory_utilization: float
-    tensor_parallel_size: int
-    max_model_len: int
-    seed: int
-    enable_sleep_mode: bool
-    enforce_eager: bool
-    logprobs_mode: str
-    distributed_executor_backend: str | None
-    extra: dict
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    """Sampling settings of one `generate` call (engine-independent)."""
-
-    n: int
-    temperature: float
-    top_p: float
-    top_k: int
-    max_tokens: int
-    stop_token_id: int
-    min_tokens: int = 0
-
-
-@dataclass
-class RawCompletion:
-    """One engine output: ids (stop token included when produced), per-id logprobs, finish reason."""
-
-    ids: list[int]
-    logprobs: list[float]
-    finish_reason: str | None
-
-
-class Engine(Protocol):
-    """The only surface of vLLM the sampler uses."""
-
-    def generate(self, prompts: Sequence[Sequence[int]], request: SampleRequest) -> list[list[RawCompletion]]:
-        """For each prompt, `request.n` completions."""
-
-    def prompt_logprobs(self, ids: Sequence[int], start: int) -> list[float]:
-        """log p(ids[t] | ids[:t]) for t in start..len(ids)-1, temperature 1, no truncation."""
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the engine's model in place."""
-
-    def reset_prefix_cache(self) -> None: ...
-
-    def sleep(self, level: int) -> None: ...
-
-    def wake_up(self, tags: list[str]) -> None: ...
-
-
-class _VLLMEngine:
-    """The real engine: vLLM 0.32 `LLM` (V1 engine), run in this process.
-
-    In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, or `external_launcher` under DDP) so that
-    `collective_rpc` calls the worker directly and weight tensors are copied GPU-to-GPU without
-    serialisation or IPC handles.
-    """
-
-    def __init__(self, cfg: EngineConfig) -> None:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM  # deferred: vllm is an optional extra (requirements-gpu.txt)
-
-        kwargs = dict(
-            model=cfg.model_path,
-            load_format=cfg.load_format,
-            skip_tokenizer_init=True,  # ids in, ids out
-            dtype=cfg.dtype,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_model_len,
-            seed=cfg.seed,
-            enable_sleep_mode=cfg.enable_sleep_mode,
-            enforce_eager=cfg.enforce_eager,
-            logprobs_mode=cfg.logprobs_mode,
-        )
-        if cfg.distributed_executor_backend is not None:
-            kwargs["distributed_executor_backend"] = cfg.distributed_executor_backend
-        kwargs.update(cfg.extra)
-        if cfg.device.type == "cuda":
-            torch.cuda.set_device(cfg.device)  # vLLM's in-process worker uses the current device
-        self.llm = LLM(**kwargs)
-
-    def generate(self, prompts, request):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(
-            n=request.n,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,  # 0 disables it in vLLM too
-            max_tokens=request.max_tokens,
-            min_tokens=request.min_tokens,
-            stop_token_ids=[request.stop_token_id],
-            ignore_eos=True,  # stop only on the explicit stop token (see module docstring)
-            logprobs=0,  # the sampled token's own logprob
-            detokenize=False,
-        )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        result = []
-        for out in outs:  # vLLM returns outputs in prompt order
-            group = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
-                group.append(RawCompletion(ids=ids, logprobs=lps, finish_reason=c.finish_reason))
-            result.append(group)
-        return result
-
-    def prompt_logprobs(self, ids, start):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=1, prompt_logprobs=0, detokenize=False)
-        (out,) = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids))], params, use_tqdm=False)
-        # prompt_logprobs[t] is a {token_id: Logprob} dict holding at least ids[t]; entry 0 is None.
-        return [float(out.prompt_logprobs[t][ids[t]].logprob) for t in range(start, len(ids))]
-
-    def load_weights(self, weights):
-        # The worker's in-place reload (vLLM >= 0.2x): loads HF-format tensors through the model's own
-        # weight loaders, then redoes the post-load processing (fused qkv / gate_up, CPU repacking)
-        # layer by layer. Plain `model.load_weights` skips that processing and fails on repacked layers.
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": list(weights), "is_checkpoint_format": True}
-        )
-
-    def reset_prefix_cache(self):
-        self.llm.reset_prefix_cache()
-
-    def sleep(self, level):
-        self.llm.sleep(level=level)
-
-    def wake_up(self, tags):
-        self.llm.wake_up(tags=tags)
 
 
 def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -390,7 +255,7 @@ class VLLMSampler:
         self.enforce_eager = enforce_eager
         self.model_path = model_path
         self.engine_kwargs = dict(engine_kwargs or {})
-        self.engine_factory = engine_factory or _VLLMEngine
+        self.engine_factory = engine_factory or VLLMEngine
         self.engine: Engine | None = None
         self.metrics: dict[str, float] = {}  # of the last sample() call; the rollout callback logs them
         self._synced = False

