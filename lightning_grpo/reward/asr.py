@@ -39,10 +39,21 @@ def tokenizer_for(model: Whisper, language: str | None) -> Tokenizer:
 
 
 def log_mel_batch(audios: Sequence[torch.Tensor], model: Whisper) -> torch.Tensor:
-    """audios: N 1-D float32 16 kHz waveforms -> log-mel (N, n_mels, 3000) on the model's device."""
+    """audios: N 1-D float32 16 kHz waveforms -> log-mel (N, n_mels, 3000) on the model's device.
+
+    Same as `whisper.log_mel_spectrogram` per sample. Not that function on the batch: it floors the
+    log-mel at (max - 8) with the max taken over the whole batch, so a sample's features (and reward)
+    would depend on the loudest other sample in its batch.
+    """
     device = next(model.parameters()).device
     padded = torch.stack([whisper.pad_or_trim(a.to(device=device, dtype=torch.float32)) for a in audios])
-    return whisper.log_mel_spectrogram(padded, n_mels=model.dims.n_mels)  # (N, n_mels, 3000)
+    window = torch.hann_window(whisper.audio.N_FFT, device=device)
+    stft = torch.stft(padded, whisper.audio.N_FFT, whisper.audio.HOP_LENGTH, window=window, return_complex=True)
+    power = stft[..., :-1].abs() ** 2  # (N, 201, 3000)
+    mel = whisper.audio.mel_filters(device, model.dims.n_mels) @ power  # (N, n_mels, 3000)
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)  # per sample
+    return (log_spec + 4.0) / 4.0
 
 
 @dataclass
