@@ -1,0 +1,248 @@
+"""Peak memory of the GRPO loss + backward at LLaSA's vocabulary: chunked log-probs versus full logits.
+
+One micro-batch of N rows x T completion tokens with hidden size H is scored against an LM head of
+V = 193,800 rows (LLaSA's vocabulary), the clipped GRPO loss is token-mean aggregated and
+back-propagated to the hidden states and the head (both trainable, as in training). Variants:
+
+    naive          logits = hidden @ W.T as one (N, T, V) tensor, log_softmax, gather (what a plain
+                   `model(...).logits` + log_softmax GRPO implementation does)
+    ours           lightning_grpo.grpo.token_logprobs (chunks of 512 tokens, recomputed in backward)
+    *-speech       the same over LLaSA's sampled rows only: vocab_range [128261, 193800) = the stop
+                   token + 65,536 speech tokens (+2 control ids in between, masked with -inf), which
+                   is what `GRPORollout(restrict_to_speech=True)` makes the trainer score
+
+Memory is measured as the growth of the process's resident set: each variant runs in a fresh
+subprocess; the worker builds its inputs, records its current RSS, runs forward + backward once and
+reads `ru_maxrss` (the kernel's high-water mark of resident pages). Large tensors are served by mmap
+and unmapped on free, so the high-water mark sees every transient tensor, including those that live
+only inside autograd; no sampling interval can miss a spike. The figures include the (V, H) head
+gradient that any implementation must hold. Loss values and gradients are compared across variants
+(ours vs naive at the same vocabulary rows) from tensors the workers save.
+
+    python benchmarks/bench_memory.py          # N=1, T=2048, H=128, V=193,800 (naive peaks near 6 GiB)
+    python benchmarks/bench_memory.py --smoke  # tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from common import current_rss_mib, emit, machine_info, markdown_table, peak_rss_mib, run_worker  # noqa: E402
+
+import torch  # noqa: E402
+
+from lightning_grpo import grpo  # noqa: E402
+
+LLASA_VOCAB = 193_800
+LLASA_STOP_ID = 128_261  # <|SPEECH_GENERATION_END|>
+LLASA_SPEECH_START = 128_264  # <|s_0|>
+SIZES = {
+    "full": dict(rows=1, length=2048, hidden=128, vocab=LLASA_VOCAB, stop=LLASA_STOP_ID, speech_start=LLASA_SPEECH_START),
+    "smoke": dict(rows=2, length=64, hidden=16, vocab=1000, stop=661, speech_start=664),
+}
+# name -> (implementation, chunk size, speech rows only)
+VARIANTS = {
+    "naive": ("naive", 0, False),
+    "ours": ("ours", 512, False),
+    "ours chunk=128": ("ours", 128, False),
+    "proposed fused": ("fused", 512, False),
+    "naive-speech": ("naive", 0, True),
+    "ours-speech": ("ours", 512, True),
+    "proposed fused-speech": ("fused", 512, True),
+}
+
+
+def make_inputs(s: dict, seed: int = 0) -> dict:
+    """Deterministic inputs: hidden (N, T, H), head (V, H), speech targets (N, T), advantages (N,), mask (N, T)."""
+    g = torch.Generator().manual_seed(seed)
+    n, t, h, v = s["rows"], s["length"], s["hidden"], s["vocab"]
+    targets = torch.randint(s["speech_start"], v, (n, t), generator=g)
+    targets[:, -1] = s["stop"]
+    mask = torch.ones(n, t)
+    mask[:, int(0.9 * t) :] = 0.0  # a padded tail the loss must ignore
+    return dict(
+        hidden=torch.randn(n, t, h, generator=g),
+        weight=torch.randn(v, h, generator=g) / h**0.5,
+        targets=targets,
+        advantages=torch.randn(n, generator=g),
+        mask=mask,
+        old_noise=0.15 * torch.randn(n, t, generator=g),  # old = current - noise: some ratios leave the clip range
+    )
+
+
+def naive_logprobs(hidden, weight, targets, vocab_range=None, disallowed=()):
+    """Full (N, T, V') logits, log_softmax, gather: the memory baseline."""
+    lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
+    logits = hidden @ weight[lo:hi].T  # (N, T, V')
+    if disallowed:
+        bias = torch.zeros(hi - lo)
+        bias[torch.tensor(disallowed) - lo] = float("-inf")
+        logits = logits + bias
+    return torch.log_softmax(logits, dim=-1).gather(-1, (targets - lo)[..., None]).squeeze(-1)
+
+
+def speech_rows(s: dict) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """vocab_range and disallowed ids of LLaSA's sampled rows: the stop token and the speech tokens."""
+    return (s["stop"], s["vocab"]), tuple(range(s["stop"] + 1, s["speech_start"]))
+
+
+class FusedChunkedLogProbs(torch.autograd.Function):
+    """PROPOSED replacement for the checkpointed chunks of grpo.token_logprobs (not in the package yet).
+
+    Forward keeps only the (M,) log-sum-exp per token; backward recomputes each (c, V) logits block
+    once and turns it into d logp / d logits in place (softmax, scale, scatter), so the peak is about
+    one block instead of the ~4 blocks that autograd's recompute + log-softmax backward hold at once.
+    hidden: (M, H), weight: (V, H), targets: (M,) row indices into weight; returns (M,) float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, chunk, temperature):
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = torch.empty_like(out)
+        for a in range(0, hidden.shape[0], chunk):
+            z = (hidden[a : a + chunk] @ weight.T).float()  # (c, V)
+            if bias is not None:
+                z += bias
+            if temperature != 1.0:
+                z /= temperature
+            lse[a : a + chunk] = torch.logsumexp(z, dim=-1)
+            out[a : a + chunk] = z.gather(-1, targets[a : a + chunk, None]).squeeze(-1) - lse[a : a + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse, bias)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, targets, lse, bias = ctx.saved_tensors
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for a in range(0, hidden.shape[0], ctx.chunk):
+            h, gc = hidden[a : a + ctx.chunk], g[a : a + ctx.chunk].float()
+            z = (h @ weight.T).float()  # (c, V), reused in place as d logp / d z
+            if bias is not None:
+                z += bias
+            if ctx.temperature != 1.0:
+                z /= ctx.temperature
+            z.sub_(lse[a : a + ctx.chunk, None]).exp_().mul_(-gc[:, None])  # -g * softmax
+            z.scatter_add_(-1, targets[a : a + ctx.chunk, None], gc[:, None])  # + g * onehot
+            if ctx.temperature != 1.0:
+                z /= ctx.temperature
+            z = z.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[a : a + ctx.chunk] = z @ weight
+            if grad_w is not None:
+                grad_w.addmm_(z.T, h)
+        return grad_h, grad_w, None, None, None, None
+
+
+def fused_logprobs(hidden, weight, targets, chunk_size=512, vocab_range=None, disallowed=()):
+    """(N, T) log-probs through FusedChunkedLogProbs, same contract as grpo.token_logprobs."""
+    n, t, h = hidden.shape
+    lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
+    bias = None
+    if disallowed:
+        bias = torch.zeros(hi - lo)
+        bias[torch.tensor(disallowed) - lo] = float("-inf")
+    out = FusedChunkedLogProbs.apply(hidden.reshape(n * t, h), weight[lo:hi], (targets - lo).reshape(-1), bias, chunk_size, 1.0)
+    return out.view(n, t)
+
+
+def grpo_loss_and_grads(variant: str, x: dict, s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward + backward of one variant on inputs x; (loss, d loss/d hidden, d loss/d weight)."""
+    impl, chunk, speech = VARIANTS[variant]
+    hidden = x["hidden"].clone().requires_grad_(True)
+    weight = x["weight"].clone().requires_grad_(True)
+    vocab_range, disallowed = speech_rows(s) if speech else (None, ())
+    if impl == "naive":
+        logp = naive_logprobs(hidden, weight, x["targets"], vocab_range, disallowed)
+    elif impl == "fused":
+        logp = fused_logprobs(hidden, weight, x["targets"], chunk, vocab_range, disallowed)
+    else:
+        logp = grpo.token_logprobs(hidden, weight, x["targets"], chunk_size=chunk, vocab_range=vocab_range, disallowed=disallowed)
+    old = logp.detach() - x["old_noise"]
+    tok_loss, _ = grpo.clipped_policy_loss(logp, old, x["advantages"], 0.2, 0.2, dual_clip=3.0)
+    loss = grpo.aggregate(tok_loss, x["mask"], "token-mean")
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def worker(variant: str, size: str, out: str) -> dict:
+    s = SIZES[size]
+    # Warm-up at a tiny size: the first checkpointed call imports and initialises modules (about
+    # 150 MiB of RSS, 3 s) that belong to the process, not to the loss.
+    grpo_loss_and_grads(variant, make_inputs(SIZES["smoke"]), SIZES["smoke"])
+    x = make_inputs(s)
+    rss_before = current_rss_mib()
+    t0 = time.perf_counter()
+    loss, gh, gw = grpo_loss_and_grads(variant, x, s)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_mib()
+    torch.save({"loss": loss, "grad_hidden": gh, "grad_weight": gw}, out)
+    return dict(variant=variant, peak_growth_mib=peak - rss_before, rss_before_mib=rss_before, seconds=seconds,
+                loss=float(loss))
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Largest differences between two variants' loss and gradients (relative to the gradient scale)."""
+    def rel(x, y):
+        return float((x - y).abs().max() / y.abs().max().clamp(min=1e-30))
+
+    return dict(loss_abs=float((a["loss"] - b["loss"]).abs()), grad_hidden_rel=rel(a["grad_hidden"], b["grad_hidden"]),
+                grad_weight_rel=rel(a["grad_weight"], b["grad_weight"]))
+
+
+def run(size: str, threads: int) -> tuple[str, dict]:
+    s = SIZES[size]
+    results, saved = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, v in enumerate(VARIANTS):
+            path = str(Path(tmp) / f"{i}.pt")
+            results[v] = run_worker(__file__, ["--worker", v, "--size", size, "--out", path, "--threads", str(threads)], threads)
+            saved[v] = torch.load(path)
+        checks = {f"{v} vs {ref}": compare(saved[v], saved[ref])
+                  for v, (impl, _, speech) in VARIANTS.items() if impl != "naive"
+                  for ref in ["naive-speech" if speech else "naive"]}
+    naive = results["naive"]["peak_growth_mib"]
+    logits_mib = s["rows"] * s["length"] * s["vocab"] * 4 / 2**20
+    rows = []
+    for v in VARIANTS:
+        r = results[v]
+        rows.append([v, r["peak_growth_mib"], r["peak_growth_mib"] / naive, r["seconds"], f"{r['loss']:.6f}"])
+    table = markdown_table(["variant", "peak RSS growth (MiB)", "/ naive (full vocab)", "fwd+bwd (s)", "loss"], rows)
+    check_rows = [[k, f"{c['loss_abs']:.2e}", f"{c['grad_hidden_rel']:.2e}", f"{c['grad_weight_rel']:.2e}"] for k, c in checks.items()]
+    table += "\n\n" + markdown_table(["agreement", "|loss diff|", "max rel diff d/d hidden", "max rel diff d/d head"], check_rows)
+    header = (
+        f"settings: N={s['rows']} rows x T={s['length']} tokens, H={s['hidden']}, V={s['vocab']:,} (speech rows: "
+        f"[{s['stop']}, {s['vocab']}) = {s['vocab'] - s['stop']:,}), fp32, chunk 512, clipped loss + dual clip 3, token-mean; "
+        f"one (N, T, V) fp32 logits tensor = {logits_mib:.0f} MiB; {threads} thread(s)\nmachine: {json.dumps(machine_info())}"
+    )
+    return header + "\n\n" + table, {"results": results, "checks": checks}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write raw results here")
+    p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--size", default="full", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.worker:
+        emit(worker(a.worker, a.size, a.out))
+        return
+    table, raw = run("smoke" if a.smoke else "full", a.threads)
+    print(table)
+    if a.json:
+        Path(a.json).write_text(json.dumps(raw, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Each benchmark runs end to end at its smallest size, so the published tables stay reproducible.
+
+No timing asserts: only that the scripts run, that the figures they would publish exist, and the
+correctness claims behind them (the memory benchmark's variants give the same loss and gradients).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), "--smoke", *args], capture_output=True, text=True, timeout=900,
+        cwd=BENCH.parent,
+    )
+    assert proc.returncode == 0, f"{name} --smoke failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_memory_variants_agree_in_process():
+    import bench_memory as bm
+
+    s = bm.SIZES["smoke"]
+    x = bm.make_inputs(s)
+    out = {v: bm.grpo_loss_and_grads(v, x, s) for v in bm.VARIANTS}
+    for v, (impl, _, speech) in bm.VARIANTS.items():
+        loss, gh, gw = out[v]
+        ref_loss, ref_gh, ref_gw = out["naive-speech" if speech else "naive"]
+        assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), v
+        assert torch.allclose(gh, ref_gh, rtol=1e-4, atol=1e-6), v
+        assert torch.allclose(gw, ref_gw, rtol=1e-4, atol=1e-6), v
+        assert gh.abs().sum() > 0 and gw.abs().sum() > 0, f"{v}: the loss must reach hidden and head"
+        if speech:  # rows outside the scored range get no gradient
+            lo, _ = bm.speech_rows(s)[0]
+            assert gw[:lo].abs().sum() == 0, v
+    # The speech-row loss is a different loss (renormalised over fewer rows), not a copy of the full one.
+    assert not torch.allclose(out["naive"][1], out["naive-speech"][1])
+
+
+def test_bench_memory_smoke(tmp_path):
+    out = tmp_path / "memory.json"
+    table = run_script("bench_memory.py", "--json", str(out))
+    assert "| naive |" in table and "| proposed fused |" in table
+    raw = json.loads(out.read_text())
+    for name, c in raw["checks"].items():
+        assert c["loss_abs"] < 1e-5 and c["grad_hidden_rel"] < 1e-4 and c["grad_weight_rel"] < 1e-4, name
+
+
+def test_bench_cost_curve_smoke(tmp_path):
+    png = tmp_path / "curve.png"
+    table = run_script("bench_cost_curve.py", "--png", str(png))
+    assert png.stat().st_size > 1000
+    assert table.count("| group |") == 2  # the worker itself fails if a completion is not exactly T long
+
+
+def test_bench_trl_smoke(tmp_path):
+    pytest.importorskip("trl", reason="benchmark-only dependency: pip install -r requirements-bench.txt")
+    out = tmp_path / "trl.json"
+    table = run_script("bench_trl.py", "--json", str(out))
+    raw = json.loads(out.read_text())
+    assert set(raw) == {"ours (restrict off)", "TRL GRPOTrainer", "ours (default: speech-only)"}
+    for name, r in raw.items():
+        assert r["step_s"] > 0 and r["peak_rss_mib"] > r["rss_before_mib"] * 0.5, name
+        assert 1 <= r["mean_completion_len"] <= 8, name
+    assert "time / TRL" in table
