@@ -44,6 +44,7 @@ class SampleRequest:
     max_tokens: int
     stop_token_id: int
     min_tokens: int = 0
+    allowed_token_ids: tuple[int, ...] | None = None  # every other token gets probability 0
 
 
 @dataclass
@@ -121,6 +122,7 @@ class VLLMEngine:
             ignore_eos=True,  # only <|SPEECH_GENERATION_END|> ends a speech span, never the base model's eos
             logprobs=0,  # the sampled token's own logprob
             detokenize=False,
+            allowed_token_ids=None if request.allowed_token_ids is None else list(request.allowed_token_ids),
         )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         result = []

@@ -323,13 +323,20 @@ class VLLMSampler:
 
     # ---- one rollout ------------------------------------------------------------------------------
     def sample(
-        self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int, stop_token_id: int, step: int
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        stop_token_id: int,
+        step: int,
+        allowed_token_ids: Sequence[int] | None = None,
     ) -> Completions:
         """n completions per prompt from the engine, after syncing `model`'s weights if this step is due.
 
         Rows are grouped by prompt: rows i*n .. i*n+n-1 are prompt i's. Each row ends with
         `stop_token_id` unless it reached max_new_tokens (then `truncated` is True). `logprobs` are the
-        engine's log-probs of each sampled id (see `logprobs_mode`).
+        engine's log-probs of each sampled id (see `logprobs_mode`); `allowed_token_ids` masks every other
+        token out before temperature / top-k / top-p, as in HFSampler.
         """
         if self.engine is None:
             raise RuntimeError("VLLMSampler.setup(pl_module) must run before sample() (the rollout callback calls it)")
@@ -347,7 +354,10 @@ class VLLMSampler:
             self._asleep = False
         local = [list(p) for p in prompts]
         gathered, offset = _gather_prompts(local, self._tp_group)
-        request = SampleRequest(n, self.temperature, self.top_p, self.top_k, self.max_new_tokens, stop_token_id)
+        allowed = None if allowed_token_ids is None else tuple(int(t) for t in allowed_token_ids)
+        request = SampleRequest(
+            n, self.temperature, self.top_p, self.top_k, self.max_new_tokens, stop_token_id, allowed_token_ids=allowed
+        )
         t0 = time.perf_counter()
         groups = engine.generate(gathered, request)[offset : offset + len(local)]
         gen_s = time.perf_counter() - t0

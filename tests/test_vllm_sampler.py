@@ -123,10 +123,10 @@ def test_is_a_sampler_and_builds_engine_from_policy_config():
 def test_shapes_grouping_stop_and_truncation():
     s, policy, log = make(max_new_tokens=6, temperature=0.7, top_p=0.9, top_k=5)
     prompts = [[1, 2, 3], [4, 5], [6]]
-    out = s.sample(policy, prompts, n=4, stop_token_id=STOP, step=0)
+    out = s.sample(policy, prompts, n=4, stop_token_id=STOP, step=0, allowed_token_ids=[7, STOP])
     assert isinstance(out, Completions) and len(out.ids) == len(out.truncated) == len(out.logprobs) == 12
     (_, sent, req) = next(c for c in log if c[0] == "generate")
-    assert sent == prompts and req == SampleRequest(4, 0.7, 0.9, 5, 6, STOP)
+    assert sent == prompts and req == SampleRequest(4, 0.7, 0.9, 5, 6, STOP, allowed_token_ids=(7, STOP))
     for i in range(3):
         for j in range(4):
             row = out.ids[i * 4 + j]
@@ -364,6 +364,9 @@ def test_real_vllm_sync_matches_after_and_differs_before(device):
     assert s.metrics["sync/ok"] == 1.0 and len(out.ids) == 4
     after = s.verify_sync(policy, prompt, completion)
     assert after["sync/logprob_mean_abs_diff"] <= tol < before["sync/logprob_mean_abs_diff"]
+    allowed = [stop, *range(300, 310)]  # vLLM masks everything else out
+    out = s.sample(policy, [prompt], 4, stop, 1, allowed_token_ids=allowed)
+    assert all(t in allowed for row in out.ids for t in row)
     with torch.no_grad():  # a "training step": the engine is stale until the next sync
         policy.lm_head.weight.mul_(4.0)
     stale = s.verify_sync(policy, prompt, completion)
