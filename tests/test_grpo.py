@@ -1,0 +1,118 @@
+"""GRPO math against hand-computed numbers and invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_grpo import grpo
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1.0, 3.0, 2.0, 2.0])  # two groups of 2
+    a = grpo.group_advantages(r, 2, "group", eps=0.0 + 1e-12)
+    std = math.sqrt(2.0)  # unbiased std of (1, 3)
+    assert torch.allclose(a[:2], torch.tensor([-1 / std, 1 / std]))
+    assert torch.equal(a[2:], torch.zeros(2))  # zero-variance group -> zero advantage
+    assert torch.allclose(grpo.group_advantages(r, 2, "none"), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    batch = grpo.group_advantages(r, 2, "batch", eps=0.0)
+    assert torch.allclose(batch, torch.tensor([-1.0, 1.0, 0.0, 0.0]) / r.std())
+
+
+def test_group_advantages_rejects_bad_groups():
+    with pytest.raises(ValueError, match="at least 2"):
+        grpo.group_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo.group_advantages(torch.zeros(4), 3)
+
+
+def test_token_logprobs_matches_full_log_softmax_and_grads():
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    t = torch.randint(0, 40, (3, 5))
+    ref = torch.log_softmax((h @ w.T) / 0.7, -1).gather(-1, t[..., None]).squeeze(-1)
+    got = grpo.token_logprobs(h, w, t, chunk_size=4, temperature=0.7)  # chunks do not divide 15
+    assert torch.allclose(got, ref, atol=1e-5)
+    gh_ref, gw_ref = torch.autograd.grad(ref.sum(), (h, w))
+    gh, gw = torch.autograd.grad(got.sum(), (h, w))
+    assert torch.allclose(gh, gh_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
+
+
+def test_token_logprobs_vocab_range_renormalises_over_allowed_rows():
+    torch.manual_seed(1)
+    h, w = torch.randn(2, 3, 4), torch.randn(10, 4)
+    t = torch.tensor([[5, 7, 9], [9, 5, 5]])
+    logits = h @ w.T
+    allowed = [5, 7, 8, 9]  # row 6 disallowed inside [5, 10)
+    masked = torch.full_like(logits, float("-inf"))
+    masked[..., allowed] = logits[..., allowed]
+    ref = torch.log_softmax(masked, -1).gather(-1, t[..., None]).squeeze(-1)
+    got = grpo.token_logprobs(h, w, t, vocab_range=(5, 10), disallowed=(6,))
+    assert torch.allclose(got, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="target id 2 is outside the scored vocabulary rows"):
+        grpo.token_logprobs(h, w, torch.full((2, 3), 2), vocab_range=(5, 10))
+
+
+def test_ratio_one_without_clip_gives_minus_mean_advantage():
+    logp = torch.randn(4, 6)
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    loss, clipped = grpo.clipped_policy_loss(logp, logp.detach(), adv)
+    mask = torch.ones(4, 6)
+    assert torch.allclose(grpo.aggregate(loss, mask, "token-mean"), -adv.mean())
+    assert not clipped.any()
+
+
+def test_clip_and_dual_clip_hand_computed():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 5.0]]))  # ratios 1.5, 0.5, 5.0
+    pos, cp = grpo.clipped_policy_loss(logp, old, torch.tensor([2.0]), 0.2, 0.2, dual_clip=None)
+    # A > 0: -min(r*A, clip(r)*A) = -(1.2*2, 0.5*2, 1.2*2)
+    assert torch.allclose(pos, torch.tensor([[-2.4, -1.0, -2.4]]))
+    assert cp.tolist() == [[True, False, True]]
+    neg, cn = grpo.clipped_policy_loss(logp, old, torch.tensor([-1.0]), 0.2, 0.28, dual_clip=3.0)
+    # A < 0: max(-r*A, -clip(r)*A) = (1.5, 0.8, 5.0) then dual clip caps at 3
+    assert torch.allclose(neg, torch.tensor([[1.5, 0.8, 3.0]]))
+    assert cn.tolist() == [[False, True, True]]
+
+
+def test_gradient_sign_raises_logp_of_positive_advantage():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = grpo.clipped_policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]))
+    grpo.aggregate(loss, torch.ones(2, 3)).backward()
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()  # descent raises row 0, lowers row 1
+
+
+def test_kl_estimators_hand_computed():
+    logp, ref = torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]])
+    assert torch.allclose(grpo.kl_penalty(logp, ref, "k1"), torch.tensor([[1.0, 0.0]]))
+    # k3 = exp(ref - logp) - (ref - logp) - 1 = e^-1 + 1 - 1
+    assert torch.allclose(grpo.kl_penalty(logp, ref, "k3"), torch.tensor([[math.exp(-1), 0.0]]))
+    huge = grpo.kl_penalty(torch.tensor([[-200.0]]), torch.tensor([[0.0]]), "k3")
+    assert torch.isfinite(huge).all()
+
+
+def test_aggregation_modes_hand_computed():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert grpo.aggregate(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert grpo.aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert grpo.aggregate(loss, mask, "seq-mean-token-sum-norm", max_len=5).item() == pytest.approx(10 / 10)
+    with pytest.raises(ValueError, match="max_len"):
+        grpo.aggregate(loss, mask, "seq-mean-token-sum-norm")
+    # an all-masked batch gives 0, not NaN
+    assert grpo.aggregate(loss, torch.zeros_like(mask), "token-mean").item() == 0.0
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_add_up_to_the_mini_batch(mode):
+    torch.manual_seed(0)
+    loss = torch.rand(6, 4)
+    mask = (torch.rand(6, 4) > 0.3).float()
+    full = grpo.aggregate(loss, mask, mode, max_len=4)
+    parts = sum(
+        grpo.aggregate(loss[i : i + 2], mask[i : i + 2], mode, mask.sum().item(), 6, 4) for i in range(0, 6, 2)
+    )
+    assert torch.allclose(parts, full)
