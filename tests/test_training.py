@@ -200,3 +200,39 @@ def test_num_iterations_uses_old_logprobs_and_clips():
     # a large step size moves the policy between iterations, so some ratios leave the clip range
     assert logged["train/clip_fraction"] > 0
     assert logged["train/ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+
+
+def test_gradient_checkpointing_and_bf16_switches():
+    """Checkpointing changes memory, not gradients; bf16 weights train without NaN."""
+    from lightning_grpo.llasa import codes_to_ids, LlasaVocab
+
+    grads = {}
+    for gc in (False, True):
+        torch.manual_seed(0)
+        policy = GRPOPolicy(gradient_checkpointing=gc)
+        vocab = LlasaVocab.from_tokenizer(policy.tokenizer)
+        cb = GRPORollout(ScriptedSampler([codes_to_ids([1, 2, 3], vocab), codes_to_ids([9] * 6, vocab)], [False, False]),
+                         RuleReward(codes_per_char=0.3, band=(0, 4)), group_size=2)
+        cb.setup(None, policy, "fit")
+        r = cb.make_rollout(policy, {"text": ["hello"], "language": [None]}, 2, 0)
+        policy.policy.train()
+        logp = policy.completion_logprobs(policy.policy, r, slice(0, 2))
+        adv = torch.tensor([1.0, -1.0])
+        (-(logp * r.completion_mask).sum(-1) * adv).sum().backward()
+        grads[gc] = torch.cat([p.grad.flatten() for p in policy.policy.parameters() if p.grad is not None])
+    assert torch.allclose(grads[False], grads[True], atol=1e-6)
+
+    L.seed_everything(0)
+    policy = GRPOPolicy(dtype="bfloat16", learning_rate=1e-2)
+    assert next(policy.policy.parameters()).dtype == torch.bfloat16
+    cb = GRPORollout(HFSampler(max_new_tokens=6), RuleReward(), group_size=2)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Record()])
+    trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
