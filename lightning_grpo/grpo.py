@@ -176,6 +176,28 @@ def aggregate(
     raise ValueError(f"loss aggregation {mode!r} is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm")
 
 
+def truncated_importance_weights(
+    trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
+) -> torch.Tensor:
+    """Truncated importance-sampling weights min(exp(trainer_logp - sampler_logp), cap) (TIS).
+
+    Corrects for the sampler (vLLM's kernels, bf16) and the trainer giving the same sampled token
+    different probabilities (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"). trainer_logp, sampler_logp, mask: (N, T). Returns detached (N, T)
+    weights in [0, cap], 0 at padding; they multiply the per-token loss as constants.
+    """
+    if trainer_logp.shape != sampler_logp.shape or trainer_logp.shape != mask.shape:
+        raise ValueError(
+            f"trainer_logp {tuple(trainer_logp.shape)}, sampler_logp {tuple(sampler_logp.shape)} and mask "
+            f"{tuple(mask.shape)} must have the same (N, T) shape"
+        )
+    if not cap >= 1:
+        raise ValueError(f"importance cap {cap} must be >= 1")
+    m = mask.bool()
+    diff = torch.where(m, trainer_logp.detach().float() - sampler_logp.detach().float(), torch.zeros((), dtype=torch.float32))
+    return torch.where(m, torch.exp(diff).clamp(max=cap), torch.zeros((), dtype=torch.float32))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over mask == 1; 0 when the mask is empty. (N, T), (N, T) -> ()."""
     mask = mask.to(x.dtype)

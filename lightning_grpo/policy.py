@@ -67,6 +67,8 @@ class GRPOPolicy(L.LightningModule):
         micro_batch_size: int = 4,
         logprob_chunk_size: int = 512,
         gradient_checkpointing: bool = False,
+        importance_correction: bool = False,
+        importance_cap: float = 2.0,
     ) -> None:
         """
         Args:
@@ -92,6 +94,10 @@ class GRPOPolicy(L.LightningModule):
             logprob_chunk_size: tokens per chunk of the LM head; peak logits memory is
                 chunk x vocab x 4 bytes (512 x 65,537 = 134 MB for LLaSA's speech rows).
             gradient_checkpointing: recompute layer activations in backward (the original: on).
+            importance_correction: weight each token's loss by min(pi_trainer / pi_sampler, cap)
+                when the sampler reports its own log-probs (vLLM): corrects the off-policy drift
+                between vLLM's and the trainer's numerics (TIS). Off by default, as in the original.
+            importance_cap: the truncation cap of those weights (TIS uses 2).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -179,12 +185,15 @@ class GRPOPolicy(L.LightningModule):
         mbs = self._micro_batches(n)
         num_tokens = r.completion_mask.sum().item()
 
-        old_logp = ref_logp = None
+        use_is = hp.importance_correction and r.sampler_logprobs is not None
+        old_logp = ref_logp = is_weights = None
         with torch.no_grad():
-            if hp.num_iterations > 1:
+            if hp.num_iterations > 1 or use_is:
                 old_logp = torch.cat([self.completion_logprobs(self.policy, r, s) for s in mbs])
             if self.reference is not None:
                 ref_logp = torch.cat([self.completion_logprobs(self.reference, r, s) for s in mbs])
+        if use_is:  # weights of the rollout's own policy vs the sampler, fixed for all iterations
+            is_weights = grpo.truncated_importance_weights(old_logp, r.sampler_logprobs, r.completion_mask, hp.importance_cap)
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -195,7 +204,8 @@ class GRPOPolicy(L.LightningModule):
                 logp = self.completion_logprobs(self.policy, r, s)  # (m, C)
                 old = old_logp[s] if old_logp is not None else logp.detach()
                 tok_loss, clipped = grpo.clipped_policy_loss(
-                    logp, old, advantages[s], hp.epsilon_low, hp.epsilon_high, hp.dual_clip
+                    logp, old, advantages[s], hp.epsilon_low, hp.epsilon_high, hp.dual_clip,
+                    None if is_weights is None else is_weights[s],
                 )
                 cmask = r.completion_mask[s]
                 if ref_logp is not None:
@@ -226,6 +236,10 @@ class GRPOPolicy(L.LightningModule):
             stats["train/kl"] = sums["kl"] / (tokens * iters)
         if grad_norm is not None:
             stats["train/grad_norm"] = float(grad_norm)
+        if is_weights is not None:
+            cm = r.completion_mask.bool()
+            stats["train/is_weight_mean"] = is_weights[cm].mean().item() if cm.any() else 1.0
+            stats["train/is_weight_capped_frac"] = (is_weights[cm] >= hp.importance_cap).float().mean().item() if cm.any() else 0.0
         self.log_dict(stats, on_step=True, sync_dist=True, batch_size=n)
         self.log_rollout_stats(r, "train")
         return torch.tensor(stats["train/loss"])

@@ -116,3 +116,15 @@ def test_micro_batches_add_up_to_the_mini_batch(mode):
         grpo.aggregate(loss[i : i + 2], mask[i : i + 2], mode, mask.sum().item(), 6, 4) for i in range(0, 6, 2)
     )
     assert torch.allclose(parts, full)
+
+
+def test_truncated_importance_weights_hand_computed():
+    trainer = torch.log(torch.tensor([[0.5, 0.9, 0.2]]))
+    sampler = torch.log(torch.tensor([[0.5, 0.3, 0.4]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w = grpo.truncated_importance_weights(trainer, sampler, mask, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 2.0, 0.0]]))  # 0.9/0.3 = 3 capped at 2; padding 0
+    loss, _ = grpo.clipped_policy_loss(trainer, trainer.detach(), torch.tensor([1.0]), is_weights=w)
+    assert torch.allclose(loss, -w)
+    with pytest.raises(ValueError, match="cap"):
+        grpo.truncated_importance_weights(trainer, sampler, mask, cap=0.5)

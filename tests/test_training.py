@@ -236,3 +236,29 @@ def test_gradient_checkpointing_and_bf16_switches():
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Record()])
     trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_importance_correction_uses_sampler_logprobs(vocab):
+    """With sampler log-probs far below the trainer's, weights hit the cap and are logged."""
+
+    class WithLogprobs(ScriptedSampler):
+        def sample(self, *a, **k):
+            c = super().sample(*a, **k)
+            c.logprobs = [[-30.0] * len(row) for row in c.ids]
+            return c
+
+    L.seed_everything(0)
+    policy = GRPOPolicy(importance_correction=True, importance_cap=2.0, learning_rate=1e-3)
+    cb = GRPORollout(WithLogprobs([codes_to_ids([1, 2], vocab), codes_to_ids([40] * 5, vocab)], [False, False]),
+                     RuleReward(codes_per_char=0.3, band=(0, 8)), group_size=2)
+    logged = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Record()])
+    trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+    assert logged["train/is_weight_mean"] == pytest.approx(2.0)
+    assert logged["train/is_weight_capped_frac"] == pytest.approx(1.0)
