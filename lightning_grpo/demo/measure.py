@@ -1,0 +1,177 @@
+"""Measure the demo: held-out CER / NLL / reward before and after GRPO, per seed and reward ablation.
+
+For every run: warm start (cached), `validate` the warm-started policy on the held-out prompts
+(the "before"), `fit` with GRPO (validating every `val_check_interval` steps: the curve), and keep the
+last validation's samples (codes, transcripts) to check for reward hacking. Each run writes
+`<out>/<name>/summary.json`; `--report` turns all summaries into a markdown table and a CER plot.
+
+    python -m lightning_grpo.demo.measure --runs seed0 seed1 seed2 cer_only nll_only --max_steps 30
+    python -m lightning_grpo.demo.measure --report --markdown notes/results_demo.md --plot benchmarks/results/demo_cer.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+from ..llasa import LlasaVocab, parse_completion
+from .unit_codec import JUNK_UNITS, UNITS, codes_to_text, text_to_codes
+from .warm_start import WarmStartConfig, edit_distance, warm_start
+
+CONFIG = "configs/demo_whisper_cpu.yaml"
+REWARD = "--trainer.callbacks.init_args.reward.init_args"
+# name -> (seed, lambda_c, lambda_n)
+RUNS = {
+    "seed0": (0, 0.6, 0.4),
+    "seed1": (1, 0.6, 0.4),
+    "seed2": (2, 0.6, 0.4),
+    "cer_only": (0, 1.0, 0.0),
+    "nll_only": (0, 0.0, 1.0),
+}
+
+
+def sample_report(rollout, tokenizer) -> dict:
+    """Hacking indicators and a few samples of one validation rollout."""
+    vocab = LlasaVocab.from_tokenizer(tokenizer)
+    junk = {UNITS.index(u) for u in JUNK_UNITS}
+    rows, counts = [], Counter()
+    for i, ids in enumerate(rollout.completion_ids):
+        parsed = parse_completion(ids, vocab)
+        ref = text_to_codes(rollout.texts[i])
+        codes = parsed.codes
+        counts["n"] += 1
+        counts["junk"] += any(c in junk for c in codes)
+        counts["repeat"] += any(a == b for a, b in zip(codes, codes[1:])) and not any(a == b for a, b in zip(ref, ref[1:]))
+        counts["short"] += len(codes) < len(ref)
+        counts["long"] += len(codes) > len(ref)
+        counts["unstopped"] += not parsed.stopped
+        counts["exact"] += codes == ref
+        counts["unit_errors"] += edit_distance(codes, ref)
+        counts["ref_units"] += len(ref)
+        rows.append({
+            "text": rollout.texts[i], "spoken": codes_to_text(codes),
+            "transcript": rollout.reward_result.transcripts[i] if rollout.reward_result.transcripts else "",
+            "cer": float(rollout.reward_result.metrics["cer"][i]), "reason": rollout.reward_result.reasons[i],
+        })
+    n = counts["n"]
+    return {
+        "junk_rate": counts["junk"] / n, "repeat_rate": counts["repeat"] / n, "short_rate": counts["short"] / n,
+        "long_rate": counts["long"] / n, "unstopped_rate": counts["unstopped"] / n, "exact_rate": counts["exact"] / n,
+        "unit_error_rate": counts["unit_errors"] / counts["ref_units"], "samples": rows[:: max(1, n // 8)][:8],
+    }
+
+
+def _metrics(trainer) -> dict[str, float]:
+    m = trainer.callback_metrics
+    return {k: float(m[k]) for k in ("val/cer_mean", "val/nll_mean", "val/reward_mean", "val/completion_length_mean") if k in m}
+
+
+def run_one(name: str, out: Path, max_steps: int, val_every: int, extra: list[str]) -> dict:
+    from lightning.pytorch.loggers import CSVLogger  # noqa: F401  (fail early if lightning is broken)
+
+    from ..cli import build_cli
+
+    seed, lc, ln = RUNS[name]
+    run_dir = out / name
+    model_dir = warm_start(out / f"warm_seed{seed}", WarmStartConfig(seed=seed))
+    common = [
+        "--config", CONFIG, "--seed_everything", str(seed), "--model.model_name_or_path", str(model_dir),
+        f"{REWARD}.lambda_c", str(lc), f"{REWARD}.lambda_n", str(ln),
+        "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.default_root_dir", str(run_dir), *extra,
+    ]
+    before_cli = build_cli(["validate", *common])
+    before = _metrics(before_cli.trainer)
+    rollout_cb = next(c for c in before_cli.trainer.callbacks if hasattr(c, "last_rollout"))
+    before_samples = sample_report(rollout_cb.last_rollout, before_cli.model.tokenizer)
+    fit_cli = build_cli(["fit", *common, "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(val_every)])
+    after = _metrics(fit_cli.trainer)
+    rollout_cb = next(c for c in fit_cli.trainer.callbacks if hasattr(c, "last_rollout"))
+    after_samples = sample_report(rollout_cb.last_rollout, fit_cli.model.tokenizer)
+    curve = [{"step": 0, **before}]
+    with open(Path(fit_cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("val/cer_mean"):
+                curve.append({"step": int(row["step"]) + 1, "val/cer_mean": float(row["val/cer_mean"]),
+                              "val/nll_mean": float(row["val/nll_mean"]), "val/reward_mean": float(row["val/reward_mean"])})
+    summary = {
+        "name": name, "seed": seed, "lambda_c": lc, "lambda_n": ln, "max_steps": max_steps,
+        "before": before, "after": after, "curve": curve,
+        "before_samples": before_samples, "after_samples": after_samples,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def report(out: Path, markdown: Path | None, plot: Path | None) -> str:
+    summaries = [json.loads((out / n / "summary.json").read_text()) for n in RUNS if (out / n / "summary.json").exists()]
+    lines = [
+        "| run | reward | CER before | CER after | rel. change | NLL before | NLL after | reward before | reward after |"
+        " junk / repeat / short / unstopped after | exact (before -> after) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        b, a, hs = s["before"], s["after"], s["after_samples"]
+        rel = (a["val/cer_mean"] - b["val/cer_mean"]) / b["val/cer_mean"]
+        lines.append(
+            f"| {s['name']} (seed {s['seed']}) | lc {s['lambda_c']} / ln {s['lambda_n']} | {b['val/cer_mean']:.3f} | "
+            f"{a['val/cer_mean']:.3f} | {rel:+.0%} | {b['val/nll_mean']:.3f} | {a['val/nll_mean']:.3f} | "
+            f"{b['val/reward_mean']:.3f} | {a['val/reward_mean']:.3f} | {hs['junk_rate']:.2f} / {hs['repeat_rate']:.2f} / "
+            f"{hs['short_rate']:.2f} / {hs['unstopped_rate']:.2f} | {s['before_samples']['exact_rate']:.2f} -> {hs['exact_rate']:.2f} |"
+        )
+    table = "\n".join(lines)
+    if markdown:
+        markdown.write_text(table + "\n")
+    if plot and summaries:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in summaries:
+            steps = [p["step"] for p in s["curve"]]
+            ax.plot(steps, [p["val/cer_mean"] for p in s["curve"]], marker="o",
+                    label=f"{s['name']} (lc {s['lambda_c']}, ln {s['lambda_n']})",
+                    linestyle="-" if s["lambda_c"] and s["lambda_n"] else "--")
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("held-out CER (Whisper tiny.en)")
+        ax.set_title("Unit-codec demo: held-out CER during GRPO")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="*", default=[], choices=sorted(RUNS))
+    p.add_argument("--out", type=Path, default=Path("runs/demo_measure"))
+    p.add_argument("--max_steps", type=int, default=30)
+    p.add_argument("--val_every", type=int, default=10)
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--markdown", type=Path)
+    p.add_argument("--plot", type=Path)
+    p.add_argument("extra", nargs="*", help="more CLI overrides after --, passed to validate and fit")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    for name in args.runs:
+        s = run_one(name, args.out, args.max_steps, args.val_every, args.extra)
+        b, a = s["before"]["val/cer_mean"], s["after"]["val/cer_mean"]
+        print(f"{name}: held-out CER {b:.3f} -> {a:.3f} ({(a - b) / b:+.0%})", flush=True)
+    if args.report:
+        print(report(args.out, args.markdown, args.plot))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Supervised warm start: teach a tiny LLaSA-shaped policy to speak unit-codec codes, partly right.
+
+LLaSA-1B reached GRPO already able to speak (pretraining + 15K Korean utterances); this is that
+stage in miniature. A tiny Llama (`lightning_grpo.tiny`, `num_speech_tokens` = the unit codec's 30
+codes) is trained by teacher forcing on (prompt, correct codes + <|SPEECH_GENERATION_END|>) pairs of
+the demo's train sentences, cross-entropy on the completion tokens only, for a fixed number of steps
+chosen so that it stops *partly* right (sampled held-out unit error around 0.3-0.5): GRPO then has
+something to improve. The result is a HF directory (model + tokenizer) that the fit config loads
+through `--model.model_name_or_path`. It also writes the demo's train / held-out prompt files.
+
+    python -m lightning_grpo.demo.warm_start --out runs/demo/warm_seed0 --seed 0
+
+Deterministic per seed (one CPU thread); a directory whose `warm_start.json` records the same
+settings is reused as is (delete it or pass --force to retrain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..llasa import LlasaVocab, codes_to_ids, encode_prompt, parse_completion
+from ..sampling import HFSampler
+from ..tiny import build_tiny_llasa
+from .unit_codec import NUM_UNITS, make_prompt_sets, text_to_codes, write_prompt_sets
+
+DEMO_DIR = Path(__file__).parent
+TRAIN_PROMPTS = DEMO_DIR / "prompts_train.jsonl"
+TEST_PROMPTS = DEMO_DIR / "prompts_test.jsonl"
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """Settings of one warm start; the cache key of its output directory."""
+
+    seed: int = 0
+    steps: int = 250
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_train: int = 256
+    num_test: int = 48
+    data_seed: int = 0
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance between two code sequences."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def teacher_forcing_batch(tokenizer, vocab: LlasaVocab, texts: list[str]) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, labels), each (B, L): right-padded, labels -100 outside the completion."""
+    rows = []
+    for t in texts:
+        prompt = encode_prompt(tokenizer, t)
+        target = codes_to_ids(text_to_codes(t), vocab, add_stop=True)
+        rows.append((prompt + target, len(prompt)))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), vocab.pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (ids, n_prompt) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+    return input_ids, attention, labels
+
+
+@torch.no_grad()
+def unit_error_rate(model, tokenizer, texts: list[str], temperature: float = 1.0, n: int = 1, max_new_tokens: int = 12, seed: int = 0) -> dict[str, float]:
+    """Sampled codes vs the correct codes, no Whisper: mean unit error rate, stop rate, mean length."""
+    vocab = LlasaVocab.from_tokenizer(tokenizer)
+    sampler = HFSampler(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
+    allowed = [vocab.speech_gen_end_id, *range(vocab.speech_start_id, vocab.speech_end_id)]
+    prompts = [encode_prompt(tokenizer, t) for t in texts]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        comps = sampler.sample(model, prompts, n, vocab.speech_gen_end_id, 0, allowed_token_ids=allowed)
+    errors, stops, lengths = [], [], []
+    for i, ids in enumerate(comps.ids):
+        parsed = parse_completion(ids, vocab)
+        ref = text_to_codes(texts[i // n])
+        errors.append(edit_distance(parsed.codes, ref) / len(ref))
+        stops.append(float(parsed.stopped))
+        lengths.append(len(parsed.codes))
+    k = len(errors)
+    return {"uer": sum(errors) / k, "stop_rate": sum(stops) / k, "length": sum(lengths) / k}
+
+
+def warm_start(out: str | Path, config: WarmStartConfig = WarmStartConfig(), force: bool = False, log_every: int = 0) -> Path:
+    """Train (or reuse) the warm-started policy in `out`; returns `out`. See the module docstring."""
+    out = Path(out)
+    stamp = out / "warm_start.json"
+    if not force and stamp.exists() and json.loads(stamp.read_text())["config"] == asdict(config):
+        return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # determinism and politeness on a shared CPU
+    try:
+        train, test = make_prompt_sets(config.num_train, config.num_test, config.data_seed)
+        model, tokenizer = build_tiny_llasa(NUM_UNITS, config.hidden_size, config.num_layers, seed=config.seed)
+        vocab = LlasaVocab.from_tokenizer(tokenizer)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        rng = random.Random(config.seed)
+        model.train()
+        t0 = time.perf_counter()
+        history = []
+        order: list[str] = []
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            for step in range(1, config.steps + 1):
+                if len(order) < config.batch_size:
+                    order += rng.sample(train, len(train))  # epochs of shuffled sentences
+                batch, order = order[: config.batch_size], order[config.batch_size :]
+                ids, mask, labels = teacher_forcing_batch(tokenizer, vocab, batch)
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                if log_every and (step % log_every == 0 or step == config.steps):
+                    model.eval()
+                    m = unit_error_rate(model, tokenizer, test, seed=config.seed)
+                    model.train()
+                    history.append({"step": step, "loss": loss.item(), **m})
+                    print(json.dumps({**history[-1], "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+        model.eval()
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        final = unit_error_rate(model, tokenizer, test, seed=config.seed)
+        stamp.write_text(json.dumps({"config": asdict(config), "held_out": final, "history": history}, indent=1))
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output HF directory (model + tokenizer + warm_start.json)")
+    for name, field in WarmStartConfig.__dataclass_fields__.items():
+        p.add_argument(f"--{name}", type=type(field.default), default=field.default)
+    p.add_argument("--force", action="store_true", help="retrain even if --out holds the same settings")
+    p.add_argument("--log_every", type=int, default=0, help="print held-out unit error every n steps")
+    p.add_argument("--write_prompts", action="store_true", help=f"also (re)write {TRAIN_PROMPTS.name} and {TEST_PROMPTS.name}")
+    args = vars(p.parse_args(argv))
+    config = WarmStartConfig(**{k: args[k] for k in WarmStartConfig.__dataclass_fields__})
+    if args["write_prompts"]:
+        write_prompt_sets(DEMO_DIR, config.num_train, config.num_test, config.data_seed)
+        for name in ("train", "test"):
+            (DEMO_DIR / f"{name}.jsonl").rename(DEMO_DIR / f"prompts_{name}.jsonl")
+    out = warm_start(args["out"], config, force=args["force"], log_every=args["log_every"])
+    print(f"warm-started policy in {out}: {json.loads((out / 'warm_start.json').read_text())['held_out']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Regenerate the demo unit codec's data file with espeak-ng and sox.
+
+    python scripts/make_unit_codec.py            # writes lightning_grpo/demo/units_en.npz
+
+Each word of `lightning_grpo.demo.unit_codec.WORDS` is spoken alone by espeak-ng (voice en-us,
+150 words/min), resampled to 16 kHz by sox, its leading/trailing silence trimmed, and stored as
+int16. The non-speech units (silence, noise, hum) are generated in numpy with a fixed seed.
+espeak-ng output differs slightly between versions; the file records the version it was made with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_grpo.demo.unit_codec import DEFAULT_UNITS_PATH, JUNK_UNITS, SAMPLE_RATE, WORDS  # noqa: E402
+
+
+def speak(word: str, workdir: Path, voice: str, speed: int) -> np.ndarray:
+    raw, wav = workdir / "raw.wav", workdir / "out.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), word], check=True)
+    # Trim: drop leading silence, reverse, drop leading (= trailing) silence, reverse back.
+    subprocess.run(
+        ["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(wav),
+         "silence", "1", "0.01", "0.5%", "reverse", "silence", "1", "0.01", "0.5%", "reverse"],
+        check=True,
+    )
+    data = wav.read_bytes()
+    # A canonical 44-byte PCM header from sox; find the 'data' chunk to be safe.
+    at = data.index(b"data") + 8
+    return np.frombuffer(data[at:], dtype="<i2").copy()
+
+
+def junk(name: str, rng: np.random.Generator) -> np.ndarray:
+    n = int(0.25 * SAMPLE_RATE)
+    if name == "<sil>":
+        return np.zeros(n, dtype=np.int16)
+    if name == "<noise>":
+        return (rng.standard_normal(n) * 0.1 * 32767).clip(-32767, 32767).astype(np.int16)
+    if name == "<hum>":
+        t = np.arange(n) / SAMPLE_RATE
+        return (0.2 * 32767 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
+    raise ValueError(f"unknown junk unit {name!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_UNITS_PATH)
+    p.add_argument("--voice", default="en-us")
+    p.add_argument("--speed", type=int, default=150)
+    args = p.parse_args(argv)
+    version = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    rng = np.random.default_rng(0)
+    waves = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for word in WORDS:
+            waves.append(speak(word, Path(tmp), args.voice, args.speed))
+    waves += [junk(name, rng) for name in JUNK_UNITS]
+    names = list(WORDS) + list(JUNK_UNITS)
+    lengths = np.array([len(w) for w in waves], dtype=np.int64)
+    np.savez_compressed(
+        args.out, names=np.array(names), audio=np.concatenate(waves), lengths=lengths,
+        sample_rate=np.array(SAMPLE_RATE), source=np.array(f"{version}; voice {args.voice}; speed {args.speed}"),
+    )
+    print(f"wrote {args.out}: {len(names)} units, {lengths.sum() / SAMPLE_RATE:.1f} s, {args.out.stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()

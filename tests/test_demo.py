@@ -1,0 +1,164 @@
+"""The learning demo's parts: the unit codec, its prompt sets, the short-window Whisper reward, the warm start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_grpo.demo.unit_codec import (
+    JUNK_UNITS,
+    NUM_UNITS,
+    UNITS,
+    WORDS,
+    UnitCodec,
+    codes_to_text,
+    make_prompt_sets,
+    text_to_codes,
+)
+from lightning_grpo.demo.warm_start import (
+    TEST_PROMPTS,
+    TRAIN_PROMPTS,
+    WarmStartConfig,
+    edit_distance,
+    teacher_forcing_batch,
+    unit_error_rate,
+    warm_start,
+)
+from lightning_grpo.llasa import LlasaVocab
+from lightning_grpo.reward.base import SpeechSample
+from lightning_grpo.reward.codec import SpeechDecoder
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return UnitCodec()
+
+
+def test_codec_decodes_units_with_gaps(codec):
+    assert isinstance(codec, SpeechDecoder) and codec.sample_rate == 16_000
+    assert codec.num_codes == NUM_UNITS == len(WORDS) + len(JUNK_UNITS) == 30
+    gap = codec.gap.numel()
+    a, b = text_to_codes("my red cat")[:2]
+    wave = codec.decode([[a, b]])[0]
+    assert wave.dtype == torch.float32 and wave.dim() == 1
+    assert wave.numel() == codec.units[a].numel() + codec.units[b].numel() + 3 * gap
+    assert torch.equal(wave[gap : gap + codec.units[a].numel()], codec.units[a])
+    assert wave[:gap].abs().max() == 0
+    # every word is real, audible speech of plausible length; the silence unit is silent
+    for name, unit in zip(codec.names, codec.units):
+        if name in WORDS:
+            assert 0.15 < unit.numel() / 16_000 < 0.9, name
+            assert unit.square().mean().sqrt() > 0.02, name
+    assert codec.units[UNITS.index("<sil>")].abs().max() == 0
+    assert codec.decode([[]])[0].numel() == gap
+
+
+def test_codec_rejects_codes_outside_the_vocabulary(codec):
+    with pytest.raises(ValueError, match="unit code 30 is outside 0..29"):
+        codec.decode([[0, 30]])
+
+
+def test_text_codes_round_trip_and_unknown_words():
+    codes = text_to_codes("Your tall horse eats my cup.")
+    assert codes == [UNITS.index(w) for w in ("your", "tall", "horse", "eats", "my", "cup")]
+    assert codes_to_text(codes) == "your tall horse eats my cup"
+    with pytest.raises(ValueError, match="outside the unit vocabulary"):
+        text_to_codes("the zebra")
+
+
+def test_prompt_sets_are_disjoint_deterministic_and_shipped():
+    train, test = make_prompt_sets(256, 48, 0)
+    assert len(set(train)) == 256 and len(set(test)) == 48 and not set(train) & set(test)
+    assert (train, test) == make_prompt_sets(256, 48, 0)
+    assert make_prompt_sets(256, 48, 1) != (train, test)
+    for path, texts in ((TRAIN_PROMPTS, train), (TEST_PROMPTS, test)):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["text"] for r in rows] == texts and {r["language"] for r in rows} == {"en"}
+
+
+def test_teacher_forcing_labels_only_the_completion(tiny_units):
+    model, tokenizer = tiny_units
+    vocab = LlasaVocab.from_tokenizer(tokenizer)
+    ids, mask, labels = teacher_forcing_batch(tokenizer, vocab, ["My red cat likes your ball.", "This big dog eats my cup."])
+    for row in range(2):
+        target = labels[row][labels[row] != -100].tolist()
+        codes = [t - vocab.speech_start_id for t in target[:-1]]
+        assert target[-1] == vocab.speech_gen_end_id
+        assert codes == text_to_codes(["My red cat likes your ball.", "This big dog eats my cup."][row])
+        # the labelled tokens are the last real tokens of the row
+        n = int(mask[row].sum())
+        assert ids[row, n - len(target) : n].tolist() == target
+    assert edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 5]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_units():
+    from lightning_grpo.tiny import build_tiny_llasa
+
+    return build_tiny_llasa(NUM_UNITS, 32, 1, seed=0)
+
+
+def test_warm_start_learns_is_cached_and_deterministic(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = WarmStartConfig(seed=3, steps=80, hidden_size=48, num_layers=2, num_train=64, num_test=16)
+    out = warm_start(tmp_path / "a", cfg)
+    stamp = json.loads((out / "warm_start.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert LlasaVocab.from_tokenizer(tokenizer).num_speech_tokens == NUM_UNITS
+    _, test = make_prompt_sets(64, 16, 0)
+    from lightning_grpo.tiny import build_tiny_llasa
+
+    untrained, _ = build_tiny_llasa(NUM_UNITS, 48, 2, seed=3)
+    before = unit_error_rate(untrained, tokenizer, test, seed=3)
+    after = unit_error_rate(model, tokenizer, test, seed=3)
+    assert after["uer"] == pytest.approx(stamp["held_out"]["uer"])
+    # 80 teacher-forced steps: from random codes (~1.0) to mostly right lengths and fewer wrong units
+    assert before["uer"] > 0.9 and after["uer"] < 0.85 and after["stop_rate"] > 0.9
+    mtime = (out / "warm_start.json").stat().st_mtime_ns
+    assert warm_start(tmp_path / "a", cfg) == out and (out / "warm_start.json").stat().st_mtime_ns == mtime
+    again = AutoModelForCausalLM.from_pretrained(warm_start(tmp_path / "b", cfg))
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.fixture(scope="module")
+def short_reward(codec):
+    from lightning_grpo.demo.short_window import ShortWindowWhisperReward
+
+    torch.set_num_threads(1)
+    return ShortWindowWhisperReward(whisper_model="tiny.en-ct2", codec=codec, codebook_size=NUM_UNITS, batch_size=8, window_s=8.0)
+
+
+def test_real_whisper_reads_the_unit_codec(short_reward):
+    text = "Your tall horse eats this cup."
+    right = text_to_codes(text)
+    wrong = list(right)
+    wrong[2] = UNITS.index("dog")
+    samples = [
+        SpeechSample(text=text, codes=right),
+        SpeechSample(text=text, codes=wrong),
+        SpeechSample(text=text, codes=text_to_codes("This red car likes my tree.")),
+        SpeechSample(text=text, codes=[UNITS.index("<sil>")] * 6),
+        SpeechSample(text=text, codes=right * 4),  # ~11 s: beyond the 8 s window
+    ]
+    res = short_reward.score(samples)
+    cer, rewards = res.metrics["cer"], res.rewards
+    # measured (tiny.en, 8 s window): CER 0.0 / ~0.15 / ~0.9; reward 0.96 / ~0.5 / ~0.02
+    assert cer[0] < 0.1 and rewards[0] > 0.75
+    assert rewards[0] > rewards[1] + 0.15 > rewards[2] + 0.15
+    assert res.reasons[3] == "silent" and rewards[3] == 0 and cer[3] == 1
+    assert res.reasons[4] == "too_long" and rewards[4] == 0
+
+
+def test_cropped_encoder_at_full_window_equals_whisper(short_reward):
+    from lightning_grpo.demo.short_window import CroppedEncoder
+
+    inner = short_reward.whisper.encoder.inner
+    mel = torch.randn(1, 80, 3000)
+    with torch.inference_mode():
+        assert torch.allclose(CroppedEncoder(inner, 1500)(mel), inner(mel), atol=1e-5)
+        assert CroppedEncoder(inner, 400)(mel).shape == (1, 400, inner.positional_embedding.shape[1])
