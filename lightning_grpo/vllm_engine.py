@@ -102,6 +102,12 @@ class VLLMEngine:
         )
         if cfg.distributed_executor_backend is not None:
             kwargs["distributed_executor_backend"] = cfg.distributed_executor_backend
+        if cfg.distributed_executor_backend == "external_launcher":
+            # vLLM joins the trainer's process group through env:// and needs these (torchrun sets
+            # them; Lightning's launcher may not set RANK).
+            os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+            os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
+            os.environ.setdefault("LOCAL_RANK", str(cfg.device.index or 0))
         kwargs.update(cfg.extra)
         if cfg.device.type == "cuda":
             torch.cuda.set_device(cfg.device)  # vLLM's in-process worker uses the current device

@@ -45,10 +45,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Wrappers that prefix parameter names: DDP / Lightning strategy wrappers, torch.compile, and
-# torch's activation-checkpoint wrapper (which inserts its marker in the middle of the name).
+# Wrappers that prefix parameter names: DDP / Lightning strategy wrappers, torch.compile. (torch's
+# activation-checkpoint wrapper strips its own marker from state_dict keys; HF gradient checkpointing
+# renames nothing.)
 _PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
-_INFIX = "_checkpoint_wrapped_module."
 _HF_NAMES = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.rotary_emb.", "lm_head.")
 
 
@@ -61,7 +61,6 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """
     seen = False
     for name, tensor in model.state_dict(keep_vars=False).items():
-        name = name.replace(_INFIX, "")
         stripped = True
         while stripped:
             stripped = False
