@@ -9,6 +9,9 @@ from .policy import GRPOPolicy
 
 EXTRA_COMMANDS = {
     "serve": ("lightning_grpo.reward.server", "main"),
+    "prepare": ("lightning_grpo.prepare", "main"),
+    "evaluate": ("lightning_grpo.evaluate", "main"),
+    "export": ("lightning_grpo.export", "main"),
 }
 
 
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     if words and words[0] in EXTRA_COMMANDS:
         import importlib
 
-        module, fn = EXTRA_COMMANDS[argv[0]]
+        module, fn = EXTRA_COMMANDS[words[0]]
         getattr(importlib.import_module(module), fn)(words[1:])
         return
     build_cli(argv)
