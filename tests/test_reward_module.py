@@ -123,3 +123,37 @@ def test_configuration_errors_name_the_flag(decoder):
         WhisperReward(whisper_model="tiny.en-ct2", codec=decoder, language="ko")
     with pytest.raises(ValueError, match="--batch_size"):
         WhisperReward(whisper_model="tiny.en-ct2", codec=decoder, batch_size=0)
+
+
+def test_yaml_config_with_class_path_builds_the_reward():
+    """How a LightningCLI config names the reward and its codec (init args become YAML keys)."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from lightning_grpo.reward.codec import XCodec2Decoder
+
+    config = yaml.safe_load(
+        """
+        reward:
+          class_path: lightning_grpo.reward.module.WhisperReward
+          init_args:
+            whisper_model: tiny.en-ct2
+            device: cpu
+            batch_size: 8
+            nll_prefix: original
+            codec:
+              class_path: lightning_grpo.reward.codec.XCodec2Decoder
+              init_args: {checkpoint: null, hidden_dim: 64, depth: 2, heads: 4}
+        """
+    )
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--reward", type=WhisperReward)
+    built = parser.instantiate(parser.parse_object(config)).reward
+    assert isinstance(built, WhisperReward) and isinstance(built.codec, XCodec2Decoder)
+    assert built.batch_size == 8 and built.nll_prefix == "original"
+    # a plain string names an X-codec2 checkpoint (parsed here, not downloaded)
+    config["reward"]["init_args"]["codec"] = "HKUSTAudio/xcodec2"
+    assert parser.parse_object(config).reward.init_args.codec == "HKUSTAudio/xcodec2"
+    config["reward"]["init_args"]["nll_prefix"] = "start_only"
+    with pytest.raises(Exception, match="start_only"):
+        parser.parse_object(config)
