@@ -31,7 +31,8 @@ class Rollout:
     input_ids: (N, P + C) prompts left-padded to width P, completions right-padded to C;
     attention_mask: (N, P + C); completion_mask: (N, C) 1 on tokens the loss sees (stop token
     included; all 0 for rows masked by the truncation policy); rewards, truncated: (N,);
-    sampler_logprobs: (N, C) or None. N = B * group_size, grouped by prompt.
+    sampler_logprobs: (N, C) or None; sampler_metrics: the sampler's own timings and sync checks
+    (vLLM: rollout/sync_s, sync/logprob_mean_abs_diff, ...). N = B * group_size, grouped by prompt.
     """
 
     input_ids: torch.Tensor
@@ -49,6 +50,7 @@ class Rollout:
     vocab_range: tuple[int, int] | None = None
     disallowed: tuple[int, ...] = ()
     completion_ids: list[list[int]] = field(default_factory=list)
+    sampler_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def completion_lengths(self) -> torch.Tensor:

@@ -240,6 +240,7 @@ class GRPOPolicy(L.LightningModule):
             cm = r.completion_mask.bool()
             stats["train/is_weight_mean"] = is_weights[cm].mean().item() if cm.any() else 1.0
             stats["train/is_weight_capped_frac"] = (is_weights[cm] >= hp.importance_cap).float().mean().item() if cm.any() else 0.0
+        stats.update({k: float(v) for k, v in r.sampler_metrics.items()})
         self.log_dict(stats, on_step=True, sync_dist=True, batch_size=n)
         self.log_rollout_stats(r, "train")
         return torch.tensor(stats["train/loss"])

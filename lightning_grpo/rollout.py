@@ -169,6 +169,7 @@ class GRPORollout(L.Callback):
             vocab_range=vocab_range,
             disallowed=disallowed,
             completion_ids=comps.ids,
+            sampler_metrics=dict(getattr(self.sampler, "metrics", {}) or {}),
         )
         self.last_rollout = rollout
         return rollout

@@ -33,8 +33,6 @@ from .vllm_engine import Engine, EngineConfig, RawCompletion, SampleRequest, VLL
 
 __all__ = [
     "VLLMSampler",
-    "truncated_importance_weights",
-    "importance_weight_stats",
     "hf_weights",
     "policy_logprobs",
     "Engine",
@@ -100,48 +98,6 @@ def policy_logprobs(model: torch.nn.Module, ids: Sequence[int], start: int) -> l
         hf.train(was_training)
     target = x[0, start:]
     return torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0].tolist()
-
-
-def truncated_importance_weights(
-    trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
-) -> torch.Tensor:
-    """Truncated importance-sampling weight min(exp(trainer_logp - sampler_logp), cap), 0 where mask is 0.
-
-    Corrects for the sampler (vLLM, bf16 kernels) and the trainer assigning different probabilities to
-    the same sampled token (TIS, Yao et al. 2025 "Your efficient RL framework secretly brings you
-    off-policy RL training"). The weight multiplies the per-token policy-gradient loss as a constant.
-
-    Args:
-        trainer_logp: (N, T) log-probs of the sampled tokens under the trainer's weights at sampling time.
-        sampler_logp: (N, T) the sampler's log-probs of the same tokens (`Completions.logprobs`, padded).
-        mask: (N, T) 1 for completion tokens, 0 for padding.
-        cap: upper truncation C >= 1 (TIS uses 2); bounds the variance the weight can add.
-    Returns:
-        (N, T) detached weights, in [0, cap], 0 at padding.
-    """
-    if trainer_logp.shape != sampler_logp.shape or trainer_logp.shape != mask.shape:
-        raise ValueError(
-            f"trainer_logp {tuple(trainer_logp.shape)}, sampler_logp {tuple(sampler_logp.shape)} and mask "
-            f"{tuple(mask.shape)} must have the same (N, T) shape"
-        )
-    if not cap >= 1:
-        raise ValueError(f"--cap={cap} must be >= 1 (weights above 1 are the ones truncation bounds)")
-    m = mask.to(torch.bool)
-    diff = torch.where(m, trainer_logp.detach().float() - sampler_logp.detach().float(), torch.zeros_like(trainer_logp, dtype=torch.float32))
-    return torch.where(m, torch.exp(diff).clamp(max=cap), torch.zeros_like(diff))  # (N, T)
-
-
-def importance_weight_stats(weights: torch.Tensor, mask: torch.Tensor, cap: float) -> dict[str, float]:
-    """Mean / min / max of the (N, T) weights over masked tokens and the fraction truncated at `cap`."""
-    w = weights[mask.to(torch.bool)].float()
-    if w.numel() == 0:
-        return {"is_weight/mean": 1.0, "is_weight/min": 1.0, "is_weight/max": 1.0, "is_weight/capped_frac": 0.0}
-    return {
-        "is_weight/mean": w.mean().item(),
-        "is_weight/min": w.min().item(),
-        "is_weight/max": w.max().item(),
-        "is_weight/capped_frac": (w >= cap).float().mean().item(),
-    }
 
 
 class VLLMSampler:

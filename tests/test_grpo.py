@@ -128,3 +128,15 @@ def test_truncated_importance_weights_hand_computed():
     assert torch.allclose(loss, -w)
     with pytest.raises(ValueError, match="cap"):
         grpo.truncated_importance_weights(trainer, sampler, mask, cap=0.5)
+
+
+def test_truncated_importance_weights_rows_and_padding():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, -4.0]], requires_grad=True)
+    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -0.4, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    w = grpo.truncated_importance_weights(trainer, sampler, mask, cap=1.5)
+    # exp(0.5) capped at 1.5; exp(-1); padding 0; exp(0); exp(0.1); exp(-3)
+    expected = torch.tensor([[1.5, math.exp(-1.0), 0.0], [1.0, math.exp(0.1), math.exp(-3.0)]])
+    assert torch.allclose(w, expected, atol=1e-6) and not w.requires_grad
+    with pytest.raises(ValueError, match="same"):
+        grpo.truncated_importance_weights(trainer, sampler[:, :2], mask, cap=2.0)

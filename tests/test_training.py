@@ -262,3 +262,15 @@ def test_importance_correction_uses_sampler_logprobs(vocab):
     trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
     assert logged["train/is_weight_mean"] == pytest.approx(2.0)
     assert logged["train/is_weight_capped_frac"] == pytest.approx(1.0)
+
+
+def test_sampler_metrics_reach_the_logger(vocab):
+    class Timed(ScriptedSampler):
+        metrics = {"rollout/sync_s": 0.25, "sync/logprob_mean_abs_diff": 0.01}
+
+    cb = GRPORollout(Timed([codes_to_ids([1, 2], vocab)], [False]), RuleReward(), group_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(GRPOPolicy(), PromptDataModule(prompts_per_step=2, val_data=None))
+    assert float(trainer.callback_metrics["rollout/sync_s"]) == pytest.approx(0.25)
+    assert float(trainer.callback_metrics["sync/logprob_mean_abs_diff"]) == pytest.approx(0.01)

@@ -20,9 +20,7 @@ from lightning_grpo.vllm_sampler import (
     SampleRequest,
     VLLMSampler,
     hf_weights,
-    importance_weight_stats,
     policy_logprobs,
-    truncated_importance_weights,
 )
 
 torch.set_num_threads(2)
@@ -253,24 +251,6 @@ def test_bad_arguments_name_the_flag(kw, match):
 def test_sample_before_setup_is_an_error():
     with pytest.raises(RuntimeError, match="setup"):
         VLLMSampler().sample(torch.nn.Linear(1, 1), [[1]], 1, STOP, 0)
-
-
-def test_truncated_importance_weights_hand_computed():
-    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, -4.0]], requires_grad=True)
-    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -0.4, -1.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    w = truncated_importance_weights(trainer, sampler, mask, cap=1.5)
-    # exp(0.5)=1.6487 -> capped 1.5; exp(-1)=0.3679; padding -> 0; exp(0)=1; exp(0.1)=1.1052; exp(-3)=0.0498
-    expected = torch.tensor([[1.5, math.exp(-1.0), 0.0], [1.0, math.exp(0.1), math.exp(-3.0)]])
-    assert torch.allclose(w, expected, atol=1e-6) and not w.requires_grad
-    stats = importance_weight_stats(w, mask, cap=1.5)
-    assert stats["is_weight/capped_frac"] == pytest.approx(1 / 5)
-    assert stats["is_weight/max"] == pytest.approx(1.5) and stats["is_weight/min"] == pytest.approx(math.exp(-3))
-    assert stats["is_weight/mean"] == pytest.approx((1.5 + math.exp(-1) + 1 + math.exp(0.1) + math.exp(-3)) / 5)
-    with pytest.raises(ValueError, match="same"):
-        truncated_importance_weights(trainer, sampler[:, :2], mask, cap=2.0)
-    with pytest.raises(ValueError, match="cap"):
-        truncated_importance_weights(trainer, sampler, mask, cap=0.5)
 
 
 def test_benchmark_smoke_path_runs_on_cpu(capsys):
