@@ -82,3 +82,10 @@ def test_real_size_decoder_builds_and_decodes():
     wavs = dec.decode([[1, 2, 3, 4, 5], [9, 9]])
     assert [w.shape for w in wavs] == [(1600,), (640,)]
     assert all(torch.isfinite(w).all() for w in wavs)
+
+
+def test_checkpoint_missing_decoder_tensors_is_an_error(small, tmp_path):
+    state = {k: v.contiguous() for k, v in small.state_dict().items() if not k.startswith("fc_post_a")}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="fc_post_a"):
+        XCodec2Decoder(str(tmp_path), hidden_dim=64, depth=2, heads=4)

@@ -129,7 +129,15 @@ class XCodec2Decoder(nn.Module):
         self.hop_length = self.generator.hop_length  # 320 samples per code
         self.codebook_size = math.prod(self.generator.quantizer.layers[0]._levels.tolist())
         if checkpoint is not None:
-            self.load_state_dict(_read_decoder_state(checkpoint), strict=True)
+            result = self.load_state_dict(_read_decoder_state(checkpoint), strict=False)
+            if result.missing_keys:
+                raise ValueError(
+                    f"--codec={checkpoint} lacks decoder tensors {result.missing_keys[:5]}...; "
+                    "is it an X-codec2 checkpoint of the released size (hidden_dim 1024, depth 12)?"
+                )
+            # Unexpected keys can only be buffers an older vector-quantize-pytorch saved (FSQ levels);
+            # every parameter the decoder needs was found above.
+            self.unexpected_keys = result.unexpected_keys
         self.requires_grad_(False).eval().to(device)
 
     @property
