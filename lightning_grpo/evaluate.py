@@ -1,0 +1,215 @@
+"""`python -m lightning_grpo evaluate`: score a policy on the test split; the same code reports validation in fit.
+
+`ValidationReport` is a callback: during any validation loop (`fit`'s periodic validation, `validate`,
+this command) it collects every validation sample the rollout callback scored (text, language, reward,
+the reward's metrics such as CER and NLL, reason, transcript), logs per-language means as
+`val/lang_<xx>/<metric>_mean` next to the policy's own `val/*` means, and writes `metrics.json`,
+`metrics.md` (a table: one row for all samples, one per language) and `samples.jsonl` when given a
+directory. The command builds the fit config's trainer, model and data, adds the callback and runs
+`trainer.validate`, so a before/after comparison is one command each:
+
+    python -m lightning_grpo evaluate --config configs/tiny_cpu.yaml --out_dir runs/eval/before
+    python -m lightning_grpo evaluate --config configs/tiny_cpu.yaml --ckpt_path runs/tiny_cpu/.../last.ckpt \
+        --out_dir runs/eval/after
+    python -m lightning_grpo evaluate --compare runs/eval/before runs/eval/after
+
+`--ckpt_path` takes a Lightning checkpoint (.ckpt) or an HF directory from `export`; any other argument
+is a fit-config override (`--data.val_data ~/data/llasa-tts-rl-grpo`, `--data.max_val_samples 100`).
+Samples per prompt are the rollout's `val_group_size`; sampling settings are the config's sampler's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+# columns shown first in the table when present; other reward metrics follow alphabetically
+TABLE_FIRST = ("reward", "cer", "nll")
+
+
+def rollout_records(rollout, languages: list[str | None]) -> list[dict[str, Any]]:
+    """One JSON-ready dict per rollout row. languages: one per prompt (rows are grouped by prompt)."""
+    res = rollout.reward_result
+    records = []
+    for i, text in enumerate(rollout.texts):
+        rec = {
+            "text": text,
+            "language": languages[i // rollout.group_size] if languages else None,
+            "reward": float(rollout.rewards[i]),
+            "completion_length": len(rollout.completion_ids[i]) if rollout.completion_ids else None,
+            "truncated": bool(rollout.truncated[i]),
+            "reason": res.reasons[i],
+            "transcript": res.transcripts[i] if res.transcripts else None,
+        }
+        for name, value in sorted(res.metrics.items()):
+            v = float(value[i])
+            rec[name] = v if math.isfinite(v) else None  # None: not measured for this sample
+        records.append(rec)
+    return records
+
+
+def _means(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": len(records)}
+    for name in names:
+        values = [r[name] for r in records if isinstance(r.get(name), (int, float)) and not isinstance(r.get(name), bool)]
+        out[name] = sum(values) / len(values) if values else None
+    out["truncation_rate"] = sum(bool(r.get("truncated")) for r in records) / max(len(records), 1)
+    reasons = defaultdict(int)
+    for r in records:
+        reasons[r.get("reason", "ok")] += 1
+    out["reasons"] = {k: v / max(len(records), 1) for k, v in sorted(reasons.items())}
+    return out
+
+
+def metric_names(records: list[dict[str, Any]]) -> list[str]:
+    skip = {"text", "language", "truncated", "reason", "transcript"}
+    names = sorted({k for r in records for k in r if k not in skip})
+    return [n for n in TABLE_FIRST if n in names] + [n for n in names if n not in TABLE_FIRST]
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"overall": means, "per_language": {lang: means}}; means skip None (not measured) values."""
+    names = metric_names(records)
+    by_lang: dict[str, list] = defaultdict(list)
+    for r in records:
+        by_lang[r.get("language") or "unknown"].append(r)
+    return {
+        "overall": _means(records, names),
+        "per_language": {lang: _means(rs, names) for lang, rs in sorted(by_lang.items())},
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """One row for all samples, one per language; columns: n, reward, cer, nll, other metrics."""
+    overall = summary["overall"]
+    cols = ["n"] + [k for k in overall if k not in ("n", "reasons")]
+    lines = ["| language | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    rows = [("all", overall)] + list(summary["per_language"].items())
+    for name, means in rows:
+        lines.append(f"| {name} | " + " | ".join(_fmt(means.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: dict[str, Any], records: list[dict[str, Any]], out_dir: str | Path, meta: dict | None = None) -> Path:
+    """metrics.json (summary + meta), metrics.md (the table) and samples.jsonl under out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({**(meta or {}), **summary}, indent=2))
+    (out / "metrics.md").write_text(markdown_table(summary))
+    with (out / "samples.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return out
+
+
+def compare(before: str | Path, after: str | Path) -> str:
+    """A markdown table of overall and per-language means of two reports (dirs or metrics.json files)."""
+    load = lambda p: json.loads((Path(p) / "metrics.json" if Path(p).is_dir() else Path(p)).read_text())
+    a, b = load(before), load(after)
+    names = [k for k in a["overall"] if k not in ("n", "reasons") and k in b["overall"]]
+    lines = ["| language | metric | before | after | change |", "|---|---|---|---|---|"]
+    for lang in ["all"] + [x for x in a["per_language"] if x in b["per_language"]]:
+        ma = a["overall"] if lang == "all" else a["per_language"][lang]
+        mb = b["overall"] if lang == "all" else b["per_language"][lang]
+        for k in names:
+            va, vb = ma.get(k), mb.get(k)
+            rel = f"{(vb - va) / abs(va):+.1%}" if va not in (None, 0) and vb is not None else "-"
+            lines.append(f"| {lang} | {k} | {_fmt(va)} | {_fmt(vb)} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+class ValidationReport(L.Callback):
+    def __init__(self, out_dir: str | None = None, log_per_language: bool = True) -> None:
+        """
+        Args:
+            out_dir: write metrics.json / metrics.md / samples.jsonl here after each validation
+                (in fit: under `step_<N>/`); None only logs.
+            log_per_language: log `val/lang_<xx>/<metric>_mean` when the data has 2+ languages.
+        """
+        super().__init__()
+        self.out_dir = out_dir
+        self.log_per_language = log_per_language
+        self.records: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] | None = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.records = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if "rollout" not in batch:
+            raise RuntimeError("validation batch has no rollout: add GRPORollout to --trainer.callbacks")
+        self.records.extend(rollout_records(batch["rollout"], list(batch.get("language") or [])))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        records = self.records
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, records)
+            records = [r for rank in everyone for r in rank]
+        self.records = records
+        if not records or trainer.sanity_checking:
+            return
+        self.summary = summarize(records)
+        if self.log_per_language and len(self.summary["per_language"]) > 1:
+            stats = {
+                f"val/lang_{lang}/{k}_mean": v
+                for lang, means in self.summary["per_language"].items()
+                for k, v in means.items() if isinstance(v, float) and k != "truncation_rate"
+            }
+            pl_module.log_dict(stats, on_step=False, on_epoch=True, rank_zero_only=False)
+        if self.out_dir and trainer.is_global_zero:
+            out = Path(self.out_dir) if trainer.state.fn != "fit" else Path(self.out_dir) / f"step_{trainer.global_step}"
+            write_report(self.summary, records, out, {"global_step": trainer.global_step})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """`evaluate [--ckpt_path P] [--out_dir D] --config fit.yaml [fit overrides...]` or `evaluate --compare A B`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_grpo evaluate", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments are fit-config overrides (--config, --data.val_data ...).")
+    parser.add_argument("--ckpt_path", default=None, help="Lightning .ckpt or HF dir (export); default: the config's model")
+    parser.add_argument("--out_dir", default=None, help="report directory (default runs/eval/<checkpoint name>)")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print a before/after table and exit")
+    args, rest = parser.parse_known_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return None
+    from .cli import build_cli
+
+    overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.beta=0"]
+    ckpt = args.ckpt_path
+    if ckpt and Path(ckpt).is_dir():  # an exported HF dir is a model, not a Lightning checkpoint
+        overrides.append(f"--model.model_name_or_path={ckpt}")
+        ckpt = None
+    elif ckpt and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt_path={ckpt} is neither a .ckpt file nor an exported HF directory")
+    # overrides after the user's --config and arguments, except model weights the user chose explicitly
+    cli = build_cli([*rest, *overrides], run=False)
+    if not cli.datamodule.val_data:
+        raise ValueError("--data.val_data is None: evaluate needs a test split (e.g. --data.val_data ~/data/llasa-tts-rl-grpo)")
+    name = Path(args.ckpt_path).stem if args.ckpt_path else "base"
+    report = ValidationReport(out_dir=args.out_dir or f"runs/eval/{name}")
+    cli.trainer.callbacks.append(report)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    if report.summary is None:
+        raise RuntimeError("validation produced no samples: check --data.val_data and --trainer.limit_val_batches")
+    meta = {"ckpt_path": args.ckpt_path, "model": cli.model.hparams.model_name_or_path,
+            "global_step": cli.trainer.global_step, "val_data": cli.datamodule.val_data}
+    out = write_report(report.summary, report.records, report.out_dir, meta)
+    print(markdown_table(report.summary))
+    print(f"wrote {out}/metrics.json, metrics.md, samples.jsonl")
+    return report.summary

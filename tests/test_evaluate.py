@@ -1,0 +1,133 @@
+"""Evaluation: the report equals the policy's own val/* means, splits by language, and the CLI writes it."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_grpo.data import PromptDataModule
+from lightning_grpo.evaluate import ValidationReport, compare, main, markdown_table, summarize
+from lightning_grpo.llasa import LlasaVocab, codes_to_ids
+from lightning_grpo.policy import GRPOPolicy
+from lightning_grpo.reward.rule import RuleReward
+from lightning_grpo.rollout import GRPORollout
+from lightning_grpo.sampling import Completions, HFSampler
+
+
+def two_language_data(tmp_path):
+    path = tmp_path / "val.jsonl"
+    rows = [{"text": f"Text number {i}.", "language": "ko" if i % 3 == 0 else "en"} for i in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def validate(callbacks, val_data, val_batch_size=4):
+    L.seed_everything(0)
+    policy = GRPOPolicy()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks)
+    dm = PromptDataModule(train_data=val_data, val_data=val_data, val_split="test", val_batch_size=val_batch_size)
+    trainer.validate(policy, datamodule=dm)
+    return trainer
+
+
+def test_report_equals_policy_val_metrics_and_splits_languages(tmp_path):
+    report = ValidationReport(out_dir=str(tmp_path / "report"))
+    rollout = GRPORollout(HFSampler(max_new_tokens=12), RuleReward(codes_per_char=0.3, band=(0, 16)),
+                          group_size=2, val_group_size=2)
+    trainer = validate([rollout, report], two_language_data(tmp_path))
+    m = trainer.callback_metrics
+    assert len(report.records) == 12  # 6 prompts x val_group_size 2
+    overall, langs = report.summary["overall"], report.summary["per_language"]
+    # the same samples the policy's validation_step logged as val/*
+    assert overall["reward"] == pytest.approx(float(m["val/reward_mean"]), abs=1e-5)
+    assert overall["length_score"] == pytest.approx(float(m["val/length_score_mean"]), abs=1e-5)
+    assert overall["truncation_rate"] == pytest.approx(float(m["val/truncation_rate"]), abs=1e-6)
+    ko = [r["reward"] for r in report.records if r["language"] == "ko"]
+    assert langs["ko"]["n"] == 4 and langs["en"]["n"] == 8
+    assert langs["ko"]["reward"] == pytest.approx(sum(ko) / 4)
+    assert float(m["val/lang_ko/reward_mean"]) == pytest.approx(sum(ko) / 4, abs=1e-5)
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["per_language"]["en"]["reward"] == pytest.approx(langs["en"]["reward"])
+    table = (tmp_path / "report" / "metrics.md").read_text().splitlines()
+    assert table[0].startswith("| language | n | reward |") and [r.split("|")[1].strip() for r in table[2:]] == ["all", "en", "ko"]
+    assert len((tmp_path / "report" / "samples.jsonl").read_text().splitlines()) == 12
+
+
+def test_summary_skips_unmeasured_values_and_compare_reports_change(tmp_path):
+    recs = [{"text": "a", "language": "en", "reward": 0.5, "cer": 0.1, "nll": None, "reason": "ok", "truncated": False},
+            {"text": "b", "language": "en", "reward": 0.0, "cer": 1.0, "nll": None, "reason": "silent", "truncated": True},
+            {"text": "c", "language": None, "reward": 1.0, "cer": 0.0, "nll": 2.0, "reason": "ok", "truncated": False}]
+    s = summarize(recs)
+    assert s["overall"]["nll"] == 2.0 and s["overall"]["cer"] == pytest.approx(1.1 / 3)
+    assert s["per_language"]["en"]["nll"] is None and s["per_language"]["unknown"]["n"] == 1
+    assert s["overall"]["reasons"] == {"ok": pytest.approx(2 / 3), "silent": pytest.approx(1 / 3)}
+    assert "| en | 2 | 0.2500 | 0.5500 | - |" in markdown_table(s)
+    for name, cer in (("before", 0.0266), ("after", 0.0204)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"overall": {"n": 1, "cer": cer}, "per_language": {"ko": {"n": 1, "cer": cer}}}))
+    table = compare(tmp_path / "before", tmp_path / "after")
+    assert "| ko | cer | 0.0266 | 0.0204 | -23.3% |" in table
+
+
+def test_evaluate_command_on_the_tiny_config(tmp_path, capsys):
+    data = two_language_data(tmp_path)
+    summary = main(["--config", "configs/tiny_cpu.yaml", "--out_dir", str(tmp_path / "ev"), f"--data.val_data={data}",
+                    "--data.val_split=test"])
+    assert summary["overall"]["n"] == 6 * 2  # the tiny config's val_group_size is 2
+    assert set(summary["per_language"]) == {"en", "ko"}
+    meta = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert meta["model"] == "builtin:tiny-llasa" and meta["val_data"] == data
+    assert "| all | 12 |" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="--ckpt_path=nowhere.ckpt"):
+        main(["--config", "configs/tiny_cpu.yaml", "--ckpt_path", "nowhere.ckpt"])
+
+
+class PerPromptSampler:
+    """Completion j of every batch is `rows[j]` (validation batches are not shuffled)."""
+
+    temperature = 1.0
+    max_new_tokens = 2048
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def setup(self, pl_module):
+        pass
+
+    def sample(self, model, prompts, n, stop_token_id, step, allowed_token_ids=None):
+        ids = [list(self.rows[j]) for j in range(len(prompts)) for _ in range(n)]
+        return Completions(ids=ids, truncated=[False] * len(ids))
+
+
+@pytest.mark.slow
+def test_whisper_reward_gives_cer_and_nll_per_language(tmp_path):
+    """Real tiny.en Whisper on espeak-ng speech behind a fake codec: right audio, low CER; wrong, high.
+
+    Measured: ~55 s on 2 busy cores (Whisper load + transcribe), hence slow."""
+    from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak
+
+    from lightning_grpo.reward.module import WhisperReward
+
+    torch.set_num_threads(2)
+    decoder = StoredAudioDecoder()
+    texts = [SENTENCES[0], SENTENCES[3]]
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "language": "en"}) for t in texts))
+    vocab = LlasaVocab.from_tokenizer(GRPOPolicy().tokenizer)
+    # prompt 0 gets its own sentence spoken, prompt 1 an unrelated one
+    rows = [codes_to_ids(decoder.add(espeak(SENTENCES[0])), vocab), codes_to_ids(decoder.add(espeak(SENTENCES[1])), vocab)]
+    reward = WhisperReward(whisper_model="tiny.en-ct2", codec=decoder, batch_size=4)
+    report = ValidationReport(out_dir=str(tmp_path / "ev"))
+    trainer = validate([GRPORollout(PerPromptSampler(rows), reward, restrict_to_speech=False), report], str(path))
+    right, wrong = report.records
+    assert right["cer"] < 0.1 < 0.5 < wrong["cer"]
+    assert right["nll"] < wrong["nll"] and right["reward"] > 0.5 > wrong["reward"]
+    assert "quick brown fox" in right["transcript"].lower()
+    assert report.summary["overall"]["cer"] == pytest.approx((right["cer"] + wrong["cer"]) / 2)
+    assert float(trainer.callback_metrics["val/cer_mean"]) == pytest.approx(report.summary["overall"]["cer"], abs=1e-5)
+    assert "| all | 2 | " in (tmp_path / "ev" / "metrics.md").read_text()
