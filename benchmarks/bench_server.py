@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="/work/notes/bench_server.md", help="markdown results ('' to only print)")
     p.add_argument("--smoke", action="store_true", help="seconds-long check: synthetic reward, 4 clients x 3")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the servers
     if args.smoke:
         args.reward, args.clients, args.requests_per_client, args.out = "synthetic", 4, 3, ""
 
@@ -210,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     warmup = min(len(sentences), args.clients)
     with tempfile.TemporaryDirectory() as tmp:
         batched = run_mode(config, args.max_batch_size, args.max_wait_ms, requests, warmup, args.threads, Path(tmp))
+        print("micro-batching:", batched, flush=True)
         single = run_mode(config, 1, 0.0, requests, warmup, args.threads, Path(tmp))
+        print("one at a time:", single, flush=True)
     ratio = batched["throughput"] / single["throughput"]
 
     def row(name: str, r: dict) -> str:

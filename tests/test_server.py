@@ -72,13 +72,13 @@ def _free_port() -> int:
 
 @contextmanager
 def running_server(tmp_path: Path, *args: str, reward_config: dict | None = None, wait_ready: bool = True,
-                   threads: int = 1):
+                   threads: int = 1, entry: Sequence[str] = ("lightning_grpo.reward.server",)):
     """A real `python -m lightning_grpo.reward.server` process; yields (url, Popen).
 
     reward_config: {class_path, init_args} of the reward to serve (classes of this file are importable).
     """
     port = _free_port()
-    cmd = [sys.executable, "-m", "lightning_grpo.reward.server", "--port", str(port), "--log-level", "warning", *args]
+    cmd = [sys.executable, "-m", *entry, "--port", str(port), "--log-level", "warning", *args]
     if reward_config is not None:
         cfg = tmp_path / f"reward_{port}.yaml"
         cfg.write_text(json.dumps(reward_config))  # JSON is YAML
@@ -124,7 +124,8 @@ def echo_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rule_server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("rule"), "--fake-reward", "rule") as (url, _):
+    # through the package CLI, as users start it: python -m lightning_grpo serve ...
+    with running_server(tmp_path_factory.mktemp("rule"), "--fake-reward", "rule", entry=("lightning_grpo", "serve")) as (url, _):
         yield url
 
 
@@ -426,3 +427,21 @@ def test_server_serves_the_whisper_reward_like_in_process(tmp_path):
     assert served.rewards[0] > served.rewards[3] + 0.1, "the right text must out-score a wrong one"
     assert single["transcript"] == local.transcripts[0]
     assert abs(single["nll"] - local.metrics["nll"][0].item()) < 5e-3 and single["cer"] == local.metrics["cer"][0].item()
+
+
+def test_remote_reward_is_a_config_key(monkeypatch):
+    """The training config selects it like any reward: class_path + init_args (jsonargparse)."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_grpo.reward.base import Reward
+
+    monkeypatch.delenv("WHISPER_SERVER_TOKEN", raising=False)
+    parser = ArgumentParser()
+    parser.add_argument("--reward", type=Reward)
+    cfg = parser.parse_object({"reward": {
+        "class_path": "lightning_grpo.reward.client.RemoteReward",
+        "init_args": {"url": "http://127.0.0.1:8001", "max_retries": 2},
+    }})
+    reward = parser.instantiate_classes(cfg).reward
+    assert isinstance(reward, RemoteReward) and isinstance(reward, Reward)
+    assert (reward.url, reward.max_retries, reward.token) == ("http://127.0.0.1:8001", 2, None)

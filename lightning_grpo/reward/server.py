@@ -97,7 +97,7 @@ def parse_body(raw: bytes, codebook_size: int, max_samples: int) -> tuple[list[S
     """
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BadRequest(400, f"body is not valid JSON ({e}); send {{\"tokens\": [...], \"text\": \"...\"}}")
     batched = isinstance(body, dict) and "samples" in body
     if batched and isinstance(body["samples"], list) and len(body["samples"]) > max_samples:
