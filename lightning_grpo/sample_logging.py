@@ -1,0 +1,188 @@
+"""Audio samples of the rollouts, every N steps, to W&B, TensorBoard and/or files in the run directory.
+
+TRL logs completions as text only; a TTS run needs to be heard. `AudioSampleLogger` takes the rollout
+the GRPO callback just scored, picks the best and the worst completion of each prompt, decodes their
+codes to audio with the reward's own codec (`reward.codec.decode`, e.g. X-codec2 inside
+`WhisperReward`), and logs one table per step with text, transcript, CER, NLL, reward and reason:
+
+    W&B (WandbLogger, also WANDB_MODE=offline)   a wandb.Table with wandb.Audio cells under `samples/train`
+    TensorBoard (TensorBoardLogger)              add_audio per sample and the table as markdown text
+    files (CSVLogger, no logger, or always)      <log_dir>/samples/<split>/step_<N>/<j>.wav, index.csv, index.md
+
+A reward without a codec (the rule reward, the HTTP client) gives the same table without audio.
+Add it with `--trainer.callbacks+=lightning_grpo.sample_logging.AudioSampleLogger` or in YAML.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .llasa import parse_completion
+
+FIXED_COLUMNS = ("step", "sample", "text", "transcript", "reward", "reason", "completion_length", "truncated")
+
+
+def pick_rows(rewards: torch.Tensor, group_size: int, max_samples: int) -> list[int]:
+    """Best then worst row of each group, prompt by prompt, at most max_samples rows (no repeats)."""
+    rows: list[int] = []
+    for g in range(rewards.shape[0] // group_size):
+        group = rewards[g * group_size : (g + 1) * group_size]
+        for j in (int(group.argmax()), int(group.argmin())):
+            if g * group_size + j not in rows and len(rows) < max_samples:
+                rows.append(g * group_size + j)
+    return rows
+
+
+class AudioSampleLogger(L.Callback):
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        max_samples: int = 8,
+        log_validation: bool = True,
+        write_files: bool | None = None,
+        out_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            every_n_steps: log the training rollout of every n-th step (the first step included).
+            max_samples: rows per table: the best and the worst completion of each prompt, in order.
+            log_validation: also log the first validation batch of each validation run.
+            write_files: write wav files and index.csv / index.md; None = only when no W&B logger is used.
+            out_dir: where files go; default `<logger log_dir or default_root_dir>/samples`.
+        """
+        super().__init__()
+        if every_n_steps < 1 or max_samples < 1:
+            raise ValueError("--every_n_steps and --max_samples must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.max_samples = max_samples
+        self.log_validation = log_validation
+        self.write_files = write_files
+        self.out_dir = out_dir
+        self.batches_seen = 0  # training batches, in the checkpoint so a resumed run keeps the cadence
+        self._warned = False
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seen, self.batches_seen = self.batches_seen, self.batches_seen + 1
+        if seen % self.every_n_steps == 0 and "rollout" in batch:
+            self.log_rollout(trainer, batch["rollout"], "train", step=seen)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.log_validation and batch_idx == 0 and not trainer.sanity_checking and "rollout" in batch:
+            self.log_rollout(trainer, batch["rollout"], "val", step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_seen = state_dict["batches_seen"]
+
+    # -- the work --------------------------------------------------------------------------
+    def _rollout_callback(self, trainer):
+        from .rollout import GRPORollout
+
+        found = [c for c in trainer.callbacks if isinstance(c, GRPORollout)]
+        return found[0] if found else None
+
+    def sample_rows(self, trainer, rollout) -> tuple[list[dict[str, Any]], list[torch.Tensor | None], int]:
+        """(table rows, waveforms or None per row, sample rate) of the picked rows of a rollout."""
+        cb = self._rollout_callback(trainer)
+        codec = getattr(getattr(cb, "reward", None), "codec", None)
+        res = rollout.reward_result
+        picked = pick_rows(rollout.rewards.detach().cpu(), rollout.group_size, self.max_samples)
+        rows = []
+        for j, i in enumerate(picked):
+            row = {
+                "sample": j,
+                "text": rollout.texts[i],
+                "transcript": res.transcripts[i] if res.transcripts else "",
+                "reward": float(rollout.rewards[i]),
+                "reason": res.reasons[i],
+                "completion_length": len(rollout.completion_ids[i]) if rollout.completion_ids else -1,
+                "truncated": bool(rollout.truncated[i]),
+            }
+            for name, value in sorted(res.metrics.items()):
+                v = float(value[i])
+                row[name] = v if math.isfinite(v) else None
+            rows.append(row)
+        audio: list[torch.Tensor | None] = [None] * len(rows)
+        sample_rate = int(getattr(codec, "sample_rate", 16_000))
+        if codec is not None and hasattr(codec, "decode") and cb is not None and rollout.completion_ids:
+            codes = [parse_completion(rollout.completion_ids[i], cb.vocab, "drop").codes for i in picked]
+            nonempty = [j for j, c in enumerate(codes) if c]
+            try:
+                for j, wave in zip(nonempty, codec.decode([codes[j] for j in nonempty]) if nonempty else []):
+                    audio[j] = wave.detach().float().cpu().clamp(-1.0, 1.0)
+            except Exception as err:  # a logging aid must not stop training; say so once
+                if not self._warned:
+                    rank_zero_warn(f"AudioSampleLogger: the reward's codec failed to decode samples ({err!r}); logging text only")
+                    self._warned = True
+        return rows, audio, sample_rate
+
+    def log_rollout(self, trainer, rollout, split: str, step: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        rows, audio, sr = self.sample_rows(trainer, rollout)
+        for row in rows:
+            row["step"] = step
+        metric_cols = sorted({k for r in rows for k in r} - set(FIXED_COLUMNS))
+        columns = list(FIXED_COLUMNS[:4]) + ["reward"] + metric_cols + list(FIXED_COLUMNS[5:])
+        has_wandb = False
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                has_wandb = True
+                import wandb
+
+                data = [[r.get(c) for c in columns] + [wandb.Audio(a.numpy(), sample_rate=sr) if a is not None else None]
+                        for r, a in zip(rows, audio)]
+                logger.log_table(key=f"samples/{split}", columns=columns + ["audio"], data=data, step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                tb = logger.experiment
+                tb.add_text(f"samples/{split}", markdown_rows(rows, columns), step)
+                for r, a in zip(rows, audio):
+                    if a is not None:
+                        tb.add_audio(f"samples/{split}/{r['sample']}", a[None], step, sample_rate=sr)
+        if self.write_files or (self.write_files is None and not has_wandb):
+            self.write(trainer, split, step, rows, columns, audio, sr)
+
+    def write(self, trainer, split: str, step: int, rows, columns, audio, sr: int) -> Path:
+        import soundfile as sf
+
+        root = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        out = root / split / f"step_{step:06d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for r, a in zip(rows, audio):
+            r["audio"] = ""
+            if a is not None:
+                sf.write(out / f"{r['sample']}.wav", a.numpy(), sr)
+                r["audio"] = str((out / f"{r['sample']}.wav").relative_to(root / split))
+        (out / "index.md").write_text(markdown_rows(rows, columns + ["audio"]))
+        index = root / split / "index.csv"
+        new = not index.exists()
+        with index.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns + ["audio"], extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        return out
+
+
+def markdown_rows(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
