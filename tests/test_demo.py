@@ -162,3 +162,38 @@ def test_cropped_encoder_at_full_window_equals_whisper(short_reward):
     with torch.inference_mode():
         assert torch.allclose(CroppedEncoder(inner, 1500)(mel), inner(mel), atol=1e-5)
         assert CroppedEncoder(inner, 400)(mel).shape == (1, 400, inner.positional_embedding.shape[1])
+
+
+def test_capped_cer_logs_robust_statistics():
+    from types import SimpleNamespace
+
+    from lightning_grpo.demo.cer_metrics import CappedCER
+    from lightning_grpo.reward.base import RewardResult
+
+    logged = {}
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.__setitem__(name, value))
+    result = RewardResult(rewards=torch.zeros(4), metrics={"cer": torch.tensor([0.0, 0.2, 0.4, 31.0])})
+    CappedCER().on_validation_batch_end(None, module, None, {"rollout": SimpleNamespace(reward_result=result)}, 0)
+    # one repetition loop (CER 31) would make the raw mean 7.9; capped it counts as 1
+    assert logged["val/cer_capped_mean"] == pytest.approx((0.0 + 0.2 + 0.4 + 1.0) / 4)
+    assert logged["val/cer_above_1"] == pytest.approx(0.25) and logged["val/exact_rate"] == pytest.approx(0.25)
+
+
+def test_demo_config_builds_the_whisper_unit_codec_loop():
+    from pathlib import Path
+
+    from lightning_grpo.cli import build_cli
+    from lightning_grpo.demo.short_window import ShortWindowWhisperReward
+    from lightning_grpo.rollout import GRPORollout
+
+    config = Path(__file__).parents[1] / "configs" / "demo_whisper_cpu.yaml"
+    reward_key = "--trainer.callbacks.init_args.reward.init_args.lambda_n"
+    cli = build_cli(["--config", str(config), "--model.model_name_or_path", "builtin:tiny-llasa", reward_key, "0"], run=False)
+    rollout = next(c for c in cli.trainer.callbacks if isinstance(c, GRPORollout))
+    reward = rollout.reward
+    assert isinstance(reward, ShortWindowWhisperReward) and isinstance(reward.codec, UnitCodec)
+    assert reward.codebook_size == NUM_UNITS and reward.window_s == 5.0
+    assert (reward.lambda_c, reward.lambda_n) == (0.6, 0)  # the ablation override reached the reward
+    # the longest possible completion (max_new_tokens - 1 units) fits the encoder window
+    longest = max(u.numel() for u in reward.codec.units) + reward.codec.gap.numel()
+    assert (rollout.sampler.max_new_tokens - 1) * longest + reward.codec.gap.numel() <= reward.window_s * 16_000

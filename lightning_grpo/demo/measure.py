@@ -5,7 +5,7 @@ For every run: warm start (cached), `validate` the warm-started policy on the he
 last validation's samples (codes, transcripts) to check for reward hacking. Each run writes
 `<out>/<name>/summary.json`; `--report` turns all summaries into a markdown table and a CER plot.
 
-    python -m lightning_grpo.demo.measure --runs seed0 seed1 seed2 cer_only nll_only --max_steps 30
+    python -m lightning_grpo.demo.measure --runs seed0 seed1 seed2 cer_only nll_only --rollouts 20
     python -m lightning_grpo.demo.measure --report --markdown notes/results_demo.md --plot benchmarks/results/demo_cer.png
 """
 
@@ -68,10 +68,10 @@ def sample_report(rollout, tokenizer) -> dict:
 
 def _metrics(trainer) -> dict[str, float]:
     m = trainer.callback_metrics
-    return {k: float(m[k]) for k in ("val/cer_mean", "val/nll_mean", "val/reward_mean", "val/completion_length_mean") if k in m}
+    return {k: float(m[k]) for k in ("val/cer_capped_mean", "val/cer_above_1", "val/exact_rate", "val/cer_mean", "val/nll_mean", "val/reward_mean", "val/completion_length_mean") if k in m}
 
 
-def run_one(name: str, out: Path, max_steps: int, val_every: int, extra: list[str]) -> dict:
+def run_one(name: str, out: Path, rollouts: int, val_every: int, extra: list[str], num_iterations: int = 2) -> dict:
     from lightning.pytorch.loggers import CSVLogger  # noqa: F401  (fail early if lightning is broken)
 
     from ..cli import build_cli
@@ -82,13 +82,16 @@ def run_one(name: str, out: Path, max_steps: int, val_every: int, extra: list[st
     common = [
         "--config", CONFIG, "--seed_everything", str(seed), "--model.model_name_or_path", str(model_dir),
         f"{REWARD}.lambda_c", str(lc), f"{REWARD}.lambda_n", str(ln),
-        "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.default_root_dir", str(run_dir), *extra,
+        "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.default_root_dir", str(run_dir),
+        "--model.num_iterations", str(num_iterations), *extra,
     ]
     before_cli = build_cli(["validate", *common])
     before = _metrics(before_cli.trainer)
     rollout_cb = next(c for c in before_cli.trainer.callbacks if hasattr(c, "last_rollout"))
     before_samples = sample_report(rollout_cb.last_rollout, before_cli.model.tokenizer)
-    fit_cli = build_cli(["fit", *common, "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(val_every)])
+    # Manual optimisation counts every optimiser update as a trainer step: max_steps = rollouts x iterations.
+    fit_cli = build_cli(["fit", *common, "--trainer.max_steps", str(rollouts * num_iterations),
+                         "--trainer.val_check_interval", str(val_every)])
     after = _metrics(fit_cli.trainer)
     rollout_cb = next(c for c in fit_cli.trainer.callbacks if hasattr(c, "last_rollout"))
     after_samples = sample_report(rollout_cb.last_rollout, fit_cli.model.tokenizer)
@@ -96,10 +99,11 @@ def run_one(name: str, out: Path, max_steps: int, val_every: int, extra: list[st
     with open(Path(fit_cli.trainer.logger.log_dir) / "metrics.csv") as f:
         for row in csv.DictReader(f):
             if row.get("val/cer_mean"):
-                curve.append({"step": int(row["step"]) + 1, "val/cer_mean": float(row["val/cer_mean"]),
+                curve.append({"step": (int(row["step"]) + 1) // num_iterations, "val/cer_mean": float(row["val/cer_mean"]),
+                              "val/cer_capped_mean": float(row["val/cer_capped_mean"]),
                               "val/nll_mean": float(row["val/nll_mean"]), "val/reward_mean": float(row["val/reward_mean"])})
     summary = {
-        "name": name, "seed": seed, "lambda_c": lc, "lambda_n": ln, "max_steps": max_steps,
+        "name": name, "seed": seed, "lambda_c": lc, "lambda_n": ln, "rollouts": rollouts, "num_iterations": num_iterations,
         "before": before, "after": after, "curve": curve,
         "before_samples": before_samples, "after_samples": after_samples,
     }
@@ -111,18 +115,19 @@ def run_one(name: str, out: Path, max_steps: int, val_every: int, extra: list[st
 def report(out: Path, markdown: Path | None, plot: Path | None) -> str:
     summaries = [json.loads((out / n / "summary.json").read_text()) for n in RUNS if (out / n / "summary.json").exists()]
     lines = [
-        "| run | reward | CER before | CER after | rel. change | NLL before | NLL after | reward before | reward after |"
-        " junk / repeat / short / unstopped after | exact (before -> after) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | reward weights | CER before | CER after | rel. change | raw mean CER before / after |"
+        " NLL before / after | reward before / after | exact before / after | junk / repeat / short / long / unstopped after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        b, a, hs = s["before"], s["after"], s["after_samples"]
-        rel = (a["val/cer_mean"] - b["val/cer_mean"]) / b["val/cer_mean"]
+        b, a, hb, ha = s["before"], s["after"], s["before_samples"], s["after_samples"]
+        rel = (a["val/cer_capped_mean"] - b["val/cer_capped_mean"]) / b["val/cer_capped_mean"]
         lines.append(
-            f"| {s['name']} (seed {s['seed']}) | lc {s['lambda_c']} / ln {s['lambda_n']} | {b['val/cer_mean']:.3f} | "
-            f"{a['val/cer_mean']:.3f} | {rel:+.0%} | {b['val/nll_mean']:.3f} | {a['val/nll_mean']:.3f} | "
-            f"{b['val/reward_mean']:.3f} | {a['val/reward_mean']:.3f} | {hs['junk_rate']:.2f} / {hs['repeat_rate']:.2f} / "
-            f"{hs['short_rate']:.2f} / {hs['unstopped_rate']:.2f} | {s['before_samples']['exact_rate']:.2f} -> {hs['exact_rate']:.2f} |"
+            f"| {s['name']} (seed {s['seed']}) | lc {s['lambda_c']} / ln {s['lambda_n']} | {b['val/cer_capped_mean']:.3f} | "
+            f"{a['val/cer_capped_mean']:.3f} | {rel:+.0%} | {b['val/cer_mean']:.3f} / {a['val/cer_mean']:.3f} | "
+            f"{b['val/nll_mean']:.2f} / {a['val/nll_mean']:.2f} | {b['val/reward_mean']:.3f} / {a['val/reward_mean']:.3f} | "
+            f"{hb['exact_rate']:.2f} / {ha['exact_rate']:.2f} | {ha['junk_rate']:.2f} / {ha['repeat_rate']:.2f} / "
+            f"{ha['short_rate']:.2f} / {ha['long_rate']:.2f} / {ha['unstopped_rate']:.2f} |"
         )
     table = "\n".join(lines)
     if markdown:
@@ -136,11 +141,11 @@ def report(out: Path, markdown: Path | None, plot: Path | None) -> str:
         fig, ax = plt.subplots(figsize=(6, 4))
         for s in summaries:
             steps = [p["step"] for p in s["curve"]]
-            ax.plot(steps, [p["val/cer_mean"] for p in s["curve"]], marker="o",
+            ax.plot(steps, [p["val/cer_capped_mean"] for p in s["curve"]], marker="o",
                     label=f"{s['name']} (lc {s['lambda_c']}, ln {s['lambda_n']})",
                     linestyle="-" if s["lambda_c"] and s["lambda_n"] else "--")
         ax.set_xlabel("GRPO step")
-        ax.set_ylabel("held-out CER (Whisper tiny.en)")
+        ax.set_ylabel("held-out CER, mean of min(CER, 1)")
         ax.set_title("Unit-codec demo: held-out CER during GRPO")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], choices=sorted(RUNS))
     p.add_argument("--out", type=Path, default=Path("runs/demo_measure"))
-    p.add_argument("--max_steps", type=int, default=30)
+    p.add_argument("--rollouts", type=int, default=20, help="GRPO steps (rollouts); each makes --num_iterations updates")
+    p.add_argument("--num_iterations", type=int, default=2)
     p.add_argument("--val_every", type=int, default=10)
     p.add_argument("--report", action="store_true")
     p.add_argument("--markdown", type=Path)
@@ -166,9 +172,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     for name in args.runs:
-        s = run_one(name, args.out, args.max_steps, args.val_every, args.extra)
-        b, a = s["before"]["val/cer_mean"], s["after"]["val/cer_mean"]
-        print(f"{name}: held-out CER {b:.3f} -> {a:.3f} ({(a - b) / b:+.0%})", flush=True)
+        s = run_one(name, args.out, args.rollouts, args.val_every, args.extra, args.num_iterations)
+        b, a = s["before"]["val/cer_capped_mean"], s["after"]["val/cer_capped_mean"]
+        print(f"{name}: held-out capped CER {b:.3f} -> {a:.3f} ({(a - b) / b:+.0%})", flush=True)
     if args.report:
         print(report(args.out, args.markdown, args.plot))
 
