@@ -36,7 +36,8 @@ class EchoReward:
     Each answer carries its own input (transcript = text + code count), so a mixed-up answer is caught;
     metric "batch_size" records how many samples shared the Reward.score call. A sample whose text is
     `fail_text` makes the whole call raise, like a model crashing on one input; "sleep:<seconds>" holds the
-    worker busy so that the requests sent meanwhile queue up and share the next batch.
+    worker busy so that the requests sent meanwhile queue up and share the next batch; "lose one" makes
+    it return one result too few (a buggy reward).
     """
 
     def __init__(self, delay_s: float = 0.0, load_delay_s: float = 0.0, fail_text: str = "boom") -> None:
@@ -52,11 +53,11 @@ class EchoReward:
         if any(s.text == self.fail_text for s in samples):
             raise RuntimeError("poisoned sample")
         time.sleep(self.delay_s + sum(float(s.text[6:]) for s in samples if s.text.startswith("sleep:")))
-        n = len(samples)
+        n = len(samples) - any(s.text == "lose one" for s in samples)  # a buggy reward: too few results
         return RewardResult(
-            rewards=torch.tensor([self.expected(s)[0] for s in samples], dtype=torch.float32),
+            rewards=torch.tensor([self.expected(s)[0] for s in samples][:n], dtype=torch.float32),
             metrics={"batch_size": torch.full((n,), float(n)), "cer": torch.full((n,), math.nan)},
-            transcripts=[self.expected(s)[1] for s in samples],
+            transcripts=[self.expected(s)[1] for s in samples][:n],
         )
 
 
@@ -245,6 +246,9 @@ def test_reward_exception_fails_only_its_request(echo_server):
     for text in texts[1:]:
         assert answers[text].status_code == 200, answers[text].text
         assert answers[text].json()["transcript"] == f"{text}|3"
+    with _http() as c:
+        short = c.post(echo_server + "/score", json={"tokens": [1], "text": "lose one"})
+    assert short.status_code == 500 and "returned (0,) rewards for 1 samples" in short.json()["detail"]
     assert _healthy(echo_server)
 
 

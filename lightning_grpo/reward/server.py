@@ -212,7 +212,10 @@ class MicroBatcher:
             job = _Job(samples[start:start + self.max_batch_size], loop.create_future())
             self._queue.put_nowait(job)
             jobs.append(job)
-        results = await asyncio.gather(*(job.future for job in jobs))
+        results = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
         return results[0] if len(results) == 1 else RewardResult.cat(results)
 
     async def _next_job(self, timeout: float | None) -> _Job | None:
@@ -246,8 +249,14 @@ class MicroBatcher:
                 batch.append(job)
                 n += len(job.samples)
             batch = [job for job in batch if not job.future.done()]  # drop requests whose client went away
-            if batch:
-                await self._score_batch(loop, batch)
+            try:
+                if batch:
+                    await self._score_batch(loop, batch)
+            except Exception as e:  # a bug here must fail these requests, not stop the batcher
+                log.exception("micro-batcher failed on a batch")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
 
     async def _score_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         samples = [s for job in batch for s in job.samples]
