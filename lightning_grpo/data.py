@@ -125,6 +125,30 @@ def load_prompts(
     return rows
 
 
+class EpochPermutation(torch.utils.data.Sampler):
+    """RandomSampler's row order (same draws from the global RNG, so the same order for a seed), plus
+    what resuming needs: the epoch's seed is kept, so a resumed run replays that permutation and
+    skips the rows the interrupted run already used instead of starting the epoch over."""
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+        self.epoch_seed: int | None = None
+        self.resume_seed: int | None = None
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        if self.resume_seed is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as RandomSampler draws it
+        else:  # the interrupted epoch: no draw, the global RNG is restored to where that run stood
+            seed, self.resume_seed = self.resume_seed, None
+        self.epoch_seed = seed
+        skip, self.skip = self.skip, 0
+        yield from torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(seed)).tolist()[skip:]
+
+
 class _Rows(Dataset):
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows
@@ -182,6 +206,7 @@ class PromptDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
+        self._resume: dict[str, int] = {}
 
     def per_rank_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -209,10 +234,33 @@ class PromptDataModule(L.LightningDataModule):
                 f"{self.train_data!r} has {len(self.train_rows)} prompts, fewer than the {batch} each rank "
                 "needs per step; lower --data.prompts_per_step or add prompts"
             )
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:  # Lightning shards a plain shuffled loader with its DistributedSampler
+            return DataLoader(
+                _Rows(self.train_rows), batch_size=batch, shuffle=True, drop_last=True,
+                collate_fn=collate_prompts, num_workers=self.num_workers,
+            )
+        self._order = EpochPermutation(len(self.train_rows))
+        if self._resume and self.trainer is not None and self._resume["epoch"] == self.trainer.current_epoch:
+            self._order.resume_seed = self._resume["seed"]
+            self._order.skip = self._resume["batches"] * batch
+        self._resume = {}
         return DataLoader(
-            _Rows(self.train_rows), batch_size=batch, shuffle=True, drop_last=True,
+            _Rows(self.train_rows), batch_size=batch, sampler=self._order, drop_last=True,
             collate_fn=collate_prompts, num_workers=self.num_workers,
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training data stands (epoch, batches used in it), saved in every checkpoint."""
+        t = self.trainer
+        order = getattr(self, "_order", None)
+        if t is None or t.state.fn != "fit" or order is None or order.epoch_seed is None:
+            return {}
+        return {"epoch": t.current_epoch, "seed": order.epoch_seed,
+                "batches": t.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:

@@ -72,6 +72,43 @@ class GRPORollout(L.Callback):
         self.vocab: LlasaVocab | None = None
         self.last_rollout: Rollout | None = None
         self._sampler_ready = False
+        self.train_rollouts = 0  # training rollouts made; in the checkpoint
+        self._pending_rng: dict[str, Any] | None = None
+
+    # -- checkpoint state: a resumed run samples what the uninterrupted run would have ------
+    def state_dict(self) -> dict[str, Any]:
+        """The rollout count and the RNG states sampling draws from (HF generate uses the global
+        torch/CUDA generators), so resuming from a checkpoint continues the same random stream."""
+        import random
+
+        import numpy as np
+
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        # tensors and plain Python values only: checkpoints load with torch.load(weights_only=True)
+        state = {"train_rollouts": self.train_rollouts, "torch_rng": torch.get_rng_state(),
+                 "python_rng": random.getstate(),
+                 "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_rollouts = state_dict.get("train_rollouts", 0)
+        # applied at the first training batch: creating the data iterator in between draws from the RNG
+        self._pending_rng = state_dict if "torch_rng" in state_dict else None
+
+    def _restore_rng(self) -> None:
+        import random
+
+        import numpy as np
+
+        state, self._pending_rng = self._pending_rng, None
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -84,7 +121,10 @@ class GRPORollout(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._ensure_sampler(pl_module)
+        if self._pending_rng is not None:
+            self._restore_rng()
         batch["rollout"] = self.make_rollout(pl_module, batch, self.group_size, trainer.global_step)
+        self.train_rollouts += 1
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0

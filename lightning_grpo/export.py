@@ -1,0 +1,76 @@
+"""`python -m lightning_grpo export`: a training checkpoint -> an HF model directory (weights + tokenizer).
+
+The directory is what LLaSA's own inference code loads: `AutoTokenizer.from_pretrained(dir)` and
+`AutoModelForCausalLM.from_pretrained(dir)`, then the usual chat-template prompt and `generate` with
+`<|SPEECH_GENERATION_END|>` as eos. It is also a valid `--model.model_name_or_path` for more training
+and for `evaluate --ckpt_path <dir>`.
+
+    python -m lightning_grpo export --ckpt_path runs/llasa1b_original/.../last.ckpt --out runs/export/llasa1b-grpo
+
+Only the policy is exported; the frozen reference never enters checkpoints (it is the pretrained
+model, reloaded from `model_name_or_path`). The tokenizer is the one the policy was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .policy import GRPOPolicy
+
+
+def load_policy(ckpt_path: str, map_location: str = "cpu") -> GRPOPolicy:
+    """The GRPOPolicy of a Lightning checkpoint, without building the KL reference."""
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path={ckpt_path} is not a file; pass a .ckpt written by fit (e.g. last.ckpt)")
+    # beta=0 skips the reference copy: exporting needs the policy only
+    return GRPOPolicy.load_from_checkpoint(ckpt_path, map_location=map_location, beta=0.0)
+
+
+def export(
+    ckpt_path: str,
+    out: str,
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+) -> Path:
+    """Write the policy of `ckpt_path` as an HF directory `out`; returns the directory.
+
+    Args:
+        ckpt_path: a checkpoint written by `fit` (ModelCheckpoint, e.g. `last.ckpt`).
+        out: the output directory (created; existing files are overwritten).
+        dtype: cast the weights before saving (bfloat16 halves the size); None keeps the training dtype.
+    """
+    policy = load_policy(ckpt_path)
+    model = policy.policy
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    # training turns the KV cache off and may enable checkpointing; inference wants the cache
+    model.config.use_cache = True
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    policy.tokenizer.save_pretrained(target)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mmap: no second copy in RAM
+    provenance = {
+        "ckpt_path": str(ckpt_path),
+        "global_step": checkpoint.get("global_step"),
+        "epoch": checkpoint.get("epoch"),
+        "base_model": policy.hparams.model_name_or_path,
+        "hyper_parameters": {k: v for k, v in policy.hparams.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    (target / "lightning_grpo_export.json").write_text(json.dumps(provenance, indent=2))
+    print(f"exported {ckpt_path} (step {provenance['global_step']}) to {target}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m lightning_grpo export", description=__doc__.split("\n\n")[0])
+    parser.add_function_arguments(export)
+    cfg = parser.parse_args(argv)
+    export(**{k: v for k, v in vars(cfg).items() if k != "config"})

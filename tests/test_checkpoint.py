@@ -1,0 +1,127 @@
+"""Checkpoints: a killed run resumed from last.ckpt equals the uninterrupted run; export loads as plain HF."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_grpo.checkpointing import StepCheckpoint
+from lightning_grpo.data import PromptDataModule
+from lightning_grpo.export import export
+from lightning_grpo.llasa import LlasaVocab, encode_prompt
+from lightning_grpo.policy import GRPOPolicy
+from lightning_grpo.reward.rule import RuleReward
+from lightning_grpo.rollout import GRPORollout
+from lightning_grpo.sampling import HFSampler
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAt(L.Callback):
+    """Dies at the start of global step `at` (before sampling), as a crash or a pre-emption would."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.at is not None and trainer.global_step == self.at:
+            raise Killed(f"killed at step {self.at}")
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.prompts, self.rewards, self.samples = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.prompts.append(tuple(batch["text"]))
+        self.rewards.append(batch["rollout"].rewards.tolist())
+        self.samples.append(batch["rollout"].completion_ids)
+
+
+def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=None):
+    L.seed_everything(0)
+    record = Record()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=CSVLogger(str(root), name="run"), log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[KillAt(kill_at), GRPORollout(HFSampler(max_new_tokens=8), RuleReward(codes_per_char=0.3, band=(0, 16)),
+                                                group_size=2, truncation="keep"), record,
+                   StepCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=every)],
+    )
+    policy = GRPOPolicy(learning_rate=1e-2, micro_batch_size=8)
+    dm = PromptDataModule(prompts_per_step=2, val_data=None, max_train_samples=max_train_samples)
+    try:
+        trainer.fit(policy, dm, ckpt_path=ckpt_path)
+    except Killed:
+        pass
+    return trainer, policy, record
+
+
+def logged_steps(root):
+    steps = []
+    for path in sorted((root / "run").glob("version_*/metrics.csv")):
+        with path.open() as f:
+            steps += [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    return steps
+
+
+@pytest.mark.parametrize(
+    "max_train_samples, every, kill_at",
+    [(None, 2, 2), (4, 1, 3)],  # mid-epoch 0; mid-epoch 1 of 2-step epochs (crosses an epoch boundary)
+    ids=["mid_epoch", "second_epoch"],
+)
+def test_killed_run_resumed_from_last_equals_the_uninterrupted_run(tmp_path, max_train_samples, every, kill_at):
+    steps = 5
+    _, full, full_rec = run(tmp_path / "full", steps, every, max_train_samples=max_train_samples)
+    killed, _, first = run(tmp_path / "part", steps, every, kill_at=kill_at, max_train_samples=max_train_samples)
+    assert killed.global_step == kill_at and (tmp_path / "part" / "ckpt" / "last.ckpt").exists()
+    resumed, policy, second = run(tmp_path / "part", steps, every, ckpt_path="last", max_train_samples=max_train_samples)
+    assert resumed.global_step == steps
+    # every step logged exactly once across the killed and the resumed run: none lost, none repeated
+    assert logged_steps(tmp_path / "part") == list(range(steps))
+    # same prompts, same samples (sampler RNG restored), same weights and optimizer state
+    assert first.prompts + second.prompts == full_rec.prompts
+    assert first.samples + second.samples == full_rec.samples
+    assert first.rewards + second.rewards == full_rec.rewards
+    assert len({r for step in full_rec.rewards for r in step}) > 4  # the rewards vary: updates are not no-ops
+    L.seed_everything(0)
+    init = GRPOPolicy().state_dict()
+    assert not torch.equal(init["policy.lm_head.weight"], full.state_dict()["policy.lm_head.weight"])
+    for (k, a), b in zip(full.state_dict().items(), policy.state_dict().values()):
+        assert torch.equal(a, b), k
+    opt_full = full.trainer.optimizers[0].state_dict()["state"]
+    opt_res = policy.trainer.optimizers[0].state_dict()["state"]
+    assert all(torch.equal(opt_full[i]["exp_avg_sq"], opt_res[i]["exp_avg_sq"]) for i in opt_full)
+    ckpt = torch.load(tmp_path / "part" / "ckpt" / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("reference") for k in ckpt["state_dict"])
+    assert ckpt["global_step"] == steps  # the final step is saved although 5 is no multiple of `every`
+    assert ckpt["callbacks"]["GRPORollout"]["train_rollouts"] == steps
+
+
+def test_export_loads_with_plain_transformers_and_gives_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, policy, _ = run(tmp_path, 2, 2)
+    out = export(str(tmp_path / "ckpt" / "last.ckpt"), str(tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert json.loads((out / "lightning_grpo_export.json").read_text())["global_step"] == 2
+    ids = encode_prompt(tok, "Hello world.")
+    assert ids == encode_prompt(policy.tokenizer, "Hello world.")  # chat template and added tokens survive
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, policy.policy.eval()(x).logits, atol=1e-5)
+    # LLaSA inference: generate speech tokens until <|SPEECH_GENERATION_END|>
+    vocab = LlasaVocab.from_tokenizer(tok)
+    gen = model.generate(x, max_new_tokens=5, do_sample=True, eos_token_id=vocab.speech_gen_end_id,
+                         pad_token_id=vocab.pad_id)
+    assert gen.shape[1] > x.shape[1] and model.config.use_cache
+    with pytest.raises(FileNotFoundError, match="--ckpt_path=missing.ckpt"):
+        export("missing.ckpt", str(tmp_path / "x"))
