@@ -41,6 +41,16 @@ def pick_rows(rewards: torch.Tensor, group_size: int, max_samples: int) -> list[
     return rows
 
 
+def decode_rows(codec, completion_ids: list[list[int]], vocab, rows: list[int]) -> list[torch.Tensor | None]:
+    """Waveforms (1-D float32 CPU, clamped to [-1, 1]) of the completions `rows`; None for empty speech."""
+    codes = [parse_completion(completion_ids[i], vocab, "drop").codes for i in rows]
+    nonempty = [j for j, c in enumerate(codes) if c]
+    audio: list[torch.Tensor | None] = [None] * len(rows)
+    for j, wave in zip(nonempty, codec.decode([codes[j] for j in nonempty]) if nonempty else []):
+        audio[j] = wave.detach().float().cpu().clamp(-1.0, 1.0)
+    return audio
+
+
 class AudioSampleLogger(L.Callback):
     def __init__(
         self,
@@ -116,11 +126,8 @@ class AudioSampleLogger(L.Callback):
         audio: list[torch.Tensor | None] = [None] * len(rows)
         sample_rate = int(getattr(codec, "sample_rate", 16_000))
         if codec is not None and hasattr(codec, "decode") and cb is not None and rollout.completion_ids:
-            codes = [parse_completion(rollout.completion_ids[i], cb.vocab, "drop").codes for i in picked]
-            nonempty = [j for j, c in enumerate(codes) if c]
             try:
-                for j, wave in zip(nonempty, codec.decode([codes[j] for j in nonempty]) if nonempty else []):
-                    audio[j] = wave.detach().float().cpu().clamp(-1.0, 1.0)
+                audio = decode_rows(codec, rollout.completion_ids, cb.vocab, picked)
             except Exception as err:  # a logging aid must not stop training; say so once
                 if not self._warned:
                     rank_zero_warn(f"AudioSampleLogger: the reward's codec failed to decode samples ({err!r}); logging text only")
