@@ -4,9 +4,15 @@
 N unsaved when `max_steps` is not a multiple of N; a GRPO run that stops at max_steps then loses its
 tail. This subclass saves once more when training ends, so `last.ckpt` is always the final policy
 (for `export`, `evaluate` and resuming). Everything else is ModelCheckpoint's, including resume.
+
+Without `dirpath` it writes to `<trainer.default_root_dir>/checkpoints`, not into the logger's
+`version_N/` directory: a resumed run gets a new logger version, and `--ckpt_path last` looks for
+`last.ckpt` in the checkpoint directory of the *new* run, so a per-version directory never resumes.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -18,9 +24,22 @@ class StepCheckpoint(ModelCheckpoint):
             every_n_train_steps: save every n optimiser steps (the original: 128).
             save_last: keep `last.ckpt` pointing at the newest state (what `--ckpt_path last` resumes).
             save_top_k: how many step checkpoints to keep; -1 keeps all, 1 only the newest.
-            kwargs: any other ModelCheckpoint argument (dirpath, filename, ...).
+            kwargs: any other ModelCheckpoint argument (dirpath, filename, ...); dirpath defaults to
+                `<default_root_dir>/checkpoints`, the same for every resumed run.
         """
         super().__init__(every_n_train_steps=every_n_train_steps, save_last=save_last, save_top_k=save_top_k, **kwargs)
+
+    def _default_dirpath(self, trainer) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._default_dirpath(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer) -> set[str]:  # `ckpt_path="last"` asks before setup
+        self._default_dirpath(trainer)
+        return super()._find_last_checkpoints(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):

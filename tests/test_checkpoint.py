@@ -125,3 +125,44 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_logits(tmp_path
     assert gen.shape[1] > x.shape[1] and model.config.use_cache
     with pytest.raises(FileNotFoundError, match="--ckpt_path=missing.ckpt"):
         export("missing.ckpt", str(tmp_path / "x"))
+
+
+def cli_fit(tmp_path, *extra):
+    from lightning_grpo.cli import build_cli
+
+    return build_cli([
+        "fit", "--config", "configs/tiny_cpu.yaml", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.callbacks.init_args.sampler.init_args.max_new_tokens=8", "--trainer.val_check_interval=100",
+        "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=lightning_grpo.checkpointing.StepCheckpoint",
+        "--trainer.callbacks.init_args.every_n_train_steps=2", *extra,
+    ])
+
+
+def test_cli_checkpoints_resume_last_then_evaluate_and_export(tmp_path):
+    """The README's commands: fit with checkpoints, resume with --ckpt_path last, evaluate the .ckpt and the export."""
+    from lightning_grpo.evaluate import main as evaluate
+
+    first = cli_fit(tmp_path, "--trainer.max_steps=3")
+    ckpt_dir = tmp_path / "checkpoints"
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert len(names) == 3 and "step=2.ckpt" in names[0] and "step=3.ckpt" in names[1] and names[2] == "last.ckpt"
+    assert first.trainer.global_step == 3
+    second = cli_fit(tmp_path, "--trainer.max_steps=5", "--ckpt_path=last")
+    assert second.trainer.global_step == 5
+    steps = []
+    for path in sorted((tmp_path / "lightning_logs").glob("version_*/metrics.csv")):
+        with path.open() as f:
+            steps += [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3, 4]
+
+    last = str(ckpt_dir / "last.ckpt")
+    report = evaluate(["--config", "configs/tiny_cpu.yaml", "--ckpt_path", last, "--out_dir", str(tmp_path / "ev_ckpt"),
+                       "--data.max_val_samples=2"])
+    hf = export(last, str(tmp_path / "hf"))
+    report_hf = evaluate(["--config", "configs/tiny_cpu.yaml", "--ckpt_path", str(hf), "--out_dir", str(tmp_path / "ev_hf"),
+                          "--data.max_val_samples=2"])
+    assert report["overall"]["n"] == report_hf["overall"]["n"] == 2 * 2
+    meta = json.loads((tmp_path / "ev_hf" / "metrics.json").read_text())
+    assert meta["model"] == str(hf) and json.loads((tmp_path / "ev_ckpt" / "metrics.json").read_text())["ckpt_path"] == last
