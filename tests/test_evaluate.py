@@ -131,3 +131,19 @@ def test_whisper_reward_gives_cer_and_nll_per_language(tmp_path):
     assert report.summary["overall"]["cer"] == pytest.approx((right["cer"] + wrong["cer"]) / 2)
     assert float(trainer.callback_metrics["val/cer_mean"]) == pytest.approx(report.summary["overall"]["cer"], abs=1e-5)
     assert "| all | 2 | " in (tmp_path / "ev" / "metrics.md").read_text()
+
+
+def test_validation_during_fit_uses_the_same_report(tmp_path):
+    """Added to a fit config's callbacks, the report logs per-language val metrics and writes step_<N>/."""
+    L.seed_everything(0)
+    data = two_language_data(tmp_path)
+    report = ValidationReport(out_dir=str(tmp_path / "val"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False,
+                        callbacks=[report, GRPORollout(HFSampler(max_new_tokens=8), RuleReward(), group_size=2)])
+    trainer.fit(GRPOPolicy(), PromptDataModule(train_data=data, val_data=data, train_split="x", val_split="y",
+                                               prompts_per_step=2, val_batch_size=6))
+    saved = json.loads((tmp_path / "val" / "step_2" / "metrics.json").read_text())
+    assert saved["global_step"] == 2 and saved["overall"]["n"] == 6  # val_group_size 1
+    assert float(trainer.callback_metrics["val/lang_en/reward_mean"]) == pytest.approx(saved["per_language"]["en"]["reward"], abs=1e-5)
