@@ -1,12 +1,13 @@
 """Cost curve: how step time and peak memory grow with group size G, prompts per step B and completion length T.
 
 Each grid point is one fresh subprocess running the real training loop (Lightning Trainer + GRPORollout
-+ GRPOPolicy, rule reward, CPU) on a tiny LLaSA-shaped policy with LLaSA's 65,536 speech tokens.
++ GRPOPolicy, rule reward, CPU) on a tiny LLaSA-shaped policy (8,192 speech tokens).
 Completion lengths are fixed so that T means T: `FixedLengthSampler` is `HFSampler` (real HF
 `generate`, KV cache, temperature / top-p) with the stop token removed from the allowed ids, so every
 completion runs to exactly `max_new_tokens` and is kept (truncation="keep"). The grid varies one axis
 at a time around a base point. Step time is the median over the measured steps (after one warm-up
-step), split into rollout (sampling + reward) and update (log-probs, loss, backward, optimiser);
+step), in wall-clock and process CPU seconds, the wall time split into rollout (sampling + reward)
+and update (log-probs, loss, backward, optimiser);
 memory is the growth of the process's peak RSS (ru_maxrss) over its RSS just before training.
 
     python benchmarks/bench_cost_curve.py          # table + benchmarks/results/cost_curve.png
@@ -26,14 +27,14 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import REPO, current_rss_mib, emit, machine_info, markdown_table, peak_rss_mib, run_worker  # noqa: E402
 
-MODEL = dict(speech_tokens=65536, hidden=64, layers=2)
+MODEL = dict(speech_tokens=8192, hidden=64, layers=2)
 BASE = dict(prompts=2, group=4, max_new_tokens=64)
 AXES = {"group": [2, 4, 8, 16], "prompts": [1, 2, 4, 8], "max_new_tokens": [32, 64, 128, 256]}
 SMOKE_MODEL = dict(speech_tokens=64, hidden=16, layers=1)
 SMOKE_BASE = dict(prompts=1, group=2, max_new_tokens=4)
 SMOKE_AXES = {"group": [2, 3]}
 MICRO_BATCH = 16
-WARMUP, STEPS = 1, 3
+WARMUP, STEPS = 1, 2
 SAMPLING = dict(temperature=0.8, top_p=0.9)
 
 
@@ -59,7 +60,7 @@ def worker(p: dict, model: dict) -> dict:
             allowed = [i for i in allowed_token_ids if i != stop_token_id]
             return super().sample(model, prompts, n, stop_token_id, step, allowed_token_ids=allowed)
 
-    marks: dict[str, list[float]] = {"start": [], "sampled": [], "end": []}
+    marks: dict[str, list[float]] = {"start": [], "sampled": [], "end": [], "cpu_start": [], "cpu_end": []}
     lengths: list[int] = []
 
     class Mark(L.Callback):
@@ -68,10 +69,13 @@ def worker(p: dict, model: dict) -> dict:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             marks[self.hook_name].append(time.perf_counter())
+            if self.hook_name == "start":
+                marks["cpu_start"].append(time.process_time())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if self.hook_name == "sampled":
                 marks["end"].append(time.perf_counter())
+                marks["cpu_end"].append(time.process_time())
                 lengths.extend(len(c) for c in batch["rollout"].completion_ids)
 
     from lightning_grpo.tiny import build_tiny_llasa
@@ -99,7 +103,8 @@ def worker(p: dict, model: dict) -> dict:
     step = [e - a for a, e in zip(marks["start"][s], marks["end"][s])]
     roll = [b - a for a, b in zip(marks["start"][s], marks["sampled"][s])]
     upd = [e - b for b, e in zip(marks["sampled"][s], marks["end"][s])]
-    return dict(step_s=statistics.median(step), rollout_s=statistics.median(roll), update_s=statistics.median(upd),
+    cpu = [e - a for a, e in zip(marks["cpu_start"][s], marks["cpu_end"][s])]
+    return dict(step_s=statistics.median(step), cpu_step_s=statistics.median(cpu), rollout_s=statistics.median(roll), update_s=statistics.median(upd),
                 peak_growth_mib=peak_rss_mib() - rss_before, threads=torch.get_num_threads())
 
 
@@ -115,7 +120,8 @@ def plot(points: list[tuple[str, dict, dict]], base: dict, path: Path) -> None:
     for ax, name in zip(axs[0], axes_names):
         pts = [(p[name], r) for axis, p, r in points if axis == name]
         xs = [x for x, _ in pts]
-        ax.plot(xs, [r["step_s"] for _, r in pts], "o-", color="C0", label="step")
+        ax.plot(xs, [r["step_s"] for _, r in pts], "o-", color="C0", label="step (wall)")
+        ax.plot(xs, [r["cpu_step_s"] for _, r in pts], "x-", color="C2", label="step (CPU)")
         ax.plot(xs, [r["rollout_s"] for _, r in pts], "^--", color="C0", alpha=0.6, label="rollout")
         ax.plot(xs, [r["update_s"] for _, r in pts], "v:", color="C0", alpha=0.6, label="update")
         ax.set_xscale("log", base=2)
@@ -129,7 +135,7 @@ def plot(points: list[tuple[str, dict, dict]], base: dict, path: Path) -> None:
         twin.tick_params(labelsize=7)
         if name == axes_names[0]:
             ax.legend(fontsize=6, loc="upper left")
-    fig.suptitle("lightning_grpo CPU cost curve (tiny LLaSA, 65,536 speech tokens, fixed lengths)", fontsize=9)
+    fig.suptitle("lightning_grpo CPU cost curve (tiny LLaSA, fixed lengths)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -145,9 +151,9 @@ def run(smoke: bool, threads: int, png: Path) -> tuple[str, list]:
             cache[key] = run_worker(__file__, ["--worker", key, "--model", json.dumps(model), "--threads", str(threads)], threads)
         points.append((axis, p, cache[key]))
     plot(points, base, png)
-    rows = [[axis, p["prompts"], p["group"], p["prompts"] * p["group"], p["max_new_tokens"], r["step_s"], r["rollout_s"],
+    rows = [[axis, p["prompts"], p["group"], p["prompts"] * p["group"], p["max_new_tokens"], r["step_s"], r["cpu_step_s"], r["rollout_s"],
              r["update_s"], r["peak_growth_mib"]] for axis, p, r in points]
-    table = markdown_table(["axis", "B", "G", "N=B*G", "T", "step (s)", "rollout (s)", "update (s)", "peak RSS growth (MiB)"], rows)
+    table = markdown_table(["axis", "B", "G", "N=B*G", "T", "step wall (s)", "step CPU (s)", "rollout wall (s)", "update wall (s)", "peak RSS growth (MiB)"], rows)
     header = (
         f"settings: tiny LLaSA {model}, micro-batch {MICRO_BATCH}, sampling {SAMPLING}, rule reward, "
         f"restrict_to_speech=True, fixed-length HF generate, {WARMUP} warm-up + {STEPS} measured steps (median), "

@@ -95,9 +95,10 @@ def speech_rows(s: dict) -> tuple[tuple[int, int], tuple[int, ...]]:
 class FusedChunkedLogProbs(torch.autograd.Function):
     """PROPOSED replacement for the checkpointed chunks of grpo.token_logprobs (not in the package yet).
 
-    Forward keeps only the (M,) log-sum-exp per token; backward recomputes each (c, V) logits block
-    once and turns it into d logp / d logits in place (softmax, scale, scatter), so the peak is about
-    one block instead of the ~4 blocks that autograd's recompute + log-softmax backward hold at once.
+    Forward computes each (c, V) logits block once and reduces it in place to the (M,) log-sum-exp it
+    keeps; backward recomputes each block and turns it into d logp / d logits in place (softmax, scale,
+    scatter), so the peak is one block instead of the ~4 that autograd's recompute + log-softmax
+    backward hold at once, and no autograd graph is built per chunk.
     hidden: (M, H), weight: (V, H), targets: (M,) row indices into weight; returns (M,) float32.
     """
 
@@ -111,8 +112,12 @@ class FusedChunkedLogProbs(torch.autograd.Function):
                 z += bias
             if temperature != 1.0:
                 z /= temperature
-            lse[a : a + chunk] = torch.logsumexp(z, dim=-1)
-            out[a : a + chunk] = z.gather(-1, targets[a : a + chunk, None]).squeeze(-1) - lse[a : a + chunk]
+            picked = z.gather(-1, targets[a : a + chunk, None]).squeeze(-1)
+            # log-sum-exp in place: torch.logsumexp would allocate a second (c, V) block
+            m = z.max(dim=-1, keepdim=True).values
+            lse[a : a + chunk] = z.sub_(m).exp_().sum(-1).log_() + m.squeeze(-1)
+            out[a : a + chunk] = picked - lse[a : a + chunk]
+            del z  # else the next block is allocated while this one is still alive
         ctx.save_for_backward(hidden, weight, targets, lse, bias)
         ctx.chunk, ctx.temperature = chunk, temperature
         return out
@@ -136,8 +141,9 @@ class FusedChunkedLogProbs(torch.autograd.Function):
             z = z.to(weight.dtype)
             if grad_h is not None:
                 grad_h[a : a + ctx.chunk] = z @ weight
-            if grad_w is not None:
-                grad_w.addmm_(z.T, h)
+            if grad_w is not None:  # into grad_w.T: no (c, V) copy of z.T, no (V, H) temporary
+                grad_w.T.addmm_(h.T, z)
+            del z
         return grad_h, grad_w, None, None, None, None
 
 
@@ -149,7 +155,8 @@ def fused_logprobs(hidden, weight, targets, chunk_size=512, vocab_range=None, di
     if disallowed:
         bias = torch.zeros(hi - lo)
         bias[torch.tensor(disallowed) - lo] = float("-inf")
-    out = FusedChunkedLogProbs.apply(hidden.reshape(n * t, h), weight[lo:hi], (targets - lo).reshape(-1), bias, chunk_size, 1.0)
+    w = weight if vocab_range is None else weight[lo:hi]  # a slice's backward allocates a second (V, H) grad
+    out = FusedChunkedLogProbs.apply(hidden.reshape(n * t, h), w, (targets - lo).reshape(-1), bias, chunk_size, 1.0)
     return out.view(n, t)
 
 

@@ -20,7 +20,9 @@ with `lightning_grpo.llasa.parse_completion`). Settings are aligned as follows (
 
 Each framework runs in a fresh subprocess; step time is the median gap between consecutive
 end-of-step callbacks after the warm-up steps (so it includes data, generation, reward, update and
-the framework's own bookkeeping); peak memory is the process's ru_maxrss, reported absolute and
+the framework's own bookkeeping), both in wall-clock seconds and in CPU seconds of the process
+(`time.process_time`; with one torch thread this is the work done, and unlike wall time it does not
+grow when other jobs share the cores); peak memory is the process's ru_maxrss, reported absolute and
 as the growth over the RSS just before training starts (imports and model load excluded).
 
     python benchmarks/bench_trl.py            # the table in BENCHMARKS.md
@@ -41,7 +43,7 @@ from common import current_rss_mib, emit, machine_info, markdown_table, median_a
 
 SIZES = {
     # prompts/step, group, completion tokens, micro-batch, speech tokens, hidden, layers, warm-up, measured steps
-    "full": dict(prompts=4, group=8, max_new_tokens=64, micro_batch=16, speech_tokens=65536, hidden=64, layers=2, warmup=2, steps=8),
+    "full": dict(prompts=4, group=8, max_new_tokens=64, micro_batch=16, speech_tokens=8192, hidden=64, layers=2, warmup=2, steps=5),
     "smoke": dict(prompts=2, group=2, max_new_tokens=8, micro_batch=2, speech_tokens=64, hidden=32, layers=1, warmup=1, steps=2),
 }
 SAMPLING = dict(temperature=0.8, top_p=0.9, top_k=0)
@@ -58,6 +60,24 @@ def save_policy(path: Path, s: dict) -> None:
 
 
 # -- workers (each in its own process) ----------------------------------------------------------
+PROFILE_ENV = "LGRPO_BENCH_PROFILE"
+
+
+def profiled(fn) -> None:
+    """Run fn, under cProfile when $LGRPO_BENCH_PROFILE names a stats file (for --profile)."""
+    import os
+
+    path = os.environ.get(PROFILE_ENV)
+    if not path:
+        fn()
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    prof.dump_stats(path)
+
+
 def worker_ours(model_dir: str, s: dict, restrict: bool) -> dict:
     import lightning as L
     import torch
@@ -69,11 +89,13 @@ def worker_ours(model_dir: str, s: dict, restrict: bool) -> dict:
     from lightning_grpo.sampling import HFSampler
 
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
     lengths: list[float] = []
 
     class StepClock(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
             lengths.append(float(batch["rollout"].completion_lengths.mean()))
 
     L.seed_everything(0, verbose=False)
@@ -93,9 +115,10 @@ def worker_ours(model_dir: str, s: dict, restrict: bool) -> dict:
         callbacks=[rollout, StepClock()],
     )
     rss_before = current_rss_mib()
-    trainer.fit(policy, datamodule=data)
+    profiled(lambda: trainer.fit(policy, datamodule=data))
     median, durations = median_after_warmup(stamps, s["warmup"])
-    return dict(step_s=median, durations=durations, peak_rss_mib=peak_rss_mib(), rss_before_mib=rss_before,
+    cpu_median, _ = median_after_warmup(cpu_stamps, s["warmup"])
+    return dict(step_s=median, cpu_step_s=cpu_median, durations=durations, peak_rss_mib=peak_rss_mib(), rss_before_mib=rss_before,
                 mean_completion_len=sum(lengths) / len(lengths), threads=torch.get_num_threads())
 
 
@@ -138,10 +161,12 @@ def worker_trl(model_dir: str, s: dict) -> dict:
         return reward.score(samples).rewards.tolist()
 
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
 
     n = s["prompts"] * s["group"]
     with tempfile.TemporaryDirectory() as out:
@@ -162,35 +187,46 @@ def worker_trl(model_dir: str, s: dict) -> dict:
             callbacks=[StepClock()],
         )
         rss_before = current_rss_mib()
-        trainer.train()
+        profiled(trainer.train)
     median, durations = median_after_warmup(stamps, s["warmup"])
-    return dict(step_s=median, durations=durations, peak_rss_mib=peak_rss_mib(), rss_before_mib=rss_before,
+    cpu_median, _ = median_after_warmup(cpu_stamps, s["warmup"])
+    return dict(step_s=median, cpu_step_s=cpu_median, durations=durations, peak_rss_mib=peak_rss_mib(), rss_before_mib=rss_before,
                 mean_completion_len=sum(lengths) / len(lengths), threads=torch.get_num_threads(), trl=trl.__version__)
 
 
 # -- parent -------------------------------------------------------------------------------------
-def run(size: str, threads: int) -> tuple[str, dict]:
+def run(size: str, threads: int, profile_dir: str | None = None) -> tuple[str, dict]:
     s = SIZES[size]
+    if profile_dir:  # the profiler's overhead lands in the timings: use these runs for where, not how long
+        import os
+
+        os.environ[PROFILE_ENV] = ""
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(Path(tmp) / "tiny-llasa")
         save_policy(Path(model_dir), s)
         common_args = ["--model-dir", model_dir, "--size", size, "--threads", str(threads)]
-        results = {
-            "ours (restrict off)": run_worker(__file__, ["--worker", "ours", "--no-restrict", *common_args], threads),
-            "TRL GRPOTrainer": run_worker(__file__, ["--worker", "trl", *common_args], threads),
-            "ours (default: speech-only)": run_worker(__file__, ["--worker", "ours", *common_args], threads),
+        runs = {
+            "ours (restrict off)": ["--worker", "ours", "--no-restrict"],
+            "TRL GRPOTrainer": ["--worker", "trl"],
+            "ours (default: speech-only)": ["--worker", "ours"],
         }
+        results = {}
+        for i, (name, argv) in enumerate(runs.items()):
+            if profile_dir:
+                os.environ[PROFILE_ENV] = str(Path(profile_dir) / f"{i}_{argv[1]}.pstats")
+            results[name] = run_worker(__file__, [*argv, *common_args], threads)
     trl_r = results["TRL GRPOTrainer"]
     rows = []
     for name, r in results.items():
         growth = r["peak_rss_mib"] - r["rss_before_mib"]
         rows.append([
-            name, r["step_s"], r["step_s"] / trl_r["step_s"], r["peak_rss_mib"],
+            name, r["step_s"], r["step_s"] / trl_r["step_s"], r["cpu_step_s"], r["cpu_step_s"] / trl_r["cpu_step_s"],
+            r["peak_rss_mib"],
             r["peak_rss_mib"] / trl_r["peak_rss_mib"], growth, growth / (trl_r["peak_rss_mib"] - trl_r["rss_before_mib"]),
             r["mean_completion_len"],
         ])
     table = markdown_table(
-        ["run", "median step (s)", "time / TRL", "peak RSS (MiB)", "RSS / TRL", "RSS growth in fit (MiB)",
+        ["run", "median step wall (s)", "wall / TRL", "median step CPU (s)", "CPU / TRL", "peak RSS (MiB)", "RSS / TRL", "RSS growth in fit (MiB)",
          "growth / TRL", "mean completion len"],
         rows,
     )
@@ -209,6 +245,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="smallest size (seconds)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per framework run")
     p.add_argument("--json", type=str, default=None, help="also write raw results here")
+    p.add_argument("--profile", default=None, help="write cProfile stats of each run into this directory")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--size", default="full", help=argparse.SUPPRESS)
@@ -221,7 +258,7 @@ def main() -> None:
         s = SIZES[a.size]
         emit(worker_ours(a.model_dir, s, not a.no_restrict) if a.worker == "ours" else worker_trl(a.model_dir, s))
         return
-    table, results = run("smoke" if a.smoke else "full", a.threads)
+    table, results = run("smoke" if a.smoke else "full", a.threads, a.profile)
     print(table)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))

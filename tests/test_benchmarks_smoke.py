@@ -70,6 +70,6 @@ def test_bench_trl_smoke(tmp_path):
     raw = json.loads(out.read_text())
     assert set(raw) == {"ours (restrict off)", "TRL GRPOTrainer", "ours (default: speech-only)"}
     for name, r in raw.items():
-        assert r["step_s"] > 0 and r["peak_rss_mib"] > r["rss_before_mib"] * 0.5, name
+        assert r["step_s"] > 0 and r["cpu_step_s"] > 0 and r["peak_rss_mib"] > r["rss_before_mib"] * 0.5, name
         assert 1 <= r["mean_completion_len"] <= 8, name
-    assert "time / TRL" in table
+    assert "wall / TRL" in table and "CPU / TRL" in table
