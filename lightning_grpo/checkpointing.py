@@ -12,6 +12,7 @@ Without `dirpath` it writes to `<trainer.default_root_dir>/checkpoints`, not int
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -40,6 +41,13 @@ class StepCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer) -> set[str]:  # `ckpt_path="last"` asks before setup
         self._default_dirpath(trainer)
         return super()._find_last_checkpoints(trainer)
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        # Lightning warns that with manual optimisation the checkpoint holds the weights after the
+        # step's update; with global_step = steps done, that is exactly the state a resume needs.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(*args, **kwargs)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):
