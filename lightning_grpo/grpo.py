@@ -7,8 +7,9 @@ Departures from the GRPO paper (DeepSeekMath, arXiv 2402.03300), all switchable:
 - `aggregate` makes the normalisation explicit (token-mean as DAPO, seq-mean-token-mean as the paper,
   seq-mean-token-sum-norm as Dr.GRPO arXiv 2503.20783) and takes the whole mini-batch's normaliser,
   so gradient accumulation over micro-batches gives the same gradient as one big batch.
-- `token_logprobs` never builds the full (N, T, V) logits: it scores chunks of tokens under
-  activation checkpointing, so peak memory is one (chunk, V) block forward and backward. With
+- `token_logprobs` never builds the full (N, T, V) logits: a custom autograd function scores chunks
+  of tokens, keeps only the log-sum-exp, and recomputes each block in backward, so peak memory is
+  one (chunk, V) block forward and backward (benchmarks/bench_memory.py). With
   `vocab_range` it scores only the rows LLaSA may emit (speech tokens + the stop token).
 - Clip is asymmetric (epsilon_low / epsilon_high, DAPO) with an optional dual clip (Ye et al. 2020)
   that bounds the loss of negative-advantage tokens whose ratio has exploded.
@@ -19,7 +20,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 RewardScale = Literal["group", "batch", "none"]
 KLEstimator = Literal["k1", "k3"]
@@ -48,13 +48,57 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: RewardScale 
     return centred.view(-1)
 
 
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    logits = (h @ weight.T).float()  # (c, V)
-    if bias is not None:
-        logits = logits + bias
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class _ChunkedLogProbs(torch.autograd.Function):
+    """log p(target) through an LM head, one (chunk, V) logits block alive at a time.
+
+    Forward reduces each block in place to the (M,) log-sum-exp it keeps; backward recomputes each
+    block and turns it in place into d logp / d logits = (onehot - softmax) / T, so the peak is one
+    block (autograd's recompute + log-softmax backward would hold about four).
+    hidden: (M, H), weight: (V, H), targets: (M,) row indices into weight, bias: (V,) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, chunk, temperature):
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)  # (M,)
+        lse = torch.empty_like(out)
+        for a in range(0, hidden.shape[0], chunk):
+            z = (hidden[a : a + chunk] @ weight.T).float()  # (c, V)
+            if bias is not None:
+                z += bias
+            if temperature != 1.0:
+                z /= temperature
+            picked = z.gather(-1, targets[a : a + chunk, None]).squeeze(-1)
+            m = z.max(dim=-1, keepdim=True).values  # in-place log-sum-exp: no second (c, V) block
+            lse[a : a + chunk] = z.sub_(m).exp_().sum(-1).log_() + m.squeeze(-1)
+            out[a : a + chunk] = picked - lse[a : a + chunk]
+            del z  # freed before the next block is allocated
+        ctx.save_for_backward(hidden, weight, targets, lse, bias)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, targets, lse, bias = ctx.saved_tensors
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for a in range(0, hidden.shape[0], ctx.chunk):
+            h, gc = hidden[a : a + ctx.chunk], g[a : a + ctx.chunk].float()
+            z = (h @ weight.T).float()  # (c, V), becomes d logp / d logits in place
+            if bias is not None:
+                z += bias
+            if ctx.temperature != 1.0:
+                z /= ctx.temperature
+            z.sub_(lse[a : a + ctx.chunk, None]).exp_().mul_(-gc[:, None])  # -g * softmax
+            z.scatter_add_(-1, targets[a : a + ctx.chunk, None], gc[:, None])  # + g * onehot
+            if ctx.temperature != 1.0:
+                z /= ctx.temperature
+            z = z.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[a : a + ctx.chunk] = z @ weight
+            if grad_w is not None:  # accumulate into grad_w.T: no (V, H) temporary
+                grad_w.T.addmm_(h.T, z)
+            del z
+        return grad_h, grad_w, None, None, None, None
 
 
 def token_logprobs(
@@ -71,29 +115,26 @@ def token_logprobs(
     hidden: (N, T, H) states that predict `targets` (N, T); weight: (V, H) LM head.
     vocab_range: score only rows [lo, hi) of the head (a view, no copy); `disallowed` ids inside
     it get -inf. Targets outside the scored rows are an error.
-    Returns (N, T) float32 log-probs; differentiable w.r.t. hidden and weight.
+    Returns (N, T) float32 log-probs; differentiable w.r.t. hidden and weight. Peak extra memory is
+    one chunk_size x V float32 block forward and backward.
     """
     n, t, h = hidden.shape
     lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
-    w = weight[lo:hi]  # (V', H) view
+    w = weight if vocab_range is None else weight[lo:hi]  # (V', H) view
     flat_t = targets.reshape(-1) - lo  # (N*T,)
     if flat_t.numel() and (flat_t.min() < 0 or flat_t.max() >= hi - lo):
         bad = (targets.reshape(-1)[(flat_t < 0) | (flat_t >= hi - lo)])[0].item()
         raise ValueError(f"target id {bad} is outside the scored vocabulary rows [{lo}, {hi})")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     bias = None
     if disallowed:
         bias = torch.zeros(hi - lo, device=hidden.device, dtype=torch.float32)
         bias[torch.tensor(disallowed, device=hidden.device) - lo] = float("-inf")
-    flat_h = hidden.reshape(n * t, h)
-    out = []
-    for start in range(0, n * t, chunk_size):
-        sl = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and (flat_h.requires_grad or w.requires_grad):
-            # Recompute the (chunk, V) logits in backward instead of keeping them.
-            out.append(checkpoint(_chunk_logprobs, flat_h[sl], w, flat_t[sl], bias, temperature, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(flat_h[sl], w, flat_t[sl], bias, temperature))
-    return torch.cat(out).view(n, t) if out else hidden.new_zeros(n, t, dtype=torch.float32)
+    if n * t == 0:
+        return hidden.new_zeros(n, t, dtype=torch.float32)
+    out = _ChunkedLogProbs.apply(hidden.reshape(n * t, h), w, flat_t, bias, chunk_size, float(temperature))
+    return out.view(n, t)
 
 
 def clipped_policy_loss(

@@ -140,3 +140,30 @@ def test_truncated_importance_weights_rows_and_padding():
     assert torch.allclose(w, expected, atol=1e-6) and not w.requires_grad
     with pytest.raises(ValueError, match="same"):
         grpo.truncated_importance_weights(trainer, sampler[:, :2], mask, cap=2.0)
+
+
+def test_token_logprobs_gradients_with_vocab_range_temperature_and_bf16():
+    torch.manual_seed(2)
+    h = torch.randn(2, 7, 6, requires_grad=True)
+    w = torch.randn(30, 6, requires_grad=True)
+    t = torch.randint(10, 20, (2, 7))
+    t = t.masked_fill(t == 11, 12)  # 11 is disallowed: never a sampled token
+    up = torch.rand(2, 7)  # the same upstream gradient for both
+
+    def reference():
+        logits = (h @ w.T)[..., 10:20] / 1.3
+        logits = logits.masked_fill(torch.arange(10, 20) == 11, float("-inf"))
+        return torch.log_softmax(logits, -1).gather(-1, (t - 10)[..., None]).squeeze(-1)
+
+    ref = reference()
+    got = grpo.token_logprobs(h, w, t, chunk_size=3, temperature=1.3, vocab_range=(10, 20), disallowed=(11,))
+    assert torch.allclose(got, ref, atol=1e-5)
+    g_ref = torch.autograd.grad((ref * up).sum(), (h, w))
+    g_got = torch.autograd.grad((got * up).sum(), (h, w))
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not g_got[1][:10].any() and not g_got[1][20:].any()  # rows outside the range get no gradient
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    lb = grpo.token_logprobs(hb, wb, t, 4, vocab_range=(10, 20), disallowed=(11,))
+    lb.sum().backward()
+    assert lb.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and torch.isfinite(wb.grad).all()
