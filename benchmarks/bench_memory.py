@@ -51,10 +51,8 @@ VARIANTS = {
     "naive": ("naive", 0, False),
     "ours": ("ours", 512, False),
     "ours chunk=128": ("ours", 128, False),
-    "proposed fused": ("fused", 512, False),
     "naive-speech": ("naive", 0, True),
     "ours-speech": ("ours", 512, True),
-    "proposed fused-speech": ("fused", 512, True),
 }
 
 
@@ -92,74 +90,6 @@ def speech_rows(s: dict) -> tuple[tuple[int, int], tuple[int, ...]]:
     return (s["stop"], s["vocab"]), tuple(range(s["stop"] + 1, s["speech_start"]))
 
 
-class FusedChunkedLogProbs(torch.autograd.Function):
-    """PROPOSED replacement for the checkpointed chunks of grpo.token_logprobs (not in the package yet).
-
-    Forward computes each (c, V) logits block once and reduces it in place to the (M,) log-sum-exp it
-    keeps; backward recomputes each block and turns it into d logp / d logits in place (softmax, scale,
-    scatter), so the peak is one block instead of the ~4 that autograd's recompute + log-softmax
-    backward hold at once, and no autograd graph is built per chunk.
-    hidden: (M, H), weight: (V, H), targets: (M,) row indices into weight; returns (M,) float32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, chunk, temperature):
-        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        lse = torch.empty_like(out)
-        for a in range(0, hidden.shape[0], chunk):
-            z = (hidden[a : a + chunk] @ weight.T).float()  # (c, V)
-            if bias is not None:
-                z += bias
-            if temperature != 1.0:
-                z /= temperature
-            picked = z.gather(-1, targets[a : a + chunk, None]).squeeze(-1)
-            # log-sum-exp in place: torch.logsumexp would allocate a second (c, V) block
-            m = z.max(dim=-1, keepdim=True).values
-            lse[a : a + chunk] = z.sub_(m).exp_().sum(-1).log_() + m.squeeze(-1)
-            out[a : a + chunk] = picked - lse[a : a + chunk]
-            del z  # else the next block is allocated while this one is still alive
-        ctx.save_for_backward(hidden, weight, targets, lse, bias)
-        ctx.chunk, ctx.temperature = chunk, temperature
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        hidden, weight, targets, lse, bias = ctx.saved_tensors
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for a in range(0, hidden.shape[0], ctx.chunk):
-            h, gc = hidden[a : a + ctx.chunk], g[a : a + ctx.chunk].float()
-            z = (h @ weight.T).float()  # (c, V), reused in place as d logp / d z
-            if bias is not None:
-                z += bias
-            if ctx.temperature != 1.0:
-                z /= ctx.temperature
-            z.sub_(lse[a : a + ctx.chunk, None]).exp_().mul_(-gc[:, None])  # -g * softmax
-            z.scatter_add_(-1, targets[a : a + ctx.chunk, None], gc[:, None])  # + g * onehot
-            if ctx.temperature != 1.0:
-                z /= ctx.temperature
-            z = z.to(weight.dtype)
-            if grad_h is not None:
-                grad_h[a : a + ctx.chunk] = z @ weight
-            if grad_w is not None:  # into grad_w.T: no (c, V) copy of z.T, no (V, H) temporary
-                grad_w.T.addmm_(h.T, z)
-            del z
-        return grad_h, grad_w, None, None, None, None
-
-
-def fused_logprobs(hidden, weight, targets, chunk_size=512, vocab_range=None, disallowed=()):
-    """(N, T) log-probs through FusedChunkedLogProbs, same contract as grpo.token_logprobs."""
-    n, t, h = hidden.shape
-    lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
-    bias = None
-    if disallowed:
-        bias = torch.zeros(hi - lo)
-        bias[torch.tensor(disallowed) - lo] = float("-inf")
-    w = weight if vocab_range is None else weight[lo:hi]  # a slice's backward allocates a second (V, H) grad
-    out = FusedChunkedLogProbs.apply(hidden.reshape(n * t, h), w, (targets - lo).reshape(-1), bias, chunk_size, 1.0)
-    return out.view(n, t)
-
-
 def grpo_loss_and_grads(variant: str, x: dict, s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward + backward of one variant on inputs x; (loss, d loss/d hidden, d loss/d weight)."""
     impl, chunk, speech = VARIANTS[variant]
@@ -168,8 +98,6 @@ def grpo_loss_and_grads(variant: str, x: dict, s: dict) -> tuple[torch.Tensor, t
     vocab_range, disallowed = speech_rows(s) if speech else (None, ())
     if impl == "naive":
         logp = naive_logprobs(hidden, weight, x["targets"], vocab_range, disallowed)
-    elif impl == "fused":
-        logp = fused_logprobs(hidden, weight, x["targets"], chunk, vocab_range, disallowed)
     else:
         logp = grpo.token_logprobs(hidden, weight, x["targets"], chunk_size=chunk, vocab_range=vocab_range, disallowed=disallowed)
     old = logp.detach() - x["old_noise"]

@@ -50,7 +50,7 @@ def test_memory_variants_agree_in_process():
 def test_bench_memory_smoke(tmp_path):
     out = tmp_path / "memory.json"
     table = run_script("bench_memory.py", "--json", str(out))
-    assert "| naive |" in table and "| proposed fused |" in table
+    assert "| naive |" in table and "| ours |" in table and "| ours-speech |" in table
     raw = json.loads(out.read_text())
     for name, c in raw["checks"].items():
         assert c["loss_abs"] < 1e-5 and c["grad_hidden_rel"] < 1e-4 and c["grad_weight_rel"] < 1e-4, name
