@@ -175,6 +175,18 @@ class ValidationReport(L.Callback):
             write_report(self.summary, records, out, {"global_step": trainer.global_step})
 
 
+def trained_steps(ckpt_path: str | None) -> int | None:
+    """Training steps behind a .ckpt or an exported dir (0 for the base model, None if unknown)."""
+    if not ckpt_path:
+        return 0
+    path = Path(ckpt_path)
+    if path.is_dir():
+        provenance = path / "lightning_grpo_export.json"
+        return json.loads(provenance.read_text()).get("global_step") if provenance.exists() else None
+    # mmap: reads the header, not the weights and optimizer state, into memory
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """`evaluate [--ckpt_path P] [--out_dir D] --config fit.yaml [fit overrides...]` or `evaluate --compare A B`."""
     import argparse
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if report.summary is None:
         raise RuntimeError("validation produced no samples: check --data.val_data and --trainer.limit_val_batches")
     meta = {"ckpt_path": args.ckpt_path, "model": cli.model.hparams.model_name_or_path,
-            "global_step": cli.trainer.global_step, "val_data": cli.datamodule.val_data}
+            "global_step": trained_steps(args.ckpt_path), "val_data": cli.datamodule.val_data}
     out = write_report(report.summary, report.records, report.out_dir, meta)
     print(markdown_table(report.summary))
     print(f"wrote {out}/metrics.json, metrics.md, samples.jsonl")

@@ -166,7 +166,9 @@ def test_cli_checkpoints_resume_last_then_evaluate_and_export(tmp_path):
                           "--data.max_val_samples=2"])
     assert report["overall"]["n"] == report_hf["overall"]["n"] == 2 * 2
     meta = json.loads((tmp_path / "ev_hf" / "metrics.json").read_text())
-    assert meta["model"] == str(hf) and json.loads((tmp_path / "ev_ckpt" / "metrics.json").read_text())["ckpt_path"] == last
+    meta_ckpt = json.loads((tmp_path / "ev_ckpt" / "metrics.json").read_text())
+    assert meta["model"] == str(hf) and meta_ckpt["ckpt_path"] == last
+    assert meta["global_step"] == meta_ckpt["global_step"] == 5
 
 
 def test_sigkilled_cli_run_resumes_without_losing_a_step(tmp_path):
