@@ -108,7 +108,7 @@ class PerPromptSampler:
 def test_whisper_reward_gives_cer_and_nll_per_language(tmp_path):
     """Real tiny.en Whisper on espeak-ng speech behind a fake codec: right audio, low CER; wrong, high.
 
-    Measured: ~55 s on 2 busy cores (Whisper load + transcribe), hence slow."""
+    Also checks the audio sample table of that validation. Measured: 20-55 s on 2 shared cores, hence slow."""
     from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak
 
     from lightning_grpo.reward.module import WhisperReward
@@ -123,7 +123,10 @@ def test_whisper_reward_gives_cer_and_nll_per_language(tmp_path):
     rows = [codes_to_ids(decoder.add(espeak(SENTENCES[0])), vocab), codes_to_ids(decoder.add(espeak(SENTENCES[1])), vocab)]
     reward = WhisperReward(whisper_model="tiny.en-ct2", codec=decoder, batch_size=4)
     report = ValidationReport(out_dir=str(tmp_path / "ev"))
-    trainer = validate([GRPORollout(PerPromptSampler(rows), reward, restrict_to_speech=False), report], str(path))
+    from lightning_grpo.sample_logging import AudioSampleLogger
+
+    samples = AudioSampleLogger(write_files=True, out_dir=str(tmp_path / "samples"))
+    trainer = validate([GRPORollout(PerPromptSampler(rows), reward, restrict_to_speech=False), report, samples], str(path))
     right, wrong = report.records
     assert right["cer"] < 0.1 < 0.5 < wrong["cer"]
     assert right["nll"] < wrong["nll"] and right["reward"] > 0.5 > wrong["reward"]
@@ -131,6 +134,17 @@ def test_whisper_reward_gives_cer_and_nll_per_language(tmp_path):
     assert report.summary["overall"]["cer"] == pytest.approx((right["cer"] + wrong["cer"]) / 2)
     assert float(trainer.callback_metrics["val/cer_mean"]) == pytest.approx(report.summary["overall"]["cer"], abs=1e-5)
     assert "| all | 2 | " in (tmp_path / "ev" / "metrics.md").read_text()
+    # the audio sample table of the same validation: the codec's audio, Whisper's transcript and CER
+    import csv
+
+    import soundfile as sf
+
+    with (tmp_path / "samples" / "val" / "index.csv").open() as f:
+        logged = {r["text"]: r for r in csv.DictReader(f)}
+    row = logged[SENTENCES[0]]
+    assert "quick brown fox" in row["transcript"].lower() and float(row["cer"]) == pytest.approx(right["cer"], abs=1e-4)
+    wav, sr = sf.read(tmp_path / "samples" / "val" / row["audio"], dtype="float32")
+    assert sr == 16_000 and len(wav) == len(espeak(SENTENCES[0]))
 
 
 def test_validation_during_fit_uses_the_same_report(tmp_path):
