@@ -91,7 +91,10 @@ def split_rows(rows: list[dict[str, Any]], test_size: float, seed: int) -> dict[
     """Shuffle (seeded) and hold out `test_size` rows (a count if >= 1, else a fraction, at least 1)."""
     if test_size < 0:
         raise ValueError(f"--test_size={test_size} must be >= 0 (a fraction < 1 or a row count)")
-    n_test = int(test_size) if test_size >= 1 else max(1, round(test_size * len(rows))) if test_size > 0 else 0
+    if test_size >= 1:
+        n_test = int(test_size)
+    else:  # a fraction; any positive fraction keeps at least one test row
+        n_test = max(1, round(test_size * len(rows))) if test_size > 0 else 0
     if n_test >= len(rows):
         raise ValueError(f"--test_size={test_size} leaves no training rows out of {len(rows)}; lower it")
     order = list(range(len(rows)))
