@@ -1,5 +1,6 @@
 """Command line: `python -m lightning_grpo {fit,validate} --config configs/....yaml` (LightningCLI),
-and `python -m lightning_grpo serve ...` (the Whisper scoring server)."""
+`serve` (the Whisper scoring server), `prepare` (data), `evaluate` (a checkpoint on the test split)
+and `export` (a checkpoint as an HF directory)."""
 
 from __future__ import annotations
 
