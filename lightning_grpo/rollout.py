@@ -123,7 +123,8 @@ class GRPORollout(L.Callback):
         self._ensure_sampler(pl_module)
         if self._pending_rng is not None:
             self._restore_rng()
-        batch["rollout"] = self.make_rollout(pl_module, batch, self.group_size, trainer.global_step)
+        # step = rollouts so far, not optimiser steps (num_iterations > 1 takes several per rollout)
+        batch["rollout"] = self.make_rollout(pl_module, batch, self.group_size, self.train_rollouts)
         self.train_rollouts += 1
 
     def on_validation_batch_start(

@@ -46,6 +46,9 @@ class Sampler(Protocol):
     ) -> Completions:
         """Sample n completions per prompt from the current weights of `model`.
 
+        step: the index of this training rollout (0, 1, ...; resumed runs continue the count), so a
+        sampler can schedule work such as weight syncs every k rollouts.
+
         allowed_token_ids: when given, every other token has probability 0 (LLaSA: the speech
         tokens and the stop token), and the trainer scores log-probs over the same set.
         """

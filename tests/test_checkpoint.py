@@ -129,15 +129,22 @@ def test_export_loads_with_plain_transformers_and_gives_the_same_logits(tmp_path
 
 
 def cli_fit(tmp_path, *extra):
+    """The tiny CPU config with its StepCheckpoint saving every 2 steps."""
+    import yaml
+
     from lightning_grpo.cli import build_cli
 
+    cfg = yaml.safe_load(open("configs/tiny_cpu.yaml"))
+    ckpt = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("StepCheckpoint")][0]
+    ckpt["init_args"]["every_n_train_steps"] = 2
+    ckpt["init_args"]["save_top_k"] = -1
+    config = tmp_path / "tiny_ckpt.yaml"
+    config.write_text(yaml.safe_dump(cfg))
     return build_cli([
-        "fit", "--config", "configs/tiny_cpu.yaml", "--trainer.enable_progress_bar=false",
+        "fit", "--config", str(config), "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.callbacks.init_args.sampler.init_args.max_new_tokens=8", "--trainer.val_check_interval=100",
-        "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=true",
-        "--trainer.callbacks+=lightning_grpo.checkpointing.StepCheckpoint",
-        "--trainer.callbacks.init_args.every_n_train_steps=2", *extra,
+        "--trainer.limit_val_batches=0", *extra,
     ])
 
 
