@@ -197,3 +197,21 @@ def test_demo_config_builds_the_whisper_unit_codec_loop():
     # the longest possible completion (max_new_tokens - 1 units) fits the encoder window
     longest = max(u.numel() for u in reward.codec.units) + reward.codec.gap.numel()
     assert (rollout.sampler.max_new_tokens - 1) * longest + reward.codec.gap.numel() <= reward.window_s * 16_000
+
+
+def test_label_noise_swaps_words_for_their_fixed_partner(tiny_units):
+    import random
+
+    from lightning_grpo.demo.warm_start import confusion_partner
+
+    _, tokenizer = tiny_units
+    vocab = LlasaVocab.from_tokenizer(tokenizer)
+    assert UNITS[confusion_partner(UNITS.index("cat"))] == "dog"
+    assert UNITS[confusion_partner(UNITS.index("pulls"))] == "likes"  # wraps within its class
+    text = "My red cat likes your ball."
+    _, _, labels = teacher_forcing_batch(tokenizer, vocab, [text] * 200, label_noise=0.3, rng=random.Random(0))
+    right = text_to_codes(text)
+    codes = (labels[labels != -100].view(200, 7)[:, :6] - vocab.speech_start_id).tolist()
+    swapped = sum(c != r for row in codes for c, r in zip(row, right)) / (200 * 6)
+    assert all(c in (r, confusion_partner(r)) for row in codes for c, r in zip(row, right))
+    assert 0.25 < swapped < 0.35

@@ -5,7 +5,7 @@ For every run: warm start (cached), `validate` the warm-started policy on the he
 last validation's samples (codes, transcripts) to check for reward hacking. Each run writes
 `<out>/<name>/summary.json`; `--report` turns all summaries into a markdown table and a CER plot.
 
-    python -m lightning_grpo.demo.measure --runs seed0 seed1 seed2 cer_only nll_only --rollouts 20
+    python -m lightning_grpo.demo.measure --runs seed0 seed1 seed2 cer_only nll_only --rollouts 60
     python -m lightning_grpo.demo.measure --report --markdown notes/results_demo.md --plot benchmarks/results/demo_cer.png
 """
 
@@ -99,11 +99,12 @@ def run_one(name: str, out: Path, rollouts: int, val_every: int, extra: list[str
     with open(Path(fit_cli.trainer.logger.log_dir) / "metrics.csv") as f:
         for row in csv.DictReader(f):
             if row.get("val/cer_mean"):
-                curve.append({"step": (int(row["step"]) + 1) // num_iterations, "val/cer_mean": float(row["val/cer_mean"]),
+                # the CSV's step counts rollouts (batches), not optimiser updates
+                curve.append({"step": int(row["step"]) + 1, "val/cer_mean": float(row["val/cer_mean"]),
                               "val/cer_capped_mean": float(row["val/cer_capped_mean"]),
                               "val/nll_mean": float(row["val/nll_mean"]), "val/reward_mean": float(row["val/reward_mean"])})
     summary = {
-        "name": name, "seed": seed, "lambda_c": lc, "lambda_n": ln, "rollouts": rollouts, "num_iterations": num_iterations,
+        "name": name, "seed": seed, "lambda_c": lc, "lambda_n": ln, "rollouts": rollouts, "num_iterations": num_iterations, "curve_steps": "rollouts", "extra": extra,
         "before": before, "after": after, "curve": curve,
         "before_samples": before_samples, "after_samples": after_samples,
     }
@@ -112,8 +113,23 @@ def run_one(name: str, out: Path, rollouts: int, val_every: int, extra: list[str
     return summary
 
 
-def report(out: Path, markdown: Path | None, plot: Path | None) -> str:
-    summaries = [json.loads((out / n / "summary.json").read_text()) for n in RUNS if (out / n / "summary.json").exists()]
+def _load_summaries(outs: list[Path]) -> list[dict]:
+    summaries = []
+    for out in outs:
+        for n in RUNS:
+            path = out / n / "summary.json"
+            if path.exists():
+                s = json.loads(path.read_text())
+                if s.get("curve_steps") != "rollouts":  # summaries written before the step fix
+                    for point in s["curve"]:
+                        point["step"] *= s.get("num_iterations", 1)
+                s["label"] = f"{out.name}/{n}"
+                summaries.append(s)
+    return summaries
+
+
+def report(outs: list[Path], markdown: Path | None, plot: Path | None) -> str:
+    summaries = _load_summaries(outs)
     lines = [
         "| run | reward weights | CER before | CER after | rel. change | raw mean CER before / after |"
         " NLL before / after | reward before / after | exact before / after | junk / repeat / short / long / unstopped after |",
@@ -123,7 +139,7 @@ def report(out: Path, markdown: Path | None, plot: Path | None) -> str:
         b, a, hb, ha = s["before"], s["after"], s["before_samples"], s["after_samples"]
         rel = (a["val/cer_capped_mean"] - b["val/cer_capped_mean"]) / b["val/cer_capped_mean"]
         lines.append(
-            f"| {s['name']} (seed {s['seed']}) | lc {s['lambda_c']} / ln {s['lambda_n']} | {b['val/cer_capped_mean']:.3f} | "
+            f"| {s['label']} (seed {s['seed']}, {s.get('rollouts', '?')} rollouts{', ' + ' '.join(s['extra']) if s.get('extra') else ''}) | lc {s['lambda_c']} / ln {s['lambda_n']} | {b['val/cer_capped_mean']:.3f} | "
             f"{a['val/cer_capped_mean']:.3f} | {rel:+.0%} | {b['val/cer_mean']:.3f} / {a['val/cer_mean']:.3f} | "
             f"{b['val/nll_mean']:.2f} / {a['val/nll_mean']:.2f} | {b['val/reward_mean']:.3f} / {a['val/reward_mean']:.3f} | "
             f"{hb['exact_rate']:.2f} / {ha['exact_rate']:.2f} | {ha['junk_rate']:.2f} / {ha['repeat_rate']:.2f} / "
@@ -142,7 +158,7 @@ def report(out: Path, markdown: Path | None, plot: Path | None) -> str:
         for s in summaries:
             steps = [p["step"] for p in s["curve"]]
             ax.plot(steps, [p["val/cer_capped_mean"] for p in s["curve"]], marker="o",
-                    label=f"{s['name']} (lc {s['lambda_c']}, ln {s['lambda_n']})",
+                    label=f"{s['label']} (lc {s['lambda_c']}, ln {s['lambda_n']})",
                     linestyle="-" if s["lambda_c"] and s["lambda_n"] else "--")
         ax.set_xlabel("GRPO step")
         ax.set_ylabel("held-out CER, mean of min(CER, 1)")
@@ -158,10 +174,11 @@ def report(out: Path, markdown: Path | None, plot: Path | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], choices=sorted(RUNS))
-    p.add_argument("--out", type=Path, default=Path("runs/demo_measure"))
-    p.add_argument("--rollouts", type=int, default=20, help="GRPO steps (rollouts); each makes --num_iterations updates")
+    p.add_argument("--out", type=Path, default=Path("runs/demo_measure"), help="where runs go")
+    p.add_argument("--report_dirs", type=Path, nargs="*", help="run directories to report (default: --out)")
+    p.add_argument("--rollouts", type=int, default=60, help="GRPO steps (rollouts); each makes --num_iterations updates")
     p.add_argument("--num_iterations", type=int, default=2)
-    p.add_argument("--val_every", type=int, default=10)
+    p.add_argument("--val_every", type=int, default=20)
     p.add_argument("--report", action="store_true")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--plot", type=Path)
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         b, a = s["before"]["val/cer_capped_mean"], s["after"]["val/cer_capped_mean"]
         print(f"{name}: held-out capped CER {b:.3f} -> {a:.3f} ({(a - b) / b:+.0%})", flush=True)
     if args.report:
-        print(report(args.out, args.markdown, args.plot))
+        print(report(args.report_dirs or [args.out], args.markdown, args.plot))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 from ..llasa import LlasaVocab, codes_to_ids, encode_prompt, parse_completion
 from ..sampling import HFSampler
 from ..tiny import build_tiny_llasa
-from .unit_codec import NUM_UNITS, make_prompt_sets, text_to_codes, write_prompt_sets
+from .unit_codec import ADJECTIVES, DETERMINERS, NOUNS, NUM_UNITS, UNITS, VERBS, make_prompt_sets, text_to_codes, write_prompt_sets
 
 DEMO_DIR = Path(__file__).parent
 TRAIN_PROMPTS = DEMO_DIR / "prompts_train.jsonl"
@@ -48,6 +48,7 @@ class WarmStartConfig:
     num_train: int = 256
     num_test: int = 48
     data_seed: int = 0
+    label_noise: float = 0.0
 
 
 def edit_distance(a: list[int], b: list[int]) -> int:
@@ -61,12 +62,29 @@ def edit_distance(a: list[int], b: list[int]) -> int:
     return prev[-1]
 
 
-def teacher_forcing_batch(tokenizer, vocab: LlasaVocab, texts: list[str]) -> tuple[torch.Tensor, ...]:
-    """(input_ids, attention_mask, labels), each (B, L): right-padded, labels -100 outside the completion."""
+def confusion_partner(code: int) -> int:
+    """The fixed wrong word a noisy label uses for `code`: the next word of the same grammatical class."""
+    word = UNITS[code]
+    for slot in (DETERMINERS, ADJECTIVES, NOUNS, VERBS):
+        if word in slot:
+            return UNITS.index(slot[(slot.index(word) + 1) % len(slot)])
+    raise ValueError(f"code {code} ({word}) is not a word unit")
+
+
+def teacher_forcing_batch(
+    tokenizer, vocab: LlasaVocab, texts: list[str], label_noise: float = 0.0, rng: random.Random | None = None
+) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, labels), each (B, L): right-padded, labels -100 outside the completion.
+
+    label_noise: probability that a word's code is replaced by its `confusion_partner` (both as
+    input and as label), so the policy learns to read but with systematic mispronunciations.
+    """
     rows = []
+    rng = rng or random.Random(0)
     for t in texts:
         prompt = encode_prompt(tokenizer, t)
-        target = codes_to_ids(text_to_codes(t), vocab, add_stop=True)
+        codes = [confusion_partner(c) if label_noise and rng.random() < label_noise else c for c in text_to_codes(t)]
+        target = codes_to_ids(codes, vocab, add_stop=True)
         rows.append((prompt + target, len(prompt)))
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), vocab.pad_id, dtype=torch.long)
@@ -124,7 +142,7 @@ def warm_start(out: str | Path, config: WarmStartConfig = WarmStartConfig(), for
                 if len(order) < config.batch_size:
                     order += rng.sample(train, len(train))  # epochs of shuffled sentences
                 batch, order = order[: config.batch_size], order[config.batch_size :]
-                ids, mask, labels = teacher_forcing_batch(tokenizer, vocab, batch)
+                ids, mask, labels = teacher_forcing_batch(tokenizer, vocab, batch, config.label_noise, rng)
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
