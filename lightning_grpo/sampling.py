@@ -64,6 +64,7 @@ class HFSampler:
         top_k: int = 0,
         max_new_tokens: int = 2048,
         pad_token_id: int | None = None,
+        return_logprobs: bool = False,
     ) -> None:
         """
         Args:
@@ -74,6 +75,9 @@ class HFSampler:
                 Completions that reach it are flagged truncated, never silently cut.
             pad_token_id: id used to left-pad prompts; default: the stop token id (never sampled
                 inside a completion because sampling ends at the stop token).
+            return_logprobs: also return generate's own log-prob of each sampled token (from its
+                processed scores: after the speech-only mask, temperature, top-k/top-p). Used to
+                check that the trainer scores exactly the distribution that was sampled.
         """
         if temperature <= 0:
             raise ValueError(f"--temperature={temperature} must be > 0 (use a small value for near-greedy)")
@@ -86,6 +90,7 @@ class HFSampler:
         self.top_k = top_k
         self.max_new_tokens = max_new_tokens
         self.pad_token_id = pad_token_id
+        self.return_logprobs = return_logprobs
 
     def setup(self, pl_module) -> None:
         pass
@@ -124,18 +129,27 @@ class HFSampler:
                 pad_token_id=pad,
                 use_cache=True,
                 logits_processor=LogitsProcessorList([_AllowOnly(allowed_token_ids)]) if allowed_token_ids else None,
-            )  # (B*G, width + T)
+                return_dict_in_generate=True,
+                output_scores=self.return_logprobs,
+            )
         finally:
             model.train(was_training)
-        ids, truncated = [], []
-        for row in out[:, width:].tolist():
+        sequences = out.sequences[:, width:]  # (B*G, T)
+        token_logprobs = None
+        if self.return_logprobs:
+            scores = torch.stack(out.scores, dim=1).float()  # (B*G, T, V) processed scores
+            token_logprobs = torch.log_softmax(scores, -1).gather(-1, sequences[..., None]).squeeze(-1)
+        ids, truncated, logprobs = [], [], []
+        for i, row in enumerate(sequences.tolist()):
             if stop_token_id in row:
                 row = row[: row.index(stop_token_id) + 1]
                 truncated.append(False)
             else:
                 truncated.append(True)
             ids.append(row)
-        return Completions(ids=ids, truncated=truncated)
+            if token_logprobs is not None:
+                logprobs.append(token_logprobs[i, : len(row)].tolist())
+        return Completions(ids=ids, truncated=truncated, logprobs=logprobs if token_logprobs is not None else None)
 
 
 class _AllowOnly(LogitsProcessor):

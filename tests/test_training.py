@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_grpo.data import PromptDataModule
-from lightning_grpo.llasa import codes_to_ids
+from lightning_grpo.llasa import codes_to_ids, encode_prompt
 from lightning_grpo.policy import GRPOPolicy
 from lightning_grpo.reward.rule import RuleReward
 from lightning_grpo.rollout import GRPORollout
@@ -41,31 +41,22 @@ def make_trainer(callback, max_steps=1, **kw):
     )
 
 
-def test_trainer_logprobs_equal_the_sampling_distribution():
-    """Left padding, position ids, temperature and the speech-only restriction agree with generate()."""
+@pytest.mark.parametrize("restrict", [True, False])
+def test_trainer_logprobs_equal_generate_sampling_distribution(restrict):
+    """generate()'s own scores of the sampled tokens (left padding, its position ids, temperature,
+    speech-only mask) equal what the trainer's chunked log-probs compute for the same rows."""
     torch.manual_seed(0)
     policy = GRPOPolicy(learning_rate=1e-3)
-    rollout_cb = GRPORollout(HFSampler(temperature=0.7, max_new_tokens=6), RuleReward(), group_size=2)
+    rollout_cb = GRPORollout(HFSampler(temperature=0.7, max_new_tokens=6, return_logprobs=True), RuleReward(),
+                             group_size=2, restrict_to_speech=restrict)
     rollout_cb.setup(None, policy, "fit")
     batch = {"text": ["Hi.", "A much longer prompt text here."], "language": [None, None]}
     r = rollout_cb.make_rollout(policy, batch, 2, step=0)
-
-    from lightning_grpo.sampling import _AllowOnly
-
-    # Re-score each completion with generate()'s own processed scores (teacher forcing by replay).
-    proc = _AllowOnly(rollout_cb.allowed_token_ids())
+    assert r.prompt_width > len(encode_prompt(policy.tokenizer, "Hi."))  # the short prompt is left-padded
     with torch.no_grad():
-        logits = policy.policy(input_ids=r.input_ids, attention_mask=r.attention_mask,
-                               position_ids=(r.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
-        w = r.prompt_width
-        scores = proc(None, logits[:, w - 1 : -1].reshape(-1, logits.shape[-1])).view(logits.shape[0], -1, logits.shape[-1])
-        expected = torch.log_softmax(scores / 0.7, -1).gather(-1, r.input_ids[:, w:, None]).squeeze(-1)
         got = policy.completion_logprobs(policy.policy, r, slice(0, 4))
     m = r.completion_mask.bool()
-    assert torch.allclose(got[m], expected[m], atol=1e-4)
-    # and the left-padded short prompt scores as it would alone (padding does not leak)
-    alone = rollout_cb.make_rollout(policy, {"text": ["Hi."], "language": [None]}, 2, step=0)
-    assert alone.prompt_width < r.prompt_width
+    assert torch.allclose(got[m], r.sampler_logprobs[m], atol=1e-4)
 
 
 def test_training_changes_policy_and_keeps_reference_bit_identical():
