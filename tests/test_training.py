@@ -265,3 +265,16 @@ def test_sampler_metrics_reach_the_logger(vocab):
     trainer.fit(GRPOPolicy(), PromptDataModule(prompts_per_step=2, val_data=None))
     assert float(trainer.callback_metrics["rollout/sync_s"]) == pytest.approx(0.25)
     assert float(trainer.callback_metrics["sync/logprob_mean_abs_diff"]) == pytest.approx(0.01)
+
+
+def test_policy_loads_a_local_hf_directory_in_bf16(tmp_path, tiny):
+    """The path users take with HKUSTAudio/Llasa-1B, on a saved tiny LLaSA (no hub)."""
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy = GRPOPolicy(model_name_or_path=str(tmp_path), dtype="bfloat16", beta=0.1)
+    assert next(policy.policy.parameters()).dtype == torch.bfloat16
+    assert len(policy.tokenizer) == len(tok)
+    for (name, a), b in zip(model.state_dict().items(), policy.policy.state_dict().values()):
+        assert torch.equal(a.bfloat16(), b), name
+    assert policy.reference is not policy.policy and next(policy.reference.parameters()).dtype == torch.bfloat16
