@@ -4,8 +4,10 @@ Whisper pads every clip to a 30 s window (1,500 encoder frames); for the demo's 
 that is ~90% padding and ~90% of the reward's CPU time. `ShortWindowWhisperReward` keeps the first
 `window_s` seconds of the log-mel (still Whisper's own features) and the matching first rows of the
 encoder's positional embedding, as whisper.cpp's `audio_ctx` option does. It is the same Whisper and
-the same reward, guards and shaping; only the padding it attends to is shorter. Measured on the
-demo's correct sentences (tiny.en, see notes/results): the CER floor is no worse than with 30 s.
+the same reward, guards and shaping; only the padding it attends to is shorter. Measured on the demo's
+48 held-out sentences spoken with their correct codes (tiny.en): mean capped CER 0.088 with an 8 s window and
+0.103 with 5 s, against about 0.12 with the full 30 s (on an earlier version of the vocabulary), at about a
+third of the encoder time with 8 s.
 Audio longer than the window scores 0 with reason `too_long`, never silently cut.
 """
 
