@@ -89,7 +89,8 @@ class GRPOPolicy(L.LightningModule):
                 seq-mean-token-sum-norm (Dr.GRPO: no length bias, with scale_rewards=none).
             scale_rewards: divide centred rewards by the group std (GRPO), the batch std, or none.
             num_iterations: optimiser updates per rollout (PPO epochs); >1 uses the rollout's
-                log-probs as the old policy, so the clip matters.
+                log-probs as the old policy, so the clip matters. Lightning counts each update as a
+                step: `--trainer.max_steps` is rollouts x num_iterations.
             micro_batch_size: rows per forward/backward; gradients accumulate over the rollout.
             logprob_chunk_size: tokens per chunk of the LM head; peak logits memory is
                 chunk x vocab x 4 bytes (512 x 65,537 = 134 MB for LLaSA's speech rows).
@@ -109,6 +110,14 @@ class GRPOPolicy(L.LightningModule):
             raise ValueError(f"--model.beta={beta} must be >= 0")
         self.automatic_optimization = False
         self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, attn_implementation)
+        # from_pretrained returns eval mode, and HF only checkpoints layers in train mode; dropout is
+        # switched off instead, as peers do for RL: the ratio must compare the same function.
+        self.policy.train()
+        for module in self.policy.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if hasattr(self.policy.config, "attention_dropout"):
+            self.policy.config.attention_dropout = 0.0
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False

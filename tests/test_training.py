@@ -194,10 +194,11 @@ def test_num_iterations_uses_old_logprobs_and_clips():
 
 
 def test_gradient_checkpointing_and_bf16_switches():
-    """Checkpointing changes memory, not gradients; bf16 weights train without NaN."""
-    from lightning_grpo.llasa import codes_to_ids, LlasaVocab
+    """Checkpointing keeps fewer activations for backward (so it is really on), changes no
+    gradient; bf16 weights train without NaN."""
+    from lightning_grpo.llasa import LlasaVocab
 
-    grads = {}
+    grads, forwards = {}, {}
     for gc in (False, True):
         torch.manual_seed(0)
         policy = GRPOPolicy(gradient_checkpointing=gc)
@@ -206,11 +207,15 @@ def test_gradient_checkpointing_and_bf16_switches():
                          RuleReward(codes_per_char=0.3, band=(0, 4)), group_size=2)
         cb.setup(None, policy, "fit")
         r = cb.make_rollout(policy, {"text": ["hello"], "language": [None]}, 2, 0)
-        policy.policy.train()
-        logp = policy.completion_logprobs(policy.policy, r, slice(0, 2))
+        assert policy.policy.training  # the mode the module is built in, sampling restores it
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logp = policy.completion_logprobs(policy.policy, r, slice(0, 2))
         adv = torch.tensor([1.0, -1.0])
         (-(logp * r.completion_mask).sum(-1) * adv).sum().backward()
+        forwards[gc] = sum(saved)  # activation elements kept for backward
         grads[gc] = torch.cat([p.grad.flatten() for p in policy.policy.parameters() if p.grad is not None])
+    assert forwards[True] < 0.7 * forwards[False], forwards
     assert torch.allclose(grads[False], grads[True], atol=1e-6)
 
     L.seed_everything(0)
@@ -272,8 +277,10 @@ def test_policy_loads_a_local_hf_directory_in_bf16(tmp_path, tiny):
     model, tok = tiny
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    policy = GRPOPolicy(model_name_or_path=str(tmp_path), dtype="bfloat16", beta=0.1)
+    policy = GRPOPolicy(model_name_or_path=str(tmp_path), dtype="bfloat16", beta=0.1, gradient_checkpointing=True)
     assert next(policy.policy.parameters()).dtype == torch.bfloat16
+    # from_pretrained returns eval mode, where HF silently skips gradient checkpointing
+    assert policy.policy.training and policy.policy.is_gradient_checkpointing
     assert len(policy.tokenizer) == len(tok)
     for (name, a), b in zip(model.state_dict().items(), policy.policy.state_dict().values()):
         assert torch.equal(a.bfloat16(), b), name
