@@ -28,6 +28,18 @@ class Completions:
     logprobs: list[list[float]] | None = None
 
 
+def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    """The sampling settings every sampler shares; errors name the flag."""
+    if temperature <= 0:
+        raise ValueError(f"--temperature={temperature} must be > 0 (use a small value for near-greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top_p={top_p} must be in (0, 1]")
+    if top_k < 0:
+        raise ValueError(f"--top_k={top_k} must be >= 0 (0 disables it)")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+
+
 @runtime_checkable
 class Sampler(Protocol):
     max_new_tokens: int
@@ -79,12 +91,7 @@ class HFSampler:
                 processed scores: after the speech-only mask, temperature, top-k/top-p). Used to
                 check that the trainer scores exactly the distribution that was sampled.
         """
-        if temperature <= 0:
-            raise ValueError(f"--temperature={temperature} must be > 0 (use a small value for near-greedy)")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"--top_p={top_p} must be in (0, 1]")
-        if max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+        check_sampling_params(temperature, top_p, top_k, max_new_tokens)
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k

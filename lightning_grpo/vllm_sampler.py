@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
-from .sampling import Completions
+from .sampling import Completions, check_sampling_params
 from .vllm_engine import Engine, EngineConfig, RawCompletion, SampleRequest, VLLMEngine
 
 __all__ = [
@@ -164,14 +164,7 @@ class VLLMSampler:
             engine_kwargs: extra `vllm.LLM` keyword arguments (e.g. max_num_seqs), passed as is.
             engine_factory: builds the engine from an EngineConfig; default: vLLM. Tests pass a fake.
         """
-        if temperature <= 0:
-            raise ValueError(f"--temperature={temperature} must be > 0 (use a small value for near-greedy)")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"--top_p={top_p} must be in (0, 1]")
-        if top_k < 0:
-            raise ValueError(f"--top_k={top_k} must be >= 0 (0 disables it)")
-        if max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+        check_sampling_params(temperature, top_p, top_k, max_new_tokens)
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"--gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
         if tensor_parallel_size < 1:
