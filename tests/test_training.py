@@ -33,12 +33,27 @@ class ScriptedSampler:
                            truncated=[self.trunc[i % len(self.trunc)] for i in range(k)])
 
 
-def make_trainer(callback, max_steps=1, **kw):
-    return L.Trainer(
+class Record(L.Callback):
+    """Per training step: the loss, the logged metrics and the rollout's mean reward."""
+
+    def __init__(self) -> None:
+        self.losses, self.metrics, self.rewards = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        self.rewards.append(batch["rollout"].rewards.mean().item())
+
+
+def fit(policy, rollout, max_steps=1, prompts_per_step=2) -> Record:
+    """Train `policy` with `rollout` for `max_steps` on the embedded prompts; what each step logged."""
+    record = Record()
+    L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[callback], **kw,
-    )
+        limit_val_batches=0, callbacks=[rollout, record],
+    ).fit(policy, PromptDataModule(prompts_per_step=prompts_per_step, val_data=None))
+    return record
 
 
 @pytest.mark.parametrize("restrict", [True, False])
@@ -65,8 +80,7 @@ def test_training_changes_policy_and_keeps_reference_bit_identical():
     before_ref = {k: v.clone() for k, v in policy.reference.state_dict().items()}
     before_pol = {k: v.clone() for k, v in policy.policy.state_dict().items()}
     cb = GRPORollout(HFSampler(temperature=1.0, max_new_tokens=12), RuleReward(codes_per_char=0.3, band=(0, 16)), group_size=4)
-    dm = PromptDataModule(prompts_per_step=2, val_data=None)
-    make_trainer(cb, max_steps=3).fit(policy, dm)
+    fit(policy, cb, max_steps=3)
     for k, v in policy.reference.state_dict().items():
         assert torch.equal(v, before_ref[k]), f"reference weight {k} changed"
     assert not policy.reference.training and not any(p.requires_grad for p in policy.reference.parameters())
@@ -82,16 +96,7 @@ def test_seeded_learning_on_the_rule_reward():
     L.seed_everything(0)
     policy = GRPOPolicy(learning_rate=3e-3, beta=0.02, micro_batch_size=32)
     cb = GRPORollout(HFSampler(temperature=1.0, max_new_tokens=48), RuleReward(codes_per_char=0.5, band=(0, 16)), group_size=8)
-    seen = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(batch["rollout"].rewards.mean().item())
-
-    dm = PromptDataModule(prompts_per_step=4, val_data=None)
-    trainer = L.Trainer(accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Record()])
-    trainer.fit(policy, dm)
+    seen = fit(policy, cb, max_steps=30, prompts_per_step=4).rewards
     first, last = sum(seen[:5]) / 5, sum(seen[-5:]) / 5
     print(f"mean reward first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last > first + 0.15, (first, last)
@@ -119,16 +124,7 @@ def test_no_nan_when_every_row_is_masked_or_advantage_is_zero(vocab):
     policy = GRPOPolicy(learning_rate=1e-2)
     before = {k: v.clone() for k, v in policy.policy.state_dict().items()}
     cb = GRPORollout(ScriptedSampler([runaway], [True]), RuleReward(), group_size=2, truncation="mask")
-    losses = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Record()])
-    trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
-    assert losses == [0.0, 0.0]
+    assert fit(policy, cb, max_steps=2).losses == [0.0, 0.0]
     # zero advantage and no loss tokens: weights move only through AdamW's weight decay (0 here)
     assert all(torch.equal(v, before[k]) for k, v in policy.policy.state_dict().items())
 
@@ -179,15 +175,7 @@ def test_num_iterations_uses_old_logprobs_and_clips():
     L.seed_everything(0)
     policy = GRPOPolicy(learning_rate=5e-2, num_iterations=3, micro_batch_size=8)
     cb = GRPORollout(HFSampler(max_new_tokens=10), RuleReward(codes_per_char=0.3, band=(0, 8)), group_size=4)
-    logged = {}
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Record()])
-    trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+    logged = fit(policy, cb, max_steps=3).metrics[-1]
     # a large step size moves the policy between iterations, so some ratios leave the clip range
     assert logged["train/clip_fraction"] > 0
     assert logged["train/ratio_mean"] != pytest.approx(1.0, abs=1e-6)
@@ -222,15 +210,7 @@ def test_gradient_checkpointing_and_bf16_switches():
     policy = GRPOPolicy(dtype="bfloat16", learning_rate=1e-2)
     assert next(policy.policy.parameters()).dtype == torch.bfloat16
     cb = GRPORollout(HFSampler(max_new_tokens=6), RuleReward(), group_size=2)
-    losses = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Record()])
-    trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+    losses = fit(policy, cb, max_steps=2).losses
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
@@ -247,15 +227,7 @@ def test_importance_correction_uses_sampler_logprobs(vocab):
     policy = GRPOPolicy(importance_correction=True, importance_cap=2.0, learning_rate=1e-3)
     cb = GRPORollout(WithLogprobs([codes_to_ids([1, 2], vocab), codes_to_ids([40] * 5, vocab)], [False, False]),
                      RuleReward(codes_per_char=0.3, band=(0, 8)), group_size=2)
-    logged = {}
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Record()])
-    trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+    logged = fit(policy, cb).metrics[-1]
     assert logged["train/is_weight_mean"] == pytest.approx(2.0)
     assert logged["train/is_weight_capped_frac"] == pytest.approx(1.0)
 
@@ -265,11 +237,9 @@ def test_sampler_metrics_reach_the_logger(vocab):
         metrics = {"rollout/sync_s": 0.25, "sync/logprob_mean_abs_diff": 0.01}
 
     cb = GRPORollout(Timed([codes_to_ids([1, 2], vocab)], [False]), RuleReward(), group_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
-    trainer.fit(GRPOPolicy(), PromptDataModule(prompts_per_step=2, val_data=None))
-    assert float(trainer.callback_metrics["rollout/sync_s"]) == pytest.approx(0.25)
-    assert float(trainer.callback_metrics["sync/logprob_mean_abs_diff"]) == pytest.approx(0.01)
+    logged = fit(GRPOPolicy(), cb).metrics[-1]
+    assert logged["rollout/sync_s"] == pytest.approx(0.25)
+    assert logged["sync/logprob_mean_abs_diff"] == pytest.approx(0.01)
 
 
 def test_policy_loads_a_local_hf_directory_in_bf16(tmp_path, tiny):
