@@ -237,9 +237,3 @@ def truncated_importance_weights(
     m = mask.bool()
     diff = torch.where(m, trainer_logp.detach().float() - sampler_logp.detach().float(), torch.zeros((), dtype=torch.float32))
     return torch.where(m, torch.exp(diff).clamp(max=cap), torch.zeros((), dtype=torch.float32))
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over mask == 1; 0 when the mask is empty. (N, T), (N, T) -> ()."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)

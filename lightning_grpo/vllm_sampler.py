@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
+from .grpo import token_logprobs
 from .sampling import Completions, check_sampling_params
 from .vllm_engine import Engine, EngineConfig, RawCompletion, SampleRequest, VLLMEngine
 
@@ -86,18 +87,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def policy_logprobs(model: torch.nn.Module, ids: Sequence[int], start: int) -> list[float]:
-    """Teacher-forced log p(ids[t] | ids[:t]) for t in start..len(ids)-1 under `model`, temperature 1."""
+    """Teacher-forced log p(ids[t] | ids[:t]) for t in start..len(ids)-1 under `model`, temperature 1.
+
+    Scored with the trainer's chunked log-probs (grpo.token_logprobs), so no full-vocabulary logits.
+    """
     hf = unwrap(model)
     device = next(hf.parameters()).device
     was_training = hf.training
     hf.eval()
     try:
         x = torch.tensor([list(ids)], device=device)  # (1, L)
-        logits = hf(input_ids=x).logits[0, start - 1 : -1].float()  # (L - start, V)
+        hidden = hf.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # (1, L, H)
+        logp = token_logprobs(hidden[:, start - 1 : -1], hf.get_output_embeddings().weight, x[:, start:])
     finally:
         hf.train(was_training)
-    target = x[0, start:]
-    return torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0].tolist()
+    return logp[0].tolist()
 
 
 class VLLMSampler:

@@ -397,3 +397,13 @@ def test_gpu_full_step_with_sleep_mode(real_sampler):
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
     out2 = s.sample(policy, prompts, 4, stop, 1)  # sync_every=1: the updated weights, verified
     assert len(out2.ids) == 8 and s.metrics["sync/ok"] == 1.0 and "rollout/sync_s" in s.metrics
+
+
+def test_policy_logprobs_equal_full_vocabulary_log_softmax():
+    """The sync check's reference log-probs (chunked) equal a plain full-logits computation."""
+    model, _ = build_tiny_llasa()
+    ids = torch.randint(0, model.config.vocab_size, (12,)).tolist()
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor([ids])).logits[0, 4:-1]
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[5:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(policy_logprobs(model, ids, 5)), expected, atol=1e-5)
