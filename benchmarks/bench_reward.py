@@ -75,7 +75,7 @@ class TimedCodec:
         return self.audio.decode(codes)
 
 
-def build(n: int, smoke: bool) -> tuple[TimedCodec, list[SpeechSample]]:
+def build(n: int, smoke: bool, device: str = "cpu") -> tuple[TimedCodec, list[SpeechSample]]:
     rng = random.Random(0)
     torch.manual_seed(0)
     size = dict(hidden_dim=64, depth=2, heads=4) if smoke else {}
@@ -85,7 +85,7 @@ def build(n: int, smoke: bool) -> tuple[TimedCodec, list[SpeechSample]]:
         codes = stored.add(espeak(text))
         real_codes[tuple(codes)] = [rng.randrange(65_536) for _ in codes]
         samples.append(SpeechSample(text, codes, language="en"))
-    return TimedCodec(XCodec2Decoder(None, **size), stored, real_codes), samples
+    return TimedCodec(XCodec2Decoder(None, device=device, **size), stored, real_codes), samples
 
 
 @torch.inference_mode()
@@ -98,8 +98,8 @@ def original_server_score(reward: WhisperReward, sample: SpeechSample) -> None:
     whisper.transcribe(model, audio, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), fp16=False, verbose=None)
     t2 = time.perf_counter()
     tok = asr.tokenizer_for(model, "en")
-    tokens = torch.tensor([[tok.sot, *tok.encode(" " + sample.text), tok.eot]])
-    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio))[None]
+    tokens = torch.tensor([[tok.sot, *tok.encode(" " + sample.text), tok.eot]], device=model.device)
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio))[None].to(model.device)
     logits = model(mel, tokens[:, :-1])
     torch.nn.functional.cross_entropy(logits[0, 1:], tokens[0, 2:])
     t3 = time.perf_counter()
@@ -108,8 +108,14 @@ def original_server_score(reward: WhisperReward, sample: SpeechSample) -> None:
     timings["nll"] += t3 - t2  # includes a second encoder pass
 
 
-def timed_run(reward: WhisperReward, samples: list[SpeechSample], mode: str) -> tuple[float, float, dict, list]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed_run(reward: WhisperReward, samples: list[SpeechSample], mode: str, device: str = "cpu") -> tuple[float, float, dict, list]:
     reward.timings.clear()
+    _sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     rewards = []
     if mode == "batched":
@@ -119,6 +125,7 @@ def timed_run(reward: WhisperReward, samples: list[SpeechSample], mode: str) -> 
     else:
         for s in samples:
             original_server_score(reward, s)
+    _sync(device)
     return time.perf_counter() - start, time.process_time() - cpu_start, dict(reward.timings), rewards
 
 
@@ -128,6 +135,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--whisper", default="tiny.en-ct2")
+    p.add_argument("--device", default="cpu", help="where the codec and Whisper run (e.g. cuda:0 on a GPU machine)")
     p.add_argument("--smoke", action="store_true", help="1 sample, small codec: checks the script runs")
     p.add_argument("--out", type=Path, help="write the markdown section to this file")
     args = p.parse_args()
@@ -135,12 +143,12 @@ def main() -> None:
         args.samples, args.batch_size = 1, 1
     torch.set_num_threads(args.threads)
 
-    codec, samples = build(args.samples, args.smoke)
-    reward = WhisperReward(args.whisper, codec=codec, device="cpu", batch_size=args.batch_size)
+    codec, samples = build(args.samples, args.smoke, args.device)
+    reward = WhisperReward(args.whisper, codec=codec, device=args.device, batch_size=args.batch_size)
     reward.score(samples[: args.batch_size])  # warm-up (allocator, first-call overheads), shared by all modes
 
     n = len(samples)
-    runs = {mode: timed_run(reward, samples, mode) for mode in ("batched", "per-sample", "original")}
+    runs = {mode: timed_run(reward, samples, mode, args.device) for mode in ("batched", "per-sample", "original")}
     max_diff = max(abs(a - b) for a, b in zip(runs["batched"][3], runs["per-sample"][3]))
     stages = ["decode", "encoder", "decoding", "transcribe", "nll"]
     labels = {
@@ -158,7 +166,7 @@ def main() -> None:
         "## Reward throughput (issue 3)",
         "",
         f"`python benchmarks/bench_reward.py{' --smoke' if args.smoke else ''}` — {n} samples, Whisper "
-        f"`{args.whisper}` (converted to openai-whisper fp32), greedy, CPU, {args.threads} torch threads; "
+        f"`{args.whisper}` (converted to openai-whisper fp32), greedy, device {args.device}, {args.threads} torch threads; "
         f"codec: {'small' if args.smoke else 'real-size'} X-codec2 decoder (random weights) for the decode "
         "cost, espeak-ng speech for Whisper; one measured run per mode after one shared warm-up call.",
         f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs (load avg {info['load_avg_1m']}, "

@@ -103,7 +103,7 @@ def tiny_units():
 def test_warm_start_learns_is_cached_and_deterministic(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = WarmStartConfig(seed=3, steps=80, hidden_size=48, num_layers=2, num_train=64, num_test=16)
+    cfg = WarmStartConfig(seed=3, steps=80, hidden_size=48, num_layers=2, num_train=64, num_test=16, label_noise=0.0)
     out = warm_start(tmp_path / "a", cfg)
     stamp = json.loads((out / "warm_start.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -215,3 +215,28 @@ def test_label_noise_swaps_words_for_their_fixed_partner(tiny_units):
     swapped = sum(c != r for row in codes for c, r in zip(row, right)) / (200 * 6)
     assert all(c in (r, confusion_partner(r)) for row in codes for c, r in zip(row, right))
     assert 0.25 < swapped < 0.35
+
+
+def test_measure_report_states_the_relative_drop_and_unit_errors(tmp_path):
+    from lightning_grpo.demo.measure import report
+
+    metrics = lambda cer, nll, reward: {  # noqa: E731
+        "val/cer_capped_mean": cer, "val/cer_mean": cer, "val/nll_mean": nll, "val/reward_mean": reward}
+    hacking = {"exact_rate": 0.5, "junk_rate": 0.0, "repeat_rate": 0.0, "short_rate": 0.02, "long_rate": 0.0, "unstopped_rate": 0.0}
+    summary = {
+        "name": "seed0", "seed": 0, "lambda_c": 0.6, "lambda_n": 0.4, "rollouts": 60, "curve_steps": "rollouts", "extra": [],
+        "before": metrics(0.4, 4.0, 0.26), "after": metrics(0.1, 1.5, 0.67),
+        "curve": [{"step": 0, "val/cer_capped_mean": 0.4}, {"step": 60, "val/cer_capped_mean": 0.1}],
+        "before_samples": hacking, "after_samples": hacking,
+        "before_units": {"sampled": 0.37, "greedy": 0.15}, "after_units": {"sampled": 0.08, "greedy": 0.02},
+    }
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "summary.json").write_text(json.dumps(summary))
+    old = {k: v for k, v in summary.items() if not k.endswith("_units")}  # written before unit errors existed
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "summary.json").write_text(json.dumps({**old, "name": "seed1", "seed": 1}))
+    table = report([tmp_path], tmp_path / "r.md", tmp_path / "cer.png")
+    row0, row1 = table.splitlines()[2:4]
+    assert "| 0.400 | 0.100 | -75% |" in row0 and "| 0.37 / 0.08 | 0.15 / 0.02 |" in row0
+    assert "| - | - |" in row1  # unmeasured unit errors are shown as missing, not as zero
+    assert (tmp_path / "r.md").read_text().strip() == table and (tmp_path / "cer.png").stat().st_size > 0

@@ -2,8 +2,10 @@
 
 For every run: warm start (cached), `validate` the warm-started policy on the held-out prompts
 (the "before"), `fit` with GRPO (validating every `val_check_interval` steps: the curve), and keep the
-last validation's samples (codes, transcripts) to check for reward hacking. Each run writes
-`<out>/<name>/summary.json`; `--report` turns all summaries into a markdown table and a CER plot.
+last validation's samples (codes, transcripts) to check for reward hacking. It also measures the
+held-out unit error of the codes alone, sampled and near-greedy, before and after. Each run writes
+`<out>/<name>/summary.json` and the trained policy to `<out>/<name>/policy`; `--report` turns all
+summaries into a markdown table and a CER plot.
 
     python -m lightning_grpo.demo.measure --runs seed0 seed1 seed2 cer_only nll_only --rollouts 60
     python -m lightning_grpo.demo.measure --report --markdown notes/results_demo.md --plot benchmarks/results/demo_cer.png
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from ..llasa import LlasaVocab, parse_completion
 from .unit_codec import JUNK_UNITS, UNITS, codes_to_text, text_to_codes
-from .warm_start import WarmStartConfig, edit_distance, warm_start
+from .warm_start import TEST_PROMPTS, WarmStartConfig, edit_distance, unit_error_rate, warm_start
 
 CONFIG = "configs/demo_whisper_cpu.yaml"
 # Capped CER of the *correct* codes of the 48 held-out sentences under the demo reward (tiny.en, 5 s window):
@@ -35,6 +38,8 @@ RUNS = {
     "seed2": (2, 0.6, 0.4),
     "cer_only": (0, 1.0, 0.0),
     "nll_only": (0, 0.0, 1.0),
+    "seed3": (3, 0.6, 0.4),
+    "seed4": (4, 0.6, 0.4),
 }
 
 
@@ -69,19 +74,32 @@ def sample_report(rollout, tokenizer) -> dict:
     }
 
 
+def unit_errors(policy, tokenizer, seed: int) -> dict[str, float]:
+    """Held-out unit error of the codes alone (no Whisper): sampled as in training (T = 1, 4 per prompt)
+    and near-greedy (T = 0.01), so a CER drop can be told apart from mere sharpening of the warm start."""
+    texts = [json.loads(line)["text"] for line in TEST_PROMPTS.read_text().splitlines() if line.strip()]
+    return {
+        "sampled": unit_error_rate(policy, tokenizer, texts, temperature=1.0, n=4, seed=seed)["uer"],
+        "greedy": unit_error_rate(policy, tokenizer, texts, temperature=0.01, n=1, seed=seed)["uer"],
+    }
+
+
 def _metrics(trainer) -> dict[str, float]:
     m = trainer.callback_metrics
     return {k: float(m[k]) for k in ("val/cer_capped_mean", "val/cer_above_1", "val/exact_rate", "val/cer_mean", "val/nll_mean", "val/reward_mean", "val/completion_length_mean") if k in m}
 
 
-def run_one(name: str, out: Path, rollouts: int, val_every: int, extra: list[str], num_iterations: int = 2) -> dict:
+def run_one(
+    name: str, out: Path, rollouts: int, val_every: int, extra: list[str], num_iterations: int = 2,
+    warm: WarmStartConfig = WarmStartConfig(),
+) -> dict:
     from lightning.pytorch.loggers import CSVLogger  # noqa: F401  (fail early if lightning is broken)
 
     from ..cli import build_cli
 
     seed, lc, ln = RUNS[name]
     run_dir = out / name
-    model_dir = warm_start(out / f"warm_seed{seed}", WarmStartConfig(seed=seed))
+    model_dir = warm_start(out / f"warm_seed{seed}", dataclasses.replace(warm, seed=seed))
     common = [
         "--config", CONFIG, "--seed_everything", str(seed), "--model.model_name_or_path", str(model_dir),
         f"{REWARD}.lambda_c", str(lc), f"{REWARD}.lambda_n", str(ln),
@@ -92,12 +110,14 @@ def run_one(name: str, out: Path, rollouts: int, val_every: int, extra: list[str
     before = _metrics(before_cli.trainer)
     rollout_cb = next(c for c in before_cli.trainer.callbacks if hasattr(c, "last_rollout"))
     before_samples = sample_report(rollout_cb.last_rollout, before_cli.model.tokenizer)
+    before_units = unit_errors(before_cli.model.policy, before_cli.model.tokenizer, seed)
     # Manual optimisation counts every optimiser update as a trainer step: max_steps = rollouts x iterations.
     fit_cli = build_cli(["fit", *common, "--trainer.max_steps", str(rollouts * num_iterations),
                          "--trainer.val_check_interval", str(val_every)])
     after = _metrics(fit_cli.trainer)
     rollout_cb = next(c for c in fit_cli.trainer.callbacks if hasattr(c, "last_rollout"))
     after_samples = sample_report(rollout_cb.last_rollout, fit_cli.model.tokenizer)
+    after_units = unit_errors(fit_cli.model.policy, fit_cli.model.tokenizer, seed)
     curve = [{"step": 0, **before}]
     with open(Path(fit_cli.trainer.logger.log_dir) / "metrics.csv") as f:
         for row in csv.DictReader(f):
@@ -110,8 +130,12 @@ def run_one(name: str, out: Path, rollouts: int, val_every: int, extra: list[str
         "name": name, "seed": seed, "lambda_c": lc, "lambda_n": ln, "rollouts": rollouts, "num_iterations": num_iterations, "curve_steps": "rollouts", "extra": extra,
         "before": before, "after": after, "curve": curve,
         "before_samples": before_samples, "after_samples": after_samples,
+        "before_units": before_units, "after_units": after_units,
+        "warm_start": dataclasses.asdict(dataclasses.replace(warm, seed=seed)),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
+    fit_cli.model.policy.save_pretrained(run_dir / "policy")  # the trained policy, to listen to or evaluate
+    fit_cli.model.tokenizer.save_pretrained(run_dir / "policy")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -131,12 +155,19 @@ def _load_summaries(outs: list[Path]) -> list[dict]:
     return summaries
 
 
+def _units(summary: dict, kind: str) -> str:
+    if "before_units" not in summary:  # summaries written before unit errors were measured
+        return "-"
+    return f"{summary['before_units'][kind]:.2f} / {summary['after_units'][kind]:.2f}"
+
+
 def report(outs: list[Path], markdown: Path | None, plot: Path | None) -> str:
     summaries = _load_summaries(outs)
     lines = [
         "| run | reward weights | CER before | CER after | rel. change | raw mean CER before / after |"
-        " NLL before / after | reward before / after | exact before / after | junk / repeat / short / long / unstopped after |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " NLL before / after | reward before / after | exact before / after | unit error sampled before / after |"
+        " unit error near-greedy before / after | junk / repeat / short / long / unstopped after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         b, a, hb, ha = s["before"], s["after"], s["before_samples"], s["after_samples"]
@@ -145,7 +176,7 @@ def report(outs: list[Path], markdown: Path | None, plot: Path | None) -> str:
             f"| {s['label']} (seed {s['seed']}, {s.get('rollouts', '?')} rollouts{', ' + ' '.join(s['extra']) if s.get('extra') else ''}) | lc {s['lambda_c']} / ln {s['lambda_n']} | {b['val/cer_capped_mean']:.3f} | "
             f"{a['val/cer_capped_mean']:.3f} | {rel:+.0%} | {b['val/cer_mean']:.3f} / {a['val/cer_mean']:.3f} | "
             f"{b['val/nll_mean']:.2f} / {a['val/nll_mean']:.2f} | {b['val/reward_mean']:.3f} / {a['val/reward_mean']:.3f} | "
-            f"{hb['exact_rate']:.2f} / {ha['exact_rate']:.2f} | {ha['junk_rate']:.2f} / {ha['repeat_rate']:.2f} / "
+            f"{hb['exact_rate']:.2f} / {ha['exact_rate']:.2f} | {_units(s, 'sampled')} | {_units(s, 'greedy')} | {ha['junk_rate']:.2f} / {ha['repeat_rate']:.2f} / "
             f"{ha['short_rate']:.2f} / {ha['long_rate']:.2f} / {ha['unstopped_rate']:.2f} |"
         )
     table = "\n".join(lines)
@@ -183,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rollouts", type=int, default=60, help="GRPO steps (rollouts); each makes --num_iterations updates")
     p.add_argument("--num_iterations", type=int, default=2)
     p.add_argument("--val_every", type=int, default=20)
+    p.add_argument("--warm_steps", type=int, default=WarmStartConfig.steps, help="teacher-forcing steps of the warm start")
+    p.add_argument("--label_noise", type=float, default=WarmStartConfig.label_noise,
+                   help="share of words the warm start learns to say as their confusion partner (0: clean labels)")
     p.add_argument("--report", action="store_true")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--plot", type=Path)
@@ -193,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     for name in args.runs:
-        s = run_one(name, args.out, args.rollouts, args.val_every, args.extra, args.num_iterations)
+        warm = WarmStartConfig(steps=args.warm_steps, label_noise=args.label_noise)
+        s = run_one(name, args.out, args.rollouts, args.val_every, args.extra, args.num_iterations, warm)
         b, a = s["before"]["val/cer_capped_mean"], s["after"]["val/cer_capped_mean"]
         print(f"{name}: held-out capped CER {b:.3f} -> {a:.3f} ({(a - b) / b:+.0%})", flush=True)
     if args.report:
