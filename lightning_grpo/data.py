@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .reward.base import RewardResult
 
@@ -125,28 +125,45 @@ def load_prompts(
     return rows
 
 
-class EpochPermutation(torch.utils.data.Sampler):
+class EpochPermutation(DistributedSampler):
     """RandomSampler's row order (same draws from the global RNG, so the same order for a seed), plus
     what resuming needs: the epoch's seed is kept, so a resumed run replays that permutation and
-    skips the rows the interrupted run already used instead of starting the epoch over."""
+    skips the rows the interrupted run already used instead of starting the epoch over.
 
-    def __init__(self, num_rows: int) -> None:
+    Under DDP each of `num_replicas` ranks takes every num_replicas-th row of one permutation whose
+    seed rank 0 drew (broadcast, so all ranks agree), after dropping the tail that does not divide
+    evenly; a resumed DDP run therefore continues each rank's shard exactly where it stopped. It
+    subclasses DistributedSampler only so that Lightning uses it as is instead of wrapping it.
+    """
+
+    def __init__(self, num_rows: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(num_rows), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
         self.num_rows = num_rows
         self.epoch_seed: int | None = None
         self.resume_seed: int | None = None
-        self.skip = 0
+        self.skip = 0  # rows of this rank's shard already used
 
     def __len__(self) -> int:
-        return self.num_rows
+        return self.num_rows // self.num_replicas
+
+    def _shared_seed(self, seed: int) -> int:
+        if self.num_replicas > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            box = [seed]
+            torch.distributed.broadcast_object_list(box, src=0)
+            seed = box[0]
+        return seed
 
     def __iter__(self):
         if self.resume_seed is None:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as RandomSampler draws it
         else:  # the interrupted epoch: no draw, the global RNG is restored to where that run stood
             seed, self.resume_seed = self.resume_seed, None
+        seed = self._shared_seed(seed)
         self.epoch_seed = seed
         skip, self.skip = self.skip, 0
-        yield from torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(seed)).tolist()[skip:]
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+        shard = order[: len(self) * self.num_replicas][self.rank :: self.num_replicas]
+        yield from shard[skip:]
 
 
 class _Rows(Dataset):
@@ -229,18 +246,13 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         batch = self.per_rank_batch_size()
-        if len(self.train_rows) < batch:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if len(self.train_rows) < batch * world:
             raise ValueError(
-                f"{self.train_data!r} has {len(self.train_rows)} prompts, fewer than the {batch} each rank "
-                "needs per step; lower --data.prompts_per_step or add prompts"
+                f"{self.train_data!r} has {len(self.train_rows)} prompts, fewer than the {batch * world} one "
+                "step needs; lower --data.prompts_per_step or add prompts"
             )
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if world > 1:  # Lightning shards a plain shuffled loader with its DistributedSampler
-            return DataLoader(
-                _Rows(self.train_rows), batch_size=batch, shuffle=True, drop_last=True,
-                collate_fn=collate_prompts, num_workers=self.num_workers,
-            )
-        self._order = EpochPermutation(len(self.train_rows))
+        self._order = EpochPermutation(len(self.train_rows), world, rank)
         if self._resume and self.trainer is not None and self._resume["epoch"] == self.trainer.current_epoch:
             self._order.resume_seed = self._resume["seed"]
             self._order.skip = self._resume["batches"] * batch

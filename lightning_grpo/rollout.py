@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .data import Rollout
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
@@ -19,6 +20,34 @@ from .reward.base import Reward, SpeechSample
 from .sampling import Sampler
 
 TruncationPolicy = Literal["penalize", "mask", "keep"]
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's torch / Python / numpy (and CUDA) RNG states, as tensors and plain values only:
+    checkpoints load with torch.load(weights_only=True)."""
+    import random
+
+    import numpy as np
+
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    keys, pos, has_gauss, gauss = state["numpy_rng"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 class GRPORollout(L.Callback):
@@ -78,18 +107,15 @@ class GRPORollout(L.Callback):
     # -- checkpoint state: a resumed run samples what the uninterrupted run would have ------
     def state_dict(self) -> dict[str, Any]:
         """The rollout count and the RNG states sampling draws from (HF generate uses the global
-        torch/CUDA generators), so resuming from a checkpoint continues the same random stream."""
-        import random
-
-        import numpy as np
-
-        _, keys, pos, has_gauss, gauss = np.random.get_state()
-        # tensors and plain Python values only: checkpoints load with torch.load(weights_only=True)
-        state = {"train_rollouts": self.train_rollouts, "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate(),
-                 "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch/CUDA generators), so resuming from a checkpoint continues the same random stream.
+        Under DDP (Lightning saves rank 0's state only) every rank's RNG state is gathered into
+        `rank_rng`, since ranks that generate different lengths consume their streams differently."""
+        state = {"train_rollouts": self.train_rollouts, **_rng_state()}
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, _rng_state())  # Lightning calls state_dict on every rank
+            state["rank_rng"] = gathered
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -97,18 +123,18 @@ class GRPORollout(L.Callback):
         # applied at the first training batch: creating the data iterator in between draws from the RNG
         self._pending_rng = state_dict if "torch_rng" in state_dict else None
 
-    def _restore_rng(self) -> None:
-        import random
-
-        import numpy as np
-
+    def _restore_rng(self, trainer: L.Trainer) -> None:
         state, self._pending_rng = self._pending_rng, None
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        keys, pos, has_gauss, gauss = state["numpy_rng"]
-        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        per_rank = state.get("rank_rng")
+        if per_rank and len(per_rank) == trainer.world_size:
+            state = per_rank[trainer.global_rank]
+        elif per_rank or trainer.world_size > 1:
+            rank_zero_warn(
+                f"the checkpoint holds RNG states for {len(per_rank or [None])} process(es), this run has "
+                f"{trainer.world_size}: every rank continues from rank 0's stream, so sampling is not the "
+                "uninterrupted run's"
+            )
+        _set_rng_state(state)
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -122,7 +148,7 @@ class GRPORollout(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._ensure_sampler(pl_module)
         if self._pending_rng is not None:
-            self._restore_rng()
+            self._restore_rng(trainer)
         # step = rollouts so far, not optimiser steps (num_iterations > 1 takes several per rollout)
         batch["rollout"] = self.make_rollout(pl_module, batch, self.group_size, self.train_rollouts)
         self.train_rollouts += 1

@@ -65,6 +65,6 @@ def test_datamodule_batches_and_too_few_prompts(tmp_path):
     small.write_text("one\ntwo\n")
     dm = PromptDataModule(train_data=str(small), val_data=None, prompts_per_step=4)
     dm.setup("fit")
-    with pytest.raises(ValueError, match="fewer than the 4 each rank needs"):
+    with pytest.raises(ValueError, match="has 2 prompts, fewer than the 4 one step needs"):
         dm.train_dataloader()
     assert dm.val_dataloader() == []
