@@ -8,6 +8,11 @@ tail. This subclass saves once more when training ends, so `last.ckpt` is always
 Without `dirpath` it writes to `<trainer.default_root_dir>/checkpoints`, not into the logger's
 `version_N/` directory: a resumed run gets a new logger version, and `--ckpt_path last` looks for
 `last.ckpt` in the checkpoint directory of the *new* run, so a per-version directory never resumes.
+
+`--ckpt_path last` resumes from the newest checkpoint of that directory, `last.ckpt` or a step
+checkpoint: Lightning writes `step=N.ckpt` before it rewrites `last.ckpt`, so a run killed between
+the two would otherwise resume from an older `last.ckpt`, or from scratch before the first one.
+Each file is complete when it appears (Lightning writes through a temporary file).
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _find_last_checkpoints(self, trainer) -> set[str]:  # `ckpt_path="last"` asks before setup
         self._default_dirpath(trainer)
-        return super()._find_last_checkpoints(trainer)
+        found = super()._find_last_checkpoints(trainer)
+        if self._fs.exists(self.dirpath):  # Lightning picks the newest of these by modification time
+            found |= {p for p in self._fs.ls(self.dirpath, detail=False) if str(p).endswith(self.FILE_EXTENSION)}
+        return found
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         # Lightning warns that with manual optimisation the checkpoint holds the weights after the

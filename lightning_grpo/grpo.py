@@ -217,6 +217,24 @@ def aggregate(
     raise ValueError(f"loss aggregation {mode!r} is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm")
 
 
+def token_mean_normaliser(mask: torch.Tensor) -> float:
+    """token-mean's denominator for this rank: the step's completion tokens summed over all DDP ranks,
+    divided by the number of ranks.
+
+    DDP averages gradients over ranks, so dividing each rank's token sum by (all tokens / ranks)
+    makes the update the mean over every token of the step, as on one process; dividing by the
+    rank's own count instead would weight a rank with short completions up (TRL does the same).
+    Without a process group it is mask.sum().
+    """
+    count = mask.sum().detach().float()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        return count.item() / dist.get_world_size()
+    return count.item()
+
+
 def truncated_importance_weights(
     trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
 ) -> torch.Tensor:

@@ -85,7 +85,8 @@ class GRPOPolicy(L.LightningModule):
             epsilon_low / epsilon_high: clip range of the ratio (DAPO raises epsilon_high, e.g. 0.28,
                 to let unlikely good tokens grow).
             dual_clip: cap on the loss of negative-advantage tokens (the original: 3.0); None off.
-            loss_aggregation: token-mean (the original, DAPO), seq-mean-token-mean (GRPO paper),
+            loss_aggregation: token-mean (the original, DAPO; the mean over every token of the step,
+                all DDP ranks together), seq-mean-token-mean (GRPO paper),
                 seq-mean-token-sum-norm (Dr.GRPO: no length bias, with scale_rewards=none).
             scale_rewards: divide centred rewards by the group std (GRPO), the batch std, or none.
             num_iterations: optimiser updates per rollout (PPO epochs); >1 uses the rollout's
@@ -192,7 +193,9 @@ class GRPOPolicy(L.LightningModule):
         n = r.rewards.shape[0]
         advantages = grpo.group_advantages(r.rewards, r.group_size, hp.scale_rewards)  # (N,)
         mbs = self._micro_batches(n)
-        num_tokens = r.completion_mask.sum().item()
+        num_tokens = r.completion_mask.sum().item()  # this rank's, for the logged means
+        # token-mean over the whole step on every rank (a collective: every rank reaches it once per step)
+        loss_tokens = grpo.token_mean_normaliser(r.completion_mask) if hp.loss_aggregation == "token-mean" else num_tokens
 
         use_is = hp.importance_correction and r.sampler_logprobs is not None
         old_logp = ref_logp = is_weights = None
@@ -221,7 +224,7 @@ class GRPOPolicy(L.LightningModule):
                     kl = grpo.kl_penalty(logp, ref_logp[s], hp.kl_estimator)
                     tok_loss = tok_loss + hp.beta * kl
                     sums["kl"] += (kl.detach() * cmask).sum().item()
-                loss = grpo.aggregate(tok_loss, cmask, hp.loss_aggregation, num_tokens, n, r.max_new_tokens)
+                loss = grpo.aggregate(tok_loss, cmask, hp.loss_aggregation, loss_tokens, n, r.max_new_tokens)
                 self.manual_backward(loss)
                 sums["loss"] += loss.item()
                 sums["clipped"] += (clipped.float() * cmask).sum().item()

@@ -106,6 +106,29 @@ def test_killed_run_resumed_from_last_equals_the_uninterrupted_run(tmp_path, max
     assert ckpt["callbacks"]["GRPORollout"]["train_rollouts"] == steps
 
 
+@pytest.mark.parametrize("last", ["lags", "missing"])
+def test_resume_last_takes_the_newest_checkpoint_when_last_ckpt_lags(tmp_path, last):
+    """Lightning writes step=N.ckpt, then rewrites last.ckpt: a run killed in between has a last.ckpt of an
+    older step ("lags") or, before its first one, none ("missing"). `last` must still resume at step 4."""
+    import os
+    import shutil
+
+    run(tmp_path, 4, 2)
+    ckpt = tmp_path / "ckpt"
+    step2, step4 = next(ckpt.glob("*step=2.ckpt")), next(ckpt.glob("*step=4.ckpt"))
+    if last == "lags":
+        shutil.copy(step2, ckpt / "last.ckpt")
+        past = step4.stat().st_mtime - 60
+        os.utime(ckpt / "last.ckpt", (past, past))
+    else:
+        (ckpt / "last.ckpt").unlink()
+    trainer, _, _ = run(tmp_path, 6, 2, ckpt_path="last")
+    versions = sorted((tmp_path / "run").glob("version_*/metrics.csv"))
+    with versions[-1].open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [4, 5]
+    assert trainer.global_step == 6
+
+
 def test_export_loads_with_plain_transformers_and_gives_the_same_logits(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

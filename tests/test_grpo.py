@@ -167,3 +167,55 @@ def test_token_logprobs_gradients_with_vocab_range_temperature_and_bf16():
     lb = grpo.token_logprobs(hb, wb, t, 4, vocab_range=(10, 20), disallowed=(11,))
     lb.sum().backward()
     assert lb.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and torch.isfinite(wb.grad).all()
+
+
+def _token_mean_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One DDP rank: the token-mean loss of its own rows, gradients averaged over ranks as DDP does."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    weight = torch.randn(4)
+    feats = torch.randn(world, 3, 5, 4)  # every rank's rows: (3 rows, 5 tokens, 4 features)
+    lengths = torch.tensor([[5, 1, 2], [1, 1, 0]])  # rank 0 has 8 tokens, rank 1 has 2
+    masks = (torch.arange(5) < lengths[..., None]).float()
+
+    def grad(feat, mask, normaliser):
+        w = weight.clone().requires_grad_(True)
+        grpo.aggregate(feat @ w, mask, "token-mean", normaliser).backward()
+        return w.grad
+
+    results = {}
+    for name, normaliser in (("global", grpo.token_mean_normaliser(masks[rank])), ("per_rank", masks[rank].sum().item())):
+        g = grad(feats[rank], masks[rank], normaliser)
+        dist.all_reduce(g)
+        results[name] = (g / world).tolist()
+    # one process holding every rank's rows: the mean over all 10 tokens
+    results["one_process"] = grad(feats.reshape(-1, 5, 4), masks.reshape(-1, 5), None).tolist()
+    results["normaliser"] = grpo.token_mean_normaliser(masks[rank])
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def test_token_mean_under_ddp_is_the_mean_over_every_token_of_the_step(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_token_mean_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["normaliser"] == 5.0  # (8 + 2 tokens) / 2 ranks, on both ranks
+        assert r["global"] == pytest.approx(r["one_process"], abs=1e-6)
+        # normalising by the rank's own count weights rank 1's 2 tokens like rank 0's 8: not the same update
+        assert max(abs(a - b) for a, b in zip(r["per_rank"], r["one_process"])) > 1e-2
+    assert grpo.token_mean_normaliser(torch.ones(2, 3)) == 6.0  # no process group: the local count
