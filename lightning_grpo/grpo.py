@@ -222,9 +222,10 @@ def token_mean_normaliser(mask: torch.Tensor) -> float:
     divided by the number of ranks.
 
     DDP averages gradients over ranks, so dividing each rank's token sum by (all tokens / ranks)
-    makes the update the mean over every token of the step, as on one process; dividing by the
-    rank's own count instead would weight a rank with short completions up (TRL does the same).
-    Without a process group it is mask.sum().
+    makes the update the mean over every token of the step, as on one process (TRL normalises the
+    same way); dividing by the rank's own count would weight the tokens of a rank with short
+    completions up.
+    mask: (N, T) completion mask of this rank. Without a process group it is mask.sum().
     """
     count = mask.sum().detach().float()
     dist = torch.distributed
