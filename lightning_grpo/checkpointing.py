@@ -17,6 +17,7 @@ Each file is complete when it appears (Lightning writes through a temporary file
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -45,10 +46,10 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _find_last_checkpoints(self, trainer) -> set[str]:  # `ckpt_path="last"` asks before setup
         self._default_dirpath(trainer)
-        found = super()._find_last_checkpoints(trainer)
-        if self._fs.exists(self.dirpath):  # Lightning picks the newest of these by modification time
-            found |= {p for p in self._fs.ls(self.dirpath, detail=False) if str(p).endswith(self.FILE_EXTENSION)}
-        return found
+        if not self._fs.exists(self.dirpath):
+            return set()
+        # last.ckpt and every step checkpoint: Lightning picks the newest by modification time
+        return {os.path.normpath(p) for p in self._fs.ls(self.dirpath, detail=False) if str(p).endswith(self.FILE_EXTENSION)}
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         # Lightning warns that with manual optimisation the checkpoint holds the weights after the

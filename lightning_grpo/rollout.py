@@ -110,11 +110,12 @@ class GRPORollout(L.Callback):
         torch/CUDA generators), so resuming from a checkpoint continues the same random stream.
         Under DDP (Lightning saves rank 0's state only) every rank's RNG state is gathered into
         `rank_rng`, since ranks that generate different lengths consume their streams differently."""
-        state = {"train_rollouts": self.train_rollouts, **_rng_state()}
+        own = _rng_state()
+        state = {"train_rollouts": self.train_rollouts, **own}
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, _rng_state())  # Lightning calls state_dict on every rank
+            dist.all_gather_object(gathered, own)  # Lightning calls state_dict on every rank
             state["rank_rng"] = gathered
         return state
 

@@ -144,8 +144,10 @@ class HFSampler:
         sequences = out.sequences[:, width:]  # (B*G, T)
         token_logprobs = None
         if self.return_logprobs:
-            scores = torch.stack(out.scores, dim=1).float()  # (B*G, T, V) processed scores
-            token_logprobs = torch.log_softmax(scores, -1).gather(-1, sequences[..., None]).squeeze(-1)
+            # one (B*G, V) block of processed scores at a time: never a (B*G, T, V) copy
+            token_logprobs = torch.stack([  # (B*G, T)
+                torch.log_softmax(s.float(), -1).gather(-1, sequences[:, t, None])[:, 0] for t, s in enumerate(out.scores)
+            ], dim=1)
         ids, truncated, logprobs = [], [], []
         for i, row in enumerate(sequences.tolist()):
             if stop_token_id in row:

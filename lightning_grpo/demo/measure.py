@@ -22,6 +22,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from ..data import load_prompts
 from ..llasa import LlasaVocab, parse_completion
 from .unit_codec import JUNK_UNITS, UNITS, codes_to_text, text_to_codes
 from .warm_start import TEST_PROMPTS, WarmStartConfig, edit_distance, unit_error_rate, warm_start
@@ -77,7 +78,7 @@ def sample_report(rollout, tokenizer) -> dict:
 def unit_errors(policy, tokenizer, seed: int) -> dict[str, float]:
     """Held-out unit error of the codes alone (no Whisper): sampled as in training (T = 1, 4 per prompt)
     and near-greedy (T = 0.01), so a CER drop can be told apart from mere sharpening of the warm start."""
-    texts = [json.loads(line)["text"] for line in TEST_PROMPTS.read_text().splitlines() if line.strip()]
+    texts = [row["text"] for row in load_prompts(str(TEST_PROMPTS), "test")]
     return {
         "sampled": unit_error_rate(policy, tokenizer, texts, temperature=1.0, n=4, seed=seed)["uer"],
         "greedy": unit_error_rate(policy, tokenizer, texts, temperature=0.01, n=1, seed=seed)["uer"],

@@ -17,7 +17,6 @@ so every sentence has exactly one correct code sequence (`text_to_codes`).
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 from pathlib import Path
@@ -135,8 +134,3 @@ class UnitCodec:
     def decode(self, codes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """N code sequences -> N 1-D float32 CPU waveforms at 16 kHz."""
         return [self.decode_one(c) for c in codes]
-
-
-def all_sentences() -> itertools.product:
-    """Every sentence of the grammar as a word tuple (46,656 of them)."""
-    return itertools.product(*GRAMMAR)
