@@ -117,6 +117,8 @@ class GRPOPolicy(L.LightningModule):
         for module in self.policy.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+            if hasattr(module, "attention_dropout"):  # Llama's attention copies the config value when built
+                module.attention_dropout = 0.0
         if hasattr(self.policy.config, "attention_dropout"):
             self.policy.config.attention_dropout = 0.0
         if gradient_checkpointing:

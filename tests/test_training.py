@@ -255,3 +255,16 @@ def test_policy_loads_a_local_hf_directory_in_bf16(tmp_path, tiny):
     for (name, a), b in zip(model.state_dict().items(), policy.policy.state_dict().values()):
         assert torch.equal(a.bfloat16(), b), name
     assert policy.reference is not policy.policy and next(policy.reference.parameters()).dtype == torch.bfloat16
+
+
+def test_dropout_of_a_pretrained_checkpoint_is_off_in_train_mode(tmp_path, tiny):
+    """A checkpoint trained with dropout (attention_dropout 0.5 here) must score the same tokens the same way
+    twice in the policy's train mode: the clipped ratio compares two passes of the same function."""
+    model, tok = tiny
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy = GRPOPolicy(model_name_or_path=str(tmp_path), attn_implementation="eager").policy
+    assert policy.training
+    ids = torch.tensor([encode_prompt(tok, "Dropout must be off.")])
+    assert torch.equal(policy(ids).logits, policy(ids).logits)
