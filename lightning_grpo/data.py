@@ -126,42 +126,37 @@ def load_prompts(
 
 
 class EpochPermutation(DistributedSampler):
-    """RandomSampler's row order (same draws from the global RNG, so the same order for a seed), plus
-    what resuming needs: the epoch's seed is kept, so a resumed run replays that permutation and
-    skips the rows the interrupted run already used instead of starting the epoch over.
+    """A fresh permutation of the rows every epoch, seeded by `seed + epoch` (Lightning calls
+    `set_epoch`), plus what resuming needs: a resumed run rebuilds the interrupted epoch's
+    permutation from the checkpoint's seed and skips the rows already used.
 
-    Under DDP each of `num_replicas` ranks takes every num_replicas-th row of one permutation whose
-    seed rank 0 drew (broadcast, so all ranks agree), after dropping the tail that does not divide
-    evenly; a resumed DDP run therefore continues each rank's shard exactly where it stopped. It
-    subclasses DistributedSampler only so that Lightning uses it as is instead of wrapping it.
+    Nothing here draws from the global RNG after the seed, so the sampling stream a checkpoint
+    restores is not disturbed by starting a new epoch, whether the run stopped mid-epoch or at an
+    epoch's end. Under DDP each of `num_replicas` ranks takes every num_replicas-th row of the same
+    permutation (rank 0's seed is broadcast), after dropping the tail that does not divide evenly.
+    It subclasses DistributedSampler only so that Lightning uses it as is instead of wrapping it.
     """
 
-    def __init__(self, num_rows: int, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(range(num_rows), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
+    def __init__(self, num_rows: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 resume_epoch: int | None = None, skip: int = 0) -> None:
+        super().__init__(range(num_rows), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed, drop_last=True)
         self.num_rows = num_rows
-        self.epoch_seed: int | None = None
-        self.resume_seed: int | None = None
-        self.skip = 0  # rows of this rank's shard already used
+        self.resume_epoch, self.skip = resume_epoch, skip  # skip: rows of this rank's shard already used
+        self._seed_shared = num_replicas == 1
 
     def __len__(self) -> int:
         return self.num_rows // self.num_replicas
 
-    def _shared_seed(self, seed: int) -> int:
-        if self.num_replicas > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            box = [seed]
-            torch.distributed.broadcast_object_list(box, src=0)
-            seed = box[0]
-        return seed
-
     def __iter__(self):
-        if self.resume_seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as RandomSampler draws it
-        else:  # the interrupted epoch: no draw, the global RNG is restored to where that run stood
-            seed, self.resume_seed = self.resume_seed, None
-        seed = self._shared_seed(seed)
-        self.epoch_seed = seed
-        skip, self.skip = self.skip, 0
-        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+        if not self._seed_shared:  # a collective: every rank starts its first epoch together
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                box = [self.seed]
+                torch.distributed.broadcast_object_list(box, src=0)
+                self.seed = box[0]
+            self._seed_shared = True
+        skip = self.skip if self.epoch == self.resume_epoch else 0
+        self.resume_epoch = None
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         shard = order[: len(self) * self.num_replicas][self.rank :: self.num_replicas]
         yield from shard[skip:]
 
@@ -224,6 +219,7 @@ class PromptDataModule(L.LightningDataModule):
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
         self._resume: dict[str, int] = {}
+        self._order: EpochPermutation | None = None
 
     def per_rank_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -252,23 +248,24 @@ class PromptDataModule(L.LightningDataModule):
                 f"{self.train_data!r} has {len(self.train_rows)} prompts, fewer than the {batch * world} one "
                 "step needs; lower --data.prompts_per_step or add prompts"
             )
-        self._order = EpochPermutation(len(self.train_rows), world, rank)
-        if self._resume and self.trainer is not None and self._resume["epoch"] == self.trainer.current_epoch:
-            self._order.resume_seed = self._resume["seed"]
-            self._order.skip = self._resume["batches"] * batch
+        resume = self._resume if self.trainer is not None else {}
         self._resume = {}
+        # one draw per fit (or the checkpoint's seed); the loader gets its own generator so that
+        # starting an epoch never draws from the global RNG the sampling stream lives in
+        seed = resume["seed"] if "seed" in resume else int(torch.empty((), dtype=torch.int64).random_().item())
+        self._order = EpochPermutation(len(self.train_rows), seed, world, rank,
+                                       resume_epoch=resume.get("epoch"), skip=resume.get("batches", 0) * batch)
         return DataLoader(
             _Rows(self.train_rows), batch_size=batch, sampler=self._order, drop_last=True,
-            collate_fn=collate_prompts, num_workers=self.num_workers,
+            collate_fn=collate_prompts, num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
         )
 
     def state_dict(self) -> dict[str, int]:
-        """Where the training data stands (epoch, batches used in it), saved in every checkpoint."""
+        """Where the training data stands (epoch, its seed, batches used in it), saved in every checkpoint."""
         t = self.trainer
-        order = getattr(self, "_order", None)
-        if t is None or t.state.fn != "fit" or order is None or order.epoch_seed is None:
+        if t is None or t.state.fn != "fit" or self._order is None:
             return {}
-        return {"epoch": t.current_epoch, "seed": order.epoch_seed,
+        return {"epoch": t.current_epoch, "seed": self._order.seed,
                 "batches": t.fit_loop.epoch_loop.batch_progress.current.processed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
@@ -280,4 +277,5 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(
             _Rows(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
             collate_fn=collate_prompts, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(0),  # its iterator must not draw from the global RNG
         )

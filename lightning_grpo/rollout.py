@@ -158,7 +158,11 @@ class GRPORollout(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._ensure_sampler(pl_module)
-        batch["rollout"] = self.make_rollout(pl_module, batch, self.val_group_size, trainer.global_step)
+        # validation samples from a fork of the RNG: the training stream (and so a resumed run) does
+        # not depend on whether or how often validation ran
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            batch["rollout"] = self.make_rollout(pl_module, batch, self.val_group_size, trainer.global_step)
 
     # -- the work --------------------------------------------------------------------------
     def allowed_token_ids(self) -> list[int] | None:

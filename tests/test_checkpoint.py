@@ -46,18 +46,20 @@ class Record(L.Callback):
         self.samples.append(batch["rollout"].completion_ids)
 
 
-def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=None):
+def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=None, val_every=None):
     L.seed_everything(0)
     record = Record()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=CSVLogger(str(root), name="run"), log_every_n_steps=1,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1 if val_every else 0,
+        val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1, num_sanity_val_steps=0,
         callbacks=[KillAt(kill_at), GRPORollout(HFSampler(max_new_tokens=8), RuleReward(codes_per_char=0.3, band=(0, 16)),
                                                 group_size=2, truncation="keep"), record,
                    StepCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=every)],
     )
     policy = GRPOPolicy(learning_rate=1e-2, micro_batch_size=8)
-    dm = PromptDataModule(prompts_per_step=2, val_data=None, max_train_samples=max_train_samples)
+    dm = PromptDataModule(prompts_per_step=2, val_data="builtin:en" if val_every else None, val_batch_size=2,
+                          max_train_samples=max_train_samples)
     try:
         trainer.fit(policy, dm, ckpt_path=ckpt_path)
     except Killed:
@@ -74,16 +76,19 @@ def logged_steps(root):
 
 
 @pytest.mark.parametrize(
-    "max_train_samples, every, kill_at",
-    [(None, 2, 2), (4, 1, 3)],  # mid-epoch 0; mid-epoch 1 of 2-step epochs (crosses an epoch boundary)
-    ids=["mid_epoch", "second_epoch"],
+    "max_train_samples, every, kill_at, val_every",
+    # mid-epoch 0; mid-epoch 1 of 2-step epochs; checkpoint at the end of epoch 0; validation right after the
+    # checkpointed step (it samples too, and must not shift the training stream)
+    [(None, 2, 2, None), (4, 1, 3, None), (4, 2, 2, None), (None, 2, 2, 2)],
+    ids=["mid_epoch", "second_epoch", "epoch_end", "validation"],
 )
-def test_killed_run_resumed_from_last_equals_the_uninterrupted_run(tmp_path, max_train_samples, every, kill_at):
+def test_killed_run_resumed_from_last_equals_the_uninterrupted_run(tmp_path, max_train_samples, every, kill_at, val_every):
     steps = 5
-    _, full, full_rec = run(tmp_path / "full", steps, every, max_train_samples=max_train_samples)
-    killed, _, first = run(tmp_path / "part", steps, every, kill_at=kill_at, max_train_samples=max_train_samples)
+    kw = dict(max_train_samples=max_train_samples, val_every=val_every)
+    _, full, full_rec = run(tmp_path / "full", steps, every, **kw)
+    killed, _, first = run(tmp_path / "part", steps, every, kill_at=kill_at, **kw)
     assert killed.global_step == kill_at and (tmp_path / "part" / "ckpt" / "last.ckpt").exists()
-    resumed, policy, second = run(tmp_path / "part", steps, every, ckpt_path="last", max_train_samples=max_train_samples)
+    resumed, policy, second = run(tmp_path / "part", steps, every, ckpt_path="last", **kw)
     assert resumed.global_step == steps
     # every step logged exactly once across the killed and the resumed run: none lost, none repeated
     assert logged_steps(tmp_path / "part") == list(range(steps))
