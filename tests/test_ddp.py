@@ -26,6 +26,7 @@ def ddp(out: Path, *args: str) -> list[dict]:
 def test_two_process_ddp(tmp_path):
     ranks = ddp(tmp_path)
     assert ranks[0]["world"] == 2
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 2  # both ranks trained max_steps
     for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
         # each rank samples its own prompts: 2 per rank (prompts_per_step=4 over 2 ranks)
         assert len(s0["texts"]) == len(s1["texts"]) == 2

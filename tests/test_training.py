@@ -117,6 +117,8 @@ def test_truncation_policies(tiny, vocab):
     assert out["mask"].completion_mask[1].sum() == 0 and out["mask"].completion_mask[0].sum() == 4
     assert torch.equal(out["mask"].rewards, raw)
     assert out["keep"].truncated.tolist() == [False, True]
+    # only "mask" drops the truncated row from the loss; "keep" and "penalize" train on its 8 tokens
+    assert out["keep"].completion_mask[1].sum() == 8 == out["penalize"].completion_mask[1].sum()
 
 
 def test_no_nan_when_every_row_is_masked_or_advantage_is_zero(vocab):
