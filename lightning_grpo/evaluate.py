@@ -132,15 +132,17 @@ def compare(before: str | Path, after: str | Path) -> str:
 
 
 class ValidationReport(L.Callback):
-    def __init__(self, out_dir: str | None = None, log_per_language: bool = True) -> None:
+    def __init__(self, out_dir: str | None = None, log_per_language: bool = True, meta: dict | None = None) -> None:
         """
         Args:
             out_dir: write metrics.json / metrics.md / samples.jsonl here after each validation
                 (in fit: under `step_<N>/`); None only logs.
             log_per_language: log `val/lang_<xx>/<metric>_mean` when the data has 2+ languages.
+            meta: written into metrics.json beside the metrics (e.g. the checkpoint evaluated).
         """
         super().__init__()
         self.out_dir = out_dir
+        self.meta = meta or {}
         self.log_per_language = log_per_language
         self.records: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
@@ -172,7 +174,7 @@ class ValidationReport(L.Callback):
             pl_module.log_dict(stats, on_step=False, on_epoch=True, rank_zero_only=False)
         if self.out_dir and trainer.is_global_zero:
             out = Path(self.out_dir) if trainer.state.fn != "fit" else Path(self.out_dir) / f"step_{trainer.global_step}"
-            write_report(self.summary, records, out, {"global_step": trainer.global_step})
+            write_report(self.summary, records, out, {"global_step": trainer.global_step, **self.meta})
 
 
 def trained_steps(ckpt_path: str | None) -> int | None:
@@ -187,6 +189,15 @@ def trained_steps(ckpt_path: str | None) -> int | None:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step")
 
 
+def default_out_dir(ckpt_path: str | None) -> str:
+    """runs/eval/<run>-<checkpoint>: `last.ckpt` of two runs must not share (and overwrite) one report."""
+    if not ckpt_path:
+        return "runs/eval/base"
+    path = Path(ckpt_path)
+    run = path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
+    return f"runs/eval/{run}-{path.stem}" if run else f"runs/eval/{path.stem}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """`evaluate [--ckpt_path P] [--out_dir D] --config fit.yaml [fit overrides...]` or `evaluate --compare A B`."""
     import argparse
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(prog="python -m lightning_grpo evaluate", description=__doc__.split("\n\n")[0],
                                      epilog="Other arguments are fit-config overrides (--config, --data.val_data ...).")
     parser.add_argument("--ckpt_path", default=None, help="Lightning .ckpt or HF dir (export); default: the config's model")
-    parser.add_argument("--out_dir", default=None, help="report directory (default runs/eval/<checkpoint name>)")
+    parser.add_argument("--out_dir", default=None, help="report directory (default runs/eval/<run>-<checkpoint name>)")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print a before/after table and exit")
     args, rest = parser.parse_known_args(argv)
     if args.compare:
@@ -213,15 +224,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     cli = build_cli([*rest, *overrides], run=False)
     if not cli.datamodule.val_data:
         raise ValueError("--data.val_data is None: evaluate needs a test split (e.g. --data.val_data ~/data/llasa-tts-rl-grpo)")
-    name = Path(args.ckpt_path).stem if args.ckpt_path else "base"
-    report = ValidationReport(out_dir=args.out_dir or f"runs/eval/{name}")
+    meta = {"ckpt_path": args.ckpt_path, "model": cli.model.hparams.model_name_or_path,
+            "global_step": trained_steps(args.ckpt_path), "val_data": cli.datamodule.val_data}
+    report = ValidationReport(out_dir=args.out_dir or default_out_dir(args.ckpt_path), meta=meta)
     cli.trainer.callbacks.append(report)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if report.summary is None:
         raise RuntimeError("validation produced no samples: check --data.val_data and --trainer.limit_val_batches")
-    meta = {"ckpt_path": args.ckpt_path, "model": cli.model.hparams.model_name_or_path,
-            "global_step": trained_steps(args.ckpt_path), "val_data": cli.datamodule.val_data}
-    out = write_report(report.summary, report.records, report.out_dir, meta)
     print(markdown_table(report.summary))
-    print(f"wrote {out}/metrics.json, metrics.md, samples.jsonl")
+    print(f"wrote {report.out_dir}/metrics.json, metrics.md, samples.jsonl")
     return report.summary

@@ -161,3 +161,12 @@ def test_validation_during_fit_uses_the_same_report(tmp_path):
     saved = json.loads((tmp_path / "val" / "step_2" / "metrics.json").read_text())
     assert saved["global_step"] == 2 and saved["overall"]["n"] == 6  # val_group_size 1
     assert float(trainer.callback_metrics["val/lang_en/reward_mean"]) == pytest.approx(saved["per_language"]["en"]["reward"], abs=1e-5)
+
+
+def test_default_report_dirs_of_two_runs_last_checkpoints_differ():
+    from lightning_grpo.evaluate import default_out_dir
+
+    a, b = default_out_dir("runs/a/checkpoints/last.ckpt"), default_out_dir("runs/b/checkpoints/last.ckpt")
+    assert a == "runs/eval/a-last" and b == "runs/eval/b-last"  # neither overwrites the other's report
+    assert default_out_dir("runs/export_dir") == "runs/eval/runs-export_dir"
+    assert default_out_dir(None) == "runs/eval/base"
