@@ -5,8 +5,9 @@ before (the warm-started policy) and one after, on the 48 held-out sentences, on
 Headline metric: capped CER, the mean of min(CER, 1) (see lightning_grpo/demo/cer_metrics.py).
 
 Measured on the 2-core dev CPU (BENCHMARKS.md section 7 has the full 60-rollout runs, five seeds):
-    capped CER 0.401 -> 0.241 (-40%) in 30 rollouts (3m47s on 2 cores, beside another run); held-out unit
-    error of the codes alone (no Whisper) 0.37 -> 0.16 sampled, 0.15 -> 0.04 near-greedy.
+    capped CER 0.348 -> 0.220 (-37%) in 30 rollouts (3m55s on 2 cores, beside the CI suite); held-out unit
+    error of the codes alone (no Whisper) 0.37 -> 0.16 sampled, 0.15 -> 0.05 near-greedy. (Before the
+    data loaders got their own generators the same seed drew other validation samples: 0.401 -> 0.241.)
 The assertions are the issue's goal (a 30% relative drop) and the absence of reward hacking; the
 bounds leave room for thread-order noise, not for a loop that stopped learning.
 """
@@ -19,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-MEASURED = {"cer_before": 0.401}
+MEASURED = {"cer_before": 0.348}
 
 
 def test_grpo_with_whisper_reward_lowers_held_out_cer(tmp_path, monkeypatch):
