@@ -58,7 +58,7 @@ def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=
                    StepCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=every)],
     )
     policy = GRPOPolicy(learning_rate=1e-2, micro_batch_size=8)
-    dm = PromptDataModule(prompts_per_step=2, val_data="builtin:en" if val_every else None, val_batch_size=2,
+    dm = PromptDataModule(prompts_per_step=2, val_data="builtin:en" if val_every else None, val_prompts_per_step=2,
                           max_train_samples=max_train_samples)
     try:
         trainer.fit(policy, dm, ckpt_path=ckpt_path)
