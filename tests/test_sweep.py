@@ -115,3 +115,4 @@ def test_a_whisper_sweep_run_has_its_swept_values_in_the_wandb_config(tmp_path, 
     assert run_config["rollout.reward.whisper_model"] == "tiny.en-ct2"
     assert run_config["rollout.sampler.class_path"] == "lightning_grpo.sampling.HFSampler"
     assert run_config["model.model_name_or_path"] == "builtin:tiny-llasa" and run_config["trainer.max_steps"] == 1
+    cli.trainer.logger.experiment.finish()
