@@ -167,3 +167,23 @@ def test_cpu_default_runs_from_the_cli_and_logs_its_whole_config(tmp_path):
     assert hparams["model.learning_rate"] == 3e-3 and hparams["data.prompts_per_step"] == 4
     assert hparams["trainer.callbacks.StepCheckpoint.every_n_train_steps"] == 25
     assert "learning_rate" not in hparams  # one key per knob: the policy's own hparams are not logged twice
+
+
+def test_the_whole_config_reaches_tensorboard_and_csv_hparams(tmp_path):
+    """LogRunConfig logs the same flat keys to every logger of the trainer (here TensorBoard and CSV at once)."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lightning_grpo.cli import LogRunConfig
+
+    cli = ParseOnly(GRPOPolicy, PromptDataModule, args=["--config", str(CONFIGS[-1]), "--rollout.reward.beta_c", "2"],
+                    run=False, parser_kwargs={"parser_mode": "omegaconf"})
+    loggers = [TensorBoardLogger(tmp_path / "tb"), CSVLogger(tmp_path / "csv")]
+    trainer = L.Trainer(logger=loggers, default_root_dir=tmp_path, enable_checkpointing=False)
+    LogRunConfig(cli.parser, cli.config).save_config(trainer, None, "fit")
+    for logger in loggers:
+        logger.save()
+        logged = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+        assert logged["rollout.reward.beta_c"] == 2.0 and logged["rollout.reward.codec.class_path"] == "small_world.unit_codec.UnitCodec"
+        assert logged["rollout.sampler.max_new_tokens"] == 8 and logged["model.num_iterations"] == 2
+        assert logged["trainer.callbacks.CappedCER.class_path"] == "lightning_grpo.reward.capped_cer.CappedCER"
