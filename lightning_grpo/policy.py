@@ -59,7 +59,10 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", at
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{flag}: the directory {local.resolve()} has no config.json; expected {MODEL_SOURCES}")
     elif local.exists():
-        raise ValueError(f"{flag} is a file, not a directory; expected {MODEL_SOURCES}")
+        raise ValueError(
+            f"{flag} is a file, not a directory (a Lightning .ckpt goes to --ckpt_path, or `python -m lightning_grpo "
+            f"export` makes a directory of it); expected {MODEL_SOURCES}"
+        )
     elif not _looks_like_hub_id(model_name_or_path):
         raise FileNotFoundError(
             f"{flag}: no such directory ({local.resolve()}) and not a hub id (owner/name); expected {MODEL_SOURCES}"
