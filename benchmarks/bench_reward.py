@@ -37,6 +37,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests"), str(ROOT)]
 from common import machine_info, markdown_table  # noqa: E402
 from reward_fixtures import StoredAudioDecoder, espeak  # noqa: E402
 
+from lightning_grpo.llasa import XCODEC2_CODEBOOK_SIZE  # noqa: E402
 from lightning_grpo.reward import SpeechSample, asr  # noqa: E402
 from lightning_grpo.reward.codec import XCodec2Decoder  # noqa: E402
 from lightning_grpo.reward.module import WhisperReward  # noqa: E402
@@ -83,7 +84,7 @@ def build(n: int, smoke: bool, device: str = "cpu") -> tuple[TimedCodec, list[Sp
     for i in range(n):
         text = SENTENCES[i % len(SENTENCES)]
         codes = stored.add(espeak(text))
-        real_codes[tuple(codes)] = [rng.randrange(65_536) for _ in codes]
+        real_codes[tuple(codes)] = [rng.randrange(XCODEC2_CODEBOOK_SIZE) for _ in codes]
         samples.append(SpeechSample(text, codes, language="en"))
     return TimedCodec(XCodec2Decoder(None, device=device, **size), stored, real_codes), samples
 

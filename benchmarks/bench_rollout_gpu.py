@@ -90,9 +90,11 @@ def parse_args(argv):
 def make_prompts(a) -> list[list[int]]:
     import torch
 
+    from lightning_grpo.llasa import XCODEC2_CODEBOOK_SIZE
+
     g = torch.Generator().manual_seed(a.seed)
     # speech-token prompts: any ids work for throughput, these keep the run LLaSA-like
-    return (torch.randint(0, 65_536, (a.prompts, a.prompt_len), generator=g) + SPEECH_START_ID).tolist()
+    return (torch.randint(0, XCODEC2_CODEBOOK_SIZE, (a.prompts, a.prompt_len), generator=g) + SPEECH_START_ID).tolist()
 
 
 def bench_vllm(model, prompts, a) -> dict:

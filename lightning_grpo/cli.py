@@ -1,11 +1,31 @@
-"""LightningCLI wiring and the extra subcommands; the signatures of the classes are the config."""
+"""LightningCLI wiring and the extra subcommands; the signatures of the classes are the config.
+
+A run's config has four groups, each the `__init__` arguments of one class:
+
+    model:    GRPOPolicy         the policy, its optimiser and the GRPO loss
+    data:     PromptDataModule   prompts: sources, prompts per step
+    rollout:  GRPORollout        G, truncation, its `sampler:` and its `reward:` (a callback the CLI adds)
+    trainer:  lightning.Trainer  steps, devices, precision, logger, other callbacks
+
+so `--rollout.group_size 16`, `--rollout.sampler.temperature 0.9` and `--rollout.reward.beta_c 2` work
+as written (a class_path argument's `init_args` level may be left out on the command line). The whole
+resolved config is logged to every logger as flat dotted keys, the same keys the command line and W&B
+sweeps use (`rollout.reward.beta_c`), and saved as `config.yaml` in the run's log directory.
+"""
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .data import PromptDataModule
 from .policy import GRPOPolicy
+from .rollout import GRPORollout
 
 EXTRA_COMMANDS = {
     "serve": ("lightning_grpo.reward.server", "main"),
@@ -14,9 +34,120 @@ EXTRA_COMMANDS = {
     "export": ("lightning_grpo.export", "main"),
 }
 
+ROLLOUT_ARGS = frozenset(inspect.signature(GRPORollout.__init__).parameters) - {"self"}
+# keys that were renamed: old -> (new, what changed)
+RENAMED_DATA_KEYS = {
+    "val_batch_size": ("val_prompts_per_step", "it counts prompts over all ranks, like prompts_per_step: "
+                                               "the old value times the number of devices"),
+}
+
+
+def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A parsed config as flat dotted keys, the same keys the command line takes.
+
+    `{class_path: C, init_args: {x: 1}}` becomes `prefix.class_path = C, prefix.x = 1`; a list of such
+    objects (trainer.callbacks) is keyed by class name (`trainer.callbacks.StepCheckpoint.every_n_train_steps`);
+    other lists stay values."""
+    out: dict[str, Any] = {}
+    if isinstance(node, dict) and "class_path" in node:
+        out[f"{prefix}class_path"] = node["class_path"]
+        for extra in ("init_args", "dict_kwargs"):
+            out.update(flatten_config(node.get(extra) or {}, prefix))
+        return out
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "__path__":
+                continue
+            if isinstance(value, (dict, list)) and value and _is_objects(value):
+                out.update(flatten_config(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+    # a non-empty list of class_path objects
+    names = [item["class_path"].rsplit(".", 1)[-1] for item in node]
+    for i, (name, item) in enumerate(zip(names, node)):
+        key = name if names.count(name) == 1 else f"{name}_{names[:i].count(name)}"
+        out.update(flatten_config(item, f"{prefix}{key}."))
+    return out
+
+
+def _is_objects(value: dict | list) -> bool:
+    if isinstance(value, dict):
+        return True
+    return all(isinstance(item, dict) and "class_path" in item for item in value)
+
+
+class LogRunConfig(SaveConfigCallback):
+    """Saves config.yaml in the log dir (Lightning's behaviour) and logs the whole resolved config, every
+    nested knob as a flat dotted key, to every logger: W&B's run config, TensorBoard's and CSV's hparams.
+    W&B can then filter, group and compare runs by any key, and a sweep's run config holds its swept keys."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        config.pop("config", None)  # the file paths; their content is what follows
+        flat = flatten_config(config)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(flat)
+
+
+def check_removed_keys(args: list[str]) -> None:
+    """Raise naming the new key when the command line or a --config file uses a key this version renamed."""
+    for i, word in enumerate(args):
+        key, _, inline = word.partition("=")
+        value = inline if _ else (args[i + 1] if i + 1 < len(args) else "")
+        if key.startswith("--trainer.callbacks.init_args."):
+            parts = key[len("--trainer.callbacks.init_args."):].split(".")
+            if parts[0] in ROLLOUT_ARGS:
+                new = "--rollout." + ".".join(p for p in parts if p != "init_args")
+                raise ValueError(
+                    f"{key}: the rollout's arguments are a top-level config group now; use {new} "
+                    "(and `rollout:` in YAML instead of a GRPORollout entry in trainer.callbacks)"
+                )
+        elif key.startswith("--trainer.callbacks") and "GRPORollout" in value:
+            raise ValueError(
+                f"{word} {'' if inline else value}: GRPORollout is always added from the top-level `rollout:` "
+                "group now; set it with --rollout.group_size, --rollout.sampler, --rollout.reward, ..."
+            )
+        elif key.startswith("--data."):
+            old = key[len("--data."):]
+            if old in RENAMED_DATA_KEYS:
+                new, why = RENAMED_DATA_KEYS[old]
+                raise ValueError(f"{key} was renamed --data.{new}: {why}")
+        elif key in ("-c", "--config") and value and Path(value).is_file():
+            _check_config_file(Path(value))
+
+
+def _check_config_file(path: Path) -> None:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return  # the parser reports it
+    if not isinstance(config, dict):
+        return
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("GRPORollout"):
+            keys = ", ".join(f"rollout.{k}" for k in (cb.get("init_args") or {}))
+            raise ValueError(
+                f"{path}: GRPORollout is listed in trainer.callbacks; it is a top-level config group now. "
+                f"Move its init_args to `rollout:` beside model/data/trainer ({keys or 'rollout.sampler, rollout.reward'})"
+            )
+    data = config.get("data") or {}
+    for old, (new, why) in RENAMED_DATA_KEYS.items():
+        if isinstance(data, dict) and old in data:
+            raise ValueError(f"{path}: data.{old} was renamed data.{new}: {why}")
+
 
 class GRPOCLI(LightningCLI):
-    pass
+    def add_arguments_to_parser(self, parser) -> None:
+        # A Callback class added as a group is instantiated from `rollout:` and appended to the
+        # trainer's callbacks by LightningCLI (its `callback_keys`), wherever trainer.callbacks lists others.
+        parser.add_lightning_class_args(GRPORollout, "rollout")
+
+    def parse_arguments(self, parser, args) -> None:
+        if args is None or isinstance(args, list):
+            check_removed_keys(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
@@ -26,15 +157,16 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
         args=args,
         run=run,
         parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_callback=LogRunConfig,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        # GRPOPolicy builds its own AdamW and schedule (`--model.learning_rate`, `--model.lr_schedule`)
+        auto_configure_optimizers=False,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; argv None reads sys.argv (as `python -m lightning_grpo` does)."""
-    import sys
-
     words = sys.argv[1:] if argv is None else argv
     if words and words[0] in EXTRA_COMMANDS:
         import importlib

@@ -1,17 +1,16 @@
-"""Prompt data and the Rollout a training step consumes.
+"""Prompt data: batches of texts, one batch per step over all ranks.
 
 `PromptDataModule` yields batches of prompt texts ({"text": [...], "language": [...]}) from
 an embedded prompt set (`builtin:en`, shipped in the package, so the default run needs no download),
 a local parquet / jsonl / json / csv / txt file, a directory holding `{split}.parquet` (the layout
 `python -m lightning_grpo prepare` and the original recipe write), or a HF datasets id.
-The rollout callback turns each batch into a `Rollout` before `training_step` sees it.
+The rollout callback turns each batch into a `Rollout` (batch.py) before `training_step` sees it.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,43 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .reward.base import RewardResult
-
 ASSETS = Path(__file__).parent / "assets"
-
-
-@dataclass
-class Rollout:
-    """One step's samples, on the policy's device.
-
-    input_ids: (N, P + C) prompts left-padded to width P, completions right-padded to C;
-    attention_mask: (N, P + C); completion_mask: (N, C) 1 on tokens the loss sees (stop token
-    included; all 0 for rows masked by the truncation policy); rewards, truncated: (N,);
-    sampler_logprobs: (N, C) or None; sampler_metrics: the sampler's own timings and sync checks
-    (vLLM: rollout/sync_s, sync/logprob_mean_abs_diff, ...). N = B * group_size, grouped by prompt.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
-    prompt_width: int
-    rewards: torch.Tensor
-    truncated: torch.Tensor
-    group_size: int
-    temperature: float
-    max_new_tokens: int
-    texts: list[str]
-    reward_result: RewardResult
-    sampler_logprobs: torch.Tensor | None = None
-    vocab_range: tuple[int, int] | None = None
-    disallowed: tuple[int, ...] = ()
-    completion_ids: list[list[int]] = field(default_factory=list)
-    sampler_metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def completion_lengths(self) -> torch.Tensor:
-        """(N,) tokens sampled per row (stop token included), before any loss mask."""
-        return torch.tensor([len(c) for c in self.completion_ids], dtype=torch.float32)
 
 
 def _rows_from_file(path: Path) -> list[dict[str, Any]]:
@@ -184,7 +147,7 @@ class PromptDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "test",
         prompts_per_step: int = 8,
-        val_batch_size: int = 8,
+        val_prompts_per_step: int = 8,
         text_column: str = "text",
         language_column: str = "language",
         default_language: str | None = None,
@@ -197,9 +160,10 @@ class PromptDataModule(L.LightningDataModule):
             train_data: `builtin:en`, a parquet/jsonl/json/csv/txt file, a directory with
                 `{split}.parquet`, or a HF datasets id.
             val_data: same forms; None disables validation.
-            prompts_per_step: prompts per optimisation step over ALL ranks (the original: 8); each
-                rank takes prompts_per_step / world_size. Times the group size = samples per step.
-            val_batch_size: prompts per validation batch on each rank.
+            prompts_per_step: prompts per step (one rollout) over ALL ranks (the original: 8); each
+                rank takes prompts_per_step / world_size. Times rollout.group_size = samples per step.
+            val_prompts_per_step: prompts per validation batch, also over ALL ranks (each rank takes
+                val_prompts_per_step / world_size); times rollout.val_group_size = samples per batch.
             text_column / language_column: column names; nested `reward_model.ground_truth` and
                 `extra_info.text` (the original recipe's parquet) are read when text_column is absent.
             default_language: language for rows without one (None: the reward's default).
@@ -208,10 +172,12 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         if prompts_per_step < 1:
             raise ValueError(f"--data.prompts_per_step={prompts_per_step} must be >= 1")
+        if val_prompts_per_step < 1:
+            raise ValueError(f"--data.val_prompts_per_step={val_prompts_per_step} must be >= 1")
         self.train_data, self.val_data = train_data, val_data
         self.train_split, self.val_split = train_split, val_split
         self.prompts_per_step = prompts_per_step
-        self.val_batch_size = val_batch_size
+        self.val_prompts_per_step = val_prompts_per_step
         self.text_column, self.language_column = text_column, language_column
         self.default_language = default_language
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
@@ -221,14 +187,15 @@ class PromptDataModule(L.LightningDataModule):
         self._resume: dict[str, int] = {}
         self._order: EpochPermutation | None = None
 
-    def per_rank_batch_size(self) -> int:
+    def per_rank_batch_size(self, key: str = "prompts_per_step") -> int:
+        """This rank's share of `prompts_per_step` (or `val_prompts_per_step`), both counted over all ranks."""
         world = self.trainer.world_size if self.trainer is not None else 1
-        if self.prompts_per_step % world:
+        total = getattr(self, key)
+        if total % world:
             raise ValueError(
-                f"--data.prompts_per_step={self.prompts_per_step} is not divisible by the {world} training "
-                f"processes; use a multiple of {world}"
+                f"--data.{key}={total} is not divisible by the {world} training processes; use a multiple of {world}"
             )
-        return self.prompts_per_step // world
+        return total // world
 
     def _load(self, source: str, split: str, limit: int | None) -> list[dict[str, Any]]:
         rows = load_prompts(source, split, self.text_column, self.language_column, self.default_language)
@@ -275,7 +242,7 @@ class PromptDataModule(L.LightningDataModule):
         if not self.val_rows:
             return []
         return DataLoader(
-            _Rows(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
+            _Rows(self.val_rows), batch_size=self.per_rank_batch_size("val_prompts_per_step"), shuffle=False,
             collate_fn=collate_prompts, num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(0),  # its iterator must not draw from the global RNG
         )

@@ -21,38 +21,18 @@ Samples per prompt are the rollout's `val_group_size`; sampling settings are the
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
+
+from .batch import rollout_records
+from .distributed import concat_from_ranks
 
 # columns shown first in the table when present; other reward metrics follow alphabetically
 TABLE_FIRST = ("reward", "cer", "nll")
-
-
-def rollout_records(rollout, languages: list[str | None]) -> list[dict[str, Any]]:
-    """One JSON-ready dict per rollout row. languages: one per prompt (rows are grouped by prompt)."""
-    res = rollout.reward_result
-    records = []
-    for i, text in enumerate(rollout.texts):
-        rec = {
-            "text": text,
-            "language": languages[i // rollout.group_size] if languages else None,
-            "reward": float(rollout.rewards[i]),
-            "completion_length": len(rollout.completion_ids[i]) if rollout.completion_ids else None,
-            "truncated": bool(rollout.truncated[i]),
-            "reason": res.reasons[i],
-            "transcript": res.transcripts[i] if res.transcripts else None,
-        }
-        for name, value in sorted(res.metrics.items()):
-            v = float(value[i])
-            rec[name] = v if math.isfinite(v) else None  # None: not measured for this sample
-        records.append(rec)
-    return records
 
 
 def _means(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -152,16 +132,11 @@ class ValidationReport(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if "rollout" not in batch:
-            raise RuntimeError("validation batch has no rollout: add GRPORollout to --trainer.callbacks")
+            raise RuntimeError("validation batch has no rollout: the `rollout:` config group (GRPORollout) makes it")
         self.records.extend(rollout_records(batch["rollout"], list(batch.get("language") or [])))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        records = self.records
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            everyone: list = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, records)
-            records = [r for rank in everyone for r in rank]
-        self.records = records
+        records = self.records = concat_from_ranks(self.records)
         if not records or trainer.sanity_checking:
             return
         self.summary = summarize(records)

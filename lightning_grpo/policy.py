@@ -18,12 +18,27 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
 from . import grpo
-from .data import Rollout
+from .batch import Rollout
+from .distributed import concat_from_ranks
 
 BUILTIN_TINY = "builtin:tiny-llasa"
+
+
+MODEL_SOURCES = (
+    "a local HF directory (config.json, weights, tokenizer files), e.g. what "
+    "`python -m lightning_grpo export --ckpt_path ... --out DIR` or the small world's "
+    "`python examples/small_world/warm_start.py --out DIR` writes; "
+    "a Hugging Face hub id such as HKUSTAudio/Llasa-1B; or builtin:tiny-llasa"
+)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`owner/name` or `name` as the hub spells repo ids (no other path separators, no ./~ prefix)."""
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith((".", "~", "-")) and
+                                        all(c.isalnum() or c in "-_." for c in p) for p in parts)
 
 
 def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
@@ -34,13 +49,37 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", at
 
         model, tokenizer = build_tiny_llasa()
         return model.to(torch_dtype), tokenizer
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    kwargs = {"dtype": torch_dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    flag = f"--model.model_name_or_path={model_name_or_path}"
+    local = Path(model_name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{flag}: the directory {local.resolve()} has no config.json; expected {MODEL_SOURCES}")
+    elif local.exists():
+        raise ValueError(
+            f"{flag} is a file, not a directory (a Lightning .ckpt goes to --ckpt_path, or `python -m lightning_grpo "
+            f"export` makes a directory of it); expected {MODEL_SOURCES}"
+        )
+    elif not _looks_like_hub_id(model_name_or_path):
+        raise FileNotFoundError(
+            f"{flag}: no such directory ({local.resolve()}) and not a hub id (owner/name); expected {MODEL_SOURCES}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        kwargs = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    except OSError as err:
+        if local.is_dir():
+            raise
+        raise FileNotFoundError(
+            f"{flag}: no directory {local.resolve()}, and the hub did not give a model {model_name_or_path!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); expected {MODEL_SOURCES}"
+        ) from err
     return model, tokenizer
 
 
@@ -102,7 +141,8 @@ class GRPOPolicy(L.LightningModule):
             importance_cap: the truncation cap of those weights (TIS uses 2).
         """
         super().__init__()
-        self.save_hyperparameters()
+        # the checkpoint keeps these; the logger gets the whole run config from the CLI (cli.py)
+        self.save_hyperparameters(logger=False)
         if num_iterations < 1:
             raise ValueError(f"--model.num_iterations={num_iterations} must be >= 1")
         if micro_batch_size < 1 or logprob_chunk_size < 1:
@@ -261,7 +301,7 @@ class GRPOPolicy(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "rollout" not in batch:
-            raise RuntimeError("validation batch has no rollout: add GRPORollout to --trainer.callbacks")
+            raise RuntimeError("validation batch has no rollout: the `rollout:` config group (GRPORollout) makes it")
         self.log_rollout_stats(batch["rollout"], "val", on_epoch=True)
 
     # -- logging ---------------------------------------------------------------------------
@@ -288,11 +328,7 @@ class GRPOPolicy(L.LightningModule):
                 stats[f"{prefix}/{name}_std"] = finite.std().item() if finite.numel() > 1 else 0.0
                 stats[f"{prefix}/{name}_min"] = finite.min().item()
                 stats[f"{prefix}/{name}_max"] = finite.max().item()
-        reasons = list(r.reward_result.reasons)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            everyone: list = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, reasons)
-            reasons = [x for rank in everyone for x in rank]
+        reasons = concat_from_ranks(list(r.reward_result.reasons))
         for reason, count in sorted(Counter(reasons).items()):
             stats[f"{prefix}/reason_{reason}"] = count / len(reasons)
         # Already reduced over ranks above, so no sync_dist; every rank logs the same numbers.

@@ -2,8 +2,12 @@
 
 For each batch of prompt texts it builds LLaSA prompts, asks the sampler for `group_size`
 completions per prompt from the *current* policy weights, parses the speech span, scores it with
-the reward, applies the truncation policy and attaches a `Rollout` to the batch as
-`batch["rollout"]`. The policy's `training_step` only does the GRPO update.
+the reward, applies the truncation policy and attaches a `Rollout` (lightning_grpo/batch.py) to the
+batch as `batch["rollout"]`. The policy's `training_step` only does the GRPO update.
+
+It is a Lightning callback configured as its own top-level group, `rollout:` in YAML and
+`--rollout.group_size 16`, `--rollout.sampler.temperature 0.9`, `--rollout.reward.beta_c 2` on the
+command line (lightning_grpo/cli.py adds it to the trainer's callbacks).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .data import Rollout
+from .batch import Rollout
+from .distributed import gather_from_ranks
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, SpeechSample
-from .sampling import Sampler
+from .sampling import Sampler, check_sampler
 
 TruncationPolicy = Literal["penalize", "mask", "keep"]
 
@@ -65,10 +70,11 @@ class GRPORollout(L.Callback):
     ) -> None:
         """
         Args:
-            sampler: who samples (lightning_grpo.sampling.HFSampler, lightning_grpo.vllm_sampler.VLLMSampler).
+            sampler: who samples (lightning_grpo.sampling.HFSampler, lightning_grpo.vllm_sampler.VLLMSampler);
+                anything with the `Sampler` Protocol's attributes and methods.
             reward: who scores (rule reward, Whisper reward module, or the HTTP client).
-            group_size: G, completions per prompt (the original: 16). Samples per step =
-                prompts_per_step x G.
+            group_size: G, completions per prompt (the original: 16). Samples per step (one
+                rollout) = data.prompts_per_step x G.
             val_group_size: completions per prompt in validation.
             max_prompt_length: prompts with more tokens are an error naming the text (the original: 512).
             truncation: what to do with completions that hit max_new_tokens without the stop token.
@@ -89,6 +95,7 @@ class GRPORollout(L.Callback):
             raise ValueError(f"--val_group_size={val_group_size} must be >= 1")
         if truncation not in ("penalize", "mask", "keep"):
             raise ValueError(f"--truncation={truncation!r} is not one of penalize, mask, keep")
+        check_sampler(sampler)
         self.sampler = sampler
         self.reward = reward
         self.group_size = group_size
@@ -112,10 +119,8 @@ class GRPORollout(L.Callback):
         `rank_rng`, since ranks that generate different lengths consume their streams differently."""
         own = _rng_state()
         state = {"train_rollouts": self.train_rollouts, **own}
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, own)  # Lightning calls state_dict on every rank
+        gathered = gather_from_ranks(own)  # Lightning calls state_dict on every rank
+        if len(gathered) > 1:
             state["rank_rng"] = gathered
         return state
 
@@ -150,7 +155,7 @@ class GRPORollout(L.Callback):
         self._ensure_sampler(pl_module)
         if self._pending_rng is not None:
             self._restore_rng(trainer)
-        # step = rollouts so far, not optimiser steps (num_iterations > 1 takes several per rollout)
+        # the sampler's step: training rollouts made before this one (see Sampler.sample)
         batch["rollout"] = self.make_rollout(pl_module, batch, self.group_size, self.train_rollouts)
         self.train_rollouts += 1
 
@@ -162,7 +167,8 @@ class GRPORollout(L.Callback):
         # not depend on whether or how often validation ran
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            batch["rollout"] = self.make_rollout(pl_module, batch, self.val_group_size, trainer.global_step)
+            # the same step as the next training rollout: both sample from the same weights
+            batch["rollout"] = self.make_rollout(pl_module, batch, self.val_group_size, self.train_rollouts)
 
     # -- the work --------------------------------------------------------------------------
     def allowed_token_ids(self) -> list[int] | None:
@@ -233,7 +239,7 @@ class GRPORollout(L.Callback):
             rewards=rewards.to(device),
             truncated=truncated.to(device),
             group_size=group_size,
-            temperature=float(getattr(self.sampler, "temperature", 1.0)),
+            temperature=float(self.sampler.temperature),
             max_new_tokens=int(self.sampler.max_new_tokens),
             texts=[s.text for s in samples],
             reward_result=result,

@@ -16,7 +16,6 @@ Add it with `--trainer.callbacks+=lightning_grpo.sample_logging.AudioSampleLogge
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .batch import rollout_records
 from .llasa import parse_completion
 
 FIXED_COLUMNS = ("step", "sample", "text", "transcript", "reward", "reason", "completion_length", "truncated")
@@ -106,23 +106,11 @@ class AudioSampleLogger(L.Callback):
         """(table rows, waveforms or None per row, sample rate) of the picked rows of a rollout."""
         cb = self._rollout_callback(trainer)
         codec = getattr(getattr(cb, "reward", None), "codec", None)
-        res = rollout.reward_result
         picked = pick_rows(rollout.rewards.detach().cpu(), rollout.group_size, self.max_samples)
-        rows = []
-        for j, i in enumerate(picked):
-            row = {
-                "sample": j,
-                "text": rollout.texts[i],
-                "transcript": res.transcripts[i] if res.transcripts else "",
-                "reward": float(rollout.rewards[i]),
-                "reason": res.reasons[i],
-                "completion_length": len(rollout.completion_ids[i]) if rollout.completion_ids else -1,
-                "truncated": bool(rollout.truncated[i]),
-            }
-            for name, value in sorted(res.metrics.items()):
-                v = float(value[i])
-                row[name] = v if math.isfinite(v) else None
-            rows.append(row)
+        rows = [{"sample": j, **rec} for j, rec in enumerate(rollout_records(rollout, rows=picked))]
+        for row in rows:
+            row.pop("language")
+            row["transcript"] = row["transcript"] or ""
         audio: list[torch.Tensor | None] = [None] * len(rows)
         sample_rate = int(getattr(codec, "sample_rate", 16_000))
         if codec is not None and hasattr(codec, "decode") and cb is not None and rollout.completion_ids:

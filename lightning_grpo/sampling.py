@@ -42,6 +42,13 @@ def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_
 
 @runtime_checkable
 class Sampler(Protocol):
+    """What the rollout callback needs from a sampler. The trainer reads the four sampling settings
+    too: it scores log-probs at the sampler's `temperature` (over the same `allowed_token_ids`), and
+    a Rollout records them, so a sampler must expose them as attributes (`check_sampler`)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
     max_new_tokens: int
 
     def setup(self, pl_module) -> None:
@@ -58,12 +65,27 @@ class Sampler(Protocol):
     ) -> Completions:
         """Sample n completions per prompt from the current weights of `model`.
 
-        step: the index of this training rollout (0, 1, ...; resumed runs continue the count), so a
-        sampler can schedule work such as weight syncs every k rollouts.
+        step: the number of training rollouts made before this call (0, 1, ...; a resumed run
+        continues the count), in training and in validation alike, so a sampler can schedule work
+        such as weight syncs every k rollouts. A rollout is one training step (README, "Steps").
 
         allowed_token_ids: when given, every other token has probability 0 (LLaSA: the speech
         tokens and the stop token), and the trainer scores log-probs over the same set.
         """
+
+
+SAMPLER_SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens")
+
+
+def check_sampler(sampler: object) -> None:
+    """Raise naming what `sampler` lacks of the `Sampler` Protocol (never a silent default)."""
+    missing = [a for a in (*SAMPLER_SETTINGS, "setup", "sample") if not hasattr(sampler, a)]
+    if missing:
+        raise TypeError(
+            f"the sampler {type(sampler).__name__} has no {', '.join(missing)}: a sampler must expose "
+            f"{', '.join(SAMPLER_SETTINGS)} as attributes and setup() / sample() (lightning_grpo.sampling.Sampler)"
+        )
+    check_sampling_params(sampler.temperature, sampler.top_p, sampler.top_k, sampler.max_new_tokens)
 
 
 class HFSampler:

@@ -58,7 +58,7 @@ def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=
                    StepCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=every)],
     )
     policy = GRPOPolicy(learning_rate=1e-2, micro_batch_size=8)
-    dm = PromptDataModule(prompts_per_step=2, val_data="builtin:en" if val_every else None, val_batch_size=2,
+    dm = PromptDataModule(prompts_per_step=2, val_data="builtin:en" if val_every else None, val_prompts_per_step=2,
                           max_train_samples=max_train_samples)
     try:
         trainer.fit(policy, dm, ckpt_path=ckpt_path)
@@ -171,7 +171,7 @@ def cli_fit(tmp_path, *extra):
     return build_cli([
         "fit", "--config", str(config), "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.callbacks.init_args.sampler.init_args.max_new_tokens=8", "--trainer.val_check_interval=100",
+        "--rollout.sampler.max_new_tokens=8", "--trainer.val_check_interval=100",
         "--trainer.limit_val_batches=0", *extra,
     ])
 
@@ -219,7 +219,7 @@ def test_sigkilled_cli_run_resumes_without_losing_a_step(tmp_path):
     args = [sys.executable, "-m", "lightning_grpo", "fit", "--config", "configs/tiny_cpu.yaml",
             "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.flush_logs_every_n_steps=1",
-            "--trainer.callbacks.init_args.sampler.init_args.max_new_tokens=8", "--trainer.limit_val_batches=0",
+            "--rollout.sampler.max_new_tokens=8", "--trainer.limit_val_batches=0",
             "--trainer.enable_checkpointing=true", "--trainer.callbacks+=lightning_grpo.checkpointing.StepCheckpoint",
             "--trainer.callbacks.init_args.every_n_train_steps=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

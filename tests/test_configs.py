@@ -1,50 +1,106 @@
-"""Every shipped config parses against the code's signatures; the CPU default runs."""
+"""Every shipped config parses against the code's signatures, each of its keys lands on the object it
+names, renamed keys fail naming the new key, and the CPU default runs with its whole config in the logger."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.cli import LightningCLI
+import yaml
 
-from lightning_grpo.cli import build_cli
+from lightning_grpo.cli import GRPOCLI, build_cli, flatten_config
 from lightning_grpo.data import PromptDataModule
 from lightning_grpo.policy import GRPOPolicy
+from lightning_grpo.rollout import GRPORollout
 
-CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml") if p.name != "sweep.yaml")
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the small world's config names small_world.unit_codec.UnitCodec
+CONFIGS = [*sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml"),
+           ROOT / "examples" / "small_world" / "config.yaml"]
 
 
-class ParseOnly(LightningCLI):
+class ParseOnly(GRPOCLI):
     """Parses and type-checks a config (class_path init_args included) without building anything."""
 
     def instantiate_classes(self) -> None:
         pass
 
 
-def parse(path: Path, *overrides: str):
-    cli = ParseOnly(GRPOPolicy, PromptDataModule, args=["--config", str(path), *overrides], run=False,
-                    parser_kwargs={"parser_mode": "omegaconf"})
+def parse_args(*args: str):
+    cli = ParseOnly(GRPOPolicy, PromptDataModule, args=list(args), run=False, parser_kwargs={"parser_mode": "omegaconf"})
     return cli.config
 
 
+def parse(path: Path, *overrides: str):
+    return parse_args("--config", str(path), *overrides)
+
+
+def lookup(cfg, key: str):
+    """The parsed value of a dotted key as the command line spells it (`rollout.reward.beta_c`: no init_args)."""
+    node = cfg
+    for part in key.split("."):
+        if part not in node and "init_args" in node:
+            node = node.init_args
+        node = node[part]
+    return node
+
+
+def object_at(cli, key: str):
+    """(object, attribute) that a config key of the model, data or rollout group sets on the built run."""
+    group, *path = key.split(".")
+    if group == "model":
+        return cli.model.hparams, path[0]
+    obj = {"data": cli.datamodule, "rollout": next(c for c in cli.trainer.callbacks if isinstance(c, GRPORollout))}[group]
+    for part in path[:-1]:
+        obj = getattr(obj, part)
+    return obj, path[-1]
+
+
+def as_plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_parses(path):
+def test_config_parses_into_the_four_groups(path):
     cfg = parse(path)
-    rollout = [c for c in cfg.trainer.callbacks if c.class_path.endswith("GRPORollout")]
-    assert len(rollout) == 1, "every fit config needs exactly one GRPORollout callback"
-    assert rollout[0].init_args.group_size >= 2
+    assert cfg.rollout.group_size >= 2 and cfg.rollout.sampler.class_path and cfg.rollout.reward.class_path
+    assert not any(c.class_path.endswith("GRPORollout") for c in cfg.trainer.callbacks or [])
+    # every key the file sets is the parsed value (nothing dropped or shadowed by a default)
+    raw = yaml.safe_load(path.read_text())
+    for key, value in flatten_config(raw).items():
+        if key.startswith(("rollout.", "model.", "data.")) and not key.endswith("class_path"):
+            assert as_plain(lookup(cfg, key)) == as_plain(value), key
+
+
+def test_every_key_of_the_cpu_default_lands_on_its_object(tmp_path):
+    """Built for real: each model / data / rollout key of configs/tiny_cpu.yaml is the attribute of the
+    object it names, and the command-line spellings of the rollout group reach the same objects."""
+    path = ROOT / "configs" / "tiny_cpu.yaml"
+    cli = build_cli(["--config", str(path), "--rollout.group_size", "16", "--rollout.sampler.temperature", "0.9",
+                     "--rollout.reward.codes_per_char", "0.25", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    overrides = {"rollout.group_size": 16, "rollout.sampler.temperature": 0.9, "rollout.reward.codes_per_char": 0.25}
+    keys = {k: v for k, v in flatten_config(yaml.safe_load(path.read_text())).items()
+            if k.startswith(("model.", "data.", "rollout.")) and not k.endswith("class_path")}
+    assert len(keys) >= 15  # not vacuous
+    for key, value in {**keys, **overrides}.items():
+        obj, attr = object_at(cli, key)
+        got = as_plain(obj[attr] if hasattr(obj, "keys") else getattr(obj, attr))
+        assert got == (pytest.approx(value) if isinstance(value, float) else as_plain(value)), key
+    rollouts = [c for c in cli.trainer.callbacks if isinstance(c, GRPORollout)]
+    assert len(rollouts) == 1  # added once from the `rollout:` group, whatever trainer.callbacks lists
 
 
 def test_original_recipe_values():
-    cfg = parse(Path(__file__).parents[1] / "configs" / "llasa1b_original.yaml")
-    r = [c for c in cfg.trainer.callbacks if c.class_path.endswith("GRPORollout")][0].init_args
+    cfg = parse(ROOT / "configs" / "llasa1b_original.yaml")
+    r = cfg.rollout
     assert (cfg.data.prompts_per_step, r.group_size) == (8, 16)
+    assert cfg.data.val_prompts_per_step == 16 and cfg.trainer.devices == 2  # 8 per GPU, as before
     assert cfg.model.learning_rate == 1e-6 and cfg.model.beta == 0.0
     assert (cfg.model.epsilon_low, cfg.model.epsilon_high, cfg.model.dual_clip) == (0.2, 0.2, 3.0)
     assert cfg.model.loss_aggregation == "token-mean"
     s = r.sampler.init_args
     assert (s.temperature, s.top_p, s.max_new_tokens) == (0.8, 0.9, 2048)
-    assert cfg.trainer.devices == 2
 
 
 def test_bad_override_is_rejected_with_the_key(capsys):
@@ -53,10 +109,51 @@ def test_bad_override_is_rejected_with_the_key(capsys):
     assert "loss_aggregation" in capsys.readouterr().err
 
 
-def test_cpu_default_runs_from_the_cli(tmp_path):
-    """The README's main command, shortened to 2 steps."""
+@pytest.mark.parametrize("old, new", [
+    ("--trainer.callbacks.init_args.group_size=16", "--rollout.group_size"),
+    ("--trainer.callbacks.init_args.sampler.init_args.temperature=0.9", "--rollout.sampler.temperature"),
+    ("--trainer.callbacks.init_args.reward.init_args.beta_c=2", "--rollout.reward.beta_c"),
+    ("--trainer.callbacks+=lightning_grpo.rollout.GRPORollout", "--rollout.group_size"),
+    ("--data.val_batch_size=8", "--data.val_prompts_per_step"),
+])
+def test_an_old_key_on_the_command_line_names_the_new_one(old, new):
+    with pytest.raises(ValueError, match=new.replace(".", r"\.")):
+        parse(ROOT / "configs" / "tiny_cpu.yaml", old)
+
+
+def test_an_old_config_file_names_the_new_keys(tmp_path):
+    old = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
+    rollout = old.pop("rollout")
+    old["trainer"]["callbacks"].append({"class_path": "lightning_grpo.rollout.GRPORollout", "init_args": rollout})
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ValueError, match=r"top-level config group now.*`rollout:`.*rollout\.group_size"):
+        build_cli(["fit", "--config", str(tmp_path / "old.yaml")])
+    old = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
+    old["data"]["val_batch_size"] = old["data"].pop("val_prompts_per_step")
+    (tmp_path / "old_data.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ValueError, match="data.val_batch_size was renamed data.val_prompts_per_step.*all ranks"):
+        build_cli(["fit", "--config", str(tmp_path / "old_data.yaml")])
+
+
+def test_help_and_print_config_show_the_rollout_group(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--help"])
+    help_text = capsys.readouterr().out
+    for key in ("--rollout.group_size", "--rollout.sampler", "--rollout.reward", "--rollout.truncation"):
+        assert key in help_text, key
+    assert "--optimizer" not in help_text  # GRPOPolicy configures its own optimiser: no dead keys
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--rollout.sampler.temperature", "0.9",
+                   "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["rollout"]["sampler"]["init_args"]["temperature"] == 0.9 and printed["rollout"]["group_size"] == 8
+
+
+def test_cpu_default_runs_from_the_cli_and_logs_its_whole_config(tmp_path):
+    """The README's main command, shortened to 2 steps; the CSV logger's hparams hold every nested knob."""
     cli = build_cli(["fit", "--config", "configs/tiny_cpu.yaml", "--trainer.max_steps", "2",
                      "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+                     "--rollout.reward.codes_per_char", "0.4",
                      f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 2
@@ -64,3 +161,29 @@ def test_cpu_default_runs_from_the_cli(tmp_path):
                 "train/completion_length_mean", "train/truncation_rate", "val/reward"):
         assert key in metrics, key
     assert list(tmp_path.rglob("metrics.csv"))
+    hparams = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
+    assert hparams["rollout.reward.codes_per_char"] == 0.4 and hparams["rollout.reward.band"] == [0, 16]
+    assert hparams["rollout.sampler.temperature"] == 1.0 and hparams["rollout.group_size"] == 8
+    assert hparams["model.learning_rate"] == 3e-3 and hparams["data.prompts_per_step"] == 4
+    assert hparams["trainer.callbacks.StepCheckpoint.every_n_train_steps"] == 25
+    assert "learning_rate" not in hparams  # one key per knob: the policy's own hparams are not logged twice
+
+
+def test_the_whole_config_reaches_tensorboard_and_csv_hparams(tmp_path):
+    """LogRunConfig logs the same flat keys to every logger of the trainer (here TensorBoard and CSV at once)."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lightning_grpo.cli import LogRunConfig
+
+    cli = ParseOnly(GRPOPolicy, PromptDataModule, args=["--config", str(CONFIGS[-1]), "--rollout.reward.beta_c", "2"],
+                    run=False, parser_kwargs={"parser_mode": "omegaconf"})
+    loggers = [TensorBoardLogger(tmp_path / "tb"), CSVLogger(tmp_path / "csv")]
+    trainer = L.Trainer(logger=loggers, default_root_dir=tmp_path, enable_checkpointing=False)
+    LogRunConfig(cli.parser, cli.config).save_config(trainer, None, "fit")
+    for logger in loggers:
+        logger.save()
+        logged = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+        assert logged["rollout.reward.beta_c"] == 2.0 and logged["rollout.reward.codec.class_path"] == "small_world.unit_codec.UnitCodec"
+        assert logged["rollout.sampler.max_new_tokens"] == 8 and logged["model.num_iterations"] == 2
+        assert logged["trainer.callbacks.CappedCER.class_path"] == "lightning_grpo.reward.capped_cer.CappedCER"

@@ -56,7 +56,7 @@ def test_row_without_text_names_row_and_flag(tmp_path):
 
 
 def test_datamodule_batches_and_too_few_prompts(tmp_path):
-    dm = PromptDataModule(prompts_per_step=4, val_batch_size=3)
+    dm = PromptDataModule(prompts_per_step=4, val_prompts_per_step=3)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert len(batch["text"]) == 4 and len(batch["language"]) == 4

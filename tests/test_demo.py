@@ -1,13 +1,19 @@
-"""The learning demo's parts: the unit codec, its prompt sets, the short-window Whisper reward, the warm start."""
+"""The small world's parts (examples/small_world/): the unit codec, its prompt sets, the warm start, and the
+reusable parts it uses from the package (the short-window Whisper reward, capped CER)."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_grpo.demo.unit_codec import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from small_world import TEST_PROMPTS, TRAIN_PROMPTS  # noqa: E402
+from small_world.unit_codec import (  # noqa: E402
     JUNK_UNITS,
     NUM_UNITS,
     UNITS,
@@ -17,18 +23,16 @@ from lightning_grpo.demo.unit_codec import (
     make_prompt_sets,
     text_to_codes,
 )
-from lightning_grpo.demo.warm_start import (
-    TEST_PROMPTS,
-    TRAIN_PROMPTS,
+from small_world.warm_start import (  # noqa: E402
     WarmStartConfig,
     edit_distance,
     teacher_forcing_batch,
     unit_error_rate,
     warm_start,
 )
-from lightning_grpo.llasa import LlasaVocab
-from lightning_grpo.reward.base import SpeechSample
-from lightning_grpo.reward.codec import SpeechDecoder
+from lightning_grpo.llasa import LlasaVocab  # noqa: E402
+from lightning_grpo.reward.base import SpeechSample  # noqa: E402
+from lightning_grpo.reward.codec import SpeechDecoder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +131,7 @@ def test_warm_start_learns_is_cached_and_deterministic(tmp_path):
 
 @pytest.fixture(scope="module")
 def short_reward(codec):
-    from lightning_grpo.demo.short_window import ShortWindowWhisperReward
+    from lightning_grpo.reward.short_window import ShortWindowWhisperReward
 
     torch.set_num_threads(1)
     return ShortWindowWhisperReward(whisper_model="tiny.en-ct2", codec=codec, codebook_size=NUM_UNITS, batch_size=8, window_s=8.0)
@@ -155,7 +159,7 @@ def test_real_whisper_reads_the_unit_codec(short_reward):
 
 
 def test_cropped_encoder_at_full_window_equals_whisper(short_reward):
-    from lightning_grpo.demo.short_window import CroppedEncoder
+    from lightning_grpo.reward.short_window import CroppedEncoder
 
     inner = short_reward.whisper.encoder.inner
     mel = torch.randn(1, 80, 3000)
@@ -167,7 +171,7 @@ def test_cropped_encoder_at_full_window_equals_whisper(short_reward):
 def test_capped_cer_logs_robust_statistics():
     from types import SimpleNamespace
 
-    from lightning_grpo.demo.cer_metrics import CappedCER
+    from lightning_grpo.reward.capped_cer import CappedCER
     from lightning_grpo.reward.base import RewardResult
 
     logged = {}
@@ -180,15 +184,12 @@ def test_capped_cer_logs_robust_statistics():
 
 
 def test_demo_config_builds_the_whisper_unit_codec_loop():
-    from pathlib import Path
-
     from lightning_grpo.cli import build_cli
-    from lightning_grpo.demo.short_window import ShortWindowWhisperReward
+    from lightning_grpo.reward.short_window import ShortWindowWhisperReward
     from lightning_grpo.rollout import GRPORollout
+    from small_world import config_args
 
-    config = Path(__file__).parents[1] / "configs" / "demo_whisper_cpu.yaml"
-    reward_key = "--trainer.callbacks.init_args.reward.init_args.lambda_n"
-    cli = build_cli(["--config", str(config), "--model.model_name_or_path", "builtin:tiny-llasa", reward_key, "0"], run=False)
+    cli = build_cli([*config_args(), "--model.model_name_or_path", "builtin:tiny-llasa", "--rollout.reward.lambda_n", "0"], run=False)
     rollout = next(c for c in cli.trainer.callbacks if isinstance(c, GRPORollout))
     reward = rollout.reward
     assert isinstance(reward, ShortWindowWhisperReward) and isinstance(reward.codec, UnitCodec)
@@ -202,7 +203,7 @@ def test_demo_config_builds_the_whisper_unit_codec_loop():
 def test_label_noise_swaps_words_for_their_fixed_partner(tiny_units):
     import random
 
-    from lightning_grpo.demo.warm_start import confusion_partner
+    from small_world.warm_start import confusion_partner
 
     _, tokenizer = tiny_units
     vocab = LlasaVocab.from_tokenizer(tokenizer)
@@ -218,7 +219,7 @@ def test_label_noise_swaps_words_for_their_fixed_partner(tiny_units):
 
 
 def test_measure_report_states_the_relative_drop_and_unit_errors(tmp_path):
-    from lightning_grpo.demo.measure import report
+    from small_world.measure import report
 
     metrics = lambda cer, nll, reward: {  # noqa: E731
         "val/cer_capped_mean": cer, "val/cer_mean": cer, "val/nll_mean": nll, "val/reward_mean": reward}

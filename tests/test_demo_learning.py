@@ -1,8 +1,8 @@
 """Slow: GRPO with the real Whisper tiny.en reward lowers held-out CER of the warm-started unit-codec policy.
 
-A shortened run of `configs/demo_whisper_cpu.yaml`: seed 0, 30 rollouts (instead of 60), one validation
+A shortened run of the small world (examples/small_world/config.yaml): seed 0, 30 rollouts (instead of 60), one validation
 before (the warm-started policy) and one after, on the 48 held-out sentences, one sample each.
-Headline metric: capped CER, the mean of min(CER, 1) (see lightning_grpo/demo/cer_metrics.py).
+Headline metric: capped CER, the mean of min(CER, 1) (see lightning_grpo/reward/capped_cer.py).
 
 Measured on the 2-core dev CPU (BENCHMARKS.md section 7 has the full 60-rollout runs, five seeds):
     capped CER 0.348 -> 0.220 (-37%) in 30 rollouts (3m55s on 2 cores, beside the CI suite); held-out unit
@@ -14,7 +14,8 @@ bounds leave room for thread-order noise, not for a loop that stopped learning.
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +25,10 @@ MEASURED = {"cer_before": 0.348}
 
 
 def test_grpo_with_whisper_reward_lowers_held_out_cer(tmp_path, monkeypatch):
-    from lightning_grpo.demo.measure import run_one
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from small_world.measure import run_one
 
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(tmp_path)  # the small world's commands work from any directory
     s = run_one("seed0", tmp_path, rollouts=30, val_every=30, extra=[])
     before, after = s["before"], s["after"]
     cer_b, cer_a = before["val/cer_capped_mean"], after["val/cer_capped_mean"]

@@ -24,12 +24,12 @@ def two_language_data(tmp_path):
     return str(path)
 
 
-def validate(callbacks, val_data, val_batch_size=4):
+def validate(callbacks, val_data, val_prompts_per_step=4):
     L.seed_everything(0)
     policy = GRPOPolicy()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks)
-    dm = PromptDataModule(train_data=val_data, val_data=val_data, val_split="test", val_batch_size=val_batch_size)
+    dm = PromptDataModule(train_data=val_data, val_data=val_data, val_split="test", val_prompts_per_step=val_prompts_per_step)
     trainer.validate(policy, datamodule=dm)
     return trainer
 
@@ -90,8 +90,7 @@ def test_evaluate_command_on_the_tiny_config(tmp_path, capsys):
 class PerPromptSampler:
     """Completion j of every batch is `rows[j]` (validation batches are not shuffled)."""
 
-    temperature = 1.0
-    max_new_tokens = 2048
+    temperature, top_p, top_k, max_new_tokens = 1.0, 1.0, 0, 2048
 
     def __init__(self, rows):
         self.rows = rows
@@ -157,7 +156,7 @@ def test_validation_during_fit_uses_the_same_report(tmp_path):
                         enable_model_summary=False,
                         callbacks=[report, GRPORollout(HFSampler(max_new_tokens=8), RuleReward(), group_size=2)])
     trainer.fit(GRPOPolicy(), PromptDataModule(train_data=data, val_data=data, train_split="x", val_split="y",
-                                               prompts_per_step=2, val_batch_size=6))
+                                               prompts_per_step=2, val_prompts_per_step=6))
     saved = json.loads((tmp_path / "val" / "step_2" / "metrics.json").read_text())
     assert saved["global_step"] == 2 and saved["overall"]["n"] == 6  # val_group_size 1
     assert float(trainer.callback_metrics["val/lang_en/reward_mean"]) == pytest.approx(saved["per_language"]["en"]["reward"], abs=1e-5)

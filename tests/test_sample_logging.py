@@ -52,7 +52,7 @@ def fit(logger, reward, tmp_path, steps=3, **sample_kw):
         num_sanity_val_steps=0, default_root_dir=str(tmp_path), log_every_n_steps=1,
         callbacks=[GRPORollout(HFSampler(max_new_tokens=10), reward, group_size=3, val_group_size=2), samples],
     )
-    trainer.fit(GRPOPolicy(learning_rate=1e-3), PromptDataModule(prompts_per_step=2, val_batch_size=2))
+    trainer.fit(GRPOPolicy(learning_rate=1e-3), PromptDataModule(prompts_per_step=2, val_prompts_per_step=2))
     return trainer, samples
 
 

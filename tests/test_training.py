@@ -17,7 +17,7 @@ from lightning_grpo.sampling import Completions, HFSampler
 class ScriptedSampler:
     """Returns the same completions every call: rows of speech ids, some without the stop token."""
 
-    temperature = 1.0
+    temperature, top_p, top_k = 1.0, 1.0, 0  # the Sampler Protocol's settings
 
     def __init__(self, rows: list[list[int]], truncated: list[bool], max_new_tokens: int = 8) -> None:
         self.rows, self.trunc, self.max_new_tokens = rows, truncated, max_new_tokens

@@ -26,6 +26,7 @@ from typing import Literal, Sequence
 import lightning
 import torch
 
+from ..llasa import XCODEC2_CODEBOOK_SIZE
 from . import asr
 from .base import OK, RewardResult, SpeechSample
 from .codec import SpeechDecoder, XCodec2Decoder
@@ -51,7 +52,7 @@ class WhisperReward(lightning.LightningModule):
         beta_c: float = 3.0,
         tau_n: float = 3.0,
         nll_prefix: Literal["full", "original"] = "full",
-        codebook_size: int = 65_536,
+        codebook_size: int = XCODEC2_CODEBOOK_SIZE,
         tokens_per_second: float = 50.0,
         silence_rms: float = 1e-3,
         clip_fraction: float = 0.01,

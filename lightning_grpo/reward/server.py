@@ -44,6 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from ..llasa import XCODEC2_CODEBOOK_SIZE
 from .base import Reward, RewardResult, SpeechSample
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001  # WHISPER_SERVER=http://127.0.0.1:8001 (the original README's port; its code said 8000)
 TOKEN_ENV = "WHISPER_SERVER_TOKEN"
-CODEBOOK_SIZE = 65_536  # X-codec2's single FSQ codebook
 
 RewardFactory = Callable[[], Reward]
 
@@ -301,7 +301,7 @@ def create_app(
     max_wait_ms: float = 5.0,
     max_request_bytes: int = 8 * 1024 * 1024,
     max_request_samples: int = 256,
-    codebook_size: int = CODEBOOK_SIZE,
+    codebook_size: int = XCODEC2_CODEBOOK_SIZE,
 ) -> FastAPI:
     """The scoring app.
 
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to share its batch")
     p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies answer 413")
     p.add_argument("--max-batch-samples", type=int, default=256, help="most samples in one batched body (more: 413)")
-    p.add_argument("--codebook-size", type=int, default=CODEBOOK_SIZE, help="codes must be < this (X-codec2: 65536)")
+    p.add_argument("--codebook-size", type=int, default=XCODEC2_CODEBOOK_SIZE, help="codes must be < this (X-codec2: 65536)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     group = p.add_mutually_exclusive_group()
     group.add_argument("--reward-config", default=None, help="YAML {class_path, init_args} of the reward to serve instead of Whisper")

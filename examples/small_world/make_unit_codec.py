@@ -1,8 +1,8 @@
-"""Regenerate the demo unit codec's data file with espeak-ng and sox.
+"""Regenerate the unit codec's data file with espeak-ng and sox.
 
-    python scripts/make_unit_codec.py            # writes lightning_grpo/demo/units_en.npz
+    python examples/small_world/make_unit_codec.py            # writes examples/small_world/units_en.npz
 
-Each word of `lightning_grpo.demo.unit_codec.WORDS` is spoken alone by espeak-ng (voice en-us,
+Each word of `small_world.unit_codec.WORDS` is spoken alone by espeak-ng (voice en-us,
 150 words/min), resampled to 16 kHz by sox, its leading/trailing silence trimmed, and stored as
 int16. The non-speech units (silence, noise, hum) are generated in numpy with a fixed seed.
 espeak-ng output differs slightly between versions; the file records the version it was made with.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_grpo.demo.unit_codec import DEFAULT_UNITS_PATH, JUNK_UNITS, SAMPLE_RATE, WORDS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `small_world` importable from any directory
+from small_world.unit_codec import DEFAULT_UNITS_PATH, JUNK_UNITS, SAMPLE_RATE, WORDS  # noqa: E402
 
 
 def speak(word: str, workdir: Path, voice: str, speed: int) -> np.ndarray:

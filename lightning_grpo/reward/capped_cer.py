@@ -1,9 +1,10 @@
-"""Robust CER statistics for the demo's validation: per-sample CER capped at 1, and the share above 1.
+"""Robust CER statistics for validation: per-sample CER capped at 1, and the share above 1.
 
 CER is unbounded above: one Whisper repetition loop ("my cat. my cat. my cat. ...") gives a single
 sample a CER of 30 and swamps the mean of 48 samples (the reward is not affected that way: it sees
-1 - tanh(3 CER)). The demo therefore reports the mean of min(CER, 1) as its headline metric, next to
-the raw mean the policy module logs.
+1 - tanh(3 CER)). The small world (examples/small_world/) therefore reports the mean of min(CER, 1) as
+its headline metric, next to the raw mean the policy module logs. Add it to any run whose reward
+reports `cer`: `--trainer.callbacks+=lightning_grpo.reward.capped_cer.CappedCER`.
 """
 
 from __future__ import annotations

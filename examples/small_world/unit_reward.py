@@ -10,9 +10,9 @@ from typing import Sequence
 
 import torch
 
-from ..reward.base import RewardResult, SpeechSample
-from .unit_codec import text_to_codes
-from .warm_start import edit_distance
+from lightning_grpo.reward.base import RewardResult, SpeechSample
+from small_world.unit_codec import text_to_codes
+from small_world.warm_start import edit_distance
 
 
 class UnitOracleReward:

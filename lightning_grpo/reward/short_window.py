@@ -1,10 +1,10 @@
-"""The Whisper reward with a shorter encoder window, so the demo's 2-4 s sentences cost less CPU.
+"""The Whisper reward with a shorter encoder window, so short utterances cost less compute.
 
-Whisper pads every clip to a 30 s window (1,500 encoder frames); for the demo's short sentences
-that is ~90% padding and ~90% of the reward's CPU time. `ShortWindowWhisperReward` keeps the first
+Whisper pads every clip to a 30 s window (1,500 encoder frames); for short sentences (the 2-4 s of the
+small world, examples/small_world/) that is ~90% padding and ~90% of the reward's CPU time. `ShortWindowWhisperReward` keeps the first
 `window_s` seconds of the log-mel (still Whisper's own features) and the matching first rows of the
 encoder's positional embedding, as whisper.cpp's `audio_ctx` option does. It is the same Whisper and
-the same reward, guards and shaping; only the padding it attends to is shorter. Measured on the demo's
+the same reward, guards and shaping; only the padding it attends to is shorter. Measured on the small world's
 48 held-out sentences spoken with their correct codes (tiny.en): mean capped CER 0.088 with an 8 s window and
 0.103 with 5 s, against about 0.12 with the full 30 s (on an earlier version of the vocabulary), at about a
 third of the encoder time with 8 s.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reward.module import WhisperReward
+from .module import WhisperReward
 
 MEL_FRAMES_PER_SECOND = 100  # Whisper: hop 160 at 16 kHz
 ENCODER_STRIDE = 2  # conv2 halves the frames

@@ -13,7 +13,7 @@ yet learned to read, and GRPO must then teach reading itself from a scalar rewar
 BENCHMARKS.md section 7). The result is a HF directory (model + tokenizer) that the fit config loads
 through `--model.model_name_or_path`. It also writes the demo's train / held-out prompt files.
 
-    python -m lightning_grpo.demo.warm_start --out runs/demo/warm_seed0 --seed 0
+    python examples/small_world/warm_start.py --out runs/demo/warm_seed0 --seed 0
 
 Deterministic per seed (one CPU thread); a directory whose `warm_start.json` records the same
 settings is reused as is (delete it or pass --force to retrain).
@@ -24,20 +24,22 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..llasa import LlasaVocab, codes_to_ids, encode_prompt, parse_completion
-from ..sampling import HFSampler
-from ..tiny import build_tiny_llasa
-from .unit_codec import ADJECTIVES, DETERMINERS, NOUNS, NUM_UNITS, UNITS, VERBS, make_prompt_sets, text_to_codes, write_prompt_sets
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `small_world` importable from any directory
 
-DEMO_DIR = Path(__file__).parent
-TRAIN_PROMPTS = DEMO_DIR / "prompts_train.jsonl"
-TEST_PROMPTS = DEMO_DIR / "prompts_test.jsonl"
+from lightning_grpo.llasa import LlasaVocab, codes_to_ids, encode_prompt, parse_completion  # noqa: E402
+from lightning_grpo.sampling import HFSampler  # noqa: E402
+from lightning_grpo.tiny import build_tiny_llasa  # noqa: E402
+from small_world import HERE, TEST_PROMPTS, TRAIN_PROMPTS  # noqa: E402
+from small_world.unit_codec import (  # noqa: E402
+    ADJECTIVES, DETERMINERS, NOUNS, NUM_UNITS, UNITS, VERBS, make_prompt_sets, text_to_codes, write_prompt_sets,
+)
 
 
 @dataclass(frozen=True)
@@ -181,9 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(p.parse_args(argv))
     config = WarmStartConfig(**{k: args[k] for k in WarmStartConfig.__dataclass_fields__})
     if args["write_prompts"]:
-        write_prompt_sets(DEMO_DIR, config.num_train, config.num_test, config.data_seed)
+        write_prompt_sets(HERE, config.num_train, config.num_test, config.data_seed)
         for name in ("train", "test"):
-            (DEMO_DIR / f"{name}.jsonl").rename(DEMO_DIR / f"prompts_{name}.jsonl")
+            (HERE / f"{name}.jsonl").rename(HERE / f"prompts_{name}.jsonl")
     out = warm_start(args["out"], config, force=args["force"], log_every=args["log_every"])
     print(f"warm-started policy in {out}: {json.loads((out / 'warm_start.json').read_text())['held_out']}")
 

@@ -7,8 +7,8 @@ held-out unit error of the codes alone, sampled and near-greedy, before and afte
 `<out>/<name>/summary.json` and the trained policy to `<out>/<name>/policy`; `--report` turns all
 summaries into a markdown table and a CER plot.
 
-    python -m lightning_grpo.demo.measure --runs seed0 seed1 seed2 cer_only nll_only --rollouts 60
-    python -m lightning_grpo.demo.measure --report --markdown notes/results_demo.md --plot benchmarks/results/demo_cer.png
+    python examples/small_world/measure.py --runs seed0 seed1 seed2 cer_only nll_only --rollouts 60
+    python examples/small_world/measure.py --report --markdown notes/results_demo.md --plot benchmarks/results/demo_cer.png
 """
 
 from __future__ import annotations
@@ -19,19 +19,22 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
-from ..data import load_prompts
-from ..llasa import LlasaVocab, parse_completion
-from .unit_codec import JUNK_UNITS, UNITS, codes_to_text, text_to_codes
-from .warm_start import TEST_PROMPTS, WarmStartConfig, edit_distance, unit_error_rate, warm_start
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `small_world` importable from any directory
 
-CONFIG = "configs/demo_whisper_cpu.yaml"
+from lightning_grpo.data import load_prompts  # noqa: E402
+from lightning_grpo.llasa import LlasaVocab, parse_completion  # noqa: E402
+from small_world import TEST_PROMPTS, config_args  # noqa: E402
+from small_world.unit_codec import JUNK_UNITS, UNITS, codes_to_text, text_to_codes  # noqa: E402
+from small_world.warm_start import WarmStartConfig, edit_distance, unit_error_rate, warm_start  # noqa: E402
+
 # Capped CER of the *correct* codes of the 48 held-out sentences under the demo reward (tiny.en, 5 s window):
 # the best any policy can score; measured once, drawn on the plot.
 WHISPER_FLOOR = 0.103
-REWARD = "--trainer.callbacks.init_args.reward.init_args"
+REWARD = "--rollout.reward"
 # name -> (seed, lambda_c, lambda_n)
 RUNS = {
     "seed0": (0, 0.6, 0.4),
@@ -96,13 +99,13 @@ def run_one(
 ) -> dict:
     from lightning.pytorch.loggers import CSVLogger  # noqa: F401  (fail early if lightning is broken)
 
-    from ..cli import build_cli
+    from lightning_grpo.cli import build_cli
 
     seed, lc, ln = RUNS[name]
     run_dir = out / name
     model_dir = warm_start(out / f"warm_seed{seed}", dataclasses.replace(warm, seed=seed))
     common = [
-        "--config", CONFIG, "--seed_everything", str(seed), "--model.model_name_or_path", str(model_dir),
+        *config_args(), "--seed_everything", str(seed), "--model.model_name_or_path", str(model_dir),
         f"{REWARD}.lambda_c", str(lc), f"{REWARD}.lambda_n", str(ln),
         "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.default_root_dir", str(run_dir),
         "--model.num_iterations", str(num_iterations), *extra,

@@ -1,0 +1,29 @@
+"""`python examples/small_world/cli.py {fit,validate,evaluate} [overrides]`: the lightning_grpo command
+line on the small world's config, from any directory.
+
+The same as `python -m lightning_grpo fit --config examples/small_world/config.yaml` run from the
+repository root with `examples/` on PYTHONPATH; any other argument is an override, e.g.
+`--rollout.reward.lambda_n 0` (the CER-only ablation) or `--trainer.max_steps 10`. The policy is read
+from ./runs/demo/warm_seed0: make it first with `python examples/small_world/warm_start.py`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `small_world` importable from any directory
+
+from lightning_grpo.cli import main  # noqa: E402
+from small_world import config_args  # noqa: E402
+
+SUBCOMMANDS = ("fit", "validate", "evaluate")
+
+
+def run(argv: list[str]) -> None:
+    command, rest = (argv[0], argv[1:]) if argv and argv[0] in SUBCOMMANDS else ("fit", argv)
+    main([command, *config_args(), *rest])
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
