@@ -242,6 +242,8 @@ class GRPORollout(L.Callback):
             disallowed=disallowed,
             completion_ids=comps.ids,
             sampler_metrics=dict(getattr(self.sampler, "metrics", {}) or {}),
+            top_p=float(getattr(self.sampler, "top_p", 1.0)),
+            top_k=int(getattr(self.sampler, "top_k", 0)),
         )
         self.last_rollout = rollout
         return rollout

@@ -89,6 +89,9 @@ class FakeEngine:
     def wake_up(self, tags):
         self.log.append(("wake_up", tuple(tags)))
 
+    def info(self):
+        return {"device": self.cfg.device, "model_runner": "fake"}
+
 
 STOP = 99
 
