@@ -183,7 +183,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def request_seeds(draws: Sequence[int], group: int) -> list[int]:
-    """vLLM request seeds in [0, 2^63) from the trainer's draws and the TP group index (SplitMix64 finaliser):
+    """vLLM request seeds in [0, 2^62) from the trainer's draws and the TP group index (SplitMix64 finaliser):
     Lightning seeds every DDP rank alike, so without the group index ranks would share noise streams.
     vLLM gives completion j of a request seed + j, so seeds this far apart never overlap."""
     out = []
@@ -191,7 +191,7 @@ def request_seeds(draws: Sequence[int], group: int) -> list[int]:
         z = (d + (group + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        out.append((z ^ (z >> 31)) >> 1)
+        out.append((z ^ (z >> 31)) >> 2)  # < 2^62: seed + j stays a valid int64
     return out
 
 
@@ -274,6 +274,7 @@ class VLLMEngine:
             logits_processors=[LOGITS_PROCESSOR],  # the speech-only restriction, on the V1 and V2 runners
         )
         env: dict[str, str] = {}
+        self.backend = cfg.distributed_executor_backend
         if cfg.distributed_executor_backend is not None:
             kwargs["distributed_executor_backend"] = cfg.distributed_executor_backend
         if cfg.distributed_executor_backend == "external_launcher":
@@ -340,3 +341,11 @@ class VLLMEngine:
     def info(self):
         (info,) = self.llm.collective_rpc(_engine_info)[:1]
         return {**info, "device": torch.device(info["device"])}
+
+    def shutdown(self):
+        """Free the engine's memory. vLLM's in-process engine keeps its startup objects gc-frozen (they leak if the
+        engine is just dropped), and its shutdown also destroys the torch.distributed group: under
+        external_launcher that group is the trainer's, so there the engine is only dropped."""
+        if self.backend != "external_launcher":
+            self.llm.llm_engine.engine_core.shutdown()
+        del self.llm

@@ -450,7 +450,10 @@ class VLLMSampler:
         return result
 
     def teardown(self) -> None:
-        """Drop the engine and its temp config dir."""
+        """Shut the engine down (frees its memory; see VLLMEngine.shutdown) and remove its temp config dir."""
+        if self.engine is not None and hasattr(self.engine, "shutdown"):
+            with isolated_global_state():
+                self.engine.shutdown()
         self.engine = None
         if self._tmpdir is not None:
             self._tmpdir.cleanup()

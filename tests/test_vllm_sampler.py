@@ -135,7 +135,7 @@ def test_shapes_grouping_stop_and_truncation():
     (_, sent, req) = next(c for c in log if c[0] == "generate")
     assert sent == prompts and req.seeds is not None
     assert dataclasses.replace(req, seeds=None) == SampleRequest(4, 0.7, 0.9, 5, 6, STOP, allowed_token_ids=(7, STOP))
-    assert len(set(req.seeds)) == 3 and all(0 <= x < 2**63 for x in req.seeds)  # one per prompt
+    assert len(set(req.seeds)) == 3 and all(0 <= x < 2**62 for x in req.seeds)  # one per prompt
     for i in range(3):
         for j in range(4):
             row = out.ids[i * 4 + j]
@@ -385,7 +385,7 @@ def test_request_seeds_follow_the_trainer_rng_and_differ_across_ranks():
     assert seeds_of(0) == seeds_of(0) != seeds_of(1)  # a resumed run (same RNG state) sends the same seeds
     draws = [5, 6, 7]
     assert not set(_request_seeds(draws, 0)) & set(_request_seeds(draws, 1))  # DDP ranks seeded alike differ
-    assert all(0 <= x < 2**63 for x in _request_seeds([2**62 - 1, 0], 3))
+    assert all(0 <= x < 2**62 for x in _request_seeds([2**62 - 1, 0], 3))
 
 
 def test_engine_on_another_device_than_the_policy_fails_fast():
