@@ -1,4 +1,5 @@
-"""The engine seam of `VLLMSampler`: what it asks of vLLM, and the one class that calls vLLM.
+"""The engine seam of `VLLMSampler`: what it asks of vLLM, what it hands over (HF-named weights, request seeds,
+sampling settings), and the one class that calls vLLM.
 
 Everything vLLM-specific (0.32, V1 engine, V1 or V2 model runner) lives in `VLLMEngine`;
 `vllm_sampler.VLLMSampler` talks to the `Engine` Protocol only, so tests substitute a deterministic fake.
@@ -185,7 +186,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def request_seeds(draws: Sequence[int], group: int) -> list[int]:
     """vLLM request seeds in [0, 2^62) from the trainer's draws and the TP group index (SplitMix64 finaliser):
     Lightning seeds every DDP rank alike, so without the group index ranks would share noise streams.
-    vLLM gives completion j of a request seed + j, so seeds this far apart never overlap."""
+    vLLM gives completion j of a request seed + j; with random 62-bit seeds two requests' ranges overlap with
+    negligible probability."""
     out = []
     for d in draws:
         z = (d + (group + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
