@@ -71,7 +71,8 @@ def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """An eval-mode, grad-free copy of `model` with its parameters in `dtype`, cast one parameter at a
     time (a bf16 copy of an fp32 model never holds a second fp32 copy). Buffers keep their dtype, as
     `from_pretrained(dtype=...)` keeps Llama's fp32 rotary frequencies; tied weights stay tied."""
-    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in model.parameters()}
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+            for p in model.parameters()}
     return copy.deepcopy(model, memo).eval().requires_grad_(False)
 
 
@@ -211,10 +212,12 @@ class GRPOPolicy(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype != torch.float32})
         if low:  # e.g. --trainer.precision bf16-true converts the weights before this hook
-            raise low_precision_training_error(f"--trainer.precision={self.trainer.precision}", "/".join(low), hp.learning_rate)
+            what = f"--trainer.precision={self.trainer.precision}"
+            raise low_precision_training_error(what, "/".join(low), hp.learning_rate)
         # Fused AdamW on CUDA: one kernel, no parameter-sized temporaries (foreach allocates ~one).
         # Not with fp16's grad scaler: Lightning cannot unscale before clipping for a fused optimizer.
-        fused = self.device.type == "cuda" and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = self.trainer.strategy.root_device.type == "cuda" and scaler is None
         opt = torch.optim.AdamW(
             params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
             fused=True if fused else None,
