@@ -113,6 +113,39 @@ def test_gradients_are_released_right_after_each_update(vocab):
     assert all(p.grad is None for p in policy.policy.parameters())
 
 
+def test_second_update_under_bf16_autocast_sees_the_weights_of_the_first(vocab):
+    """With num_iterations=2 under bf16-mixed, the second update's forward uses the weights after the first.
+    (Autocast with its weight cache on would reuse the bf16 copies made before the first update for the whole
+    training_step; Lightning's bf16-mixed turns the cache off, and this guards that.)"""
+    seen = {"logp": [], "weights": []}
+
+    class Recording(GRPOPolicy):
+        def completion_logprobs(self, model, r, rows):
+            out = super().completion_logprobs(model, r, rows)
+            if torch.is_grad_enabled():  # the updates' forwards, not the no-grad old log-probs
+                seen["logp"].append(out.detach().clone())
+                seen["rollout"] = r
+            return out
+
+    class Snapshot(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["weights"].append({k: v.clone() for k, v in pl_module.policy.state_dict().items()})
+
+    L.seed_everything(0)
+    policy = Recording(learning_rate=1e-2, num_iterations=2, micro_batch_size=8)
+    L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[rollout(vocab), Snapshot()]
+              ).fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+    assert len(seen["logp"]) == 2 and len(seen["weights"]) == 2
+    fresh = GRPOPolicy()
+    fresh.policy.load_state_dict(seen["weights"][1])  # after the first update, before the second
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = fresh.completion_logprobs(fresh.policy, seen["rollout"], slice(0, 4))
+    mask = seen["rollout"].completion_mask.bool()
+    assert torch.allclose(seen["logp"][1][mask], expected[mask], atol=1e-5)
+    assert (seen["logp"][1] - seen["logp"][0])[mask].abs().max() > 1e-2  # the first update moved them
+
+
 # -- what only a GPU shows ----------------------------------------------------------------------
 @pytest.mark.gpu
 def test_bf16_mixed_step_on_cuda(vocab):
