@@ -106,12 +106,18 @@ class _ChunkedLogProbs(torch.autograd.Function):
         lo, hi = ctx.rows
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = acc = None
+        # The (V, H) gradient (rows outside [lo, hi) zero) is accumulated over chunks in fp32 either in
+        # place, allocated before the loop (peak: one block + (V, H)), or in a (V', H) buffer copied
+        # into it after the loop (peak: (V', H) + the larger of a block and (V, H)). In place wins when
+        # a block is smaller than the buffer (chunk < H: LLaSA-1B's 512 < 2048) or the rows are all of
+        # them; a low-precision head always gets the fp32 buffer.
+        rows, width = hi - lo, hidden.shape[1]
+        in_place = weight.dtype == torch.float32 and (rows == weight.shape[0] or min(ctx.chunk, hidden.shape[0]) < width)
         with _full_fp32(hidden.device.type):
             w = weight[lo:hi].float()  # (V', H)
             if ctx.needs_input_grad[1]:
-                grad_w = torch.zeros_like(weight)  # (V, H): rows outside [lo, hi) get no gradient
-                # accumulate over chunks in fp32: straight into grad_w's rows, or a buffer for a low-precision head
-                acc = grad_w[lo:hi] if weight.dtype == torch.float32 else torch.zeros_like(w)  # (V', H)
+                grad_w = torch.zeros_like(weight) if in_place else None  # (V, H)
+                acc = grad_w[lo:hi] if in_place else torch.zeros_like(w)  # (V', H) fp32
             for a in range(0, hidden.shape[0], ctx.chunk):
                 h, gc = hidden[a : a + ctx.chunk].float(), g[a : a + ctx.chunk].float()
                 z = h @ w.T  # (c, V'), becomes d logp / d logits in place
@@ -128,7 +134,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 if acc is not None:  # accumulate into acc.T: no (V', H) temporary
                     acc.T.addmm_(h.T, z)
                 del z
-            if acc is not None and weight.dtype != torch.float32:
+            if acc is not None and not in_place:
+                del w  # an fp32 copy of a bf16 head goes before (V, H) comes (the last block is gone)
+                grad_w = torch.zeros_like(weight)
                 grad_w[lo:hi] = acc  # one rounding to the head's dtype, after the fp32 sum
         return grad_h, grad_w, None, None, None, None, None, None
 
