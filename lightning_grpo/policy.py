@@ -116,7 +116,8 @@ class GRPOPolicy(L.LightningModule):
                 its log-probs are computed in fp32 from the bf16 head.
             attn_implementation: `sdpa`, `eager`, `flash_attention_2` (GPU) or None for the default.
             learning_rate: AdamW learning rate (the original: 1e-6).
-            warmup_steps / lr_schedule: linear warm-up, then constant or cosine to 0 at max_steps.
+            warmup_steps / lr_schedule: linear warm-up over warmup_steps rollouts, then constant or
+                cosine to 0 at max_steps.
             max_grad_norm: clip the global gradient norm; None disables.
             beta: KL coefficient to the reference (the original: 0, i.e. no reference at all).
             kl_estimator: k1 (unbiased, noisy) or k3 (low variance, GRPO paper).
