@@ -15,6 +15,7 @@ set above the state before training (VmHWM, reset at training start; glibc retur
 
     python benchmarks/bench_step_memory.py           # check at the small size (~3 min), then the LLaSA-1B tables
     python benchmarks/bench_step_memory.py --smoke   # tiny sizes, seconds
+    python benchmarks/bench_step_memory.py --device cuda   # the check on a GPU (peak allocated bytes)
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def _vm_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def worker(size: str) -> dict:
+def worker(size: str, device: str) -> dict:
     import lightning as L
     from transformers import LlamaForCausalLM
 
@@ -221,18 +222,23 @@ def worker(size: str) -> dict:
             return Completions(ids=[list(ids) for _ in range(len(prompts) * n)], truncated=[False] * (len(prompts) * n))
 
     class Peak(L.Callback):
-        """Peak RSS of each phase: rollout + forwards + backwards until the optimizer step, then the step."""
+        """Peak memory (MiB) of each phase: rollout + forwards + backwards until the optimizer step, then the
+        step. On the CPU the resident set, on CUDA the bytes allocated by tensors."""
 
         def __init__(self) -> None:
-            self.phases: list[tuple[str, int]] = []
+            self.phases: list[tuple[str, float]] = []
 
         def _close(self, phase: str) -> None:
-            self.phases.append((phase, _vm_kib("VmHWM")))
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            if device == "cuda":
+                self.phases.append((phase, torch.cuda.max_memory_allocated() / MIB))
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                self.phases.append((phase, _vm_kib("VmHWM") / 1024))
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
         def on_train_start(self, trainer, pl_module):
             self._close("setup")
-            self.before = _vm_kib("VmRSS")
+            self.before = torch.cuda.memory_allocated() / MIB if device == "cuda" else _vm_kib("VmRSS") / 1024
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             self._close("backward")
@@ -253,24 +259,25 @@ def worker(size: str) -> dict:
         for param in policy.policy.parameters():
             param.data = param.data.clone()
     peak = Peak()
-    L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False, enable_checkpointing=False,
+    L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, callbacks=[
                   GRPORollout(FixedLength(), RuleReward(), group_size=s.rows), peak],
               ).fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
     params = sum(p.numel() for p in policy.policy.parameters())
     last = dict(peak.phases[-2:])  # the second step: AdamW's state exists from its start
-    return {"growth_mib": {k: (v - peak.before) / 1024 for k, v in last.items()}, "before_mib": peak.before / 1024,
+    return {"growth_mib": {k: v - peak.before for k, v in last.items()}, "before_mib": peak.before,
             "params": params, **peak.shape}
 
 
-def check(size: str, threads: int) -> tuple[str, dict]:
+def check(size: str, threads: int, device: str = "cpu") -> tuple[str, dict]:
     import os
 
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # inherited by the worker: large blocks go back on free
-    got = run_worker(__file__, ["--worker", size, "--threads", str(threads)], threads)
+    got = run_worker(__file__, ["--worker", size, "--device", device, "--threads", str(threads)], threads)
     s = dataclasses.replace(SIZES[size], prompt=got["prompt"], completion=got["completion"])
     assert got["params"] == s.params(), (got["params"], s.params())
-    lay = Layout(ddp=False, optimizer="single", engine_fraction=0.0, context_gb=0.0)
+    # GRPOPolicy picks fused AdamW on CUDA; on the CPU torch runs its single-tensor loop
+    lay = Layout(ddp=False, optimizer="fused" if device == "cuda" else "single", engine_fraction=0.0, context_gb=0.0)
     b = budget(s, lay, layer_activation_bytes(s))
     # Growth above the state at training start: the weights exist then, AdamW's state does not.
     adam = b["resident"]["AdamW state (fp32 exp_avg, exp_avg_sq)"]
@@ -280,11 +287,13 @@ def check(size: str, threads: int) -> tuple[str, dict]:
         measured = got["growth_mib"][phase]
         rows.append([f"**{phase} phase: AdamW state + the {phase} terms**", predicted[phase] / MIB,
                      f"{measured:.0f} ({measured * MIB / predicted[phase]:.2f}x)"])
+    where = "on CUDA, AdamW fused" if device == "cuda" else "on the CPU, AdamW torch's single-tensor loop"
     header = (f"check: {s.params():,} parameters (V={s.vocab:,}, V'={s.scored:,}, H={s.hidden}, {s.layers} layers, I={s.intermediate}, "
-              f"tied), micro-batch {s.rows} rows x (P={s.prompt} + C={s.completion}), 2 per update, bf16-mixed on the CPU, "
-              f"gradient checkpointing, AdamW (torch's CPU single-tensor), no reference; {threads} thread(s)\n"
+              f"tied), micro-batch {s.rows} rows x (P={s.prompt} + C={s.completion}), 2 per update, bf16-mixed {where}, "
+              f"gradient checkpointing, no reference; {threads} thread(s)\n"
               f"machine: {json.dumps(machine_info())}")
-    table = markdown_table(["term", "predicted growth (MiB)", "measured peak RSS growth of step 2 (MiB)"], rows)
+    measured = "measured peak allocated growth" if device == "cuda" else "measured peak RSS growth"
+    table = markdown_table(["term", "predicted growth (MiB)", f"{measured} of step 2 (MiB)"], rows)
     return header + "\n\n" + table, {"measured": got, "budget": b, "predicted": predicted}
 
 
@@ -325,13 +334,15 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write raw results here")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="run the check's step on CUDA (peak allocated bytes instead of the resident set)")
     p.add_argument("--worker", choices=list(SIZES), help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:
-        emit(worker(a.worker))
+        emit(worker(a.worker, a.device))
         return
-    table, raw = check("smoke" if a.smoke else "check", a.threads)
+    table, raw = check("smoke" if a.smoke else "check", a.threads, a.device)
     print(table)
     if not a.smoke:
         gpu, raw["gpu"] = gpu_tables()

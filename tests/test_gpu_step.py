@@ -202,3 +202,25 @@ def test_cuda_rng_states_of_more_gpus_than_visible_restore_without_error():
     with pytest.warns(UserWarning, match="this process sees"):
         _set_rng_state(state)
     assert torch.equal(torch.cuda.get_rng_state(0), state["cuda_rng"][0])
+
+
+@pytest.mark.gpu
+def test_step_memory_budget_predicts_the_peak_allocated_on_cuda(tmp_path):
+    """benchmarks/bench_step_memory.py's check on a GPU: the budget's terms against the step's peak allocated
+    bytes (fused AdamW, bf16-mixed, the real 193,800-row vocabulary at a small width); BENCHMARKS.md section 9
+    rests on these formulas."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_step_memory.py"), "--device", "cuda",
+                           "--json", str(out)], capture_output=True, text=True, timeout=1200, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    raw = json.loads(out.read_text())
+    for phase in ("backward", "step"):
+        ratio = raw["measured"]["growth_mib"][phase] * 2**20 / raw["predicted"][phase]
+        assert 0.85 < ratio < 1.2, (phase, ratio)
