@@ -8,7 +8,7 @@ completion runs to exactly `max_new_tokens` and is kept (truncation="keep"). The
 at a time around a base point. Step time is the median over the measured steps (after one warm-up
 step), in wall-clock and process CPU seconds, the wall time split into rollout (sampling + reward)
 and update (log-probs, loss, backward, optimiser);
-memory is the growth of the process's peak RSS (ru_maxrss) over its RSS just before training.
+memory is the growth of the process's peak RSS (VmHWM, benchmarks/common.py) over its RSS just before training.
 
     python benchmarks/bench_cost_curve.py          # table + benchmarks/results/cost_curve.png
     python benchmarks/bench_cost_curve.py --smoke  # two tiny points, plot to a temp dir

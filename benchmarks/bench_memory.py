@@ -10,12 +10,16 @@ back-propagated to the hidden states and the head (both trainable, as in trainin
     *-speech       the same over LLaSA's sampled rows only: vocab_range [128261, 193800) = the stop
                    token + 65,536 speech tokens (+2 control ids in between, masked with -inf), which
                    is what `GRPORollout(restrict_to_speech=True)` makes the trainer score
+    *, bf16 autocast       forward and backward inside torch.autocast(bf16), as under bf16-mixed: the
+                           head still runs in fp32 (an fp32 head is used as is, no copy)
+    *, bf16 head, ...      the head's weights in bf16 (a bf16 KL reference): cast to fp32 once per call
 
 Memory is measured as the growth of the process's resident set: each variant runs in a fresh
 subprocess; the worker builds its inputs, records its current RSS, runs forward + backward once and
-reads `ru_maxrss` (the kernel's high-water mark of resident pages). Large tensors are served by mmap
-and unmapped on free, so the high-water mark sees every transient tensor, including those that live
-only inside autograd; no sampling interval can miss a spike. The figures include the (V, H) head
+reads VmHWM (the kernel's high-water mark of its resident pages; not ru_maxrss, which in a spawned worker
+also holds the parent's resident set: the published figure of `ours-speech` before 2026-11-30 was 13 MiB high). Blocks of 64 KiB or more are served
+by mmap and unmapped on free (MALLOC_MMAP_THRESHOLD_), so the high-water mark sees every transient
+tensor, including those that live only inside autograd; no sampling interval can miss a spike. The figures include the (V, H) head
 gradient that any implementation must hold. Loss values and gradients are compared across variants
 (ours vs naive at the same vocabulary rows) from tensors the workers save.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -46,13 +51,15 @@ SIZES = {
     "full": dict(rows=1, length=2048, hidden=128, vocab=LLASA_VOCAB, stop=LLASA_STOP_ID, speech_start=LLASA_SPEECH_START),
     "smoke": dict(rows=2, length=64, hidden=16, vocab=1000, stop=661, speech_start=664),
 }
-# name -> (implementation, chunk size, speech rows only)
+# name -> (implementation, chunk size, speech rows only, head dtype under bf16 autocast or None: no autocast)
 VARIANTS = {
-    "naive": ("naive", 0, False),
-    "ours": ("ours", 512, False),
-    "ours chunk=128": ("ours", 128, False),
-    "naive-speech": ("naive", 0, True),
-    "ours-speech": ("ours", 512, True),
+    "naive": ("naive", 0, False, None),
+    "ours": ("ours", 512, False, None),
+    "ours chunk=128": ("ours", 128, False, None),
+    "naive-speech": ("naive", 0, True, None),
+    "ours-speech": ("ours", 512, True, None),
+    "ours-speech, bf16 autocast": ("ours", 512, True, torch.float32),
+    "ours-speech, bf16 head, bf16 autocast": ("ours", 512, True, torch.bfloat16),
 }
 
 
@@ -92,19 +99,21 @@ def speech_rows(s: dict) -> tuple[tuple[int, int], tuple[int, ...]]:
 
 def grpo_loss_and_grads(variant: str, x: dict, s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward + backward of one variant on inputs x; (loss, d loss/d hidden, d loss/d weight)."""
-    impl, chunk, speech = VARIANTS[variant]
+    impl, chunk, speech, head_dtype = VARIANTS[variant]
     hidden = x["hidden"].clone().requires_grad_(True)
-    weight = x["weight"].clone().requires_grad_(True)
+    weight = x["weight"].clone().to(head_dtype or torch.float32).requires_grad_(True)
     vocab_range, disallowed = speech_rows(s) if speech else (None, ())
-    if impl == "naive":
-        logp = naive_logprobs(hidden, weight, x["targets"], vocab_range, disallowed)
-    else:
-        logp = grpo.token_logprobs(hidden, weight, x["targets"], chunk_size=chunk, vocab_range=vocab_range, disallowed=disallowed)
-    old = logp.detach() - x["old_noise"]
-    tok_loss, _ = grpo.clipped_policy_loss(logp, old, x["advantages"], 0.2, 0.2, dual_clip=3.0)
-    loss = grpo.aggregate(tok_loss, x["mask"], "token-mean")
-    loss.backward()
-    return loss.detach(), hidden.grad, weight.grad
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=head_dtype is not None):
+        if impl == "naive":
+            logp = naive_logprobs(hidden, weight, x["targets"], vocab_range, disallowed)
+        else:
+            logp = grpo.token_logprobs(hidden, weight, x["targets"], chunk_size=chunk, vocab_range=vocab_range,
+                                       disallowed=disallowed)
+        old = logp.detach() - x["old_noise"]
+        tok_loss, _ = grpo.clipped_policy_loss(logp, old, x["advantages"], 0.2, 0.2, dual_clip=3.0)
+        loss = grpo.aggregate(tok_loss, x["mask"], "token-mean")
+        loss.backward()
+    return loss.detach(), hidden.grad, weight.grad.float()
 
 
 def worker(variant: str, size: str, out: str) -> dict:
@@ -134,6 +143,10 @@ def compare(a: dict, b: dict) -> dict:
 
 def run(size: str, threads: int) -> tuple[str, dict]:
     s = SIZES[size]
+    # Inherited by the workers: glibc serves every block of 64 KiB or more by mmap and returns it on free. Its
+    # default threshold rises up to 32 MiB as blocks are freed, and blocks under it then stay in the heap:
+    # whether a (V', H) buffer of ~32 MiB is returned would depend on what ran before.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     results, saved = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, v in enumerate(VARIANTS):
@@ -141,7 +154,8 @@ def run(size: str, threads: int) -> tuple[str, dict]:
             results[v] = run_worker(__file__, ["--worker", v, "--size", size, "--out", path, "--threads", str(threads)], threads)
             saved[v] = torch.load(path)
         checks = {f"{v} vs {ref}": compare(saved[v], saved[ref])
-                  for v, (impl, _, speech) in VARIANTS.items() if impl != "naive"
+                  for v, (impl, _, speech, head_dtype) in VARIANTS.items()
+                  if impl != "naive" and head_dtype != torch.bfloat16  # a bf16 head is another function
                   for ref in ["naive-speech" if speech else "naive"]}
     naive = results["naive"]["peak_growth_mib"]
     logits_mib = s["rows"] * s["length"] * s["vocab"] * 4 / 2**20

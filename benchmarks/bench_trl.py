@@ -22,7 +22,7 @@ Each framework runs in a fresh subprocess; step time is the median gap between c
 end-of-step callbacks after the warm-up steps (so it includes data, generation, reward, update and
 the framework's own bookkeeping), both in wall-clock seconds and in CPU seconds of the process
 (`time.process_time`; with one torch thread this is the work done, and unlike wall time it does not
-grow when other jobs share the cores); peak memory is the process's ru_maxrss, reported absolute and
+grow when other jobs share the cores); peak memory is the process's peak RSS (VmHWM, benchmarks/common.py), reported absolute and
 as the growth over the RSS just before training starts (imports and model load excluded).
 
     python benchmarks/bench_trl.py            # the table in BENCHMARKS.md

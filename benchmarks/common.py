@@ -1,8 +1,7 @@
 """Shared plumbing of the benchmarks: fresh-subprocess runs, peak RSS, medians, markdown tables.
 
-Every measurement that reports a peak runs in its own Python process, because `ru_maxrss` is a
-per-process high-water mark that never goes down: two variants measured in one process would
-share one peak. The worker prints one JSON line prefixed with `RESULT ` on stdout; the parent
+Every measurement that reports a peak runs in its own Python process, because the high-water mark
+of a process's resident set never goes down: two variants measured in one process would share one peak. The worker prints one JSON line prefixed with `RESULT ` on stdout; the parent
 parses it, so the rest of stdout/stderr (warnings, progress bars) can be anything.
 """
 
@@ -24,8 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mib() -> float:
-    """High-water mark of this process's resident set, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """High-water mark of this process's resident set, in MiB: /proc's VmHWM. Not ru_maxrss, which in a
+    spawned worker also holds the parent's resident set at the spawn (Linux keeps the pre-exec memory's
+    high-water mark in it), so a parent holding earlier results would raise a worker's figure."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def current_rss_mib() -> float:

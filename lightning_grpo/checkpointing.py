@@ -28,7 +28,7 @@ class StepCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_train_steps: int = 128, save_last: bool = True, save_top_k: int = -1, **kwargs) -> None:
         """
         Args:
-            every_n_train_steps: save every n optimiser steps (the original: 128).
+            every_n_train_steps: save every n steps, i.e. rollouts (the original: 128).
             save_last: keep `last.ckpt` pointing at the newest state (what `--ckpt_path last` resumes).
             save_top_k: how many step checkpoints to keep; -1 keeps all, 1 only the newest.
             kwargs: any other ModelCheckpoint argument (dirpath, filename, ...); dirpath defaults to

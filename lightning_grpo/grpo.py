@@ -10,13 +10,16 @@ Departures from the GRPO paper (DeepSeekMath, arXiv 2402.03300), all switchable:
 - `token_logprobs` never builds the full (N, T, V) logits: a custom autograd function scores chunks
   of tokens, keeps only the log-sum-exp, and recomputes each block in backward, so peak memory is
   one (chunk, V) block forward and backward (benchmarks/bench_memory.py). With
-  `vocab_range` it scores only the rows LLaSA may emit (speech tokens + the stop token).
+  `vocab_range` it scores only the rows LLaSA may emit (speech tokens + the stop token). It runs in
+  fp32 under bf16 autocast and with TF32 on: the ratio, the KL and the importance weights are
+  differences of log-probs, where bf16 logits would add noise of tenths of a nat.
 - Clip is asymmetric (epsilon_low / epsilon_high, DAPO) with an optional dual clip (Ye et al. 2020)
   that bounds the loss of negative-advantage tokens whose ratio has exploded.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, NamedTuple
 
 import torch
@@ -48,57 +51,94 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: RewardScale 
     return centred.view(-1)
 
 
+@contextlib.contextmanager
+def _full_fp32(device_type: str):
+    """Autocast off and IEEE fp32 matmuls (no TF32) inside: log-probs feed exp(logp - old_logp) and the KL,
+    where bf16 logits (8 bits of mantissa: 0.06 at a logit of 16) would be noise of the size of the signal."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 class _ChunkedLogProbs(torch.autograd.Function):
-    """log p(target) through an LM head, one (chunk, V) logits block alive at a time.
+    """log p(target) through rows [lo, hi) of an LM head, one (chunk, V') logits block alive at a time.
 
     Forward reduces each block in place to the (M,) log-sum-exp it keeps; backward recomputes each
     block and turns it in place into d logp / d logits = (onehot - softmax) / T, so the peak is one
     block (autograd's recompute + log-softmax backward would hold about four).
-    hidden: (M, H), weight: (V, H), targets: (M,) row indices into weight, bias: (V,) or None.
+    Both run in fp32 whatever the autocast state (`_full_fp32`), also when backward runs outside the
+    autocast context of forward. An fp32 head is used as is; a bf16/fp16 head is cast to fp32 once per
+    call (V' x H x 4 bytes, freed on return; never kept between forward and backward).
+    The rows are sliced in here rather than by the caller: backward writes the (V', H) gradient
+    straight into the (V, H) one autograd needs for the whole head, instead of autograd's slice
+    backward allocating that (V, H) tensor while the (V', H) one is still alive.
+    hidden: (M, H), weight: (V, H) whole head, targets: (M,) indices into [lo, hi), bias: (V',) or None.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, chunk, temperature):
-        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)  # (M,)
+    def forward(ctx, hidden, weight, targets, bias, lo, hi, chunk, temperature):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
         lse = torch.empty_like(out)
-        for a in range(0, hidden.shape[0], chunk):
-            z = (hidden[a : a + chunk] @ weight.T).float()  # (c, V)
-            if bias is not None:
-                z += bias
-            if temperature != 1.0:
-                z /= temperature
-            picked = z.gather(-1, targets[a : a + chunk, None]).squeeze(-1)
-            m = z.max(dim=-1, keepdim=True).values  # in-place log-sum-exp: no second (c, V) block
-            lse[a : a + chunk] = z.sub_(m).exp_().sum(-1).log_() + m.squeeze(-1)
-            out[a : a + chunk] = picked - lse[a : a + chunk]
-            del z  # freed before the next block is allocated
+        with _full_fp32(hidden.device.type):
+            w = weight[lo:hi].float()  # (V', H); a view of an fp32 head, no copy
+            for a in range(0, hidden.shape[0], chunk):
+                z = hidden[a : a + chunk].float() @ w.T  # (c, V')
+                if bias is not None:
+                    z += bias
+                if temperature != 1.0:
+                    z /= temperature
+                picked = z.gather(-1, targets[a : a + chunk, None]).squeeze(-1)
+                m = z.max(dim=-1, keepdim=True).values  # in-place log-sum-exp: no second (c, V') block
+                lse[a : a + chunk] = z.sub_(m).exp_().sum(-1).log_() + m.squeeze(-1)
+                out[a : a + chunk] = picked - lse[a : a + chunk]
+                del z  # freed before the next block is allocated
         ctx.save_for_backward(hidden, weight, targets, lse, bias)
-        ctx.chunk, ctx.temperature = chunk, temperature
+        ctx.rows, ctx.chunk, ctx.temperature = (lo, hi), chunk, temperature
         return out
 
     @staticmethod
     def backward(ctx, g):
         hidden, weight, targets, lse, bias = ctx.saved_tensors
+        lo, hi = ctx.rows
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for a in range(0, hidden.shape[0], ctx.chunk):
-            h, gc = hidden[a : a + ctx.chunk], g[a : a + ctx.chunk].float()
-            z = (h @ weight.T).float()  # (c, V), becomes d logp / d logits in place
-            if bias is not None:
-                z += bias
-            if ctx.temperature != 1.0:
-                z /= ctx.temperature
-            z.sub_(lse[a : a + ctx.chunk, None]).exp_().mul_(-gc[:, None])  # -g * softmax
-            z.scatter_add_(-1, targets[a : a + ctx.chunk, None], gc[:, None])  # + g * onehot
-            if ctx.temperature != 1.0:
-                z /= ctx.temperature
-            z = z.to(weight.dtype)
-            if grad_h is not None:
-                grad_h[a : a + ctx.chunk] = z @ weight
-            if grad_w is not None:  # accumulate into grad_w.T: no (V, H) temporary
-                grad_w.T.addmm_(h.T, z)
-            del z
-        return grad_h, grad_w, None, None, None, None
+        grad_w = acc = None
+        # The (V, H) gradient (rows outside [lo, hi) zero) is accumulated over chunks in fp32 either in
+        # place, allocated before the loop (peak: one block + (V, H)), or in a (V', H) buffer copied
+        # into it after the loop (peak: (V', H) + the larger of a block and (V, H)). In place wins when
+        # a block is smaller than the buffer (chunk < H: LLaSA-1B's 512 < 2048) or the rows are all of
+        # them; a low-precision head always gets the fp32 buffer.
+        rows, width = hi - lo, hidden.shape[1]
+        in_place = weight.dtype == torch.float32 and (rows == weight.shape[0] or min(ctx.chunk, hidden.shape[0]) < width)
+        with _full_fp32(hidden.device.type):
+            w = weight[lo:hi].float()  # (V', H)
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.zeros_like(weight) if in_place else None  # (V, H)
+                acc = grad_w[lo:hi] if in_place else torch.zeros_like(w)  # (V', H) fp32
+            for a in range(0, hidden.shape[0], ctx.chunk):
+                h, gc = hidden[a : a + ctx.chunk].float(), g[a : a + ctx.chunk].float()
+                z = h @ w.T  # (c, V'), becomes d logp / d logits in place
+                if bias is not None:
+                    z += bias
+                if ctx.temperature != 1.0:
+                    z /= ctx.temperature
+                z.sub_(lse[a : a + ctx.chunk, None]).exp_().mul_(-gc[:, None])  # -g * softmax
+                z.scatter_add_(-1, targets[a : a + ctx.chunk, None], gc[:, None])  # + g * onehot
+                if ctx.temperature != 1.0:
+                    z /= ctx.temperature
+                if grad_h is not None:
+                    grad_h[a : a + ctx.chunk] = z @ w
+                if acc is not None:  # accumulate into acc.T: no (V', H) temporary
+                    acc.T.addmm_(h.T, z)
+                del z
+            if acc is not None and not in_place:
+                del w  # an fp32 copy of a bf16 head goes before (V, H) comes (the last block is gone)
+                grad_w = torch.zeros_like(weight)
+                grad_w[lo:hi] = acc  # one rounding to the head's dtype, after the fp32 sum
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def token_logprobs(
@@ -113,14 +153,16 @@ def token_logprobs(
     """log p(targets) under the LM head, chunked so full logits never exist.
 
     hidden: (N, T, H) states that predict `targets` (N, T); weight: (V, H) LM head.
-    vocab_range: score only rows [lo, hi) of the head (a view, no copy); `disallowed` ids inside
-    it get -inf. Targets outside the scored rows are an error.
-    Returns (N, T) float32 log-probs; differentiable w.r.t. hidden and weight. Peak extra memory is
-    one chunk_size x V float32 block forward and backward.
+    vocab_range: score only rows [lo, hi) of the head (no copy of an fp32 head); `disallowed` ids
+    inside it get -inf. Targets outside the scored rows are an error.
+    Returns (N, T) float32 log-probs, computed in fp32 also under autocast (bf16-mixed) and with TF32
+    enabled; differentiable w.r.t. hidden and weight. Peak extra memory is one chunk_size x V' float32
+    block forward and backward, plus, in backward, the (V, H) gradient of the whole head that autograd
+    accumulates into `weight.grad` (dense even with vocab_range: rows outside it are zeros), plus
+    one fp32 cast of rows [lo, hi) if the head is bf16/fp16.
     """
     n, t, h = hidden.shape
     lo, hi = vocab_range if vocab_range is not None else (0, weight.shape[0])
-    w = weight if vocab_range is None else weight[lo:hi]  # (V', H) view
     flat_t = targets.reshape(-1) - lo  # (N*T,)
     if flat_t.numel() and (flat_t.min() < 0 or flat_t.max() >= hi - lo):
         bad = (targets.reshape(-1)[(flat_t < 0) | (flat_t >= hi - lo)])[0].item()
@@ -133,7 +175,7 @@ def token_logprobs(
         bias[torch.tensor(disallowed, device=hidden.device) - lo] = float("-inf")
     if n * t == 0:
         return hidden.new_zeros(n, t, dtype=torch.float32)
-    out = _ChunkedLogProbs.apply(hidden.reshape(n * t, h), w, flat_t, bias, chunk_size, float(temperature))
+    out = _ChunkedLogProbs.apply(hidden.reshape(n * t, h), weight, flat_t, bias, lo, hi, chunk_size, float(temperature))
     return out.view(n, t)
 
 
@@ -312,24 +354,30 @@ def sampler_token_logprobs(
     if disallowed:
         bias = torch.zeros(hi - lo, device=hidden.device, dtype=torch.float32)
         bias[torch.tensor(disallowed, device=hidden.device) - lo] = float("-inf")
-    for a in range(0, n * t, chunk_size):
-        z = (flat_h[a : a + chunk_size] @ w.T).float()  # (c, V')
-        if bias is not None:
-            z += bias
-        if temperature != 1.0:
-            z /= temperature
-        tgt = flat_t[a : a + chunk_size, None]  # (c, 1)
-        full[a : a + chunk_size] = (z.gather(-1, tgt) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1)
-        if 0 < top_k < z.shape[-1]:
-            kth = torch.topk(z, top_k, dim=-1).values[:, -1:]  # (c, 1)
-            z.masked_fill_(z < kth, float("-inf"))
-        if top_p < 1.0:
-            z_sorted, order = torch.sort(z, dim=-1, descending=False)  # (c, V') each
-            drop = z_sorted.softmax(-1).cumsum_(-1) <= 1 - top_p
-            drop[:, -1] = False  # the most likely token always stays
-            z.masked_fill_(drop.scatter(-1, order, drop), float("-inf"))
-            del z_sorted, order, drop
-        truncated[a : a + chunk_size] = (z.gather(-1, tgt) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1)
-        del z
+    with _full_fp32(hidden.device.type):  # the same fp32 head as the loss's log-probs, under autocast too
+        w = w.float()
+        for a in range(0, n * t, chunk_size):
+            _truncated_chunk(flat_h[a : a + chunk_size].float(), w, flat_t[a : a + chunk_size, None], bias,
+                             temperature, top_k, top_p, truncated[a : a + chunk_size], full[a : a + chunk_size])
     truncated, full = truncated.view(n, t), full.view(n, t)
     return SamplerLogProbs(truncated, full, torch.isfinite(truncated))
+
+
+def _truncated_chunk(h, w, tgt, bias, temperature, top_k, top_p, truncated, full) -> None:
+    """One chunk of `sampler_token_logprobs`: h (c, H), w (V', H), tgt (c, 1); writes truncated, full (c,)."""
+    z = h @ w.T  # (c, V')
+    if bias is not None:
+        z += bias
+    if temperature != 1.0:
+        z /= temperature
+    full.copy_((z.gather(-1, tgt) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1))
+    if 0 < top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]  # (c, 1)
+        z.masked_fill_(z < kth, float("-inf"))
+    if top_p < 1.0:
+        z_sorted, order = torch.sort(z, dim=-1, descending=False)  # (c, V') each
+        drop = z_sorted.softmax(-1).cumsum_(-1) <= 1 - top_p
+        drop[:, -1] = False  # the most likely token always stays
+        z.masked_fill_(drop.scatter(-1, order, drop), float("-inf"))
+        del z_sorted, order, drop
+    truncated.copy_((z.gather(-1, tgt) - torch.logsumexp(z, -1, keepdim=True)).squeeze(-1))

@@ -5,6 +5,13 @@
 over the rollout in micro-batches (manual optimisation), with the clipped surrogate, an optional KL
 to the reference, and one explicit loss aggregation. All math is in `grpo.py`.
 
+A trainer step is one rollout: only a rollout's last update advances `trainer.global_step`, so
+`max_steps`, `val_check_interval`, checkpoints, the LR schedule and the logger count rollouts.
+Under DDP the micro-batches accumulate without communication and each update all-reduces the
+gradient once. Weights train in fp32 (use `--trainer.precision bf16-mixed` for bf16 matmuls);
+gradients are released right after each update, so a colocated vLLM engine has the memory during
+the next rollout (BENCHMARKS.md, memory budget).
+
 The reference is loaded once, kept out of the optimiser, the checkpoint and DDP, and is not even
 loaded when `beta == 0` (the original recipe ran without KL).
 """
@@ -14,10 +21,15 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer, do_nothing_closure
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import grpo
 from .batch import Rollout
@@ -83,11 +95,32 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", at
     return model, tokenizer
 
 
+def low_precision_training_error(what: str, dtype: str, learning_rate: float) -> ValueError:
+    """The error for trainable weights below fp32, which AdamW cannot move at RL learning rates."""
+    return ValueError(
+        f"{what} would train {dtype} weights, and those silently stop learning: an AdamW update is about "
+        f"the learning rate ({learning_rate:g}) per weight, while {dtype} keeps so few significant bits that a "
+        "weight of 0.02 moves in steps of 1.2e-4 (bf16) or 1.5e-5 (fp16): most updates round to no change. Keep "
+        "--model.dtype float32 and set --trainer.precision bf16-mixed (fp32 master weights, bf16 matmuls); "
+        "--model.reference_dtype bfloat16 halves the frozen KL reference."
+    )
+
+
+def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """An eval-mode, grad-free copy of `model` with its parameters in `dtype`, cast one parameter at a
+    time (a bf16 copy of an fp32 model never holds a second fp32 copy). Buffers keep their dtype, as
+    `from_pretrained(dtype=...)` keeps Llama's fp32 rotary frequencies; tied weights stay tied."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
+
+
 class GRPOPolicy(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = BUILTIN_TINY,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        reference_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         attn_implementation: str | None = "sdpa",
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
@@ -108,16 +141,22 @@ class GRPOPolicy(L.LightningModule):
         gradient_checkpointing: bool = False,
         importance_correction: bool = False,
         importance_cap: float = 2.0,
+        tf32: bool = True,
     ) -> None:
         """
         Args:
             model_name_or_path: HF id (HKUSTAudio/Llasa-1B, -3B, -8B), a local HF dir, or
                 `builtin:tiny-llasa` (a tiny random LLaSA built in code, for CPU runs and tests).
-            dtype: weight dtype of policy and reference. bfloat16 halves memory; combine with
-                `--trainer.precision bf16-mixed` for fp32-accumulated matmuls on GPU.
+            dtype: weight dtype of the trained policy: float32. bfloat16/float16 weights are refused
+                (they silently stop learning: AdamW updates of ~lr round away); for bf16 speed and
+                activation memory keep float32 weights with `--trainer.precision bf16-mixed`.
+            reference_dtype: weight dtype of the frozen KL reference (beta > 0); None = dtype.
+                bfloat16 halves its memory; under bf16-mixed its matmuls run in bf16 either way, and
+                its log-probs are computed in fp32 from the bf16 head.
             attn_implementation: `sdpa`, `eager`, `flash_attention_2` (GPU) or None for the default.
             learning_rate: AdamW learning rate (the original: 1e-6).
-            warmup_steps / lr_schedule: linear warm-up, then constant or cosine to 0 at max_steps.
+            warmup_steps / lr_schedule: linear warm-up over warmup_steps rollouts, then constant or
+                cosine to 0 at max_steps.
             max_grad_norm: clip the global gradient norm; None disables.
             beta: KL coefficient to the reference (the original: 0, i.e. no reference at all).
             kl_estimator: k1 (unbiased, noisy) or k3 (low variance, GRPO paper).
@@ -129,9 +168,12 @@ class GRPOPolicy(L.LightningModule):
                 seq-mean-token-sum-norm (Dr.GRPO: no length bias, with scale_rewards=none).
             scale_rewards: divide centred rewards by the group std (GRPO), the batch std, or none.
             num_iterations: optimiser updates per rollout (PPO epochs); >1 uses the rollout's
-                log-probs as the old policy, so the clip matters. Lightning counts each update as a
-                step: `--trainer.max_steps` is rollouts x num_iterations.
-            micro_batch_size: rows per forward/backward; gradients accumulate over the rollout.
+                log-probs as the old policy, so the clip matters. A trainer step is still one
+                rollout: `--trainer.max_steps`, `val_check_interval`, checkpoints
+                (`every_n_train_steps`), warmup_steps / the cosine schedule (the LR changes once per
+                rollout) and the logger's x-axis all count rollouts, whatever num_iterations is.
+            micro_batch_size: rows per forward/backward; gradients accumulate over the rollout's
+                micro-batches (under DDP without communication: one all-reduce per update).
             logprob_chunk_size: tokens per chunk of the LM head; peak logits memory is
                 chunk x vocab x 4 bytes (512 x 65,537 = 134 MB for LLaSA's speech rows).
             gradient_checkpointing: recompute layer activations in backward (the original: on).
@@ -139,6 +181,10 @@ class GRPOPolicy(L.LightningModule):
                 when the sampler reports its own log-probs (vLLM): corrects the off-policy drift
                 between vLLM's and the trainer's numerics (TIS). Off by default, as in the original.
             importance_cap: the truncation cap of those weights (TIS uses 2).
+            tf32: on CUDA, let fp32 matmuls use TF32 tensor cores (process-wide,
+                `torch.set_float32_matmul_precision("high")`): HF generate, a reward model in this
+                process (Whisper, the codec) and the fp32 parts of bf16-mixed. The log-prob head runs
+                in full fp32 regardless. False sets "highest".
         """
         super().__init__()
         # the checkpoint keeps these; the logger gets the whole run config from the CLI (cli.py)
@@ -149,6 +195,8 @@ class GRPOPolicy(L.LightningModule):
             raise ValueError("--model.micro_batch_size and --model.logprob_chunk_size must be >= 1")
         if beta < 0:
             raise ValueError(f"--model.beta={beta} must be >= 0")
+        if dtype != "float32":
+            raise low_precision_training_error(f"--model.dtype={dtype}", dtype, learning_rate)
         self.automatic_optimization = False
         self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, attn_implementation)
         # from_pretrained returns eval mode, and HF only checkpoints layers in train mode; dropout is
@@ -166,25 +214,56 @@ class GRPOPolicy(L.LightningModule):
         self.policy.config.use_cache = False
         reference = None
         if beta > 0:
-            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            reference = frozen_copy(self.policy, getattr(torch, reference_dtype or dtype))
         # Not an attribute nn.Module registers: the reference stays out of the optimiser, the
         # checkpoint (it is the pretrained weights, reloaded on resume) and DDP's gradient sync.
         self.__dict__["reference"] = reference
+        self._grads_in_buckets = False  # DDP with gradient_as_bucket_view: see _update
+        self._grad_norm: torch.Tensor | None = None
 
     # -- setup -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision("high" if self.hparams.tf32 else "highest")
+
     def on_fit_start(self) -> None:
         if self.reference is not None:
             self.reference.to(self.device)
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, DistributedDataParallel):
+            self._grads_in_buckets = ddp.gradient_as_bucket_view
+            if not ddp.gradient_as_bucket_view:
+                rank_zero_warn(
+                    "DDP without gradient_as_bucket_view keeps a second copy of the gradients beside its "
+                    "all-reduce buckets (4 bytes per parameter); set --trainer.strategy to "
+                    "{class_path: lightning.pytorch.strategies.DDPStrategy, init_args: {gradient_as_bucket_view: true}}"
+                )
 
     def on_validation_start(self) -> None:
-        self.on_fit_start()
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    def on_validation_model_zero_grad(self) -> None:
+        # Gradients are already released after every update (_update). Lightning's default sets them
+        # to None, which under gradient_as_bucket_view would make the next step allocate a second copy.
+        pass
 
     def configure_optimizers(self):
         hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype != torch.float32})
+        if low:  # e.g. --trainer.precision bf16-true converts the weights before this hook
+            what = f"--trainer.precision={self.trainer.precision}"
+            raise low_precision_training_error(what, "/".join(low), hp.learning_rate)
+        # Fused AdamW on CUDA: one kernel, no parameter-sized temporaries (foreach allocates ~one).
+        # Not with fp16's grad scaler: Lightning cannot unscale before clipping for a fused optimizer.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = self.trainer.strategy.root_device.type == "cuda" and scaler is None
         opt = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad],
-            lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
+            params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
+            fused=True if fused else None,
         )
+        # stepped once per rollout (training_step), so both count what max_steps counts
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else None
 
         def factor(step: int) -> float:
@@ -245,7 +324,7 @@ class GRPOPolicy(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "rollout" not in batch:
             raise RuntimeError(
-                "training batch has no rollout: add lightning_grpo.rollout.GRPORollout to --trainer.callbacks"
+                "training batch has no rollout: the `rollout:` config group (GRPORollout) makes it"
             )
         r: Rollout = batch["rollout"]
         hp = self.hparams
@@ -275,33 +354,31 @@ class GRPOPolicy(L.LightningModule):
             is_weights = grpo.truncated_importance_weights(is_logp, r.sampler_logprobs, r.completion_mask, hp.importance_cap)
 
         opt = self.optimizers()
-        sched = self.lr_schedulers()
+        lr = opt.param_groups[0]["lr"]  # this rollout's, for the log
         sums = Counter()
-        for _ in range(hp.num_iterations):
-            opt.zero_grad(set_to_none=True)
-            for s in mbs:
-                logp = self.completion_logprobs(self.policy, r, s)  # (m, C)
-                old = old_logp[s] if old_logp is not None else logp.detach()
-                tok_loss, clipped = grpo.clipped_policy_loss(
-                    logp, old, advantages[s], hp.epsilon_low, hp.epsilon_high, hp.dual_clip,
-                    None if is_weights is None else is_weights[s],
-                )
-                cmask = r.completion_mask[s]
-                if ref_logp is not None:
-                    kl = grpo.kl_penalty(logp, ref_logp[s], hp.kl_estimator)
-                    tok_loss = tok_loss + hp.beta * kl
-                    sums["kl"] += (kl.detach() * cmask).sum().item()
-                loss = grpo.aggregate(tok_loss, cmask, hp.loss_aggregation, loss_tokens, n, r.max_new_tokens)
-                self.manual_backward(loss)
+        self._grad_norm = None
+        for it in range(hp.num_iterations):
+            for k, s in enumerate(mbs):
+                with self._gradient_sync(k == len(mbs) - 1):
+                    logp = self.completion_logprobs(self.policy, r, s)  # (m, C)
+                    old = old_logp[s] if old_logp is not None else logp.detach()
+                    tok_loss, clipped = grpo.clipped_policy_loss(
+                        logp, old, advantages[s], hp.epsilon_low, hp.epsilon_high, hp.dual_clip,
+                        None if is_weights is None else is_weights[s],
+                    )
+                    cmask = r.completion_mask[s]
+                    if ref_logp is not None:
+                        kl = grpo.kl_penalty(logp, ref_logp[s], hp.kl_estimator)
+                        tok_loss = tok_loss + hp.beta * kl
+                        sums["kl"] += (kl.detach() * cmask).sum().item()
+                    loss = grpo.aggregate(tok_loss, cmask, hp.loss_aggregation, loss_tokens, n, r.max_new_tokens)
+                    self.manual_backward(loss)
                 sums["loss"] += loss.item()
                 sums["clipped"] += (clipped.float() * cmask).sum().item()
                 sums["ratio"] += (torch.exp(logp.detach() - old) * cmask).sum().item()
                 sums["entropy_proxy"] += (-logp.detach() * cmask).sum().item()
-            grad_norm = None
-            if hp.max_grad_norm:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
-            opt.step()
-            sched.step()
+            self._update(opt, final=it == hp.num_iterations - 1)
+        self.lr_schedulers().step()  # once per rollout, like trainer.global_step
 
         iters, tokens = hp.num_iterations, max(num_tokens, 1.0)
         stats = {
@@ -309,12 +386,12 @@ class GRPOPolicy(L.LightningModule):
             "train/clip_fraction": sums["clipped"] / (tokens * iters),
             "train/ratio_mean": sums["ratio"] / (tokens * iters) if num_tokens else 1.0,
             "train/neg_logp": sums["entropy_proxy"] / (tokens * iters),
-            "train/lr": sched.get_last_lr()[0],
+            "train/lr": lr,
         }
         if ref_logp is not None:
             stats["train/kl"] = sums["kl"] / (tokens * iters)
-        if grad_norm is not None:
-            stats["train/grad_norm"] = float(grad_norm)
+        if self._grad_norm is not None:  # of the rollout's last update
+            stats["train/grad_norm"] = float(self._grad_norm)
         if is_weights is not None:
             cm = r.completion_mask.bool()
             stats["train/is_weight_mean"] = is_weights[cm].mean().item() if cm.any() else 1.0
@@ -325,6 +402,38 @@ class GRPOPolicy(L.LightningModule):
         self.log_dict(stats, on_step=True, sync_dist=True, batch_size=n)
         self.log_rollout_stats(r, "train")
         return torch.tensor(stats["train/loss"])
+
+    def _gradient_sync(self, sync: bool) -> AbstractContextManager:
+        """Under DDP, a backward without `sync` accumulates this rank's gradient locally and skips the
+        all-reduce; the last micro-batch of an update all-reduces the sum: one round of the whole
+        model's gradient per update instead of one per micro-batch (same result: an average of sums)."""
+        strategy = self.trainer.strategy
+        if sync or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
+
+    def _update(self, opt: LightningOptimizer, final: bool) -> None:
+        """One optimiser update, then the gradients are released.
+
+        Only a rollout's final update goes through `LightningOptimizer.step`, which advances
+        `trainer.global_step`; the others take the path below it, the strategy's `optimizer_step`
+        (precision plugin, grad scaler, `on_before_optimizer_step` hooks, clipping), without the counter.
+        Gradients are released right after the update rather than before the next backward, so the
+        next rollout (a colocated vLLM engine) has the memory. Under DDP with gradient_as_bucket_view
+        they are views into DDP's all-reduce buckets, which DDP keeps anyway: zeroed in place they stay
+        views, while set to None the next step's backward would allocate a second copy beside them.
+        """
+        if final:
+            opt.step()
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, do_nothing_closure)
+        opt.zero_grad(set_to_none=not self._grads_in_buckets)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The precision plugin calls this after unscaling fp16 gradients (16-mixed) and before the
+        # update: clipping here clips true gradients, in training_step it would clip scaled ones.
+        if self.hparams.max_grad_norm:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "rollout" not in batch:

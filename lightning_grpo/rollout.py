@@ -51,8 +51,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python_rng"])
     keys, pos, has_gauss, gauss = state["numpy_rng"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if "cuda_rng" in state:
+        _set_cuda_rng_states(state["cuda_rng"])
+
+
+def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
+    """One generator state per visible GPU, for as many GPUs as both the checkpoint and this process
+    have (torch's set_rng_state_all indexes past the last visible GPU when the checkpoint saw more)."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i, gpu_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(gpu_state, i)
+    if len(saved) != visible:
+        rank_zero_warn(
+            f"the checkpoint holds the CUDA RNG states of {len(saved)} GPU(s), this process sees {visible}: "
+            f"restored {min(len(saved), visible)}; sampling on the others does not continue the "
+            "uninterrupted run's random stream"
+        )
 
 
 class GRPORollout(L.Callback):

@@ -1,17 +1,25 @@
 """Run by test_ddp.py: a 2-process CPU (gloo) DDP fit that writes what each rank saw to JSON.
 
     python tests/ddp_worker.py OUT [--max_steps N] [--max_train_samples N] [--ckpt_dir DIR] [--resume]
+                                   [--num_iterations N] [--sync_every_micro_batch] [--save_weights]
 --ckpt_dir saves a checkpoint every step there; --resume continues from its last.ckpt.
+The strategy is DDP with gradient_as_bucket_view and a communication hook that records every gradient
+bucket all-reduced, so each rank also reports, per optimiser update, which buckets each micro-batch's
+backward all-reduced. --sync_every_micro_batch restores the all-reduce in every backward (the behaviour
+before accumulation without sync), for comparison; --save_weights writes the final policy to rank{r}.pt.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from lightning_grpo.checkpointing import StepCheckpoint
 from lightning_grpo.data import PromptDataModule
@@ -19,6 +27,43 @@ from lightning_grpo.policy import GRPOPolicy
 from lightning_grpo.reward.rule import RuleReward
 from lightning_grpo.rollout import GRPORollout
 from lightning_grpo.sampling import HFSampler
+
+ALLREDUCED: list[int] = []  # index of every gradient bucket this rank all-reduced, in order
+
+
+def counting_allreduce(state, bucket):
+    """DDP's own all-reduce (average over ranks), recording the bucket."""
+    ALLREDUCED.append(bucket.index())
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+class CountedPolicy(GRPOPolicy):
+    """Records, per optimiser update, the buckets each micro-batch's backward all-reduced."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.updates: list[list[list[int]]] = []
+        self._backwards: list[list[int]] = []
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # Lightning registers DDPStrategy(ddp_comm_hook=...) on CUDA only; gloo runs hooks as well
+        self.trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+
+    def manual_backward(self, loss, *args, **kwargs) -> None:
+        before = len(ALLREDUCED)
+        super().manual_backward(loss, *args, **kwargs)
+        self._backwards.append(ALLREDUCED[before:])
+
+    def _update(self, opt, final: bool) -> None:
+        self.updates.append(self._backwards)
+        self._backwards = []
+        super()._update(opt, final)
+
+
+class SyncEveryMicroBatch(CountedPolicy):
+    def _gradient_sync(self, sync: bool):
+        return nullcontext()
 
 
 class UnevenRandomness(L.Callback):
@@ -30,8 +75,8 @@ class UnevenRandomness(L.Callback):
 
 
 class Record(L.Callback):
-    def __init__(self, out: Path) -> None:
-        self.out, self.steps = out, []
+    def __init__(self, out: Path, save_weights: bool) -> None:
+        self.out, self.steps, self.save_weights = out, [], save_weights
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         r = batch["rollout"]
@@ -45,9 +90,15 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         checksum = sum(float(p.double().sum()) for p in pl_module.policy.parameters())
-        (self.out / f"rank{trainer.global_rank}.json").write_text(
-            json.dumps({"steps": self.steps, "checksum": checksum, "world": trainer.world_size})
-        )
+        grads = [p.grad for p in pl_module.policy.parameters() if p.grad is not None]
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+            "steps": self.steps, "checksum": checksum, "world": trainer.world_size, "updates": pl_module.updates,
+            # after the last update the gradients are zeros that are still views into DDP's buckets
+            "grads_after_training": {"count": len(grads), "nonzero": sum(int(g.count_nonzero()) for g in grads),
+                                     "storages": len({g.untyped_storage().data_ptr() for g in grads})},
+        }))
+        if self.save_weights:
+            torch.save(pl_module.policy.state_dict(), self.out / f"rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
@@ -57,21 +108,27 @@ def main() -> None:
     p.add_argument("--max_train_samples", type=int)
     p.add_argument("--ckpt_dir")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--num_iterations", type=int, default=1)
+    p.add_argument("--sync_every_micro_batch", action="store_true")
+    p.add_argument("--save_weights", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
     out_dir = Path(args.out)
     cb = GRPORollout(HFSampler(max_new_tokens=8), RuleReward(codes_per_char=0.3, band=(0, 16)), group_size=4)
-    callbacks = [cb, Record(out_dir), UnevenRandomness()]
+    callbacks = [cb, Record(out_dir, args.save_weights), UnevenRandomness()]
     if args.ckpt_dir:
         callbacks.append(StepCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=1))
+    strategy = DDPStrategy(gradient_as_bucket_view=True)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=args.max_steps, logger=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=args.max_steps, logger=False,
         enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
     )
+    policy_cls = SyncEveryMicroBatch if args.sync_every_micro_batch else CountedPolicy
     trainer.fit(
-        GRPOPolicy(learning_rate=1e-2, micro_batch_size=4),
+        # 8 rows per rank in micro-batches of 3: 3 backwards per update, the last one shorter
+        policy_cls(learning_rate=1e-2, micro_batch_size=3, num_iterations=args.num_iterations),
         PromptDataModule(prompts_per_step=4, val_data=None, max_train_samples=args.max_train_samples),
         ckpt_path="last" if args.resume else None,
     )

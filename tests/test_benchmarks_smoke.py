@@ -33,9 +33,12 @@ def test_memory_variants_agree_in_process():
     s = bm.SIZES["smoke"]
     x = bm.make_inputs(s)
     out = {v: bm.grpo_loss_and_grads(v, x, s) for v in bm.VARIANTS}
-    for v, (impl, _, speech) in bm.VARIANTS.items():
+    for v, (impl, _, speech, head_dtype) in bm.VARIANTS.items():
         loss, gh, gw = out[v]
         ref_loss, ref_gh, ref_gw = out["naive-speech" if speech else "naive"]
+        if head_dtype == torch.bfloat16:  # the bf16-rounded head is another function: measured for memory only
+            assert torch.isfinite(loss) and torch.isfinite(gw).all(), v
+            continue
         assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), v
         assert torch.allclose(gh, ref_gh, rtol=1e-4, atol=1e-6), v
         assert torch.allclose(gw, ref_gw, rtol=1e-4, atol=1e-6), v
@@ -73,3 +76,14 @@ def test_bench_trl_smoke(tmp_path):
         assert r["step_s"] > 0 and r["cpu_step_s"] > 0 and r["peak_rss_mib"] > r["rss_before_mib"] * 0.5, name
         assert 1 <= r["mean_completion_len"] <= 8, name
     assert "wall / TRL" in table and "CPU / TRL" in table
+
+
+def test_bench_step_memory_smoke(tmp_path):
+    """The budget's check runs the real training step at a tiny size; its parameter count formula matches
+    the model (asserted by the script), and both phases are measured."""
+    out = tmp_path / "step.json"
+    table = run_script("bench_step_memory.py", "--json", str(out))
+    assert "**backward phase: AdamW state + the backward terms**" in table and "**step phase" in table
+    raw = json.loads(out.read_text())
+    assert raw["measured"]["growth_mib"]["backward"] > 0 and raw["measured"]["growth_mib"]["step"] > 0
+    assert raw["measured"]["rows"] == 4 and raw["measured"]["completion"] == 16  # 2 micro-batches of 2, C as set

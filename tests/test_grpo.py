@@ -156,17 +156,96 @@ def test_token_logprobs_gradients_with_vocab_range_temperature_and_bf16():
         return torch.log_softmax(logits, -1).gather(-1, (t - 10)[..., None]).squeeze(-1)
 
     ref = reference()
-    got = grpo.token_logprobs(h, w, t, chunk_size=3, temperature=1.3, vocab_range=(10, 20), disallowed=(11,))
-    assert torch.allclose(got, ref, atol=1e-5)
     g_ref = torch.autograd.grad((ref * up).sum(), (h, w))
-    g_got = torch.autograd.grad((got * up).sum(), (h, w))
-    for a, b in zip(g_got, g_ref):
-        assert torch.allclose(a, b, atol=1e-5)
-    assert not g_got[1][:10].any() and not g_got[1][20:].any()  # rows outside the range get no gradient
+    for chunk in (3, 8):  # head gradient accumulated in place (chunk < H = 6) and in a (V', H) buffer
+        got = grpo.token_logprobs(h, w, t, chunk_size=chunk, temperature=1.3, vocab_range=(10, 20), disallowed=(11,))
+        assert torch.allclose(got, ref, atol=1e-5)
+        g_got = torch.autograd.grad((got * up).sum(), (h, w))
+        for a, b in zip(g_got, g_ref):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert not g_got[1][:10].any() and not g_got[1][20:].any()  # rows outside the range get no gradient
     hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
     lb = grpo.token_logprobs(hb, wb, t, 4, vocab_range=(10, 20), disallowed=(11,))
     lb.sum().backward()
     assert lb.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and torch.isfinite(wb.grad).all()
+
+
+def _reference_logprobs(h, w, t, vocab_range, disallowed, temperature):
+    """Full log-softmax in float64, no autocast: the reference for the chunked fp32 head."""
+    lo, hi = vocab_range
+    logits = (h.double() @ w.double()[lo:hi].T) / temperature
+    logits[..., [d - lo for d in disallowed]] = float("-inf")
+    return torch.log_softmax(logits, -1).gather(-1, (t - lo)[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("backward_in_autocast", [True, False])
+def test_token_logprobs_are_fp32_under_bf16_autocast(backward_in_autocast):
+    """Under bf16 autocast (bf16-mixed) the head still runs in fp32, forward and backward, also when
+    backward runs outside the autocast context: values and gradients equal a float64 reference to 1e-4,
+    where a plain matmul under the same autocast is off by tenths of a nat."""
+    torch.manual_seed(3)
+    h = (2 * torch.randn(2, 48, 64)).requires_grad_()  # logits of a few units, as a trained LM head gives
+    w = torch.randn(300, 64).requires_grad_()
+    t = torch.randint(40, 300, (2, 48))
+    up = torch.rand(2, 48)
+    kw = dict(vocab_range=(40, 300), disallowed=(41, 42), temperature=0.8)
+    t = t.masked_fill((t == 41) | (t == 42), 43)
+    ref = _reference_logprobs(h, w, t, **kw)
+    g_ref = torch.autograd.grad((ref * up.double()).sum(), (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive = torch.log_softmax((h @ w[40:300].T) / 0.8, -1)
+        assert naive.dtype == torch.bfloat16  # what autocast does to a plain head
+        got = grpo.token_logprobs(h, w, t, chunk_size=20, **kw)
+        loss = (got * up).sum()
+        if backward_in_autocast:
+            g_got = torch.autograd.grad(loss, (h, w))
+    if not backward_in_autocast:
+        g_got = torch.autograd.grad(loss, (h, w))
+    naive_err = (naive.float().gather(-1, (t - 40)[..., None]).squeeze(-1).double() - ref).abs().max()
+    assert naive_err > 1e-2, naive_err  # the error this guards against
+    assert got.dtype == torch.float32 and (got.double() - ref).abs().max() < 1e-4
+    for a, b in zip(g_got, g_ref):
+        assert a.dtype == torch.float32 and (a.double() - b).abs().max() < 1e-4
+
+
+def test_token_logprobs_of_a_bf16_head_are_fp32_and_keep_no_fp32_copy():
+    """A bf16 head (a bf16 reference model) is cast to fp32 once per call, inside: the log-probs are those of the
+    bf16 weights computed in fp32, and what forward saves for backward is the bf16 weight, not an fp32 copy."""
+    torch.manual_seed(4)
+    h = (2 * torch.randn(1, 40, 32)).requires_grad_()
+    w = torch.randn(200, 32).bfloat16().requires_grad_()
+    t = torch.randint(100, 200, (1, 40))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append((x.dtype, tuple(x.shape))) or x, lambda x: x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = grpo.token_logprobs(h, w, t, chunk_size=16, vocab_range=(100, 200))
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = _reference_logprobs(h64, w64, t, (100, 200), (), 1.0)
+    assert (got.double() - ref).abs().max() < 1e-4
+    assert (torch.bfloat16, (200, 32)) in saved
+    assert not any(dtype == torch.float32 and len(shape) == 2 and shape[0] >= 100 for dtype, shape in saved), saved
+    g_ref = torch.autograd.grad(ref.sum(), (h64, w64))
+    got.sum().backward()
+    assert w.grad.dtype == torch.bfloat16 and not w.grad[:100].any()
+    assert torch.allclose(w.grad.double(), g_ref[1], rtol=1e-2, atol=1e-3)  # one bf16 rounding of the fp32 sum
+    assert (h.grad.double() - g_ref[0]).abs().max() < 1e-4
+
+
+def test_token_logprobs_run_in_full_fp32_when_tf32_is_on(monkeypatch):
+    """With TF32 allowed process-wide (GRPOPolicy(tf32=True) on CUDA), the head switches matmuls to full fp32
+    for its forward and its backward, and restores the process's setting after each."""
+    calls = []
+    real = torch.set_float32_matmul_precision
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: calls.append(p) or real(p))
+    before = torch.get_float32_matmul_precision()
+    try:
+        real("high")
+        h, w = torch.randn(1, 5, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True)
+        grpo.token_logprobs(h, w, torch.randint(0, 12, (1, 5)), chunk_size=2).sum().backward()
+        assert calls == ["highest", "high", "highest", "high"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        real(before)
 
 
 def _token_mean_worker(rank: int, world: int, port: int, out: str) -> None:

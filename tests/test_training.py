@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_grpo.data import PromptDataModule
-from lightning_grpo.llasa import codes_to_ids, encode_prompt
+from lightning_grpo.llasa import LlasaVocab, codes_to_ids, encode_prompt
 from lightning_grpo.policy import GRPOPolicy
 from lightning_grpo.reward.rule import RuleReward
 from lightning_grpo.rollout import GRPORollout
@@ -183,11 +183,63 @@ def test_num_iterations_uses_old_logprobs_and_clips():
     assert logged["train/ratio_mean"] != pytest.approx(1.0, abs=1e-6)
 
 
-def test_gradient_checkpointing_and_bf16_switches():
-    """Checkpointing keeps fewer activations for backward (so it is really on), changes no
-    gradient; bf16 weights train without NaN."""
-    from lightning_grpo.llasa import LlasaVocab
+class EveryUpdateIsAStep(GRPOPolicy):
+    """The stepping before a trainer step meant a rollout: every update through LightningOptimizer.step."""
 
+    def _update(self, opt, final):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+class Updates(L.Callback):
+    """Per optimiser update: the learning rate it used and trainer.global_step when it ran."""
+
+    def __init__(self) -> None:
+        self.lrs, self.steps = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.steps.append(trainer.global_step)
+
+
+def test_a_trainer_step_is_a_rollout_whatever_num_iterations(tmp_path, vocab):
+    """num_iterations=2, max_steps=3: 3 rollouts, 6 updates, global_step 3, checkpoints and the LR
+    schedule counting rollouts, and the same weights as 6 updates counted as 6 steps."""
+    from lightning_grpo.checkpointing import StepCheckpoint
+
+    rows = [codes_to_ids([1, 2, 3], vocab), codes_to_ids([9] * 6, vocab), codes_to_ids([4] * 2, vocab)]
+    runs = {}
+    for name, cls, max_steps, warmup in (("rollouts", GRPOPolicy, 3, 0), ("updates", EveryUpdateIsAStep, 6, 0),
+                                         ("warmup", GRPOPolicy, 3, 2)):
+        L.seed_everything(0)
+        policy = cls(learning_rate=1e-2, num_iterations=2, micro_batch_size=2, warmup_steps=warmup)
+        cb = GRPORollout(ScriptedSampler(rows, [False] * 3), RuleReward(codes_per_char=0.3, band=(0, 4)), group_size=2)
+        updates, record = Updates(), Record()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            callbacks=[cb, updates, record, StepCheckpoint(dirpath=tmp_path / name, every_n_train_steps=2, save_last=False)],
+        )
+        trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+        runs[name] = (policy, cb, updates, record, trainer)
+    policy, cb, updates, record, trainer = runs["rollouts"]
+    assert (cb.train_rollouts, len(updates.lrs), trainer.global_step) == (3, 6, 3)
+    assert updates.steps == [0, 0, 1, 1, 2, 2]  # the second update of a rollout does not advance the step
+    assert len(record.losses) == 3
+    # checkpoints every 2 steps = every 2 rollouts (+ the final one), named by rollouts
+    assert sorted(p.name.split("-")[-1] for p in (tmp_path / "rollouts").iterdir()) == ["step=2.ckpt", "step=3.ckpt"]
+    old_policy, old_cb, _, _, old_trainer = runs["updates"]
+    assert (old_cb.train_rollouts, old_trainer.global_step) == (3, 6)
+    for (k, a), b in zip(policy.policy.state_dict().items(), old_policy.policy.state_dict().values()):
+        assert torch.equal(a, b), k
+    # warm-up over 2 steps = 2 rollouts: both updates of a rollout use that rollout's learning rate
+    _, _, warm_updates, warm_record, _ = runs["warmup"]
+    assert warm_updates.lrs == pytest.approx([5e-3, 5e-3, 1e-2, 1e-2, 1e-2, 1e-2])
+    assert [m["train/lr"] for m in warm_record.metrics] == pytest.approx([5e-3, 1e-2, 1e-2])
+
+
+def test_gradient_checkpointing_switch():
+    """Checkpointing keeps fewer activations for backward (so it is really on), changes no gradient."""
     grads, forwards = {}, {}
     for gc in (False, True):
         torch.manual_seed(0)
@@ -208,12 +260,41 @@ def test_gradient_checkpointing_and_bf16_switches():
     assert forwards[True] < 0.7 * forwards[False], forwards
     assert torch.allclose(grads[False], grads[True], atol=1e-6)
 
+
+def test_bf16_weights_are_refused_and_bf16_mixed_learns_at_the_original_learning_rate():
+    """bf16 weights would silently stop learning at lr 1e-6, so they are refused with the fix; fp32
+    weights under bf16-mixed (bf16 matmuls, fp32 master weights) move at that learning rate."""
+    with pytest.raises(ValueError, match=r"--model.dtype=bfloat16 .*silently stop learning.*bf16-mixed"):
+        GRPOPolicy(dtype="bfloat16")
+    with pytest.raises(ValueError, match="--model.dtype=float16"):
+        GRPOPolicy(dtype="float16")
+    # why: one AdamW step of lr 1e-6 leaves almost every bf16 weight unchanged
+    torch.manual_seed(0)
+    w = (0.02 * torch.randn(4096)).bfloat16().requires_grad_()
+    before = w.detach().clone()
+    w.grad = torch.randn(4096).bfloat16()
+    torch.optim.AdamW([w], lr=1e-6, weight_decay=0.0).step()
+    assert (w.detach() != before).float().mean() < 0.05
+
     L.seed_everything(0)
-    policy = GRPOPolicy(dtype="bfloat16", learning_rate=1e-2)
-    assert next(policy.policy.parameters()).dtype == torch.bfloat16
-    cb = GRPORollout(HFSampler(max_new_tokens=6), RuleReward(), group_size=2)
-    losses = fit(policy, cb, max_steps=2).losses
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    policy = GRPOPolicy(learning_rate=1e-6, micro_batch_size=4, max_grad_norm=None)
+    layers = {k: v.clone() for k, v in policy.policy.state_dict().items() if ".layers." in k}
+    vocab = LlasaVocab.from_tokenizer(policy.tokenizer)
+    cb = GRPORollout(ScriptedSampler([codes_to_ids([1, 2, 3], vocab), codes_to_ids([9] * 6, vocab)], [False, False]),
+                     RuleReward(codes_per_char=0.3, band=(0, 4)), group_size=2)
+    record = Record()
+    L.Trainer(accelerator="cpu", devices=1, max_steps=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, record]
+              ).fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+    assert next(policy.policy.parameters()).dtype == torch.float32
+    now = policy.policy.state_dict()
+    moved = sum(int((now[k] != v).sum()) for k, v in layers.items()) / sum(v.numel() for v in layers.values())
+    assert moved > 0.99, moved
+    # Lightning's bf16-true converts the weights itself: refused at configure_optimizers, naming the flag
+    with pytest.raises(ValueError, match=r"--trainer.precision=bf16-true would train bfloat16 weights"):
+        L.Trainer(accelerator="cpu", devices=1, max_steps=1, precision="bf16-true", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[cb]
+                  ).fit(GRPOPolicy(), PromptDataModule(prompts_per_step=2, val_data=None))
 
 
 def test_importance_correction_uses_sampler_logprobs(vocab):
@@ -244,19 +325,26 @@ def test_sampler_metrics_reach_the_logger(vocab):
     assert logged["sync/logprob_mean_abs_diff"] == pytest.approx(0.01)
 
 
-def test_policy_loads_a_local_hf_directory_in_bf16(tmp_path, tiny):
-    """The path users take with HKUSTAudio/Llasa-1B, on a saved tiny LLaSA (no hub)."""
+def test_policy_loads_a_local_hf_directory_with_a_bf16_reference(tmp_path, tiny):
+    """The path users take with HKUSTAudio/Llasa-1B, on a saved tiny LLaSA (no hub): fp32 policy, bf16 KL reference."""
     model, tok = tiny
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    policy = GRPOPolicy(model_name_or_path=str(tmp_path), dtype="bfloat16", beta=0.1, gradient_checkpointing=True)
-    assert next(policy.policy.parameters()).dtype == torch.bfloat16
+    policy = GRPOPolicy(model_name_or_path=str(tmp_path), reference_dtype="bfloat16", beta=0.1, gradient_checkpointing=True)
     # from_pretrained returns eval mode, where HF silently skips gradient checkpointing
     assert policy.policy.training and policy.policy.is_gradient_checkpointing
     assert len(policy.tokenizer) == len(tok)
-    for (name, a), b in zip(model.state_dict().items(), policy.policy.state_dict().values()):
-        assert torch.equal(a.bfloat16(), b), name
-    assert policy.reference is not policy.policy and next(policy.reference.parameters()).dtype == torch.bfloat16
+    for (name, a), b, c in zip(model.state_dict().items(), policy.policy.state_dict().values(),
+                               policy.reference.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a, b), name
+        assert c.dtype == torch.bfloat16 and torch.equal(a.bfloat16(), c), name
+    assert not policy.reference.training and not any(p.requires_grad for p in policy.reference.parameters())
+    # buffers keep their dtype (Llama's rotary frequencies stay fp32, as from_pretrained(dtype=bf16) leaves them)
+    assert all(b.dtype == torch.float32 for b in policy.reference.buffers() if b.is_floating_point())
+    # the reference is a copy: training the policy cannot move it
+    with torch.no_grad():
+        next(policy.policy.parameters()).add_(1.0)
+    assert torch.equal(next(iter(model.state_dict().values())).bfloat16(), next(iter(policy.reference.state_dict().values())))
 
 
 def test_dropout_of_a_pretrained_checkpoint_is_off_in_train_mode(tmp_path, tiny):

@@ -115,8 +115,7 @@ def run_one(
     rollout_cb = next(c for c in before_cli.trainer.callbacks if hasattr(c, "last_rollout"))
     before_samples = sample_report(rollout_cb.last_rollout, before_cli.model.tokenizer)
     before_units = unit_errors(before_cli.model.policy, before_cli.model.tokenizer, seed)
-    # Manual optimisation counts every optimiser update as a trainer step: max_steps = rollouts x iterations.
-    fit_cli = build_cli(["fit", *common, "--trainer.max_steps", str(rollouts * num_iterations),
+    fit_cli = build_cli(["fit", *common, "--trainer.max_steps", str(rollouts),  # a step is a rollout
                          "--trainer.val_check_interval", str(val_every)])
     after = _metrics(fit_cli.trainer)
     rollout_cb = next(c for c in fit_cli.trainer.callbacks if hasattr(c, "last_rollout"))
