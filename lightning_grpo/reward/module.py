@@ -14,9 +14,12 @@ Guards (a bad sample never raises; it gets a fixed reward and a reason that the 
                    `clipping_scale`, so intelligibility still counts but distortion costs
     repetition     Whisper's transcript looped ("5,5,5,5,..."): its compression ratio rose above
                    `compression_ratio_threshold` (openai-whisper's 2.4), or above 1.5 times the ground
-                   truth's own ratio for a text that itself repeats. Decoding of that row stopped there
-                   (not at the 224-token cap); reward 0, CER and NLL measured on what was decoded, and the
-                   transcript kept so the loop shows in the logs. Audio Whisper cannot read is what loops.
+                   truth's own ratio for a text that itself repeats. Decoding of that row stopped there,
+                   not at the 224-token cap, and the sample is scored normally on the transcript decoded
+                   so far (kept, so the loop shows in the logs). Audio Whisper cannot read loops into
+                   a CER far above 1 and scores ~0 either way; speech Whisper loops on although it reads
+                   it (a repeated word said ten times) keeps the credit of what was decoded before the
+                   loop showed, instead of the ~0 of a transcript run to the cap.
 Samples given a fixed reward before transcription report CER 1 (nothing intelligible was said) and NLL NaN
 (not measured). An empty transcript always counts as CER 1.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import lightning
@@ -184,47 +188,33 @@ class WhisperReward(lightning.LightningModule):
     @torch.inference_mode()
     def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
         """Score N samples in chunks of `batch_size`; see the module docstring for guards."""
-        n = len(samples)
-        cer = torch.ones(n)
-        nll = torch.full((n,), math.nan)
-        ratio = torch.full((n,), math.nan)
-        reasons = [self._guard_codes(s) for s in samples]
-        transcripts = [""] * n
+        out = _Scores.empty(len(samples))
+        out.reasons = [self._guard_codes(s) for s in samples]
         # Similar lengths share a chunk, so less padding is decoded; results do not depend on batching.
-        todo = sorted((i for i in range(n) if reasons[i] == OK), key=lambda i: len(samples[i].codes))
+        todo = sorted((i for i in range(len(samples)) if out.reasons[i] == OK), key=lambda i: len(samples[i].codes))
         for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            self._score_chunk(samples, chunk, cer, nll, ratio, reasons, transcripts)
+            self._score_chunk(samples, todo[start : start + self.batch_size], out)
+        cer, nll = out.cer, out.nll
         rewards = harmonic_reward(cer, nll, self.lambda_c, self.lambda_n, self.beta_c, self.tau_n)
-        scored = torch.tensor([r in (OK, "clipping") for r in reasons])
+        scored = torch.tensor([r in (OK, "clipping", "repetition") for r in out.reasons])
         rewards = torch.where(scored, rewards, torch.zeros_like(rewards))
-        clipping = torch.tensor([r == "clipping" for r in reasons])
-        rewards = torch.where(clipping, rewards * self.clipping_scale, rewards)
+        rewards = torch.where(out.clipped, rewards * self.clipping_scale, rewards)
         return RewardResult(
             rewards=rewards.float(),
             metrics={
                 "cer": cer.clamp(max=1.0).float(),  # the logged mean stays a rate
                 "cer_raw": cer.float(),
                 "nll": nll.float(),
-                "compression_ratio": ratio.float(),
+                "compression_ratio": out.ratio.float(),
                 "u_cer": u_cer(cer, self.beta_c).float(),
                 "u_nll": torch.where(nll.isnan(), nll, u_nll(nll, self.tau_n)).float(),
             },
-            reasons=reasons,
-            transcripts=transcripts,
+            reasons=out.reasons,
+            transcripts=out.transcripts,
         )
 
-    def _score_chunk(
-        self,
-        samples: Sequence[SpeechSample],
-        idx: list[int],
-        cer: torch.Tensor,
-        nll: torch.Tensor,
-        ratio: torch.Tensor,
-        reasons: list[str],
-        transcripts: list[str],
-    ) -> None:
-        """Decode, guard, encode once, transcribe and score NLL for samples[idx], writing in place."""
+    def _score_chunk(self, samples: Sequence[SpeechSample], idx: list[int], out: "_Scores") -> None:
+        """Decode, guard, encode once, transcribe and score NLL for samples[idx], writing into `out`."""
         t0 = time.perf_counter()
         low_precision = self.compute_dtype != torch.float32
         with torch.autocast(self.whisper_device.type, dtype=self.compute_dtype, enabled=low_precision):
@@ -233,8 +223,9 @@ class WhisperReward(lightning.LightningModule):
         self.timings["decode"] += t1 - t0
         keep, keep_audio = [], []
         for i, audio in zip(idx, audios):
-            reasons[i] = self._guard_audio(audio)
-            if reasons[i] in (OK, "clipping"):
+            out.reasons[i] = self._guard_audio(audio)
+            if out.reasons[i] in (OK, "clipping"):
+                out.clipped[i] = out.reasons[i] == "clipping"
                 keep.append(i)
                 keep_audio.append(audio.clamp(-1.0, 1.0))
         if not keep:
@@ -265,19 +256,35 @@ class WhisperReward(lightning.LightningModule):
             )
             self.decoder_steps += max(r.steps for r in results)
             for j, r in zip(js, results):
-                transcripts[keep[j]] = r.text
-                languages[j] = r.language
-                ratio[keep[j]] = r.compression_ratio
+                i = keep[j]
+                out.transcripts[i], out.ratio[i], languages[j] = r.text, r.compression_ratio, r.language
                 if r.repetition:
-                    reasons[keep[j]] = "repetition"
+                    out.reasons[i] = "repetition"
         t3 = time.perf_counter()
         self.timings["decoding"] += t3 - t2
         texts = [samples[i].text for i in keep]
-        nll[keep] = asr.teacher_forced_nll(self.whisper, features, texts, languages, self.nll_prefix)
+        out.nll[keep] = asr.teacher_forced_nll(self.whisper, features, texts, languages, self.nll_prefix)
         self.timings["nll"] += time.perf_counter() - t3
         for j, i in enumerate(keep):
-            cer[i] = char_error_rate(samples[i].text, transcripts[i], languages[j], self.cer_normalization)
+            out.cer[i] = char_error_rate(samples[i].text, out.transcripts[i], languages[j], self.cer_normalization)
 
     @property
     def whisper_device(self) -> torch.device:
         return self.whisper.encoder.conv1.weight.device
+
+
+@dataclass
+class _Scores:
+    """Per-sample results of one `score` call, filled in place chunk by chunk. Tensors are (N,)."""
+
+    cer: torch.Tensor  # raw CER; 1 where not transcribed
+    nll: torch.Tensor  # NaN where not measured
+    ratio: torch.Tensor  # transcript compression ratio; NaN where not transcribed
+    clipped: torch.Tensor  # bool: the audio clipped (reward times clipping_scale)
+    reasons: list[str]
+    transcripts: list[str]
+
+    @staticmethod
+    def empty(n: int) -> "_Scores":
+        return _Scores(torch.ones(n), torch.full((n,), math.nan), torch.full((n,), math.nan),
+                       torch.zeros(n, dtype=torch.bool), [OK] * n, [""] * n)

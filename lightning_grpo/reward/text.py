@@ -57,10 +57,6 @@ NORMALIZATIONS: tuple[str, ...] = ("full", "seed_tts", "raw")
 NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "ko", "th", "lo", "my", "km", "yue", "bo"})
 CHINESE = frozenset({"zh", "yue"})
 
-# cn2an warns (in Chinese) on every numeral-like run it leaves alone, such as 万一 ("just in case").
-warnings.filterwarnings("ignore", category=UserWarning, module=r"cn2an\.")
-
-
 @lru_cache(maxsize=None)
 def _english() -> EnglishTextNormalizer:
     return EnglishTextNormalizer()
@@ -97,7 +93,9 @@ def _zh_digit_unit(m: re.Match) -> str:
 
 def _normalize_chinese(text: str) -> str:
     text = zhconv.convert(unicodedata.normalize("NFKC", text), "zh-hans")
-    text = cn2an.transform(text, "cn2an")
+    with warnings.catch_warnings():  # cn2an warns on every numeral-like run it leaves alone, e.g. 万一
+        warnings.simplefilter("ignore")
+        text = cn2an.transform(text, "cn2an")
     text = _ZH_DIGIT_UNIT.sub(_zh_digit_unit, text)
     return re.sub(r"\s+", "", _basic()(text))
 
