@@ -15,6 +15,11 @@ Departures from the original server, on purpose:
     `no_speech_threshold`; by default without `transcribe`'s extra mean-log-prob condition, because
     tiny models hallucinate a confident "you" on silence) is returned empty, so it scores CER 1
     instead of a hallucinated sentence.
+  - Where `transcribe` detects a loop after the fact (compression ratio > 2.4) and decodes again at a
+    higher temperature, `RepetitionGuard` stops a looping row during greedy decoding and marks it
+    (`Transcript.repetition`); the batch's other rows go on, and no step is spent past the loop.
+The model may be float16/bfloat16 (weights cast, features in the same dtype): `_GreedyTask` takes encoded
+features of any float dtype, which openai-whisper's own DecodingTask refuses for bfloat16.
 """
 
 from __future__ import annotations
