@@ -270,7 +270,7 @@ class WhisperReward(lightning.LightningModule):
 
     @property
     def whisper_device(self) -> torch.device:
-        return self.whisper.encoder.conv1.weight.device
+        return self.whisper.decoder.token_embedding.weight.device
 
 
 @dataclass

@@ -57,6 +57,7 @@ NORMALIZATIONS: tuple[str, ...] = ("full", "seed_tts", "raw")
 NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "ko", "th", "lo", "my", "km", "yue", "bo"})
 CHINESE = frozenset({"zh", "yue"})
 
+
 @lru_cache(maxsize=None)
 def _english() -> EnglishTextNormalizer:
     return EnglishTextNormalizer()
