@@ -137,6 +137,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--whisper", default="tiny.en-ct2")
     p.add_argument("--device", default="cpu", help="where the codec and Whisper run (e.g. cuda:0 on a GPU machine)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="WhisperReward(dtype=...): Whisper and codec precision (float16 for CUDA)")
     p.add_argument("--smoke", action="store_true", help="1 sample, small codec: checks the script runs")
     p.add_argument("--out", type=Path, help="write the markdown section to this file")
     args = p.parse_args()
@@ -145,7 +147,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     codec, samples = build(args.samples, args.smoke, args.device)
-    reward = WhisperReward(args.whisper, codec=codec, device=args.device, batch_size=args.batch_size)
+    reward = WhisperReward(args.whisper, codec=codec, device=args.device, batch_size=args.batch_size, dtype=args.dtype)
     reward.score(samples[: args.batch_size])  # warm-up (allocator, first-call overheads), shared by all modes
 
     n = len(samples)
@@ -166,8 +168,8 @@ def main() -> None:
     text = "\n".join([
         "## Reward throughput (issue 3)",
         "",
-        f"`python benchmarks/bench_reward.py{' --smoke' if args.smoke else ''}` — {n} samples, Whisper "
-        f"`{args.whisper}` (converted to openai-whisper fp32), greedy, device {args.device}, {args.threads} torch threads; "
+        f"`python benchmarks/bench_reward.py{' --smoke' if args.smoke else ''}{'' if args.dtype == 'float32' else ' --dtype ' + args.dtype}` — {n} samples, Whisper "
+        f"`{args.whisper}` (converted to openai-whisper, {args.dtype}), greedy, device {args.device}, {args.threads} torch threads; "
         f"codec: {'small' if args.smoke else 'real-size'} X-codec2 decoder (random weights) for the decode "
         "cost, espeak-ng speech for Whisper; one measured run per mode after one shared warm-up call.",
         f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs (load avg {info['load_avg_1m']}, "

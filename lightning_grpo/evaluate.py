@@ -16,6 +16,14 @@ directory. The command builds the fit config's trainer, model and data, adds the
 `--ckpt_path` takes a Lightning checkpoint (.ckpt) or an HF directory from `export`; any other argument
 is a fit-config override (`--data.val_data ~/data/llasa-tts-rl-grpo`, `--data.max_val_samples 100`).
 Samples per prompt are the rollout's `val_group_size`; sampling settings are the config's sampler's.
+
+`--seed_tts` adds Seed-TTS-eval's scores, the convention of LLaSA's and most TTS papers' tables, next to the
+reward's own CER: `seed_tts_wer` for English and `seed_tts_cer` for Chinese rows, computed from each sample's
+transcript with Seed-TTS-eval's text processing (`reward.text.seed_tts_error`: its punctuation list, lower
+case, zhconv on Chinese transcripts, no numeral normalisation) and averaged per utterance as it does. For
+numbers to put beside published ones, transcribe with its ASR: Whisper large-v3 for English
+(`whisper_model: large-v3`); its Chinese figures come from Paraformer-zh, which this package does not run,
+so Chinese numbers from Whisper are comparable in method but not bit for bit.
 """
 
 from __future__ import annotations
@@ -33,6 +41,24 @@ from .distributed import concat_from_ranks
 
 # columns shown first in the table when present; other reward metrics follow alphabetically
 TABLE_FIRST = ("reward", "cer", "nll")
+SEED_TTS_METRICS = {"en": "seed_tts_wer", "zh": "seed_tts_cer"}  # Seed-TTS-eval: WER for English, CER for Chinese
+
+
+def add_seed_tts_scores(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add Seed-TTS-eval's per-utterance score to English (`seed_tts_wer`) and Chinese (`seed_tts_cer`) records.
+
+    Records of other languages get neither. Raises when no record carries a transcript (a reward that does
+    not transcribe, e.g. the rule reward).
+    """
+    from .reward.text import base_language, seed_tts_error
+
+    if not any(r.get("transcript") is not None for r in records):
+        raise ValueError("--seed_tts scores transcripts, but the reward gave none; evaluate with WhisperReward")
+    for r in records:
+        key = SEED_TTS_METRICS.get(base_language(r.get("language")))
+        if key is not None and r.get("transcript") is not None:
+            r[key] = seed_tts_error(r["text"], r["transcript"], r["language"])
+    return records
 
 
 def _means(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -112,18 +138,21 @@ def compare(before: str | Path, after: str | Path) -> str:
 
 
 class ValidationReport(L.Callback):
-    def __init__(self, out_dir: str | None = None, log_per_language: bool = True, meta: dict | None = None) -> None:
+    def __init__(self, out_dir: str | None = None, log_per_language: bool = True, meta: dict | None = None,
+                 seed_tts: bool = False) -> None:
         """
         Args:
             out_dir: write metrics.json / metrics.md / samples.jsonl here after each validation
                 (in fit: under `step_<N>/`); None only logs.
             log_per_language: log `val/lang_<xx>/<metric>_mean` when the data has 2+ languages.
             meta: written into metrics.json beside the metrics (e.g. the checkpoint evaluated).
+            seed_tts: also score each transcript as Seed-TTS-eval does (WER en, CER zh; see the module doc).
         """
         super().__init__()
         self.out_dir = out_dir
         self.meta = meta or {}
         self.log_per_language = log_per_language
+        self.seed_tts = seed_tts
         self.records: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
 
@@ -139,6 +168,8 @@ class ValidationReport(L.Callback):
         records = self.records = concat_from_ranks(self.records)
         if not records or trainer.sanity_checking:
             return
+        if self.seed_tts:
+            add_seed_tts_scores(records)
         self.summary = summarize(records)
         if self.log_per_language and len(self.summary["per_language"]) > 1:
             stats = {
@@ -182,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--ckpt_path", default=None, help="Lightning .ckpt or HF dir (export); default: the config's model")
     parser.add_argument("--out_dir", default=None, help="report directory (default runs/eval/<run>-<checkpoint name>)")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print a before/after table and exit")
+    parser.add_argument("--seed_tts", action="store_true",
+                        help="also report Seed-TTS-eval's WER (en) / CER (zh) of the transcripts, as published tables do")
     args, rest = parser.parse_known_args(argv)
     if args.compare:
         print(compare(*args.compare))
@@ -201,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         raise ValueError("--data.val_data is None: evaluate needs a test split (e.g. --data.val_data ~/data/llasa-tts-rl-grpo)")
     meta = {"ckpt_path": args.ckpt_path, "model": cli.model.hparams.model_name_or_path,
             "global_step": trained_steps(args.ckpt_path), "val_data": cli.datamodule.val_data}
-    report = ValidationReport(out_dir=args.out_dir or default_out_dir(args.ckpt_path), meta=meta)
+    report = ValidationReport(out_dir=args.out_dir or default_out_dir(args.ckpt_path), meta=meta, seed_tts=args.seed_tts)
     cli.trainer.callbacks.append(report)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if report.summary is None:

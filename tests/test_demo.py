@@ -181,6 +181,11 @@ def test_capped_cer_logs_robust_statistics():
     # one repetition loop (CER 31) would make the raw mean 7.9; capped it counts as 1
     assert logged["val/cer_capped_mean"] == pytest.approx((0.0 + 0.2 + 0.4 + 1.0) / 4)
     assert logged["val/cer_above_1"] == pytest.approx(0.25) and logged["val/exact_rate"] == pytest.approx(0.25)
+    # a reward that caps `cer` itself (WhisperReward) still gives the share above 1 through `cer_raw`
+    logged.clear()
+    capped = RewardResult(rewards=torch.zeros(2), metrics={"cer": torch.tensor([1.0, 0.5]), "cer_raw": torch.tensor([9.0, 0.5])})
+    CappedCER().on_validation_batch_end(None, module, None, {"rollout": SimpleNamespace(reward_result=capped)}, 0)
+    assert logged["val/cer_above_1"] == pytest.approx(0.5) and logged["val/cer_capped_mean"] == pytest.approx(0.75)
 
 
 def test_demo_config_builds_the_whisper_unit_codec_loop():

@@ -85,6 +85,10 @@ def test_evaluate_command_on_the_tiny_config(tmp_path, capsys):
     assert "| all | 12 |" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="--ckpt_path=nowhere.ckpt"):
         main(["--config", "configs/tiny_cpu.yaml", "--ckpt_path", "nowhere.ckpt"])
+    # the tiny config's rule reward transcribes nothing: --seed_tts says so instead of reporting no column
+    with pytest.raises(ValueError, match="--seed_tts scores transcripts"):
+        main(["--config", "configs/tiny_cpu.yaml", "--out_dir", str(tmp_path / "st"), f"--data.val_data={data}",
+              "--data.val_split=test", "--seed_tts"])
 
 
 class PerPromptSampler:
@@ -169,3 +173,41 @@ def test_default_report_dirs_of_two_runs_last_checkpoints_differ():
     assert a == "runs/eval/a-last" and b == "runs/eval/b-last"  # neither overwrites the other's report
     assert default_out_dir("runs/export_dir") == "runs/eval/runs-export_dir"
     assert default_out_dir(None) == "runs/eval/base"
+
+
+class ScriptSwapReward:
+    """Transcribes every sample as its own text in another form: Chinese in traditional script, English in
+    lower case without punctuation, and the word "number" replaced by "numbers" (one wrong word of three)."""
+
+    def score(self, samples):
+        import zhconv
+
+        from lightning_grpo.reward.base import RewardResult
+
+        transcripts = [zhconv.convert(s.text, "zh-tw") if s.language == "zh" else
+                       s.text.lower().replace(".", "").replace("number", "numbers") for s in samples]
+        return RewardResult(rewards=torch.full((len(samples),), 0.5), metrics={"cer": torch.zeros(len(samples))},
+                            transcripts=transcripts)
+
+
+def test_seed_tts_mode_adds_wer_for_english_and_cer_for_chinese(tmp_path):
+    from lightning_grpo.evaluate import add_seed_tts_scores
+
+    path = tmp_path / "val.jsonl"
+    rows = [{"text": "Text number one.", "language": "en"}, {"text": "我们一起去图书馆看书。", "language": "zh"},
+            {"text": "안녕하세요.", "language": "ko"}]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    report = ValidationReport(out_dir=str(tmp_path / "report"), seed_tts=True)
+    rollout = GRPORollout(HFSampler(max_new_tokens=4), ScriptSwapReward(), group_size=2, val_group_size=2)
+    trainer = validate([rollout, report], str(path))
+    langs = report.summary["per_language"]
+    # English: "text numbers one" against "text number one" is one word of three
+    assert langs["en"]["seed_tts_wer"] == pytest.approx(1 / 3) and langs["en"].get("seed_tts_cer") is None
+    # Chinese: zhconv turns the traditional transcript back; punctuation is not a character
+    assert langs["zh"]["seed_tts_cer"] == 0.0 and langs["zh"].get("seed_tts_wer") is None
+    assert "seed_tts_wer" not in {k for r in report.records if r["language"] == "ko" for k in r}
+    assert float(trainer.callback_metrics["val/lang_en/seed_tts_wer_mean"]) == pytest.approx(1 / 3, abs=1e-6)
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["per_language"]["zh"]["seed_tts_cer"] == 0.0
+    with pytest.raises(ValueError, match="--seed_tts scores transcripts"):
+        add_seed_tts_scores([{"text": "a", "language": "en", "transcript": None}])

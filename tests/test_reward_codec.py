@@ -89,3 +89,15 @@ def test_checkpoint_missing_decoder_tensors_is_an_error(small, tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="fc_post_a"):
         XCodec2Decoder(str(tmp_path), hidden_dim=64, depth=2, heads=4)
+
+
+def test_decode_under_bfloat16_autocast_stays_close_to_float32(small):
+    """What WhisperReward(dtype="bfloat16") does to the codec: matmuls in bf16 (8 significant bits), norms
+    and the iSTFT in float32. Measured relative L2 error 1.5% on this random small decoder; bound 5%."""
+    codes = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 5, [100, 200, 300] * 4]
+    full = small.decode(codes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = small.decode(codes)
+    for a, b in zip(full, low):
+        assert b.dtype == torch.float32 and b.shape == a.shape
+        assert ((a - b).norm() / a.norm()).item() < 0.05

@@ -1,20 +1,133 @@
+"""CER normalisation per language: same words in another form score 0, real substitutions keep their cost."""
+
+import random
+import unicodedata
+
+import cn2an
+import jiwer
 import pytest
 
-from lightning_grpo.reward.text import cer, normalize
+from lightning_grpo.reward.text import cer, korean_reading, native_korean, normalize, seed_tts_error, sino_korean
+
+# (reference, hypothesis) pairs that say the same words: CER must be 0.
+SAME_WORDS = {
+    "zh": [
+        ("今天早上火车晚了二十分钟。", "今天早上火車晚了20分鐘"),  # the issue's example: script + digits + punctuation
+        ("我们一起去图书馆看书", "我們一起去圖書館看書"),  # script
+        ("晚了20分钟", "晚了二十分钟"),  # numerals, the other way
+        ("两千零二十四年", "2024年"),
+        ("二零二四年", "2024年"),
+        ("他有十万块钱", "他有10万块钱"),  # digits with a written-out unit
+        ("百分之五十的人", "50%的人"),
+        ("三点五公斤", "3.5公斤"),
+        ("你好，世界。", "你好 世界"),  # punctuation and spacing
+        ("你好世界", "你好\u3000世界"),  # the ideographic space
+        ("价格是１２０元", "价格是一百二十元"),  # full-width digits
+    ],
+    "ko": [
+        ("이십 분 늦었어요.", "20분 늦었어요"),  # the issue's example
+        ("20분 늦었어요", "이십 분 늦었어요."),  # the other way
+        ("스무 살이에요", "20살이에요"),  # native counting word
+        ("오후 세 시 삼십 분", "오후 3시 30분"),
+        ("학생 두 명", "학생 2명"),
+        ("첫 번째 질문", "1번째 질문"),
+        ("만 원이에요", "1만 원이에요"),  # 만, not 일만
+        ("천 원", "1,000원"),
+        ("이천이십사 년 유월 십 일", "2024년 6월 10일"),  # Sino-Korean, and the irregular 유월
+        ("삼 개월", "3개월"),  # Sino-Korean although 개 alone is native
+        ("오십 퍼센트", "50%"),
+        ("안녕하세요, 세계!", "안녕 하세요 세계"),  # punctuation and spacing
+        ("안녕하세요", unicodedata.normalize("NFD", "안녕하세요")),  # decomposed jamo (macOS text)
+    ],
+    "en": [
+        ("I have twenty-one apples.", "I have 21 apples"),  # numerals
+        ("I have 21 apples", "i have twenty one apples"),  # the other way
+        ("It costs five dollars", "It costs $5."),
+        ("Hello, World!", "hello   world"),  # punctuation, case, spacing
+        ("The colour of the sea", "the color of the sea"),  # spelling variant
+        ("ＨＥＬＬＯ world", "hello world"),  # full-width letters
+    ],
+}
+
+# (reference, hypothesis, expected CER): real substitutions keep their cost after normalisation.
+REAL_ERRORS = {
+    "zh": [
+        ("你好世界", "你好世间", 1 / 4),
+        ("晚了二十分钟", "晚了30分钟", 1 / 6),  # 晚了20分钟: one digit wrong
+        ("我們一起去", "我们一起来", 1 / 5),  # script is forgiven, the verb is not
+    ],
+    "ko": [
+        ("이십 분", "30분", 1 / 3),  # 이십분 vs 삼십분
+        ("20살", "이십 살", 2 / 3),  # a wrong reading: 스무살 vs 이십살
+        ("안녕하세요", "안녕하십시오", 3 / 5),
+    ],
+    "en": [
+        ("the cat sat", "the hat sat", 1 / 11),
+        ("I have 21 apples", "I have 22 apples", 1 / 16),
+    ],
+}
 
 
-def test_english_normaliser_ignores_case_punctuation_and_number_style():
-    assert normalize("Twenty-one dogs, Mr. Smith!", "en") == "21 dogs mister smith"
-    assert cer("Hello, World!", "hello world", "en") == 0.0
-    assert cer("I have 21 apples.", "I have twenty-one apples", "en") == 0.0
+@pytest.mark.parametrize("language,reference,hypothesis", [(lang, r, h) for lang, pairs in SAME_WORDS.items() for r, h in pairs])
+def test_same_words_in_another_form_score_zero(language, reference, hypothesis):
+    assert cer(reference, hypothesis, language) == 0.0, (normalize(reference, language), normalize(hypothesis, language))
 
 
-def test_korean_and_chinese_ignore_spacing_and_punctuation():
-    assert normalize("안녕하세요, 세계!", "ko") == "안녕하세요세계"
-    assert cer("안녕하세요, 세계!", "안녕 하세요 세계", "ko") == 0.0
-    assert cer("你好，世界。", "你好 世界", "zh") == 0.0
-    # one wrong character out of four
-    assert cer("你好世界", "你好世间", "zh") == pytest.approx(0.25)
+@pytest.mark.parametrize("language,reference,hypothesis,expected", [(lang, *x) for lang, xs in REAL_ERRORS.items() for x in xs])
+def test_real_substitutions_keep_their_cer(language, reference, hypothesis, expected):
+    assert cer(reference, hypothesis, language) == pytest.approx(expected)
+
+
+def test_issue_example_before_and_after_and_the_plain_switches():
+    ref, hyp = "今天早上火车晚了二十分钟。", "今天早上火車晚了20分鐘"
+    assert cer(ref, hyp, "zh") == 0.0
+    # Seed-TTS-eval's processing converts the script but not numerals: 二十 vs 20 is two of 12 characters
+    assert cer(ref, hyp, "zh", "seed_tts") == pytest.approx(2 / 12)
+    # raw: the original recipe's jiwer CER on unprocessed strings (script, digits and the full stop count)
+    assert cer(ref, hyp, "zh", "raw") == pytest.approx(jiwer.cer(ref, hyp)) == pytest.approx(5 / 13)  # 車 二 十 鐘 。
+    with pytest.raises(ValueError, match="normalization='plain'"):
+        cer(ref, hyp, "zh", "plain")
+
+
+def test_every_chinese_numeral_meets_its_digits():
+    """cn2an's own an2cn spelling of random numbers normalises to the digits (numbers to 10^9)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.choice([rng.randrange(100), rng.randrange(10**4), rng.randrange(10**9)])
+        assert cer(f"我有{n}个苹果", f"我有{cn2an.an2cn(n)}个苹果", "zh") == 0.0, n
+
+
+def test_korean_number_reader_by_hand():
+    assert [sino_korean(n) for n in (0, 1, 10, 11, 20, 101, 1000, 1100, 2024, 10_000, 10_001, 120_000, 10**8)] == [
+        "영", "일", "십", "십일", "이십", "백일", "천", "천백", "이천이십사", "만", "만일", "십이만", "일억"]
+    assert [native_korean(n) for n in (1, 2, 3, 4, 10, 11, 20, 21, 99)] == [
+        "한", "두", "세", "네", "열", "열한", "스무", "스물한", "아흔아홉"]
+    assert korean_reading("13시 24시간 100명 3.5만 20대 차 2대 010-1234") == "십삼시 스물네시간 백명 삼점오만 이십대 차 두대 공일공-일이삼사"
+    with pytest.raises(ValueError, match="1..99"):
+        native_korean(100)
+
+
+def test_normalisation_never_raises_and_a_text_always_matches_itself():
+    rng = random.Random(1)
+    alphabet = list("0123456789.,-%:/ 만억천백원분시살개번째월대") + list("一二三四五六七八九十百千万亿零两点之个年负") + list("abXY!?。，")
+    for language in ("ko", "zh", "en", "ja", None):
+        for _ in range(300):
+            s = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 16)))
+            for mode in ("full", "seed_tts", "raw"):
+                if normalize(s, language, mode).strip():
+                    assert cer(s, s, language, mode) == 0.0, (s, language, mode)
+
+
+def test_seed_tts_error_is_wer_for_english_and_cer_for_chinese():
+    assert seed_tts_error("Hello, World!", "hello world", "en") == 0.0
+    assert seed_tts_error("the cat sat down", "the hat sat down", "en") == pytest.approx(1 / 4)  # words, not characters
+    assert seed_tts_error("don't stop", "dont stop", "en") == pytest.approx(1 / 2)  # the apostrophe is kept
+    assert seed_tts_error("今天早上火车晚了二十分钟。", "今天早上火車晚了二十分鐘", "zh") == 0.0  # zhconv on the hypothesis
+    assert seed_tts_error("今天早上火车晚了二十分钟。", "今天早上火车晚了20分钟", "zh") == pytest.approx(2 / 12)  # no numerals
+    assert seed_tts_error("你好 世界", "你好世界", "zh") == 0.0  # spaces are not characters
+    assert seed_tts_error("你好世界", "", "zh") == 1.0
+    with pytest.raises(ValueError, match="'ko'"):
+        seed_tts_error("안녕", "안녕", "ko")
 
 
 def test_cer_counts_real_errors_and_can_exceed_one():
@@ -23,7 +136,8 @@ def test_cer_counts_real_errors_and_can_exceed_one():
 
 
 def test_empty_transcript_is_cer_one_never_zero():
-    assert cer("The cat sat.", "", "en") == 1.0
+    for mode in ("full", "seed_tts", "raw"):
+        assert cer("The cat sat.", "", "en", mode) == 1.0
     assert cer("The cat sat.", "  ...  ", "en") == 1.0
 
 

@@ -61,6 +61,47 @@ class EchoReward:
         )
 
 
+class GuardedReward:
+    """Answers like WhisperReward's guards: text "silent" -> reason silent, NLL not measured (NaN), empty
+    transcript; "absurd" -> an NLL of 5,000 nats (exp(-NLL/3) underflows to 0); anything else -> ok, NLL 0.5,
+    the text itself as transcript."""
+
+    def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
+        nll = {"silent": math.nan, "absurd": 5000.0}
+        return RewardResult(
+            rewards=torch.tensor([0.0 if s.text in nll else 0.9 for s in samples]),
+            metrics={"nll": torch.tensor([nll.get(s.text, 0.5) for s in samples]),
+                     "cer": torch.tensor([1.0 if s.text == "silent" else 0.0 for s in samples])},
+            reasons=["silent" if s.text == "silent" else "ok" for s in samples],
+            transcripts=["" if s.text == "silent" else s.text for s in samples],
+        )
+
+
+def original_client_reward(url: str, tokens: list[int], text: str) -> tuple[float, bool]:
+    """What the original recipe's reward client does with one sample (REFERENCE.md), rewritten here.
+
+    Returns (reward, fallback_taken). Any exception while asking (a null NLL included) takes its fallback:
+    transcript := ground truth and U_nll := 1e-9. An empty transcript is replaced by the ground truth. The
+    harmonic mean is computed as the original writes it, (lc + ln) / (lc / U_cer + ln / U_nll), outside the
+    fallback, so a U of exactly 0 raises ZeroDivisionError.
+    """
+    import jiwer
+
+    fallback = False
+    try:
+        with httpx.Client(trust_env=False, timeout=20) as c:
+            resp = c.post(url + "/score", json={"tokens": tokens, "text": text}).json()
+        nll, transcript = float(resp["nll"]), resp["transcript"]
+        u_nll = math.exp(-nll / 3.0)
+    except Exception:
+        fallback, transcript, u_nll = True, text, 1e-9
+    if not transcript.strip():
+        transcript = text
+    u_cer = 1 - math.tanh(3.0 * jiwer.cer(text, transcript))
+    reward = (0.6 + 0.4) / (0.6 / u_cer + 0.4 / u_nll)
+    return min(max(reward, 0.0), 1.0), fallback
+
+
 def echo(**init_args) -> dict:
     return {"class_path": "test_server.EchoReward", "init_args": init_args}
 
@@ -175,8 +216,30 @@ def test_original_single_sample_body(rule_server):
     assert r.status_code == 200, r.text
     body = r.json()
     assert {"nll", "transcript", "cer", "reward", "reason"} <= body.keys()
-    assert body["nll"] is None and body["cer"] is None  # not measured by the rule reward: null, not NaN
+    # the rule reward measures no NLL: the original body answers the cap (the original client parses it with
+    # float()); the metrics keep null, not NaN
+    assert body["nll"] == 100.0 and body["cer"] is None and body["metrics"].get("nll") is None
     assert body["reward"] == RuleReward().score([s]).rewards.item()
+    with httpx.Client(trust_env=False) as c:  # the batched body keeps null
+        r = c.post(rule_server + "/score", json={"samples": [{"tokens": s.codes, "text": s.text}]})
+    assert r.json()["results"][0]["nll"] is None
+
+
+def test_original_client_never_falls_back_or_divides_by_zero(tmp_path):
+    config = {"class_path": "test_server.GuardedReward", "init_args": {}}
+    with running_server(tmp_path, reward_config=config) as (url, _):
+        ok, ok_fallback = original_client_reward(url, [1, 2, 3], "hello world")
+        silent, silent_fallback = original_client_reward(url, [1, 2, 3], "silent")
+        absurd, absurd_fallback = original_client_reward(url, [1, 2, 3], "absurd")
+        with httpx.Client(trust_env=False) as c:
+            bodies = [c.post(url + "/score", json={"tokens": [1], "text": t}).json() for t in ("silent", "absurd")]
+    assert not (ok_fallback or silent_fallback or absurd_fallback)
+    assert ok == pytest.approx(1 / (0.6 + 0.4 / math.exp(-0.5 / 3)))  # transcript right, NLL 0.5
+    # guarded samples score ~0 through the NLL cap: exp(-100/3) = 3.3e-15, below the fallback's 2.5e-9
+    assert 0 < silent < 1e-13 and 0 < absurd < 1e-13
+    assert [b["nll"] for b in bodies] == [100.0, 100.0]
+    assert bodies[0]["metrics"]["nll"] is None and bodies[1]["metrics"]["nll"] == 5000.0  # raw values kept
+    # before this fix the server answered null (fallback taken, a warning per sample) and 5000 (ZeroDivisionError)
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -380,6 +443,8 @@ def test_cli_defaults_are_safe():
     args = build_parser().parse_args([])
     assert (args.host, args.port) == ("127.0.0.1", 8001)  # matches WHISPER_SERVER=http://127.0.0.1:8001
     assert args.token is None and args.fake_reward is None
+    assert args.dtype == "float32" and args.original_nll_cap == 100.0
+    assert build_parser().parse_args(["--dtype", "float16"]).dtype == "float16"
 
 
 # ------------------------------------------------------------------------------ the Whisper reward

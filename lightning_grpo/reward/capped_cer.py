@@ -2,15 +2,15 @@
 
 CER is unbounded above: one Whisper repetition loop ("my cat. my cat. my cat. ...") gives a single
 sample a CER of 30 and swamps the mean of 48 samples (the reward is not affected that way: it sees
-1 - tanh(3 CER)). The small world (examples/small_world/) therefore reports the mean of min(CER, 1) as
-its headline metric, next to the raw mean the policy module logs. Add it to any run whose reward
-reports `cer`: `--trainer.callbacks+=lightning_grpo.reward.capped_cer.CappedCER`.
+1 - tanh(3 CER)). `WhisperReward` now reports `cer` capped at 1 itself (so `val/cer_mean` is this mean) and the
+uncapped value as `cer_raw`; this callback adds the share above 1 (from `cer_raw` when the reward gives it) and
+the exact-match rate. The small world (examples/small_world/) reports `val/cer_capped_mean` as its headline
+metric. Add it to any run whose reward reports `cer`: `--trainer.callbacks+=lightning_grpo.reward.capped_cer.CappedCER`.
 """
 
 from __future__ import annotations
 
 import lightning as L
-import torch
 
 
 class CappedCER(L.Callback):
@@ -20,7 +20,8 @@ class CappedCER(L.Callback):
         rollout = batch.get("rollout") if isinstance(batch, dict) else None
         if rollout is None or "cer" not in rollout.reward_result.metrics:
             return
-        cer = rollout.reward_result.metrics["cer"].float()  # (N,)
+        metrics = rollout.reward_result.metrics
+        cer = metrics.get("cer_raw", metrics["cer"]).float()  # (N,) uncapped where the reward reports it
         n = cer.numel()
         pl_module.log("val/cer_capped_mean", cer.clamp(max=1.0).mean().item(), on_epoch=True, batch_size=n)
         pl_module.log("val/cer_above_1", (cer > 1.0).float().mean().item(), on_epoch=True, batch_size=n)

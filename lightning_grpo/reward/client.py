@@ -191,7 +191,8 @@ class RemoteReward:
         for i, s in enumerate(samples):
             if not s.codes:
                 reason = "invalid_token" if s.num_invalid else "empty_speech"
-                answers[i] = {"reward": 0.0, "reason": reason, "transcript": "", "metrics": {"cer": 1.0, "nll": None}}
+                answers[i] = {"reward": 0.0, "reason": reason, "transcript": "",
+                              "metrics": {"cer": 1.0, "cer_raw": 1.0, "nll": None}}
         if remote:
             self._ensure_ready()
         for start in range(0, len(remote), self.max_samples_per_request):

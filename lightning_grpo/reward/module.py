@@ -12,8 +12,21 @@ Guards (a bad sample never raises; it gets a fixed reward and a reason that the 
     clipping       more than `clip_fraction` of samples at |x| >= 1: scored normally on the
                    audio clipped to [-1, 1] (what a saved file holds), reward times
                    `clipping_scale`, so intelligibility still counts but distortion costs
-Fixed-reward samples report CER 1 (nothing intelligible was said) and NLL NaN (not measured).
-An empty transcript always counts as CER 1.
+    repetition     Whisper's transcript looped ("5,5,5,5,..."): its compression ratio rose above
+                   `compression_ratio_threshold` (openai-whisper's 2.4), or above 1.5 times the ground
+                   truth's own ratio for a text that itself repeats. Decoding of that row stopped there,
+                   not at the 224-token cap, and the sample is scored normally on the transcript decoded
+                   so far (kept, so the loop shows in the logs). Audio Whisper cannot read loops into
+                   a CER far above 1 and scores ~0 either way; speech Whisper loops on although it reads
+                   it (a repeated word said ten times) keeps the credit of what was decoded before the
+                   loop showed, instead of the ~0 of a transcript run to the cap.
+Samples given a fixed reward before transcription report CER 1 (nothing intelligible was said) and NLL NaN
+(not measured). An empty transcript always counts as CER 1.
+
+Metrics: `cer` is capped at 1, so one looping transcript (raw CER 9) cannot dominate the logged
+`cer_mean`; `cer_raw` keeps the uncapped value per sample and is what the reward uses. `dtype` runs
+Whisper (weights cast, LayerNorms kept in float32 as openai-whisper computes them) and the codec (under
+autocast) in float16 or bfloat16, for CUDA; float32 is the default and the reference.
 """
 
 from __future__ import annotations
@@ -21,20 +34,36 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import lightning
 import torch
+from whisper.utils import compression_ratio
 
 from ..llasa import XCODEC2_CODEBOOK_SIZE
 from . import asr
 from .base import OK, RewardResult, SpeechSample
 from .codec import SpeechDecoder, XCodec2Decoder
 from .shaping import harmonic_reward, u_cer, u_nll
+from .text import NORMALIZATIONS, Normalization
 from .text import cer as char_error_rate
 from .whisper_weights import load_whisper
 
 WHISPER_WINDOW_S = 30.0
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# A ground truth that itself repeats (a refrain, "no, no, no, no") compresses well; its transcript may
+# compress up to this factor better than openai-whisper's threshold before it counts as a loop.
+OWN_REPETITION_FACTOR = 1.5
+
+
+def cast_whisper(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast Whisper's weights to `dtype`, LayerNorms kept in float32 (whisper's LayerNorm runs in float32)."""
+    model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+    return model
 
 
 class WhisperReward(lightning.LightningModule):
@@ -59,6 +88,9 @@ class WhisperReward(lightning.LightningModule):
         clipping_scale: float = 0.5,
         no_speech_threshold: float = 0.6,
         max_transcript_tokens: int = 224,
+        compression_ratio_threshold: float | None = 2.4,
+        cer_normalization: Normalization = "full",
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
     ) -> None:
         """
         Args:
@@ -84,6 +116,14 @@ class WhisperReward(lightning.LightningModule):
             no_speech_threshold: a transcript whose Whisper no-speech probability exceeds this is
                 treated as empty (CER 1); Whisper hallucinates "you" on near-silence otherwise.
             max_transcript_tokens: greedy decoding stops after this many tokens (Whisper's cap is 224).
+            compression_ratio_threshold: a transcript whose text so far compresses better than this
+                (gzip ratio; openai-whisper's transcribe uses 2.4) is a loop: decoding of that sample
+                stops and it scores 0 as "repetition". None turns the guard off.
+            cer_normalization: text rules before CER (see `reward.text`): "full" (script, numerals,
+                punctuation and spacing per language), "seed_tts" (Seed-TTS-eval's processing, for
+                comparison with published tables) or "raw" (none, as the original recipe).
+            dtype: "float32", or "float16" / "bfloat16" for Whisper and the codec on CUDA (about half
+                the memory and time; scores move by rounding, see BENCHMARKS.md). bfloat16 works on CPU.
         """
         super().__init__()
         if batch_size < 1:
@@ -92,9 +132,19 @@ class WhisperReward(lightning.LightningModule):
             raise ValueError(f"--nll_prefix={nll_prefix!r} must be 'full' or 'original'")
         if not 0 <= clipping_scale <= 1:
             raise ValueError(f"--clipping_scale={clipping_scale} must be in [0, 1]")
+        if compression_ratio_threshold is not None and compression_ratio_threshold <= 1.0:
+            raise ValueError(
+                f"--compression_ratio_threshold={compression_ratio_threshold} must be > 1 (openai-whisper: 2.4) "
+                "or null to turn the repetition guard off"
+            )
+        if cer_normalization not in NORMALIZATIONS:
+            raise ValueError(f"--cer_normalization={cer_normalization!r} must be one of {NORMALIZATIONS}")
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype={dtype!r} must be one of {tuple(DTYPES)}")
         harmonic_reward(torch.zeros(1), torch.zeros(1), lambda_c, lambda_n, beta_c, tau_n)  # validates
         self.save_hyperparameters(ignore=["codec"])
-        self.whisper = load_whisper(whisper_model, device="cpu").requires_grad_(False)
+        self.compute_dtype = DTYPES[dtype]
+        self.whisper = cast_whisper(load_whisper(whisper_model, device="cpu"), self.compute_dtype).requires_grad_(False)
         if not self.whisper.is_multilingual and language not in ("en", None):
             raise ValueError(
                 f"--language={language!r} but --whisper_model={whisper_model} is English-only; "
@@ -112,6 +162,9 @@ class WhisperReward(lightning.LightningModule):
         self.silence_rms, self.clip_fraction, self.clipping_scale = silence_rms, clip_fraction, clipping_scale
         self.no_speech_threshold = no_speech_threshold
         self.max_transcript_tokens = max_transcript_tokens
+        self.compression_ratio_threshold = compression_ratio_threshold
+        self.cer_normalization = cer_normalization
+        self.decoder_steps = 0  # greedy decoding steps run (one per token position per batch), summed over calls
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
         self.eval().to(device)
 
@@ -136,55 +189,50 @@ class WhisperReward(lightning.LightningModule):
     @torch.inference_mode()
     def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
         """Score N samples in chunks of `batch_size`; see the module docstring for guards."""
-        n = len(samples)
-        cer = torch.ones(n)
-        nll = torch.full((n,), math.nan)
-        reasons = [self._guard_codes(s) for s in samples]
-        transcripts = [""] * n
+        out = _Scores.empty(len(samples))
+        out.reasons = [self._guard_codes(s) for s in samples]
         # Similar lengths share a chunk, so less padding is decoded; results do not depend on batching.
-        todo = sorted((i for i in range(n) if reasons[i] == OK), key=lambda i: len(samples[i].codes))
+        todo = sorted((i for i in range(len(samples)) if out.reasons[i] == OK), key=lambda i: len(samples[i].codes))
         for start in range(0, len(todo), self.batch_size):
-            self._score_chunk(samples, todo[start : start + self.batch_size], cer, nll, reasons, transcripts)
+            self._score_chunk(samples, todo[start : start + self.batch_size], out)
+        cer, nll = out.cer, out.nll
         rewards = harmonic_reward(cer, nll, self.lambda_c, self.lambda_n, self.beta_c, self.tau_n)
-        scored = torch.tensor([r in (OK, "clipping") for r in reasons])
+        scored = torch.tensor([r in (OK, "clipping", "repetition") for r in out.reasons])
         rewards = torch.where(scored, rewards, torch.zeros_like(rewards))
-        clipping = torch.tensor([r == "clipping" for r in reasons])
-        rewards = torch.where(clipping, rewards * self.clipping_scale, rewards)
+        rewards = torch.where(out.clipped, rewards * self.clipping_scale, rewards)
         return RewardResult(
             rewards=rewards.float(),
             metrics={
-                "cer": cer.float(),
+                "cer": cer.clamp(max=1.0).float(),  # the logged mean stays a rate
+                "cer_raw": cer.float(),
                 "nll": nll.float(),
+                "compression_ratio": out.ratio.float(),
                 "u_cer": u_cer(cer, self.beta_c).float(),
                 "u_nll": torch.where(nll.isnan(), nll, u_nll(nll, self.tau_n)).float(),
             },
-            reasons=reasons,
-            transcripts=transcripts,
+            reasons=out.reasons,
+            transcripts=out.transcripts,
         )
 
-    def _score_chunk(
-        self,
-        samples: Sequence[SpeechSample],
-        idx: list[int],
-        cer: torch.Tensor,
-        nll: torch.Tensor,
-        reasons: list[str],
-        transcripts: list[str],
-    ) -> None:
-        """Decode, guard, encode once, transcribe and score NLL for samples[idx], writing in place."""
+    def _score_chunk(self, samples: Sequence[SpeechSample], idx: list[int], out: "_Scores") -> None:
+        """Decode, guard, encode once, transcribe and score NLL for samples[idx], writing into `out`."""
         t0 = time.perf_counter()
-        audios = self.codec.decode([samples[i].codes for i in idx])
+        low_precision = self.compute_dtype != torch.float32
+        with torch.autocast(self.whisper_device.type, dtype=self.compute_dtype, enabled=low_precision):
+            audios = self.codec.decode([samples[i].codes for i in idx])
         t1 = time.perf_counter()
         self.timings["decode"] += t1 - t0
         keep, keep_audio = [], []
         for i, audio in zip(idx, audios):
-            reasons[i] = self._guard_audio(audio)
-            if reasons[i] in (OK, "clipping"):
+            out.reasons[i] = self._guard_audio(audio)
+            if out.reasons[i] in (OK, "clipping"):
+                out.clipped[i] = out.reasons[i] == "clipping"
                 keep.append(i)
                 keep_audio.append(audio.clamp(-1.0, 1.0))
         if not keep:
             return
-        features = self.whisper.encoder(asr.log_mel_batch(keep_audio, self.whisper))  # (B, 1500, D)
+        mel = asr.log_mel_batch(keep_audio, self.whisper).to(self.compute_dtype)
+        features = self.whisper.encoder(mel)  # (B, 1500, D)
         t2 = time.perf_counter()
         self.timings["encoder"] += t2 - t1
         # Group by language: one decoding pass per language present in the chunk (usually one).
@@ -193,20 +241,51 @@ class WhisperReward(lightning.LightningModule):
             by_language[samples[i].language or self.language].append(j)
         languages: list[str | None] = [None] * len(keep)
         for language, js in by_language.items():
+            thresholds = None
+            if self.compression_ratio_threshold is not None:
+                thresholds = [
+                    max(self.compression_ratio_threshold, OWN_REPETITION_FACTOR * compression_ratio(samples[keep[j]].text))
+                    for j in js
+                ]
             results = asr.transcribe(
                 self.whisper,
                 features[js],
                 language,
                 max_tokens=self.max_transcript_tokens,
                 no_speech_threshold=self.no_speech_threshold,
+                compression_ratio_threshold=thresholds,
             )
+            self.decoder_steps += max(r.steps for r in results)
             for j, r in zip(js, results):
-                transcripts[keep[j]] = r.text
-                languages[j] = r.language
+                i = keep[j]
+                out.transcripts[i], out.ratio[i], languages[j] = r.text, r.compression_ratio, r.language
+                if r.repetition:
+                    out.reasons[i] = "repetition"
         t3 = time.perf_counter()
         self.timings["decoding"] += t3 - t2
         texts = [samples[i].text for i in keep]
-        nll[keep] = asr.teacher_forced_nll(self.whisper, features, texts, languages, self.nll_prefix)
+        out.nll[keep] = asr.teacher_forced_nll(self.whisper, features, texts, languages, self.nll_prefix)
         self.timings["nll"] += time.perf_counter() - t3
         for j, i in enumerate(keep):
-            cer[i] = char_error_rate(samples[i].text, transcripts[i], languages[j])
+            out.cer[i] = char_error_rate(samples[i].text, out.transcripts[i], languages[j], self.cer_normalization)
+
+    @property
+    def whisper_device(self) -> torch.device:
+        return self.whisper.decoder.token_embedding.weight.device
+
+
+@dataclass
+class _Scores:
+    """Per-sample results of one `score` call, filled in place chunk by chunk. Tensors are (N,)."""
+
+    cer: torch.Tensor  # raw CER; 1 where not transcribed
+    nll: torch.Tensor  # NaN where not measured
+    ratio: torch.Tensor  # transcript compression ratio; NaN where not transcribed
+    clipped: torch.Tensor  # bool: the audio clipped (reward times clipping_scale)
+    reasons: list[str]
+    transcripts: list[str]
+
+    @staticmethod
+    def empty(n: int) -> "_Scores":
+        return _Scores(torch.ones(n), torch.full((n,), math.nan), torch.full((n,), math.nan),
+                       torch.zeros(n, dtype=torch.bool), [OK] * n, [""] * n)

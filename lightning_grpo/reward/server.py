@@ -15,6 +15,11 @@ Endpoints:
 "tokens" are codec codes 0..codebook_size-1 (X-codec2: 65,536), not LLaSA vocabulary ids. Metrics that
 were not measured for a sample (NaN in `RewardResult`) are null in JSON.
 
+In the original single-sample body `"nll"` is always finite, for the original client's `float(resp["nll"])`:
+the measured NLL capped at `original_nll_cap` (100 nats/token), the cap itself where nothing was measured
+(silent, invalid ids, ...). That client then scores such a sample ~1e-14 instead of taking its error fallback
+on null, or dividing by zero once exp(-NLL/tau) underflows; `"metrics"` and the batched body keep null.
+
 How it departs from the original server (one sample per request, handled one at a time, port 8000):
 concurrent requests are gathered into one `Reward.score` call (at most `max_batch_size` samples, waiting at
 most `max_wait_ms` for company), scored on a single worker thread that owns the model, and the results are
@@ -148,6 +153,15 @@ def result_to_json(result: RewardResult) -> list[dict[str, Any]]:
             "metrics": m,
         })
     return out
+
+
+ORIGINAL_NLL_CAP = 100.0  # nats per token; exp(-100 / tau) > 0 in float64 for any tau > 0.14
+
+
+def original_body(answer: dict[str, Any], nll_cap: float = ORIGINAL_NLL_CAP) -> dict[str, Any]:
+    """The single-sample answer with a finite `"nll"` for the original client (see the module docstring)."""
+    nll = answer.get("nll")
+    return {**answer, "nll": nll_cap if nll is None else min(float(nll), nll_cap)}
 
 
 def slice_result(result: RewardResult, start: int, stop: int) -> RewardResult:
@@ -302,6 +316,7 @@ def create_app(
     max_request_bytes: int = 8 * 1024 * 1024,
     max_request_samples: int = 256,
     codebook_size: int = XCODEC2_CODEBOOK_SIZE,
+    original_nll_cap: float = ORIGINAL_NLL_CAP,
 ) -> FastAPI:
     """The scoring app.
 
@@ -314,9 +329,13 @@ def create_app(
         max_request_bytes: larger bodies answer 413.
         max_request_samples: batched bodies with more samples answer 413.
         codebook_size: codes must be in [0, codebook_size); 65,536 for X-codec2.
+        original_nll_cap: `"nll"` of the original single-sample body: measured values are capped here and
+            unmeasured ones (null elsewhere) answer it, so the original client never meets null or inf.
     """
     if max_request_bytes < 1 or max_request_samples < 1 or codebook_size < 1:
         raise ValueError("--max-request-bytes, --max-batch-samples and --codebook-size must be >= 1")
+    if not 0 < original_nll_cap < 700:  # exp(-cap / tau) must not underflow for the usual tau >= 1
+        raise ValueError(f"--original-nll-cap={original_nll_cap} must be in (0, 700); the default is {ORIGINAL_NLL_CAP}")
     is_factory = isinstance(reward, type) or not hasattr(reward, "score")  # a class is a factory too
     state: dict[str, Any] = {"status": "loading", "detail": None}
     batcher_box: dict[str, MicroBatcher] = {}
@@ -383,7 +402,7 @@ def create_app(
             headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
             return JSONResponse({"detail": e.detail}, status_code=e.status, headers=headers)
         answers = result_to_json(result)
-        return JSONResponse({"results": answers} if batched else answers[0])
+        return JSONResponse({"results": answers} if batched else original_body(answers[0], original_nll_cap))
 
     return app
 
@@ -430,14 +449,15 @@ def reward_from_config(path: str) -> Reward:
     return _instantiate(cfg)
 
 
-def build_whisper_reward(model: str, device: str, codec: str | None, language: str | None, batch_size: int) -> Reward:
+def build_whisper_reward(model: str, device: str, codec: str | None, language: str | None, batch_size: int,
+                         dtype: str = "float32") -> Reward:
     """The Whisper reward module on `device`; imported here so the server imports without Whisper weights.
 
     language None keeps WhisperReward's default; "auto" detects the language per sample.
     """
     from .module import WhisperReward
 
-    kwargs: dict[str, Any] = {"whisper_model": model, "device": device, "batch_size": batch_size}
+    kwargs: dict[str, Any] = {"whisper_model": model, "device": device, "batch_size": batch_size, "dtype": dtype}
     if codec is not None:
         kwargs["codec"] = codec
     if language is not None:
@@ -456,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="large-v3", help="Whisper model name openai-whisper accepts, or a checkpoint path")
     p.add_argument("--device", default="cuda:0", help="device of the codec and Whisper (cuda:N or cpu)")
     p.add_argument("--codec", default=None, help="X-codec2 checkpoint: HF id (HKUSTAudio/xcodec2) or local dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="Whisper and codec precision; float16 halves memory and time on CUDA")
     p.add_argument("--language", default=None, help="language of the texts (en, ko, ...; 'auto' detects; default: WhisperReward's); a sample's 'language' overrides")
     p.add_argument("--token", default=None, help=f"bearer token required on /score (default: ${TOKEN_ENV}, else none)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most samples per reward call (1 = one at a time, as the original)")
@@ -463,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies answer 413")
     p.add_argument("--max-batch-samples", type=int, default=256, help="most samples in one batched body (more: 413)")
     p.add_argument("--codebook-size", type=int, default=XCODEC2_CODEBOOK_SIZE, help="codes must be < this (X-codec2: 65536)")
+    p.add_argument("--original-nll-cap", type=float, default=ORIGINAL_NLL_CAP,
+                   help="'nll' of the original single-sample body: measured values capped here, unmeasured ones answer it")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     group = p.add_mutually_exclusive_group()
     group.add_argument("--reward-config", default=None, help="YAML {class_path, init_args} of the reward to serve instead of Whisper")
@@ -481,13 +505,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.reward_config:
         factory = lambda: reward_from_config(args.reward_config)  # noqa: E731
     else:
-        factory = lambda: build_whisper_reward(args.model, args.device, args.codec, args.language, args.max_batch_size)  # noqa: E731
+        factory = lambda: build_whisper_reward(args.model, args.device, args.codec, args.language, args.max_batch_size, args.dtype)  # noqa: E731
     serve(
         factory, host=args.host, port=args.port, log_level=args.log_level,
         token=args.token or os.environ.get(TOKEN_ENV) or None,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_request_bytes=args.max_request_bytes, max_request_samples=args.max_batch_samples,
-        codebook_size=args.codebook_size,
+        codebook_size=args.codebook_size, original_nll_cap=args.original_nll_cap,
     )
 
 
