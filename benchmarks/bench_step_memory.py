@@ -212,7 +212,7 @@ def worker(size: str, device: str) -> dict:
     vocab = LlasaVocab.from_tokenizer(tok)
 
     class FixedLength:  # every completion exactly C tokens: C - 1 speech tokens and the stop token
-        temperature, max_new_tokens = 1.0, s.completion
+        temperature, top_p, top_k, max_new_tokens = 1.0, 1.0, 0, s.completion
 
         def setup(self, pl_module):
             pass

@@ -21,7 +21,7 @@ from lightning_grpo.rollout import GRPORollout, _rng_state, _set_rng_state
 class Scripted:
     """Fixed completions, as tests/test_training.py's ScriptedSampler."""
 
-    temperature, max_new_tokens = 1.0, 8
+    temperature, top_p, top_k, max_new_tokens = 1.0, 1.0, 0, 8
 
     def __init__(self, rows):
         self.rows = rows
