@@ -13,17 +13,20 @@
 #   server  benchmarks/bench_server.py at real shapes: micro-batching vs one at a time, 16 clients
 # Dry run (CPU, toy sizes, no wheel install; the default test suite runs it, tests/test_gpu_check.py):
 #   OUT=/tmp/x bash scripts/gpu_check.sh --dry-run
-# It also makes every module the GPU machine lacks unimportable (scripts/gpu_image.py), so an import the GPU
-# run cannot satisfy fails here first.
+# It makes every module the GPU machine lacks unimportable (scripts/gpu_image.py), so an import the GPU run
+# cannot satisfy fails here first, and runs the stages side by side (nothing to install first; half the wait).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
-PY=${PYTHON:-python3}
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then  # a checkout with scripts/setup.sh's venv uses it; the GPU machine (no .venv travels) python3
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-TOTAL=${GPU_CHECK_BUDGET_S:-470}
+TOTAL=${GPU_CHECK_BUDGET_S:-$([ $DRY = 1 ] && echo 900 || echo 470)}
 START=$SECONDS
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # torchao (imported by torchtune, X-codec2's RoPE) only needs its Python half here; its kernels are built for
@@ -41,6 +44,7 @@ fi
 run_stage() {
   local name=$1 limit=$2
   shift 2
+  [ $DRY = 1 ] && limit=$((limit * 5))  # the limits budget an H200's 8 minutes; a shared CPU may be far slower
   local left=$((TOTAL - (SECONDS - START) - 10))
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -lt 20 ]; then
@@ -57,16 +61,21 @@ run_stage() {
     --seconds $((SECONDS - t0)) --limit "$limit"
 }
 
+# stage NAME TIMEOUT CMD...: in order on the GPU; side by side in the dry run
+stage() {
+  if [ $DRY = 1 ]; then run_stage "$@" & else run_stage "$@"; fi
+}
+
 # -- setup: wheels, versions, one import of all the run needs ---------------------------------------------
 setup() {
   if [ $DRY = 0 ]; then
-    if [ ! -f .gpu_wheels/requirements.txt ]; then
-      echo "no .gpu_wheels/: run scripts/gpu_wheels.sh here first and carry the folder (carry [\".gpu_wheels\"])"
-      return 2
-    fi
     nvidia-smi || true
+    if [ ! -f .gpu_wheels/requirements.txt ]; then
+      # a machine set up with scripts/setup.sh --gpu needs none; the device tool's GPU machine does (the import
+      # check below says what is missing)
+      echo "setup: no .gpu_wheels/ (scripts/gpu_wheels.sh, carried): using the installed packages"
     # Into the image's own environment: what it has at a good version stays, as pip skips what is satisfied.
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links .gpu_wheels \
+    elif ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links .gpu_wheels \
         -r .gpu_wheels/requirements.txt; then
       echo "setup: installing into the image's environment failed; installing into $WORK/site (PYTHONPATH)"
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
@@ -101,16 +110,16 @@ EOF
 }
 export -f setup
 export DRY PY WORK
-run_stage setup 90 bash -c setup
+stage setup 90 bash -c setup
 [ -f "$WORK/site_path" ] && export PYTHONPATH="$(cat "$WORK/site_path")${PYTHONPATH:+:$PYTHONPATH}"
 [ $DRY = 0 ] && "$PY" -m pip check >>"$OUT/setup.log" 2>&1
 
 # -- tests: every gpu-marked test that can run here ------------------------------------------------------
 mapfile -t GPU_TEST_FILES < <(grep -l "mark\.gpu" tests/test_*.py)
 if [ $DRY = 1 ]; then
-  run_stage tests 120 "$PY" -m pytest --collect-only -q -m gpu "${GPU_TEST_FILES[@]}"
+  stage tests 120 "$PY" -m pytest --collect-only -q -m gpu "${GPU_TEST_FILES[@]}"
 else
-  run_stage tests 150 "$PY" -m pytest -m gpu -rA --junitxml="$WORK/junit.xml" "${GPU_TEST_FILES[@]}"
+  stage tests 150 "$PY" -m pytest -m gpu -rA --junitxml="$WORK/junit.xml" "${GPU_TEST_FILES[@]}"
 fi
 
 # -- reward at real shapes --------------------------------------------------------------------------------
@@ -119,11 +128,11 @@ if [ $DRY = 1 ]; then
 else
   REWARD=(--device cuda:0 --dtype float16 --whisper random:large-v3 --codec real --samples 16 --batch-size 16 --threads 8)
 fi
-run_stage reward 110 "$PY" benchmarks/bench_reward.py "${REWARD[@]}" --json "$WORK/reward.json" --out "$WORK/reward.md"
+stage reward 110 "$PY" benchmarks/bench_reward.py "${REWARD[@]}" --json "$WORK/reward.json" --out "$WORK/reward.md"
 
 # -- one GRPO step of a LLaSA-1B-shaped policy ------------------------------------------------------------
 if [ $DRY = 1 ]; then STEP=(--smoke --threads 1); else STEP=(); fi
-run_stage step 160 "$PY" benchmarks/bench_gpu_step.py "${STEP[@]}" --json "$WORK/step.json" --out "$WORK/step.md"
+stage step 160 "$PY" benchmarks/bench_gpu_step.py "${STEP[@]}" --json "$WORK/step.json" --out "$WORK/step.md"
 
 # -- the scoring server with the reward on the GPU ------------------------------------------------------
 if [ $DRY = 1 ]; then
@@ -132,8 +141,9 @@ else
   SERVER=(--device cuda:0 --dtype float16 --whisper random:large-v3 --codec real --clients 16 --requests-per-client 4
           --max-batch-size 16 --max-wait-ms 10 --threads 8)
 fi
-run_stage server 130 "$PY" benchmarks/bench_server.py "${SERVER[@]}" --json "$WORK/server.json" --out "$WORK/server.md"
+stage server 130 "$PY" benchmarks/bench_server.py "${SERVER[@]}" --json "$WORK/server.json" --out "$WORK/server.md"
 
+wait
 echo "gpu_check: done in $((SECONDS - START))s; results in $OUT"
 "$PY" scripts/gpu_results.py summary --out "$OUT"
 rm -rf "$WORK"

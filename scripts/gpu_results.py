@@ -12,6 +12,8 @@ first and last MiBs, since files over 16 MiB do not come back from the GPU machi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import re
 import time
@@ -108,11 +110,29 @@ def main() -> None:
     if a.action == "init":
         save(a.out, {"mode": a.mode, "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": {}})
         return
-    results = load(a.out)
     if a.action == "summary":
-        for name, s in results["stages"].items():
-            print(f"  {name:7s} {s['status']:24s} {s['seconds']:4d} s")
+        results = load(a.out)
+        for name in STAGES:
+            s = results["stages"].get(name)
+            if s:
+                print(f"  {name:7s} {s['status']:24s} {s['seconds']:4d} s")
         return
+    with locked(a.work / ".lock"):  # the dry run records its stages concurrently
+        record(a)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def record(a: argparse.Namespace) -> None:
+    results = load(a.out)
     figures = None
     if a.stage == "tests":
         junit = a.work / "junit.xml"
