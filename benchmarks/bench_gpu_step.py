@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model, tok = build_policy_parts(a.smoke, a.device)
     build_s = time.perf_counter() - t0
+    real_shape = build_policy_parts(False, "meta")[0]  # the run's model as the smoke builds it, allocated nowhere
+    real_shape_params = sum(p.numel() for p in real_shape.parameters())
+    del real_shape
     # GRPOPolicy loads by name; this benchmark hands it the random model built above instead.
     policy_module.load_model_and_tokenizer = lambda *args, **kwargs: (model, tok)
     policy = policy_module.GRPOPolicy(model_name_or_path="bench:llasa-1b-shape", micro_batch_size=a.micro_batch,
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     def write() -> None:
         if a.json:
             a.json.write_text(json.dumps({"settings": settings, "machine": info, "parameters": params,
+                                          "llasa_1b_shape_parameters": real_shape_params,
                                           "build_s": build_s, "peak_tflops": peak, "steps": steps,
                                           "measured": steps[-1] if steps else None}, indent=1))
 

@@ -76,6 +76,12 @@ fi
   done
   for cond in "${IF_OLDER[@]}"; do echo "$cond"; done
 } > "$TMP/requirements.txt"
+# what gpu_check.sh will ask pip there, asked here for Python 3.12 x86-64: every line resolves to a carried wheel
+"$PY" -m pip install -q --dry-run --no-index --no-deps --find-links "$TMP" -r "$TMP/requirements.txt" \
+  --python-version 3.12 --implementation cp --only-binary=:all: --target "$TMP/dry_target" \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  || { echo "gpu_wheels: the carried wheels do not install on Python 3.12 x86-64 (above)" >&2; exit 1; }
+rm -rf "$TMP/dry_target"
 rm -rf "$DEST"
 mv "$TMP" "$DEST"
 trap - EXIT

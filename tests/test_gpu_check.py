@@ -48,6 +48,9 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     reward = fig["reward"]
     assert set(reward["modes"]) == {"batched", "per-sample", "original"} and reward["settings"]["decode_tokens"] > 0
     assert reward["max_reward_diff_batched_vs_per_sample"] < 1e-5  # fp32 on the CPU: batching changes nothing
+    from bench_step_memory import LLASA_1B  # the memory budget's parameter formula
+
+    assert fig["step"]["llasa_1b_shape_parameters"] == LLASA_1B.params()  # the run's model is the budgeted one
     step = fig["step"]["measured"]
     assert len(fig["step"]["steps"]) == 2 and step["rows"] == 4 and step["completion_width"] == 8
     assert step["update_s"] > 0 and step["sample_tokens_per_s"] > 0 and step["update_tflops"] > 0

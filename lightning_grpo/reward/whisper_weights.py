@@ -216,7 +216,8 @@ def load_whisper(spec: str, device: str | torch.device = "cpu") -> Whisper:
         dims = random_whisper_dims(spec.removeprefix(RANDOM_PREFIX))
         warnings.warn(f"--whisper_model={spec}: random weights; transcripts and rewards are meaningless (timing and "
                       "dry runs only)", stacklevel=2)
-        with torch.device(device):  # built where it runs: 1.5B parameters initialise in seconds on a GPU
+        # drawn on a GPU when one is visible: large-v3's 1.5B parameters take seconds there, ~20 s on a CPU
+        with torch.device("cuda" if torch.cuda.is_available() else device):
             model = Whisper(dims)
     elif spec in BUILTIN_CT2:
         model = whisper_from_ct2(read_ct2_model_bin(_builtin_bytes(spec)))
