@@ -119,7 +119,7 @@ mapfile -t GPU_TEST_FILES < <(grep -l "mark\.gpu" tests/test_*.py)
 if [ $DRY = 1 ]; then
   stage tests 120 "$PY" -m pytest --collect-only -q -m gpu "${GPU_TEST_FILES[@]}"
 else
-  stage tests 150 "$PY" -m pytest -m gpu -rA --junitxml="$WORK/junit.xml" "${GPU_TEST_FILES[@]}"
+  stage tests 150 "$PY" -m pytest -m gpu -rA --durations=15 --junitxml="$WORK/junit.xml" "${GPU_TEST_FILES[@]}"
 fi
 
 # -- reward at real shapes --------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ stage reward 110 "$PY" benchmarks/bench_reward.py "${REWARD[@]}" --json "$WORK/r
 
 # -- one GRPO step of a LLaSA-1B-shaped policy ------------------------------------------------------------
 if [ $DRY = 1 ]; then STEP=(--smoke --threads 1); else STEP=(); fi
-stage step 160 "$PY" benchmarks/bench_gpu_step.py "${STEP[@]}" --json "$WORK/step.json" --out "$WORK/step.md"
+stage step 160 "$PY" benchmarks/bench_gpu_step.py ${STEP[@]+"${STEP[@]}"} --json "$WORK/step.json" --out "$WORK/step.md"
 
 # -- the scoring server with the reward on the GPU ------------------------------------------------------
 if [ $DRY = 1 ]; then

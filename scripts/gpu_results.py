@@ -96,6 +96,32 @@ def section(results: dict, work: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(stage: str, fig: dict | None) -> str:
+    """The stage's key figures in one line (the device tool shows the output's tail even if no file comes back)."""
+    if not fig:
+        return ""
+    try:
+        if stage == "tests" and "counts" in fig:
+            return ", ".join(f"{v} {k}" for k, v in fig["counts"].items())
+        if stage == "tests":
+            return fig.get("count_line") or ""
+        if stage == "reward":
+            sp = fig["speedup_wall"]
+            return f"batch {fig['settings']['batch_size']}: {sp['per-sample']:.2f}x vs 1 per call, {sp['original']:.2f}x vs original (goal 4x)"
+        if stage == "step":
+            m = fig["measured"]
+            mfu = f", MFU {100 * m['mfu_update']:.1f}%" if m.get("mfu_update") else ""
+            return (f"sample {m['sample_s']:.1f} s ({m['sample_tokens_per_s']:.0f} tok/s), update {m['update_s']:.2f} s{mfu}, "
+                    f"peak {m['update_peak_gib'] or 0:.1f} GiB")
+        if stage == "server":
+            return f"{fig['throughput_ratio']:.2f}x micro-batching vs one at a time (goal 3x)"
+        if stage == "setup":
+            return f"{fig.get('gpu')}, torch {fig['versions'].get('torch')}"
+    except (KeyError, TypeError, ZeroDivisionError) as e:  # a partial result: say so, do not fail the summary
+        return f"(figures incomplete: {e!r})"
+    return ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("action", choices=["init", "record", "summary"])
@@ -115,7 +141,7 @@ def main() -> None:
         for name in STAGES:
             s = results["stages"].get(name)
             if s:
-                print(f"  {name:7s} {s['status']:24s} {s['seconds']:4d} s")
+                print(f"  {name:7s} {s['status']:24s} {s['seconds']:4d} s   {headline(name, s.get('figures'))}")
         return
     with locked(a.work / ".lock"):  # the dry run records its stages concurrently
         record(a)
