@@ -119,7 +119,8 @@ def original_server_score(reward: WhisperReward, sample: SpeechSample, fallback:
     if reward.compute_dtype == torch.bfloat16:
         raise ValueError("--dtype bfloat16: whisper.transcribe (the original's path) runs float16 or float32 only")
     t0 = time.perf_counter()
-    (audio,) = reward.codec.decode([sample.codes])
+    with torch.autocast(model.device.type, dtype=reward.compute_dtype, enabled=fp16):  # as WhisperReward runs it
+        (audio,) = reward.codec.decode([sample.codes])
     t1 = time.perf_counter()
     thresholds = {} if fallback else dict(compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None)
     whisper.transcribe(model, audio, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), fp16=fp16, verbose=None, **thresholds)
@@ -128,7 +129,7 @@ def original_server_score(reward: WhisperReward, sample: SpeechSample, fallback:
     tokens = torch.tensor([[tok.sot, *tok.encode(" " + sample.text), tok.eot]], device=model.device)
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels)[None]
     logits = model(mel.to(model.device, reward.compute_dtype), tokens[:, :-1])
-    torch.nn.functional.cross_entropy(logits[0, 1:].float(), tokens[0, 2:])
+    torch.nn.functional.cross_entropy(logits[0, 1:].float(), tokens[0, 2:]).item()  # the answer's float(nll)
     t3 = time.perf_counter()
     timings["decode"] += t1 - t0
     timings["transcribe"] += t2 - t1  # encoder + decoding inside whisper.transcribe
@@ -224,7 +225,9 @@ def main() -> None:
         f"`python benchmarks/bench_reward.py{flags}` — {n} samples, Whisper `{args.whisper}` ({inputs}, {args.dtype}), "
         f"device {args.device}, {args.threads} torch threads; "
         f"codec: {'small' if (args.codec or ('small' if args.smoke else 'real')) == 'small' else 'real-size'} X-codec2 "
-        "decoder (random weights) for the decode cost; one measured run per mode after one shared warm-up call.",
+        "decoder (random weights) for the decode cost; one measured run per mode after one shared warm-up call."
+        + (" On CUDA the totals are synchronised; the stage columns are host-side times between launches, so "
+           "GPU work can be billed to the next stage." if args.device.startswith("cuda") else ""),
         f"Machine: {info.get('gpu', info['cpu'])}{'' if 'gpu' not in info else ' + ' + info['cpu']}, "
         f"{info['logical_cpus']} logical CPUs (load avg {info['load_avg_1m']}, shared), torch {info['torch']}, {info['date_utc']}.",
         "",
