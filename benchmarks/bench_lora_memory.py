@@ -124,6 +124,8 @@ def worker(variant: str, size: str, model_dir: str) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 2:
                 self.result["step2_peak_growth_mib"] = _vm_kib("VmHWM") / 1024 - self.start
+                r = batch["rollout"]
+                self.result["prompt"], self.result["completion"] = r.prompt_width, r.completion_mask.shape[1]
 
         def on_train_end(self, trainer, pl_module):
             trained = [p.detach().double() for p in pl_module.policy.parameters() if p.requires_grad]
@@ -188,7 +190,20 @@ def measure(size: str, threads: int, variants: list[str]) -> tuple[str, dict]:
     table = markdown_table(["rank 0", "trainable / all parameters", *[f"{k} (MiB)" for k in kinds],
                             "parameters + gradients + AdamW (MiB)", "vs full fine-tuning", "bytes per parameter",
                             "peak RSS growth of step 2, rank 0 / 1 (MiB)"], rows)
-    return header + "\n\n" + table, raw
+    check = ""
+    name = "LoRA r=16, bf16 base (DDP)"
+    if name in raw:  # the budget's update terms against the measured step, at this size
+        r = raw[name][0]
+        shape = dataclasses.replace(s, prompt=r["prompt"], completion=r["completion"])
+        terms = update_terms(shape, lora_layer_activation_bytes(shape))
+        measured = [x["step2_peak_growth_mib"] for x in raw[name]]
+        check = ("\n\nThe update terms of the budget (below) at this size, against the bf16-base LoRA run's measured peak RSS "
+                 "growth of step 2 (AdamW's state exists before it):\n\n" + markdown_table(
+                     ["term", "predicted (MiB)", "measured, rank 0 / 1 (MiB)"],
+                     [*[[t, x / MIB, ""] for t, x in terms.items()],
+                      ["**sum**", sum(terms.values()) / MIB, " / ".join(f"{x:.0f}" for x in measured)]]))
+        raw["check"] = {"predicted_mib": sum(terms.values()) / MIB, "measured_mib": measured}
+    return header + "\n\n" + table + check, raw
 
 
 # -- computed ------------------------------------------------------------------------------------
@@ -252,6 +267,21 @@ def per_gpu_table() -> tuple[str, dict]:
                            "GB per GPU (any number of DDP ranks)"], rows), raw
 
 
+def update_terms(s: Shape, layer: dict[str, float]) -> dict[str, float]:
+    """What a LoRA step over a bf16 base adds during backward (bf16-mixed, gradient checkpointing): bytes per term."""
+    a, m, S, C, h = adapter_params(s), s.rows, s.seq, s.completion, s.hidden
+    one_layer = m * S * layer["per_token"] + m * S * S * layer["per_row_s2"] + layer["weight_copies"]
+    # the head's backward: the fp32 copy of the bf16 head's scored rows, one logits block, d hidden (fp32)
+    head = 4 * s.scored * h + 4 * min(s.chunk, m * C) * s.scored + 4 * m * C * h
+    return {
+        "adapter gradients (fp32)": 4 * a,
+        "checkpointed layer inputs (bf16: the base's residual stream)": s.layers * m * S * h * 2,
+        "final norm + head input (bf16)": 2 * m * S * h * 2 + 2 * m * C * h,
+        "largest transient: one recomputed layer + its gradient in and out"
+        + (" (the head's backward is smaller)" if one_layer + 4 * m * S * h > head else ""): max(one_layer + 4 * m * S * h, head),
+    }
+
+
 def llasa8b_budget(gpu_gb: float = 48.0, engine_fraction: float = 0.5, context_gb: float = 1.0) -> tuple[str, dict]:
     """The two phases of a LLaSA-8B LoRA step on one GPU (bf16 base, fp32 adapters, bf16-mixed, checkpointing,
     vLLM colocated with sleep mode), term by term."""
@@ -267,14 +297,7 @@ def llasa8b_budget(gpu_gb: float = 48.0, engine_fraction: float = 0.5, context_g
     rollout = {f"vLLM engine awake ({engine_fraction:g} x {gpu_gb:g} GB; its bf16 weights {2 * p / GB:.1f} GB, "
                f"the rest KV cache and activations)": engine_fraction * gpu_gb * GB,
                "a merged sync's transient (one layer: fp32 B @ A and the bf16 merged weight)": 6 * s.hidden * s.intermediate}
-    one_layer = m * S * layer["per_token"] + m * S * S * layer["per_row_s2"] + layer["weight_copies"]
-    head = 4 * s.scored * h + 4 * min(s.chunk, m * C) * s.scored + 4 * m * C * h  # fp32 rows of the bf16 head, block, d hidden
-    backward = {
-        "adapter gradients (fp32)": 4 * a,
-        "checkpointed layer inputs (bf16: the base's residual stream)": s.layers * m * S * h * 2,
-        "final norm + head input": 2 * m * S * h * 2 + 4 * m * C * h,
-        "largest transient: one recomputed layer + its gradient in and out": max(one_layer + 2 * m * S * h * 2, head),
-    }
+    backward = update_terms(s, layer)
     totals = {"rollout": sum(resident.values()) + sum(rollout.values()), "update": sum(resident.values()) + sum(backward.values())}
     rows = [[f"{phase}: {t}", x / GB] for phase, terms in (("resident", resident), ("rollout", rollout), ("update", backward))
             for t, x in terms.items()]

