@@ -3,7 +3,7 @@
 What changes against full fine-tuning, and why:
 - Only the adapters (and, with `train_embeddings`, trainable copies of the embedding and LM head)
   require grad, so the optimizer, the gradients and DDP's all-reduce hold only them: for LLaSA-8B at
-  rank 16 on the seven projections, 42M parameters instead of 8.0B (BENCHMARKS.md, LoRA memory).
+  rank 16 on the seven projections, 42M parameters instead of 8.57B (BENCHMARKS.md, "LoRA: memory").
 - The frozen base may be loaded in bf16 (`--model.dtype bfloat16`): it never takes an AdamW step, so
   bf16 cannot stall learning; the adapters are created in fp32 whatever the base dtype.
 - The KL reference (beta > 0) is the base model itself with the adapters switched off
@@ -13,7 +13,13 @@ What changes against full fine-tuning, and why:
   and the existing sync check (engine vs policy log-probs) proves the sync as for full fine-tuning.
   vLLM's own LoRA path was not used: it loads adapters from disk only (a file per sync), rejects
   `modules_to_save` other than classifier heads (no trained embeddings), and adds its LoRA kernels to
-  every decode step, while a merged sync costs one (out x in) matmul per layer.
+  every decode step, while a merged sync costs one (out x in) matmul per layer. A sync's extra memory is
+  one layer's delta in fp32 and its merged weight (LLaSA-8B's MLP: 235 + 117 MB), as the engine consumes
+  the tensors one by one (`VLLMEngine.load_weights` streams them in process). What that gives up: a
+  bf16 engine stores the merged weight rounded to bf16, as it stores a fully fine-tuned one, so a delta
+  below half a bf16 step of W (0.2% of |W|) reaches the engine only once it has grown past it; vLLM's
+  LoRA kernels would apply it unrounded. `--rollout.sampler.dtype float32` keeps it, at twice the
+  engine's weight memory; the sync check and `importance_correction` see the difference either way.
 - Checkpoints hold the trainable tensors and the optimizer state only; the frozen base is reloaded
   from `--model.model_name_or_path` on resume and its fingerprint (per tensor: float64 sum and sum of
   squares) must match the one saved, else the resume stops naming both models. An 8B checkpoint is
@@ -87,13 +93,26 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
-def as_config(value: LoRAConfig | dict | None) -> LoRAConfig | None:
-    """The `lora` argument as a LoRAConfig: the CLI gives one, a checkpoint's hyper-parameters a dict."""
-    if value is None or isinstance(value, LoRAConfig):
-        return value
+def as_config(value: LoRAConfig | dict | None, reference_dtype: str | None = None) -> LoRAConfig | None:
+    """The `lora` argument as a LoRAConfig (the CLI gives one, a checkpoint's hyper-parameters a dict), checked
+    against the policy's other arguments."""
     if isinstance(value, dict):
-        return LoRAConfig(**value)
-    raise TypeError(f"--model.lora must be a mapping of {[f.name for f in dataclasses.fields(LoRAConfig)]} or null")
+        value = LoRAConfig(**value)
+    elif value is not None and not isinstance(value, LoRAConfig):
+        raise TypeError(f"--model.lora must be a mapping of {[f.name for f in dataclasses.fields(LoRAConfig)]} or null")
+    if value is not None and reference_dtype is not None:
+        raise ValueError(f"--model.reference_dtype={reference_dtype} has no effect with --model.lora: the KL reference "
+                         "is the frozen base itself (adapters off), in --model.dtype; remove it")
+    return value
+
+
+def refuse_adapter_dir(path: Path, flag: str) -> None:
+    """An adapter export is not a model: say what to pass instead of "no config.json"."""
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{flag}: {path.resolve()} holds a LoRA adapter alone (export --lora_export adapter), not a model; pass a "
+            "merged export (--lora_export merged) or its base model, or resume the run from its .ckpt"
+        )
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> torch.nn.Module:
@@ -238,6 +257,21 @@ def fingerprint(module: torch.nn.Module, keys: list[str]) -> dict[str, list[floa
             squares += part.square().sum().item()
         out[k] = [total, squares]
     return out
+
+
+def on_save_checkpoint(module, checkpoint: dict) -> None:
+    """GRPOPolicy's hook: a LoRA policy's checkpoint leaves the frozen base out."""
+    if module.hparams.get("lora") is not None:
+        strip_frozen(module, checkpoint)
+
+
+def on_load_checkpoint(module, checkpoint: dict) -> None:
+    """GRPOPolicy's hook: a LoRA checkpoint gets the reloaded base back; the two kinds never load into each other."""
+    if module.hparams.get("lora") is not None:
+        restore_frozen(module, checkpoint)
+    elif CHECKPOINT_KEY in checkpoint:
+        raise ValueError("this checkpoint holds LoRA adapters only (a run with --model.lora); resume it with the same "
+                         f"--model.lora settings ({checkpoint.get('hyper_parameters', {}).get('lora')})")
 
 
 def strip_frozen(module, checkpoint: dict) -> None:

@@ -70,6 +70,7 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", at
     flag = f"--model.model_name_or_path={model_name_or_path}"
     local = Path(model_name_or_path).expanduser()
     if local.is_dir():
+        lora_lib.refuse_adapter_dir(local, flag)
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{flag}: the directory {local.resolve()} has no config.json; expected {MODEL_SOURCES}")
     elif local.exists():
@@ -201,15 +202,12 @@ class GRPOPolicy(L.LightningModule):
             raise ValueError("--model.micro_batch_size and --model.logprob_chunk_size must be >= 1")
         if beta < 0:
             raise ValueError(f"--model.beta={beta} must be >= 0")
-        lora = lora_lib.as_config(lora)
+        lora = lora_lib.as_config(lora, reference_dtype)
         self.hparams["lora"] = None if lora is None else dataclasses.asdict(lora)  # plain data in checkpoints
         if dtype != "float32" and (lora is None or lora.train_embeddings):
             # a LoRA base is frozen (no AdamW step to lose), unless its embedding copies train
             what = f"--model.dtype={dtype}" + (" with --model.lora.train_embeddings" if lora else "")
             raise low_precision_training_error(what, dtype, learning_rate)
-        if lora is not None and reference_dtype is not None:
-            raise ValueError(f"--model.reference_dtype={reference_dtype} has no effect with --model.lora: the KL "
-                             "reference is the frozen base itself (adapters off), in --model.dtype; remove it")
         self.automatic_optimization = False
         self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, attn_implementation)
         # from_pretrained returns eval mode, and HF only checkpoints layers in train mode; dropout is
@@ -341,15 +339,10 @@ class GRPOPolicy(L.LightningModule):
 
     # -- checkpoints: under LoRA only the trainable tensors (lora.py) -------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.hparams.lora is not None:
-            lora_lib.strip_frozen(self, checkpoint)
+        lora_lib.on_save_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.hparams.lora is not None:
-            lora_lib.restore_frozen(self, checkpoint)
-        elif lora_lib.CHECKPOINT_KEY in checkpoint:
-            raise ValueError("this checkpoint holds LoRA adapters only (a run with --model.lora); resume it with the "
-                             f"same --model.lora settings ({checkpoint.get('hyper_parameters', {}).get('lora')})")
+        lora_lib.on_load_checkpoint(self, checkpoint)
 
     def _micro_batches(self, n: int) -> list[slice]:
         m = self.hparams.micro_batch_size

@@ -136,6 +136,23 @@ def test_chunked_logprobs_resolve_the_adapted_decoder_and_head(train_embeddings)
             assert not torch.equal(model.get_output_embeddings().weight, model.base_model.model.lm_head.original_module.weight)
 
 
+def test_generate_through_peft_samples_what_the_trainer_scores():
+    """HFSampler calls generate() on the peft model: its own scores of the sampled tokens (left padding, speech-only
+    mask, temperature, top-p) equal the trainer's chunked log-probs, and the sampler-truncated ones used for
+    importance weights (`sampler_logprobs`)."""
+    policy = lora_policy()
+    perturb(policy)
+    cb = GRPORollout(HFSampler(temperature=0.7, top_p=0.9, max_new_tokens=6, return_logprobs=True), RuleReward(), group_size=2)
+    cb.setup(None, policy, "fit")
+    r = cb.make_rollout(policy, {"text": ["Hi.", "A much longer prompt text here."], "language": [None, None]}, 2, step=0)
+    m = r.completion_mask.bool()
+    with torch.no_grad():
+        full = policy.completion_logprobs(policy.policy, r, slice(0, 4))
+        truncated = policy.sampler_logprobs(policy.policy, r, slice(0, 4))
+    assert torch.allclose(truncated.full[m], full[m], atol=1e-5)
+    assert torch.allclose(truncated.truncated[m], r.sampler_logprobs[m], atol=1e-4)
+
+
 def test_gradient_checkpointing_gives_the_same_adapter_gradients():
     grads = {}
     for gc in (False, True):
@@ -261,6 +278,8 @@ def test_adapter_export_loads_onto_the_base_with_peft(trained_run, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == RANK and config["base_model_name_or_path"] == "builtin:tiny-llasa"
     assert all(".lora_A." in k or ".lora_B." in k for k in load_file(out / "adapter_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="holds a LoRA adapter alone .*--lora_export merged"):
+        GRPOPolicy(model_name_or_path=str(out))
     base, tok = build_tiny_llasa()
     model = PeftModel.from_pretrained(base, out)
     assert torch.allclose(completion_logprobs_of(model, tok), completion_logprobs_of(policy.policy, tok), atol=1e-6)
