@@ -88,10 +88,6 @@ class LoRAConfig:
             raise ValueError(f"--model.lora.target_modules is empty; e.g. {list(LLAMA_PROJECTIONS)}")
         self.target_modules = list(self.target_modules)
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
 
 def as_config(value: LoRAConfig | dict | None, reference_dtype: str | None = None) -> LoRAConfig | None:
     """The `lora` argument as a LoRAConfig (the CLI gives one, a checkpoint's hyper-parameters a dict), checked
