@@ -9,6 +9,11 @@ and for `evaluate --ckpt_path <dir>`.
 
 Only the policy is exported; the frozen reference never enters checkpoints (it is the pretrained
 model, reloaded from `model_name_or_path`). The tokenizer is the one the policy was trained with.
+
+A LoRA run's checkpoint (`--model.lora`) holds the adapters only; export reloads the base from the run's
+`model_name_or_path` and writes either the merged model (`--lora_export merged`, the default: a plain HF
+directory as above) or the adapter alone (`--lora_export adapter`: peft's adapter_config.json and
+adapter_model.safetensors plus the tokenizer; load it with `PeftModel.from_pretrained(base, DIR)`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from .lora import export_lora
 from .policy import GRPOPolicy
 
 
@@ -34,6 +40,7 @@ def export(
     ckpt_path: str,
     out: str,
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+    lora_export: Literal["merged", "adapter"] = "merged",
 ) -> Path:
     """Write the policy of `ckpt_path` as an HF directory `out`; returns the directory.
 
@@ -41,10 +48,15 @@ def export(
         ckpt_path: a checkpoint written by `fit` (ModelCheckpoint, e.g. `last.ckpt`).
         out: the output directory (created; existing files are overwritten).
         dtype: cast the weights before saving (bfloat16 halves the size); None keeps the training dtype.
+        lora_export: for a LoRA run, `merged` (base + adapters, a plain HF model) or `adapter` (peft's files only).
     """
     policy = load_policy(ckpt_path)
     model = policy.policy
-    if dtype is not None:
+    lora = policy.hparams.get("lora")
+    if lora is None and lora_export == "adapter":
+        raise ValueError(f"--lora_export=adapter: {ckpt_path} is a full fine-tuning checkpoint (no --model.lora), "
+                         "which has no adapter; export it without --lora_export")
+    if dtype is not None and lora is None:
         model = model.to(getattr(torch, dtype))
     # training turns the KV cache off and may enable checkpointing; inference wants the cache
     model.config.use_cache = True
@@ -52,7 +64,11 @@ def export(
         model.gradient_checkpointing_disable()
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
+    if lora is not None:
+        model = export_lora(model, target, lora_export, policy.hparams.model_name_or_path,
+                            None if dtype is None else getattr(torch, dtype))
+    else:
+        model.save_pretrained(target)
     policy.tokenizer.save_pretrained(target)
     checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mmap: no second copy in RAM
     provenance = {
@@ -62,6 +78,8 @@ def export(
         "base_model": policy.hparams.model_name_or_path,
         "hyper_parameters": {k: v for k, v in policy.hparams.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
+    if lora is not None:
+        provenance["lora"] = {**lora, "export": lora_export}
     (target / "lightning_grpo_export.json").write_text(json.dumps(provenance, indent=2))
     print(f"exported {ckpt_path} (step {provenance['global_step']}) to {target}")
     return target

@@ -13,12 +13,14 @@ gradients are released right after each update, so a colocated vLLM engine has t
 the next rollout (BENCHMARKS.md, memory budget).
 
 The reference is loaded once, kept out of the optimiser, the checkpoint and DDP, and is not even
-loaded when `beta == 0` (the original recipe ran without KL).
+loaded when `beta == 0` (the original recipe ran without KL). With `--model.lora` (lora.py) only
+adapters train and the reference is the base model with its adapters switched off: no copy at all.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
@@ -31,7 +33,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import grpo
+from . import grpo, lora as lora_lib
 from .batch import Rollout
 from .distributed import concat_from_ranks
 
@@ -68,6 +70,7 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", at
     flag = f"--model.model_name_or_path={model_name_or_path}"
     local = Path(model_name_or_path).expanduser()
     if local.is_dir():
+        lora_lib.refuse_adapter_dir(local, flag)
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{flag}: the directory {local.resolve()} has no config.json; expected {MODEL_SOURCES}")
     elif local.exists():
@@ -122,6 +125,7 @@ class GRPOPolicy(L.LightningModule):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         reference_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         attn_implementation: str | None = "sdpa",
+        lora: lora_lib.LoRAConfig | None = None,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -154,6 +158,9 @@ class GRPOPolicy(L.LightningModule):
                 bfloat16 halves its memory; under bf16-mixed its matmuls run in bf16 either way, and
                 its log-probs are computed in fp32 from the bf16 head.
             attn_implementation: `sdpa`, `eager`, `flash_attention_2` (GPU) or None for the default.
+            lora: train low-rank adapters instead of the weights (`--model.lora.rank 16`; lightning_grpo/lora.py):
+                the base stays frozen (and may be bfloat16), the KL reference is the base with the adapters
+                off, vLLM gets merged weights, checkpoints hold the adapters. None: full fine-tuning.
             learning_rate: AdamW learning rate (the original: 1e-6).
             warmup_steps / lr_schedule: linear warm-up over warmup_steps rollouts, then constant or
                 cosine to 0 at max_steps.
@@ -195,8 +202,12 @@ class GRPOPolicy(L.LightningModule):
             raise ValueError("--model.micro_batch_size and --model.logprob_chunk_size must be >= 1")
         if beta < 0:
             raise ValueError(f"--model.beta={beta} must be >= 0")
-        if dtype != "float32":
-            raise low_precision_training_error(f"--model.dtype={dtype}", dtype, learning_rate)
+        lora = lora_lib.as_config(lora, reference_dtype)
+        self.hparams["lora"] = None if lora is None else dataclasses.asdict(lora)  # plain data in checkpoints
+        if dtype != "float32" and (lora is None or lora.train_embeddings):
+            # a LoRA base is frozen (no AdamW step to lose), unless its embedding copies train
+            what = f"--model.dtype={dtype}" + (" with --model.lora.train_embeddings" if lora else "")
+            raise low_precision_training_error(what, dtype, learning_rate)
         self.automatic_optimization = False
         self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, attn_implementation)
         # from_pretrained returns eval mode, and HF only checkpoints layers in train mode; dropout is
@@ -212,8 +223,10 @@ class GRPOPolicy(L.LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.config.use_cache = False
+        if lora is not None:
+            self.policy = lora_lib.apply_lora(self.policy, lora)
         reference = None
-        if beta > 0:
+        if beta > 0 and lora is None:
             reference = frozen_copy(self.policy, getattr(torch, reference_dtype or dtype))
         # Not an attribute nn.Module registers: the reference stays out of the optimiser, the
         # checkpoint (it is the pretrained weights, reloaded on resume) and DDP's gradient sync.
@@ -223,6 +236,8 @@ class GRPOPolicy(L.LightningModule):
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self.hparams.lora is not None:
+            lora_lib.check_strategy(self.trainer.strategy)
         if self.trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision("high" if self.hparams.tf32 else "highest")
 
@@ -316,6 +331,19 @@ class GRPOPolicy(L.LightningModule):
             self.hparams.logprob_chunk_size, r.vocab_range, r.disallowed,
         )
 
+    def reference_model(self) -> AbstractContextManager[torch.nn.Module]:
+        """The frozen KL reference, for the body of a `with`: the copy, or under LoRA the base (adapters off)."""
+        if self.hparams.lora is not None:
+            return lora_lib.adapters_disabled(self.policy)
+        return nullcontext(self.reference)
+
+    # -- checkpoints: under LoRA only the trainable tensors (lora.py) -------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        lora_lib.on_save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        lora_lib.on_load_checkpoint(self, checkpoint)
+
     def _micro_batches(self, n: int) -> list[slice]:
         m = self.hparams.micro_batch_size
         return [slice(i, min(i + m, n)) for i in range(0, n, m)]
@@ -347,8 +375,9 @@ class GRPOPolicy(L.LightningModule):
                 outside = (~torch.cat([x.kept for x in scored]) & r.completion_mask.bool()).sum().item()
             elif hp.num_iterations > 1 or use_is:
                 old_logp = torch.cat([self.completion_logprobs(self.policy, r, s) for s in mbs])
-            if self.reference is not None:
-                ref_logp = torch.cat([self.completion_logprobs(self.reference, r, s) for s in mbs])
+            if hp.beta > 0:
+                with self.reference_model() as reference:
+                    ref_logp = torch.cat([self.completion_logprobs(reference, r, s) for s in mbs])
         if use_is:  # weights of the rollout's own policy vs the sampler, fixed for all iterations
             is_logp = old_logp if is_logp is None else is_logp
             is_weights = grpo.truncated_importance_weights(is_logp, r.sampler_logprobs, r.completion_mask, hp.importance_cap)

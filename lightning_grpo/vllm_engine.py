@@ -29,6 +29,8 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 
+from .lora import is_lora_model, merged_weights
+
 # SamplingParams.extra_args key that vllm_allowed.AllowedTokenRanges reads: ((lo, hi), ...) half-open id ranges.
 ALLOWED_RANGES_ARG = "lightning_grpo_allowed_ranges"
 LOGITS_PROCESSOR = "lightning_grpo.vllm_allowed:AllowedTokenRanges"
@@ -154,8 +156,12 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
     Accepts the model wrapped by DDP / Lightning / torch.compile / activation checkpointing; names come
     out as `LlamaForCausalLM` names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), which
-    vLLM's `load_weights` maps onto its fused layers.
+    vLLM's `load_weights` maps onto its fused layers. A LoRA policy (peft) yields its merged weights under
+    the same names, one layer at a time (lora.merged_weights).
     """
+    if is_lora_model(unwrap(model)):
+        yield from merged_weights(unwrap(model))
+        return
     seen = False
     for name, tensor in model.state_dict(keep_vars=False).items():
         stripped = True
@@ -327,8 +333,15 @@ class VLLMEngine:
         # The worker's in-place reload (vLLM >= 0.2x): loads HF-format tensors through the model's own
         # weight loaders, then redoes the post-load processing (fused qkv / gate_up, CPU repacking)
         # layer by layer. Plain `model.load_weights` skips that processing and fails on repacked layers.
+        # In process (this class's mode) the worker consumes the iterator itself, so a tensor made for the sync
+        # (a merged LoRA layer) is freed before the next is made; a list would hold them all at once. Only an
+        # engine core in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1) needs them pickled as a list.
+        import vllm.envs
+
+        in_process = not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": list(weights), "is_checkpoint_format": True}
+            "reload_weights",
+            kwargs={"weights_iterator": weights if in_process else list(weights), "is_checkpoint_format": True},
         )
 
     def reset_prefix_cache(self):

@@ -87,3 +87,19 @@ def test_bench_step_memory_smoke(tmp_path):
     raw = json.loads(out.read_text())
     assert raw["measured"]["growth_mib"]["backward"] > 0 and raw["measured"]["growth_mib"]["step"] > 0
     assert raw["measured"]["rows"] == 4 and raw["measured"]["completion"] == 16  # 2 micro-batches of 2, C as set
+
+
+def test_bench_lora_memory_smoke(tmp_path):
+    """LoRA trains 2 steps under 2-process DDP (the script fails if the ranks' trained tensors differ); the counted
+    bytes are what the layout implies: the frozen bf16 base at 2 bytes per parameter, only the adapters in the
+    gradients and AdamW's state."""
+    out = tmp_path / "lora.json"
+    table = run_script("bench_lora_memory.py", "--json", str(out))
+    assert "| LoRA r=16, bf16 base (DDP) |" in table and "| LLaSA-8B |" in table
+    raw = json.loads(out.read_text())
+    lora = raw["LoRA r=16, bf16 base (DDP)"][0]
+    assert lora["bytes"]["frozen parameters"] == 2 * (lora["params"] - lora["trainable"])
+    assert lora["bytes"]["trainable parameters"] == lora["bytes"]["gradients"] == 4 * lora["trainable"]
+    assert 0 <= lora["bytes"]["AdamW state"] - 8 * lora["trainable"] < 1024  # + AdamW's scalar step counters
+    assert all(r["lora_b_abs"] > 0 for r in raw["LoRA r=16, bf16 base (DDP)"])  # the adapters trained
+    assert raw["check"]["predicted_mib"] > 0 and raw["sync"]["bytes"] > 0 and raw["sync"]["adapters"] > 0

@@ -103,6 +103,23 @@ def test_original_recipe_values():
     assert (s.temperature, s.top_p, s.max_new_tokens) == (0.8, 0.9, 2048)
 
 
+def test_llasa8b_lora_fits_one_48gb_gpu_by_its_budget():
+    """The LoRA config trains LLaSA-8B's adapters on one GPU over a frozen bf16 base, and the computed budget of
+    that GPU (benchmarks/bench_lora_memory.py, a layer's saved tensors counted on a real 8B-wide layer) fits 48 GB in
+    both phases at the config's gpu_memory_utilization."""
+    cfg = parse(ROOT / "configs" / "llasa8b_lora.yaml")
+    m, s = cfg.model, cfg.rollout.sampler.init_args
+    assert m.model_name_or_path == "HKUSTAudio/Llasa-8B" and m.dtype == "bfloat16"
+    assert (m.lora.rank, m.lora.alpha, m.lora.train_embeddings) == (16, 32.0, False)
+    assert cfg.trainer.devices == 1 and cfg.trainer.precision == "bf16-mixed" and m.gradient_checkpointing
+    assert s.enable_sleep_mode and cfg.rollout.reward.init_args.device == "cuda:1"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_lora_memory import llasa8b_budget
+
+    _, budget = llasa8b_budget(gpu_gb=48.0, engine_fraction=s.gpu_memory_utilization)
+    assert budget["totals"]["rollout"] < 47e9 and budget["totals"]["update"] < 47e9, budget["totals"]
+
+
 def test_bad_override_is_rejected_with_the_key(capsys):
     with pytest.raises(SystemExit):
         parse(CONFIGS[0], "--model.loss_aggregation", "sum")
