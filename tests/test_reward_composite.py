@@ -192,3 +192,13 @@ def test_duration_expected_length_per_language_and_reference():
     bad = reward.score([SpeechSample("x", []), SpeechSample("x", [1], num_invalid=1)])
     assert bad.reasons == ["empty_speech", "invalid_token"] and torch.equal(bad.rewards, torch.zeros(2))
     assert bad.metrics["duration_s"].isnan().all()
+
+
+def test_rollout_refuses_penalize_under_normalize_then_sum():
+    from lightning_grpo.rollout import GRPORollout
+    from lightning_grpo.sampling import HFSampler
+
+    reward = CompositeReward({"a": Fixed(A)}, aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="truncation penalize.*normalize_then_sum.*mask"):
+        GRPORollout(HFSampler(), reward, group_size=2, truncation="penalize")
+    GRPORollout(HFSampler(), reward, group_size=2, truncation="mask")  # the recommended pairing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import lightning as L
 import pyarrow.parquet as pq
@@ -14,7 +15,7 @@ from lightning_grpo.data import PromptDataModule, collate_prompts, load_prompts
 from lightning_grpo.llasa import LlasaVocab, encode_prompt, join_texts, prompt_messages
 from lightning_grpo.policy import GRPOPolicy
 from lightning_grpo.prepare import prepare
-from lightning_grpo.reward.base import RewardResult
+from lightning_grpo.reward.base import RewardResult, SpeechSample
 from lightning_grpo.reward.composite import CompositeReward
 from lightning_grpo.reward.duration import DurationReward
 from lightning_grpo.reward.rule import RuleReward
@@ -179,3 +180,21 @@ def test_prepare_writes_cloning_rows_that_train(tmp_path):
               ).fit(policy, PromptDataModule(train_data=str(out), val_data=None, prompts_per_step=4))
     for key in ("train/reward/rule_mean", "train/reward/duration_mean", "train/duration_ratio_mean", "train/band_score_mean"):
         assert key in metrics and metrics[key] == metrics[key], key
+
+
+def test_scoring_server_body_carries_the_reference():
+    """Client serialisation -> server parsing gives back the same samples (the reference included; `group`
+    stays in the trainer), and the server names a reference code outside the codebook."""
+    from lightning_grpo.reward.client import _sample_json
+    from lightning_grpo.reward.server import BadRequest, parse_body
+
+    sent = [SpeechSample(text=TARGET, codes=[1, 2], language="en", prompt_text=REF_TEXT, prompt_codes=REF_CODES,
+                          prompt_wav="/data/ref.wav", group=3),
+            SpeechSample(text="Plain.", codes=[4], truncated=True, group=3)]
+    body = json.dumps({"samples": [_sample_json(s) for s in sent]}).encode()
+    assert "prompt_codes" not in json.loads(body)["samples"][1]  # plain samples keep the earlier body
+    got, batched = parse_body(body, codebook_size=64, max_samples=8)
+    assert batched and got == [replace(s, group=None) for s in sent]
+    bad = json.dumps({"samples": [{**_sample_json(sent[0]), "prompt_codes": [1, 99]}]}).encode()
+    with pytest.raises(BadRequest, match=r"samples\[0\].prompt_codes\[1\] = 99 is outside the codebook 0..63"):
+        parse_body(bad, codebook_size=64, max_samples=8)
