@@ -202,3 +202,48 @@ def test_rollout_refuses_penalize_under_normalize_then_sum():
     with pytest.raises(ValueError, match="truncation penalize.*normalize_then_sum.*mask"):
         GRPORollout(HFSampler(), reward, group_size=2, truncation="penalize")
     GRPORollout(HFSampler(), reward, group_size=2, truncation="mask")  # the recommended pairing
+
+
+def test_shipped_multireward_config_builds_a_composite_that_shares_one_decode():
+    """configs/llasa1b_multireward.yaml parses (weights and nested keys overridable on the command line), and its
+    reward group, moved to the CPU (Whisper tiny.en, a stored-audio codec), builds a composite whose SIM borrows
+    Whisper's codec and scores every completion with every component."""
+    from pathlib import Path
+
+    from jsonargparse import ArgumentParser
+
+    from lightning_grpo.reward.base import Reward
+    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.speaker import SpeakerSimilarityReward
+    from reward_fixtures import SENTENCES, espeak
+    from test_configs import parse
+
+    path = Path(__file__).parents[1] / "configs" / "llasa1b_multireward.yaml"
+    cfg = parse(path, "--rollout.reward.weights", "{whisper: 1.0, sim: 1.0, duration: 0.1}",
+                "--rollout.reward.rewards.sim.init_args.batch_size", "8")
+    assert cfg.rollout.reward.init_args.weights == {"whisper": 1.0, "sim": 1.0, "duration": 0.1}
+    assert cfg.rollout.reward.init_args.rewards["sim"].init_args.batch_size == 8
+    assert cfg.rollout.truncation == "keep" and cfg.rollout.reward.init_args.aggregation == "normalize_then_sum"
+
+    parser = ArgumentParser()
+    parser.add_argument("--reward", type=Reward)
+    reward_cfg = parse(path).rollout.reward.as_dict()
+    whisper = reward_cfg["init_args"]["rewards"]["whisper"]["init_args"]
+    whisper.update(whisper_model="tiny.en-ct2", device="cpu", dtype="float32", batch_size=4,
+                   codec={"class_path": "reward_fixtures.StoredAudioDecoder"})
+    reward_cfg["init_args"]["rewards"]["sim"]["init_args"]["device"] = "cpu"
+    reward = parser.instantiate(parser.parse_object({"reward": reward_cfg})).reward
+    assert isinstance(reward, CompositeReward) and list(reward.rewards) == ["whisper", "sim", "duration"]
+    whisper_reward, sim = reward.rewards["whisper"], reward.rewards["sim"]
+    assert isinstance(whisper_reward, WhisperReward) and isinstance(sim, SpeakerSimilarityReward)
+    assert sim.codec is whisper_reward.codec is reward.codec
+    stored = reward.codec.inner
+    ref = stored.add(espeak(SENTENCES[1]))
+    batch = [SpeechSample(SENTENCES[0], stored.add(espeak(SENTENCES[0], v)), language="en", prompt_text=SENTENCES[1],
+                          prompt_codes=ref, group=0) for v in ("en-us", "en-us+f3")]
+    out = reward.score(batch)
+    assert out.reasons == ["ok", "ok"] and reward.codec.decoded == 3  # two generated + one reference, once each
+    assert out.metrics["sim"][0] > out.metrics["sim"][1]  # the reference's own voice scores higher
+    assert {"reward/whisper", "reward/sim", "reward/duration", "reward/weighted_sum", "cer", "nll", "sim",
+            "duration_s"} <= set(out.metrics)
+    assert torch.allclose(out.rewards, -out.rewards.flip(0))  # two completions standardised: +/- the same value
