@@ -25,6 +25,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .llasa import check_reference
+
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -85,8 +87,6 @@ def parse_codes(value: Any, where: str) -> list[int] | None:
 def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
     """The voice-cloning columns a row gives (none for a plain row), checked: transcript and codes together,
     a wav path that exists (relative paths resolved against `base_dir`)."""
-    from .llasa import check_reference
-
     out: dict[str, Any] = {}
     prompt_text = row.get("prompt_text")
     if prompt_text is not None and not isinstance(prompt_text, str):

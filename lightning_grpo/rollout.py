@@ -87,7 +87,9 @@ class GRPORollout(L.Callback):
         Args:
             sampler: who samples (lightning_grpo.sampling.HFSampler, lightning_grpo.vllm_sampler.VLLMSampler);
                 anything with the `Sampler` Protocol's attributes and methods.
-            reward: who scores (rule reward, Whisper reward module, or the HTTP client).
+            reward: who scores (rule reward, Whisper reward module, the HTTP client, or several of them in a
+                lightning_grpo.reward.composite.CompositeReward). Each sample carries its prompt's index as
+                `group` and, for voice-cloning rows, the reference (prompt_text, prompt_codes, prompt_wav).
             group_size: G, completions per prompt (the original: 16). Samples per step (one
                 rollout) = data.prompts_per_step x G.
             val_group_size: completions per prompt in validation.

@@ -87,3 +87,14 @@ def test_bench_step_memory_smoke(tmp_path):
     raw = json.loads(out.read_text())
     assert raw["measured"]["growth_mib"]["backward"] > 0 and raw["measured"]["growth_mib"]["step"] > 0
     assert raw["measured"]["rows"] == 4 and raw["measured"]["completion"] == 16  # 2 micro-batches of 2, C as set
+
+
+def test_bench_multireward_smoke(tmp_path):
+    """Both tables of BENCHMARKS.md section 11 come out, the composite scored every sample, and SIM compared voices."""
+    import bench_multireward
+
+    text = bench_multireward.main(["--smoke", "--out", str(tmp_path / "multi.md")])
+    assert "| GE2E embed, 4 waveforms in one call |" in text and "| SpeakerSimilarityReward, one sample per call |" in text
+    for row in ("WhisperReward alone", "references as recordings", "references as codes (decoded)", "references cached"):
+        assert f"| {row}" in text or f"| composite, {row}" in text, row
+    assert "reasons ['ok']" in text and (tmp_path / "multi.md").read_text() == text

@@ -162,3 +162,35 @@ def test_frontend_pieces():
 def test_load_wav_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="prompt_wav"):
         load_wav(tmp_path / "missing.wav")
+
+
+def test_hf_xvector_encoder_plugs_in_by_class_path(tmp_path, clips):
+    """The documented class_path for WavLM-style x-vector models loads a (tiny, random) model from a directory and
+    serves the reward; with hub access the same line takes microsoft/wavlm-base-plus-sv."""
+    from jsonargparse import ArgumentParser
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+    from lightning_grpo.reward.base import Reward
+
+    config = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=2, tdnn_dim=(32, 32), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1),
+                         xvector_output_dim=24, feat_extract_norm="layer")
+    torch.manual_seed(0)
+    WavLMForXVector(config).save_pretrained(tmp_path)
+    Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(tmp_path)
+    parser = ArgumentParser()
+    parser.add_argument("--reward", type=Reward)
+    cfg = parser.parse_object({"reward": {
+        "class_path": "lightning_grpo.reward.speaker.SpeakerSimilarityReward",
+        "init_args": {"encoder": {"class_path": "lightning_grpo.reward.speaker_encoder.HFXVectorEncoder",
+                                  "init_args": {"model": str(tmp_path), "batch_size": 2}},
+                      "codec": {"class_path": "reward_fixtures.StoredAudioDecoder"}}}})
+    reward = parser.instantiate(cfg).reward
+    stored = reward.codec
+    gen = [stored.add(clips[v, SENTENCES[0]][:24_000]) for v in VOICES]
+    ref = stored.add(clips[VOICES[0], SENTENCES[1]][:20_000])
+    out = reward.score([SpeechSample("x", g, prompt_text="t", prompt_codes=ref) for g in gen])
+    assert out.reasons == ["ok"] * 3 and torch.isfinite(out.metrics["sim"]).all()
+    emb = reward.encoder.embed([clips[VOICES[0], SENTENCES[0]], clips[VOICES[1], SENTENCES[1]], clips[VOICES[2], SENTENCES[2]]])
+    assert emb.shape == (3, 24) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)

@@ -215,3 +215,50 @@ class GE2EEncoder(nn.Module):
         out = torch.cat([self(chunk) for chunk in mels.split(self.max_partials_per_batch)])  # (P_total, 256)
         means = torch.stack([e.mean(dim=0) for e in out.split(counts)])  # (N, 256)
         return means / means.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+class HFXVectorEncoder(nn.Module):
+    """A Hugging Face x-vector speaker-verification model (`AutoModelForAudioXVector`), e.g. WavLM-base-plus-sv.
+
+    For SIM on a scale closer to published tables than GE2E's, where the hub (or a local copy) is reachable:
+
+        encoder:
+          class_path: lightning_grpo.reward.speaker_encoder.HFXVectorEncoder
+          init_args: {model: microsoft/wavlm-base-plus-sv, device: cuda:2}
+
+    Published SIM (Seed-TTS-eval) uses WavLM-large fine-tuned for verification with UniSpeech's ECAPA-TDNN head, a
+    checkpoint outside transformers: wrap it the same way (a class with `sample_rate` and `embed`) to reproduce it.
+    """
+
+    sample_rate: int = SAMPLE_RATE
+
+    def __init__(self, model: str = "microsoft/wavlm-base-plus-sv", device: str = "cpu", batch_size: int = 16) -> None:
+        """
+        Args:
+            model: HF repo id or local directory of an x-vector model and its feature extractor.
+            device: where the model runs.
+            batch_size: waveforms per forward pass (padded to the longest, masked).
+        """
+        super().__init__()
+        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
+
+        if batch_size < 1:
+            raise ValueError(f"--batch_size={batch_size} must be >= 1")
+        self.features = AutoFeatureExtractor.from_pretrained(model)
+        self.sample_rate = int(getattr(self.features, "sampling_rate", SAMPLE_RATE))
+        self.model = AutoModelForAudioXVector.from_pretrained(model).requires_grad_(False).eval().to(device)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def embed(self, wavs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """N waveforms at `sample_rate` -> (N, D) unit x-vectors."""
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(wavs), self.batch_size):
+            chunk = [w.float().cpu().numpy() for w in wavs[start : start + self.batch_size]]
+            inputs = self.features(chunk, sampling_rate=self.sample_rate, padding=True, return_attention_mask=True,
+                                   return_tensors="pt")
+            out.append(self.model(**{k: v.to(device) for k, v in inputs.items()}).embeddings.float())
+        if not out:
+            return torch.empty(0, self.model.config.xvector_output_dim, device=device)
+        return F.normalize(torch.cat(out), dim=-1)
