@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> str:
         "",
         markdown_table(["mode", "items/s", "wall s", "CPU s"], sim_rows),
         "",
-        f"Batched vs one per call: embed **{by_name[names[0]][1] / by_name[names[1]][1]:.2f}x**, "
-        f"reward **{by_name[names[2]][1] / by_name[names[3]][1]:.2f}x** (items/s).",
+        f"Batched vs one per call, wall / CPU time: embed **{by_name[names[1]][2] / by_name[names[0]][2]:.2f}x** / "
+        f"{by_name[names[1]][3] / by_name[names[0]][3]:.2f}x, reward **{by_name[names[3]][2] / by_name[names[2]][2]:.2f}x** / "
+        f"{by_name[names[3]][3] / by_name[names[2]][3]:.2f}x.",
         "",
         f"Added cost to one reward call of {args.samples} samples (Whisper `{args.whisper}`, "
         f"{'small' if args.smoke else 'real-size'} X-codec2 decode; goal: SIM + duration add <= 15% at batch 16):",
