@@ -119,10 +119,13 @@ class LlasaVocab:
         )
 
 
+_CJK_RANGES = ((0x3000, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF))
+
+
 def _is_cjk(ch: str) -> bool:
     """Han, kana and CJK punctuation: scripts written without spaces between words."""
     o = ord(ch)
-    return 0x3000 <= o <= 0x30FF or 0x3400 <= o <= 0x4DBF or 0x4E00 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0xFF00 <= o <= 0xFFEF
+    return any(lo <= o <= hi for lo, hi in _CJK_RANGES)
 
 
 def join_texts(prompt_text: str, text: str) -> str:
@@ -135,7 +138,9 @@ def join_texts(prompt_text: str, text: str) -> str:
     return f"{prompt_text}{sep}{text}"
 
 
-def prompt_messages(text: str, prompt_text: str | None = None, prompt_codes: Sequence[int] | None = None) -> list[dict[str, str]]:
+def prompt_messages(
+    text: str, prompt_text: str | None = None, prompt_codes: Sequence[int] | None = None
+) -> list[dict[str, str]]:
     """The chat messages of one TTS prompt; the assistant message is continued, not closed.
 
     With a voice-cloning reference (LLaSA's zero-shot format), the reference transcript `prompt_text` is joined

@@ -42,7 +42,8 @@ def text_units(text: str) -> int:
 
 
 def duration_score(ratio: torch.Tensor, tolerance: float, softness: float) -> torch.Tensor:
-    """(N,) actual / expected duration -> (N,) reward in (0, 1]: 1 inside [1/(1+tol), 1+tol], exp(-(excess/softness)^2) outside."""
+    """(N,) actual / expected duration -> (N,) reward in (0, 1]: 1 inside [1/(1+tol), 1+tol],
+    exp(-(excess / softness)^2) outside."""
     excess = (ratio.log().abs() - math.log1p(tolerance)).clamp(min=0.0)
     return torch.exp(-(excess / softness).square())
 

@@ -7,8 +7,9 @@ The reference audio is the row's recording (`prompt_wav`) when it names one, els
 (`prompt_codes`) decoded with this reward's codec. Published SIM numbers (Seed-TTS-eval, arXiv 2511.21270)
 use WavLM-large fine-tuned for speaker verification; the default encoder here is the GE2E d-vector model
 PyPI resemblyzer ships (reward/speaker_encoder.py), which runs offline on a CPU. Its cosine is on another
-scale (same espeak-ng voice 0.85-0.93, other voices 0.49-0.77; BENCHMARKS.md section 11) and not comparable with papers'
-figures; bring a WavLM or ECAPA encoder through the `SpeakerEncoder` seam for those (`encoder:` class_path).
+scale (same espeak-ng voice 0.85-0.93, other voices 0.49-0.77; BENCHMARKS.md section 11) and not comparable
+with papers' figures; bring a WavLM or ECAPA encoder through the `SpeakerEncoder` seam for those (`encoder:`
+class_path, e.g. speaker_encoder.HFXVectorEncoder).
 
 Batched: one codec decode per `batch_size` generated samples, every generated and every new reference
 waveform through the encoder in one call, reference embeddings cached across calls (a data set's references

@@ -64,7 +64,9 @@ def resemblyzer_weights() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "pretrained.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall resemblyzer==0.1.4`")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall resemblyzer==0.1.4`"
+        )
     return path
 
 
