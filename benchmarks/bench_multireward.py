@@ -146,8 +146,9 @@ def added_cost(n: int, smoke: bool, whisper_model: str, repeats: int) -> tuple[l
         composite = StageTimedComposite({"whisper": whisper, "sim": sim, "duration": DurationReward()}, weights=WEIGHTS,
                                         aggregation="normalize_then_sum")
         # composite.codec now wraps `codec` for both; Whisper alone below decodes through the same wrapper, uncached
-        composite.score(variants["codes"])  # warm-up of every stage
-        whisper.score(variants["codes"])
+        if not smoke:
+            composite.score(variants["codes"])  # warm-up of every stage
+            whisper.score(variants["codes"])
 
         def cold(key):
             def run():

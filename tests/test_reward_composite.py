@@ -154,6 +154,10 @@ def test_components_share_one_decode_per_call():
     assert torch.allclose(out.metrics["reward/second"], torch.tensor([0.06, 0.04, 0.06]))
     reward.score(batch)
     assert codec.decoded == 4  # nothing is kept between calls
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(reward))  # DDP spawn pickles the rollout's reward
+    assert copy.rewards["second"].codec is copy.codec and copy.score(batch).rewards.shape == (3,)
 
 
 # ------------------------------------------------------------------------------------------------ duration

@@ -32,6 +32,7 @@ sequence is decoded once per `score` call, whichever component asks first.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -66,36 +67,48 @@ def standardize_within_groups(values: torch.Tensor, groups: torch.Tensor, eps: f
 class CallCache(torch.nn.Module):
     """A SpeechDecoder that remembers each code sequence it decoded while a `session()` is open.
 
-    Outside a session it decodes as the wrapped decoder does (the audio logger uses it that way). The cached
-    waveforms are shared between callers: treat them as read-only.
+    Outside a session it decodes as the wrapped decoder does (the audio logger uses it that way). A session
+    belongs to the thread that opened it, so a reward scored in a worker thread and a logger decoding in the
+    main thread do not share one. The cached waveforms are shared between callers: treat them as read-only.
     """
 
     def __init__(self, inner: SpeechDecoder) -> None:
         super().__init__()
         self.inner = inner
         self.sample_rate = inner.sample_rate
-        self._cache: dict[tuple[int, ...], torch.Tensor] | None = None
+        self._local = threading.local()  # .cache: dict[tuple[int, ...], Tensor] while a session is open
         self.decoded = 0  # sequences decoded by the wrapped decoder (tests and benchmarks count them)
+
+    # rewards travel to DDP-spawned workers by pickle; a thread-local cannot, and a session never spans processes
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        self._cache = {}
+        self._local.cache = {}
         try:
             yield
         finally:
-            self._cache = None
+            self._local.cache = None
 
     def decode(self, codes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        keys = [tuple(int(c) for c in seq) for seq in codes]
-        if self._cache is None:
-            self.decoded += len(keys)
+        cache = getattr(self._local, "cache", None)
+        if cache is None:
+            self.decoded += len(codes)
             return self.inner.decode(codes)
-        missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        keys = [tuple(int(c) for c in seq) for seq in codes]
+        missing = [k for k in dict.fromkeys(keys) if k not in cache]
         if missing:
             self.decoded += len(missing)
             for k, audio in zip(missing, self.inner.decode([list(k) for k in missing])):
-                self._cache[k] = audio
-        return [self._cache[k] for k in keys]
+                cache[k] = audio
+        return [cache[k] for k in keys]
 
 
 class CompositeReward:
