@@ -205,7 +205,7 @@ class GRPORollout(L.Callback):
         v = self.vocab
         texts, languages = batch["text"], batch.get("language") or [None] * len(batch["text"])
         # voice-cloning references (data.py): None for rows without; the reference codes go into the prompt
-        ref_texts, ref_codes, ref_wavs = ([*(batch.get(k) or [None] * len(texts))] for k in REFERENCE_COLUMNS)
+        ref_texts, ref_codes, ref_wavs = (batch.get(k) or [None] * len(texts) for k in REFERENCE_COLUMNS)
         prompts = [
             encode_prompt(pl_module.tokenizer, t, self.max_prompt_length, prompt_text=pt, prompt_codes=pc)
             for t, pt, pc in zip(texts, ref_texts, ref_codes)
