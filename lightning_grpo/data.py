@@ -5,6 +5,13 @@ an embedded prompt set (`builtin:en`, shipped in the package, so the default run
 a local parquet / jsonl / json / csv / txt file, a directory holding `{split}.parquet` (the layout
 `python -m lightning_grpo prepare` and the original recipe write), or a HF datasets id.
 The rollout callback turns each batch into a `Rollout` (batch.py) before `training_step` sees it.
+
+Voice-cloning rows (LLaSA's zero-shot prompt, llasa.encode_prompt) carry a reference clip: `prompt_text` (its
+transcript) with `prompt_codes` (its X-codec2 codes: a list of ints, or a string "12 7 93" / "[12, 7, 93]" in
+csv), and optionally `prompt_wav` (the recording, for speaker similarity; a relative path is read from the data
+file's directory). A row may also give `prompt_wav` alone: the prompt is then a plain TTS prompt and the clip
+only the target voice of the speaker-similarity reward. Batches carry these keys only when a row of the batch
+has them, so data without references gives the batches it always did.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .llasa import check_reference
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -53,27 +62,82 @@ def _text_of(row: dict[str, Any], text_column: str) -> Any:
     return None
 
 
+REFERENCE_COLUMNS = ("prompt_text", "prompt_codes", "prompt_wav")
+
+
+def parse_codes(value: Any, where: str) -> list[int] | None:
+    """prompt_codes of a row as a list of ints (None when absent); strings are JSON lists or space/comma separated."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text.startswith("[") else [int(x) for x in text.replace(",", " ").split()]
+        except ValueError as err:
+            raise ValueError(f"{where}: prompt_codes {value[:40]!r} is not a list of integers ({err})") from None
+    try:
+        codes = [int(c) for c in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: prompt_codes must be a list of integer codec codes, got {str(value)[:60]!r}") from None
+    if any(c < 0 for c in codes) or any(isinstance(c, float) and not float(c).is_integer() for c in value):
+        raise ValueError(f"{where}: prompt_codes must be non-negative integer codec codes (X-codec2: 0..65535)")
+    return codes or None
+
+
+def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
+    """The voice-cloning columns a row gives (none for a plain row), checked: transcript and codes together,
+    a wav path that exists (relative paths resolved against `base_dir`)."""
+    out: dict[str, Any] = {}
+    prompt_text = row.get("prompt_text")
+    if prompt_text is not None and not isinstance(prompt_text, str):
+        raise ValueError(f"{where}: prompt_text must be a string, got {type(prompt_text).__name__}")
+    prompt_text = prompt_text.strip() if prompt_text else None
+    codes = parse_codes(row.get("prompt_codes"), where)
+    try:
+        check_reference(prompt_text, codes)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if prompt_text:
+        out["prompt_text"], out["prompt_codes"] = prompt_text, codes
+    wav = row.get("prompt_wav")
+    if isinstance(wav, str) and wav.strip():
+        path = Path(wav.strip()).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise ValueError(f"{where}: prompt_wav {wav!r} is not a file ({path}); fix the path or leave the column empty")
+        out["prompt_wav"] = str(path)
+    elif wav is not None and not isinstance(wav, str):
+        raise ValueError(f"{where}: prompt_wav must be a path string, got {type(wav).__name__}")
+    return out
+
+
 def load_prompts(
     source: str, split: str = "train", text_column: str = "text", language_column: str = "language", default_language: str | None = None
 ) -> list[dict[str, Any]]:
-    """Read prompt rows [{"text": str, "language": str | None}] from any supported source."""
+    """Read prompt rows [{"text": str, "language": str | None}] from any supported source; voice-cloning rows
+    also carry prompt_text + prompt_codes and/or prompt_wav (module docstring)."""
     if source.startswith("builtin:"):
         path = ASSETS / f"prompts_{source.split(':', 1)[1]}_{split}.jsonl"
         if not path.exists():
             known = sorted({p.name.split("_")[1] for p in ASSETS.glob("prompts_*_*.jsonl")})
             raise ValueError(f"no embedded prompt set {source!r} with split {split!r}; known: {known}")
         raw = _rows_from_file(path)
+        base_dir = None
     elif Path(source).expanduser().is_dir():
         path = Path(source).expanduser() / f"{split}.parquet"
         if not path.exists():
             raise ValueError(f"{path} does not exist: a data directory needs {split}.parquet (see `prepare`)")
         raw = _rows_from_file(path)
+        base_dir = path.parent
     elif Path(source).expanduser().is_file():
         raw = _rows_from_file(Path(source).expanduser())
+        base_dir = Path(source).expanduser().parent
     else:
         import datasets
 
         raw = list(datasets.load_dataset(source, split=split))
+        base_dir = None
     rows = []
     for i, row in enumerate(raw):
         text = _text_of(row, text_column)
@@ -82,7 +146,9 @@ def load_prompts(
                 f"row {i} of {source!r} (split {split!r}) has no text in column {text_column!r} "
                 f"(got {text!r}); drop the row or set --data.text_column"
             )
-        rows.append({"text": text.strip(), "language": row.get(language_column) or default_language})
+        where = f"row {i} of {source!r} (split {split!r})"
+        rows.append({"text": text.strip(), "language": row.get(language_column) or default_language,
+                     **reference_fields(row, where, base_dir)})
     if not rows:
         raise ValueError(f"{source!r} (split {split!r}) has no rows")
     return rows
@@ -136,7 +202,12 @@ class _Rows(Dataset):
 
 
 def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, list]:
-    return {"text": [r["text"] for r in rows], "language": [r["language"] for r in rows]}
+    """{"text": [...], "language": [...]}, plus the voice-cloning keys (None for rows without) when any row has one."""
+    batch = {"text": [r["text"] for r in rows], "language": [r["language"] for r in rows]}
+    for key in REFERENCE_COLUMNS:
+        if any(r.get(key) is not None for r in rows):
+            batch[key] = [r.get(key) for r in rows]
+    return batch
 
 
 class PromptDataModule(L.LightningDataModule):

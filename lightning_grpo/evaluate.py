@@ -24,6 +24,12 @@ case, zhconv on Chinese transcripts, no numeral normalisation) and averaged per 
 numbers to put beside published ones, transcribe with its ASR: Whisper large-v3 for English
 (`whisper_model: large-v3`); its Chinese figures come from Paraformer-zh, which this package does not run,
 so Chinese numbers from Whisper are comparable in method but not bit for bit.
+
+`--sim` adds speaker similarity (`sim`, reward/speaker.py: GE2E cosine between each sample and its row's
+reference voice) for rows with a voice-cloning reference, whatever the config's reward: it wraps that reward in
+a CompositeReward beside a SpeakerSimilarityReward of weight 0, so the reward and every other metric are
+unchanged. SIM decodes with the config reward's codec (`--sim_codec` names an X-codec2 checkpoint when the reward
+has none, e.g. RemoteReward). A reward that already scores SIM is left as it is.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from .batch import rollout_records
 from .distributed import concat_from_ranks
 
 # columns shown first in the table when present; other reward metrics follow alphabetically
-TABLE_FIRST = ("reward", "cer", "nll")
+TABLE_FIRST = ("reward", "cer", "nll", "sim")
 SEED_TTS_METRICS = {"en": "seed_tts_wer", "zh": "seed_tts_cer"}  # Seed-TTS-eval: WER for English, CER for Chinese
 
 
@@ -59,6 +65,26 @@ def add_seed_tts_scores(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if key is not None and r.get("transcript") is not None:
             r[key] = seed_tts_error(r["text"], r["transcript"], r["language"])
     return records
+
+
+def add_sim(rollout, codec: str | None = None) -> None:
+    """Make `rollout`'s reward also report `sim` (module docstring): a CompositeReward of {main: the reward (weight
+    1), sim: SpeakerSimilarityReward (weight 0)}, under `sum`, so the reward is the original's exactly."""
+    from .reward.composite import CompositeReward
+    from .reward.speaker import SpeakerSimilarityReward
+
+    reward = rollout.reward
+    inner = reward.rewards.values() if isinstance(reward, CompositeReward) else [reward]
+    if any(isinstance(r, SpeakerSimilarityReward) for r in inner):
+        return
+    if codec is None and getattr(reward, "codec", None) is None:
+        raise ValueError(
+            f"--sim decodes the samples with the reward's codec, but {type(reward).__name__} has none; "
+            "pass --sim_codec HKUSTAudio/xcodec2 (or a local X-codec2 directory)"
+        )
+    device = str(getattr(reward, "device", "cpu"))
+    sim = SpeakerSimilarityReward(codec=codec, device=device)
+    rollout.reward = CompositeReward({"main": reward, "sim": sim}, weights={"main": 1.0, "sim": 0.0})
 
 
 def _means(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -215,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print a before/after table and exit")
     parser.add_argument("--seed_tts", action="store_true",
                         help="also report Seed-TTS-eval's WER (en) / CER (zh) of the transcripts, as published tables do")
+    parser.add_argument("--sim", action="store_true",
+                        help="also report speaker similarity (sim) of rows with a voice-cloning reference (GE2E encoder)")
+    parser.add_argument("--sim_codec", default=None,
+                        help="X-codec2 checkpoint for --sim when the config's reward has no codec (RemoteReward)")
     args, rest = parser.parse_known_args(argv)
     if args.compare:
         print(compare(*args.compare))
@@ -235,6 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     meta = {"ckpt_path": args.ckpt_path, "model": cli.model.hparams.model_name_or_path,
             "global_step": trained_steps(args.ckpt_path), "val_data": cli.datamodule.val_data}
     report = ValidationReport(out_dir=args.out_dir or default_out_dir(args.ckpt_path), meta=meta, seed_tts=args.seed_tts)
+    if args.sim:
+        from .rollout import GRPORollout
+
+        add_sim(next(c for c in cli.trainer.callbacks if isinstance(c, GRPORollout)), args.sim_codec)
     cli.trainer.callbacks.append(report)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if report.summary is None:

@@ -5,7 +5,10 @@ LLaSA (arXiv 2502.04128) is a Llama-3.2 model whose vocabulary is the 128,256 Ll
 model's chat template with the user turn
 `Convert the text to speech:<|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|>` and the
 assistant turn *continued* from `<|SPEECH_GENERATION_START|>`; the model then emits speech tokens and
-stops with `<|SPEECH_GENERATION_END|>`, which we always pass as the explicit stop token.
+stops with `<|SPEECH_GENERATION_END|>`, which we always pass as the explicit stop token. A voice-cloning
+(zero-shot) prompt puts the reference clip's transcript before the target text inside the text markers and
+the reference's codes, as speech tokens, after `<|SPEECH_GENERATION_START|>`: the model continues that
+speaker's speech, and only the continuation is sampled, scored and trained on.
 
 Everything here is pure: it takes a tokenizer (anything with `convert_tokens_to_ids`,
 `apply_chat_template` and `__len__`) and lists of ids. The tiny tokenizer in `tiny.py` has the same
@@ -116,37 +119,98 @@ class LlasaVocab:
         )
 
 
-def prompt_messages(text: str) -> list[dict[str, str]]:
-    """The chat messages of one TTS prompt; the assistant message is continued, not closed."""
+_CJK_RANGES = ((0x3000, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF))
+
+
+def _is_cjk(ch: str) -> bool:
+    """Han, kana and CJK punctuation: scripts written without spaces between words."""
+    o = ord(ch)
+    return any(lo <= o <= hi for lo, hi in _CJK_RANGES)
+
+
+def join_texts(prompt_text: str, text: str) -> str:
+    """The reference transcript followed by the target text, as LLaSA's zero-shot prompt holds them.
+
+    One space between them, none where either side of the join is Chinese or Japanese (written without spaces).
+    """
+    prompt_text, text = prompt_text.strip(), text.strip()
+    sep = "" if _is_cjk(prompt_text[-1]) or _is_cjk(text[0]) else " "
+    return f"{prompt_text}{sep}{text}"
+
+
+def prompt_messages(
+    text: str, prompt_text: str | None = None, prompt_codes: Sequence[int] | None = None
+) -> list[dict[str, str]]:
+    """The chat messages of one TTS prompt; the assistant message is continued, not closed.
+
+    With a voice-cloning reference (LLaSA's zero-shot format), the reference transcript `prompt_text` is joined
+    to the target text inside the text markers and the reference's codes follow <|SPEECH_GENERATION_START|> as
+    `<|s_N|>` tokens, so the model continues the reference speaker's speech with the target text.
+    """
+    check_reference(prompt_text, prompt_codes)
+    full = join_texts(prompt_text, text) if prompt_text else text
+    return _chat(full, "".join(speech_token(int(c)) for c in prompt_codes) if prompt_codes else "")
+
+
+def _chat(text: str, speech: str) -> list[dict[str, str]]:
     return [
         {
             "role": "user",
             "content": f"{USER_INSTRUCTION}<|TEXT_UNDERSTANDING_START|>{text}<|TEXT_UNDERSTANDING_END|>",
         },
-        {"role": "assistant", "content": "<|SPEECH_GENERATION_START|>"},
+        {"role": "assistant", "content": f"<|SPEECH_GENERATION_START|>{speech}"},
     ]
 
 
-def encode_prompt(tokenizer, text: str, max_prompt_length: int | None = None) -> list[int]:
-    """Token ids of the prompt for `text`, ending with <|SPEECH_GENERATION_START|>.
+def check_reference(prompt_text: str | None, prompt_codes: Sequence[int] | None) -> None:
+    """A voice-cloning reference needs both its transcript and its codes, or neither."""
+    has_text = isinstance(prompt_text, str) and bool(prompt_text.strip())
+    has_codes = prompt_codes is not None and len(prompt_codes) > 0
+    if has_text != has_codes:
+        given, absent = ("prompt_text", "prompt_codes") if has_text else ("prompt_codes", "prompt_text")
+        raise ValueError(
+            f"a voice-cloning prompt has {given} but no {absent}: LLaSA's zero-shot prompt needs the reference "
+            "clip's transcript and its X-codec2 codes together; give both or neither"
+        )
 
-    Raises a ValueError naming the text for an empty text or one longer than `max_prompt_length`.
+
+def encode_prompt(
+    tokenizer,
+    text: str,
+    max_prompt_length: int | None = None,
+    prompt_text: str | None = None,
+    prompt_codes: Sequence[int] | None = None,
+) -> list[int]:
+    """Token ids of the prompt for `text`, ending with <|SPEECH_GENERATION_START|> and, with a voice-cloning
+    reference, the reference's speech tokens (`prompt_messages` says the layout).
+
+    The reference's speech ids are appended to the template's ids rather than rendered as 250 `<|s_N|>` strings
+    and tokenised: the same ids (tests check it), without tokenising every code. Raises a ValueError naming the
+    text for an empty text, a reference with only one of its two parts, a code outside the speech vocabulary,
+    or a prompt longer than `max_prompt_length`.
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(
             f"prompt text {text!r} is empty: every prompt row needs a non-empty 'text' "
             "(drop empty rows when preparing the data)"
         )
+    check_reference(prompt_text, prompt_codes)
+    full = join_texts(prompt_text, text) if prompt_text else text
     ids = tokenizer.apply_chat_template(
-        prompt_messages(text), tokenize=True, continue_final_message=True, add_generation_prompt=False
+        _chat(full, ""), tokenize=True, continue_final_message=True, add_generation_prompt=False
     )
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
     ids = [int(i) for i in ids]
+    if prompt_codes:
+        vocab = LlasaVocab.from_tokenizer(tokenizer)
+        ids += [vocab.code_to_id(int(c)) for c in prompt_codes]
     if max_prompt_length is not None and len(ids) > max_prompt_length:
+        reference = f" (of which {len(prompt_codes)} reference codes)" if prompt_codes else ""
         raise ValueError(
-            f"prompt for text {text[:60]!r} has {len(ids)} tokens, more than "
+            f"prompt for text {text[:60]!r} has {len(ids)} tokens{reference}, more than "
             f"--max_prompt_length={max_prompt_length}; raise the limit or shorten/drop the text"
+            + (" or use a shorter reference clip" if prompt_codes else "")
         )
     return ids
 

@@ -9,6 +9,15 @@ test split, and writes the original recipe's columns plus a `language` column:
     reward_model  struct {style: "rule", ground_truth: text}
     extra_info    struct {split, index, text}
     language      str    ISO code ("en", "ko") or null
+    prompt_text   str    voice cloning: transcript of the reference clip, or null
+    prompt_codes  list   voice cloning: the reference clip's X-codec2 codes, or null
+    prompt_wav    str    the reference recording (absolute path), for speaker similarity, or null
+
+A source row with `prompt_text` and `prompt_codes` (a list, or a string "12 7 93" in csv) becomes a voice-cloning
+row: its `prompt` messages hold LLaSA's zero-shot layout (lightning_grpo.llasa.prompt_messages). Encode the
+reference clips into codes beforehand with X-codec2's encoder (xcodec2's `XCodec2Model.encode_code`; it needs the
+600M w2v-BERT 2.0 this package never loads). `prompt_wav` (relative paths are read from the source file's
+directory) must exist; it may also come alone, as the target voice of the speaker-similarity reward.
 
     python -m lightning_grpo prepare --data_source texts.jsonl --local_dir ~/data/llasa-tts-rl-grpo
     python -m lightning_grpo prepare --data_source user/korean-tts --language ko --test_size 500 \
@@ -25,7 +34,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .data import _rows_from_file, _text_of
+from .data import _rows_from_file, _text_of, reference_fields
 from .llasa import encode_prompt, prompt_messages
 
 ABILITY = "text-to-speech"
@@ -52,10 +61,12 @@ def clean_texts(
     language: str | None = None,
     drop_empty: bool = False,
 ) -> tuple[list[dict[str, Any]], int]:
-    """[{"text", "language"}] with whitespace stripped, and the number of empty rows dropped.
-
-    An empty or missing text raises a ValueError naming the row, unless `drop_empty`.
+    """[{"text", "language", voice-cloning fields if any}] with whitespace stripped, and the number of empty rows
+    dropped. An empty or missing text raises a ValueError naming the row, unless `drop_empty`; a bad reference
+    (transcript without codes or the reverse, codes that are not integers, a missing wav) always does.
     """
+    path = Path(data_source).expanduser()
+    base_dir = path.parent if path.is_file() else None
     out, dropped = [], 0
     for i, row in enumerate(rows):
         text = _text_of(row, text_column)
@@ -67,7 +78,10 @@ def clean_texts(
                 f"row {i} of {data_source!r} has no text in column {text_column!r} (got {text!r}); "
                 "fix the row, name the column with --text_column, or pass --drop_empty to skip such rows"
             )
-        out.append({"text": " ".join(text.split()), "language": row.get(language_column) or language})
+        reference = reference_fields(row, f"row {i} of {data_source!r}", base_dir)
+        if "prompt_text" in reference:
+            reference["prompt_text"] = " ".join(reference["prompt_text"].split())
+        out.append({"text": " ".join(text.split()), "language": row.get(language_column) or language, **reference})
     return out, dropped
 
 
@@ -78,12 +92,14 @@ def length_filter(
     max_prompt_tokens: int | None = None,
     tokenizer=None,
 ) -> list[dict[str, Any]]:
-    """Rows whose text has min_chars..max_chars characters and whose prompt fits max_prompt_tokens."""
+    """Rows whose text has min_chars..max_chars characters and whose prompt (reference codes included) fits
+    max_prompt_tokens."""
     keep = [r for r in rows if len(r["text"]) >= min_chars and (max_chars is None or len(r["text"]) <= max_chars)]
     if max_prompt_tokens is not None:
         if tokenizer is None:
             raise ValueError("--max_prompt_tokens needs --tokenizer (the policy's HF id or dir, or builtin:tiny-llasa)")
-        keep = [r for r in keep if len(encode_prompt(tokenizer, r["text"])) <= max_prompt_tokens]
+        keep = [r for r in keep if len(encode_prompt(tokenizer, r["text"], prompt_text=r.get("prompt_text"),
+                                                     prompt_codes=r.get("prompt_codes"))) <= max_prompt_tokens]
     return keep
 
 
@@ -105,15 +121,18 @@ def split_rows(rows: list[dict[str, Any]], test_size: float, seed: int) -> dict[
 
 
 def to_records(rows: list[dict[str, Any]], split: str, data_source: str) -> list[dict[str, Any]]:
-    """The parquet rows of one split, in the original recipe's columns plus `language`."""
+    """The parquet rows of one split, in the original recipe's columns plus `language` and the voice-cloning ones."""
     return [
         {
             "data_source": data_source,
-            "prompt": prompt_messages(r["text"]),
+            "prompt": prompt_messages(r["text"], r.get("prompt_text"), r.get("prompt_codes")),
             "ability": ABILITY,
             "reward_model": {"style": "rule", "ground_truth": r["text"]},
             "extra_info": {"split": split, "index": i, "text": r["text"]},
             "language": r["language"],
+            "prompt_text": r.get("prompt_text"),
+            "prompt_codes": r.get("prompt_codes"),
+            "prompt_wav": r.get("prompt_wav"),
         }
         for i, r in enumerate(rows)
     ]
@@ -130,6 +149,9 @@ def write_parquet(records: list[dict[str, Any]], path: Path) -> None:
         ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
         ("extra_info", pa.struct([("split", pa.string()), ("index", pa.int64()), ("text", pa.string())])),
         ("language", pa.string()),
+        ("prompt_text", pa.string()),
+        ("prompt_codes", pa.list_(pa.int32())),
+        ("prompt_wav", pa.string()),
     ])
     pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
 
@@ -190,8 +212,8 @@ def prepare(
         language: language of rows without one ("en", "ko"); None leaves it to the reward's default.
         drop_empty: drop rows with empty or missing text (default: stop with an error naming the row).
         min_chars / max_chars: keep texts with this many characters (after whitespace collapsing).
-        max_prompt_tokens: drop texts whose prompt exceeds this many tokens of `tokenizer`
-            (match the fit config's `max_prompt_length`, 512 in the original).
+        max_prompt_tokens: drop texts whose prompt (with its reference codes) exceeds this many tokens of
+            `tokenizer` (match the fit config's `max_prompt_length`, 512 in the original).
         tokenizer: HF id or local dir of the policy's tokenizer, or `builtin:tiny-llasa`.
         push_to_hub: also upload the two splits to this HF dataset repo (private).
         remote_dir: also copy the two files to this fsspec URL (hdfs://..., s3://..., file://...).

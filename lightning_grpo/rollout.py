@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .batch import Rollout
+from .data import REFERENCE_COLUMNS
 from .distributed import gather_from_ranks
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, SpeechSample
@@ -86,7 +87,9 @@ class GRPORollout(L.Callback):
         Args:
             sampler: who samples (lightning_grpo.sampling.HFSampler, lightning_grpo.vllm_sampler.VLLMSampler);
                 anything with the `Sampler` Protocol's attributes and methods.
-            reward: who scores (rule reward, Whisper reward module, or the HTTP client).
+            reward: who scores (rule reward, Whisper reward module, the HTTP client, or several of them in a
+                lightning_grpo.reward.composite.CompositeReward). Each sample carries its prompt's index as
+                `group` and, for voice-cloning rows, the reference (prompt_text, prompt_codes, prompt_wav).
             group_size: G, completions per prompt (the original: 16). Samples per step (one
                 rollout) = data.prompts_per_step x G.
             val_group_size: completions per prompt in validation.
@@ -109,6 +112,12 @@ class GRPORollout(L.Callback):
             raise ValueError(f"--val_group_size={val_group_size} must be >= 1")
         if truncation not in ("penalize", "mask", "keep"):
             raise ValueError(f"--truncation={truncation!r} is not one of penalize, mask, keep")
+        if truncation == "penalize" and getattr(reward, "aggregation", None) == "normalize_then_sum":
+            raise ValueError(
+                "--rollout.truncation penalize sets a truncated completion's reward to truncation_reward, but the "
+                "reward's aggregation normalize_then_sum centres rewards on each group's mean, where that is no "
+                "penalty; use --rollout.truncation mask (drop them from the loss) or keep, or aggregation sum"
+            )
         check_sampler(sampler)
         self.sampler = sampler
         self.reward = reward
@@ -195,7 +204,12 @@ class GRPORollout(L.Callback):
     def make_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
         v = self.vocab
         texts, languages = batch["text"], batch.get("language") or [None] * len(batch["text"])
-        prompts = [encode_prompt(pl_module.tokenizer, t, self.max_prompt_length) for t in texts]
+        # voice-cloning references (data.py): None for rows without; the reference codes go into the prompt
+        ref_texts, ref_codes, ref_wavs = (batch.get(k) or [None] * len(texts) for k in REFERENCE_COLUMNS)
+        prompts = [
+            encode_prompt(pl_module.tokenizer, t, self.max_prompt_length, prompt_text=pt, prompt_codes=pc)
+            for t, pt, pc in zip(texts, ref_texts, ref_codes)
+        ]
         allowed = self.allowed_token_ids()
         kwargs = {"allowed_token_ids": allowed} if allowed else {}
         comps = self.sampler.sample(pl_module.policy, prompts, group_size, v.speech_gen_end_id, step, **kwargs)
@@ -206,14 +220,19 @@ class GRPORollout(L.Callback):
         samples = []
         for i, ids in enumerate(comps.ids):
             parsed = parse_completion(ids, v, self.on_invalid)
+            p = i // group_size
             samples.append(
                 SpeechSample(
-                    text=texts[i // group_size],
-                    codes=parsed.codes,
+                    text=texts[p],  # the target text only: the reference's transcript is prompt_text
+                    codes=parsed.codes,  # the continuation only: the reference's codes are in the prompt
                     stopped=parsed.stopped,
                     truncated=comps.truncated[i],
                     num_invalid=parsed.num_invalid,
-                    language=languages[i // group_size],
+                    language=languages[p],
+                    prompt_text=ref_texts[p],
+                    prompt_codes=ref_codes[p],
+                    prompt_wav=ref_wavs[p],
+                    group=p,
                 )
             )
         result = self.reward.score(samples)

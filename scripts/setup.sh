@@ -24,6 +24,9 @@ fi
 .venv/bin/python -m pip install -q -r requirements-dev.txt
 # xcodec2 pins torch==2.5.0; only its decoder half is used, whose needs are in requirements.txt.
 .venv/bin/python -m pip install -q --no-deps xcodec2==0.1.5
+# resemblyzer ships the GE2E speaker encoder's weights (pretrained.pt, 17 MB) that the speaker-similarity reward
+# reads with its own code; its dependencies (librosa, webrtcvad, scipy) are not needed.
+.venv/bin/python -m pip install -q --no-deps resemblyzer==0.1.4
 # the package itself, editable: notebooks, scripts and examples/ import lightning_grpo from any directory
 # without PYTHONPATH, and edits to the checkout take effect at once (`pip install .` makes a fixed copy).
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .

@@ -103,3 +103,14 @@ def test_bench_lora_memory_smoke(tmp_path):
     assert 0 <= lora["bytes"]["AdamW state"] - 8 * lora["trainable"] < 1024  # + AdamW's scalar step counters
     assert all(r["lora_b_abs"] > 0 for r in raw["LoRA r=16, bf16 base (DDP)"])  # the adapters trained
     assert raw["check"]["predicted_mib"] > 0 and raw["sync"]["bytes"] > 0 and raw["sync"]["adapters"] > 0
+
+
+def test_bench_multireward_smoke(tmp_path):
+    """Both tables of BENCHMARKS.md section 12 come out, the composite scored every sample, and SIM compared voices."""
+    import bench_multireward
+
+    text = bench_multireward.main(["--smoke", "--out", str(tmp_path / "multi.md")])
+    assert "| GE2E embed, 4 waveforms in one call |" in text and "| SpeakerSimilarityReward, one sample per call |" in text
+    for row in ("WhisperReward alone", "references as recordings", "references as codes (decoded)", "references cached"):
+        assert f"| {row}" in text or f"| composite, {row}" in text, row
+    assert "reasons ['ok']" in text and (tmp_path / "multi.md").read_text() == text

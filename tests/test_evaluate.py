@@ -211,3 +211,38 @@ def test_seed_tts_mode_adds_wer_for_english_and_cer_for_chinese(tmp_path):
     assert saved["per_language"]["zh"]["seed_tts_cer"] == 0.0
     with pytest.raises(ValueError, match="--seed_tts scores transcripts"):
         add_seed_tts_scores([{"text": "a", "language": "en", "transcript": None}])
+
+
+def test_sim_is_reported_beside_an_unchanged_reward(tmp_path):
+    """`evaluate --sim`: rows with a reference get `sim` (real GE2E weights, espeak-ng voices), rows without get
+    none, and the reward and its metrics equal the config reward's own."""
+    from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak
+
+    from lightning_grpo.evaluate import add_sim
+
+    decoder = StoredAudioDecoder()
+    vocab = LlasaVocab.from_tokenizer(GRPOPolicy().tokenizer)
+    own_voice = decoder.add(espeak(SENTENCES[0], "en-us+f3"))
+    rows = [{"text": SENTENCES[0], "language": "en", "prompt_text": SENTENCES[1],
+             "prompt_codes": decoder.add(espeak(SENTENCES[1], "en-us+f3"))},
+            {"text": SENTENCES[2], "language": "en"}]
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+
+    class RuleWithCodec(RuleReward):
+        codec = decoder
+
+    records = {}
+    for sim in (False, True):
+        rollout = GRPORollout(PerPromptSampler([codes_to_ids(own_voice, vocab)] * 2), RuleWithCodec(), group_size=2)
+        if sim:
+            add_sim(rollout)
+        report = ValidationReport()
+        validate([rollout, report], str(path), val_prompts_per_step=2)
+        records[sim] = report.records
+    with_ref, without = records[True]
+    assert with_ref["sim"] > 0.8 and without["sim"] is None and without["reason"] == "no_reference"
+    assert [r["reward"] for r in records[True]] == [r["reward"] for r in records[False]]
+    assert all(r["length_score"] == r0["length_score"] for r, r0 in zip(records[True], records[False]))
+    with pytest.raises(ValueError, match="--sim_codec"):
+        add_sim(GRPORollout(HFSampler(), RuleReward(), group_size=2))

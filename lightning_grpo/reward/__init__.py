@@ -1,4 +1,5 @@
-"""Rewards: the seam (base), a rule reward, and the Whisper CER + NLL reward."""
+"""Rewards: the seam (base), a rule reward, the Whisper CER + NLL reward, speaker similarity, duration, and
+CompositeReward, which combines several."""
 
 from .base import OK, Reward, RewardResult, SpeechSample
 

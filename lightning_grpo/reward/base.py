@@ -25,6 +25,14 @@ class SpeechSample:
     stopped: the completion ended with <|SPEECH_GENERATION_END|>; truncated: it hit
     max_new_tokens; num_invalid: non-speech ids inside the speech span; language: an ISO code
     such as "en" or "ko", or None for the reward's default.
+
+    Voice cloning (LLaSA's zero-shot prompt; see llasa.encode_prompt): prompt_text is the transcript of
+    the reference clip and prompt_codes its codec codes, both part of the prompt, never of `codes` or
+    `text` (rewards score the continuation against the target text); prompt_wav is the path of the
+    reference recording, which speaker similarity prefers to audio decoded from prompt_codes.
+    group: the index of the prompt this completion answers within one `score` call (completions of one
+    prompt share it; GRPORollout sets it), for rewards that compare a sample with its group
+    (CompositeReward's normalize_then_sum); None when unknown.
     """
 
     text: str
@@ -33,6 +41,15 @@ class SpeechSample:
     truncated: bool = False
     num_invalid: int = 0
     language: str | None = None
+    prompt_text: str | None = None
+    prompt_codes: list[int] | None = None
+    prompt_wav: str | None = None
+    group: int | None = None
+
+    @property
+    def has_reference(self) -> bool:
+        """The sample carries a reference voice: codes of a reference clip or its recording."""
+        return bool(self.prompt_codes) or bool(self.prompt_wav)
 
 
 @dataclass

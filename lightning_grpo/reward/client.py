@@ -166,11 +166,7 @@ class RemoteReward:
                 time.sleep(min(2.0, max(0.05, self.backoff_s)))
 
     def _score_remote(self, samples: Sequence[SpeechSample]) -> list[dict[str, Any]]:
-        body = {"samples": [
-            {"tokens": [int(c) for c in s.codes], "text": s.text, "language": s.language,
-             "stopped": bool(s.stopped), "truncated": bool(s.truncated), "num_invalid": int(s.num_invalid)}
-            for s in samples
-        ]}
+        body = {"samples": [_sample_json(s) for s in samples]}
         response = self._request("POST", "/score", body)
         if response.status_code != 200:
             raise RuntimeError(
@@ -200,6 +196,20 @@ class RemoteReward:
             for i, answer in zip(chunk, self._score_remote([samples[i] for i in chunk])):
                 answers[i] = answer
         return _to_result(answers)  # type: ignore[arg-type]
+
+
+def _sample_json(s: SpeechSample) -> dict[str, Any]:
+    """One sample of a /score body. The voice-cloning fields go only when set (a server of an earlier version
+    rejects unknown fields); `group` never does: the server's micro-batches mix several requests' groups."""
+    item = {"tokens": [int(c) for c in s.codes], "text": s.text, "language": s.language,
+            "stopped": bool(s.stopped), "truncated": bool(s.truncated), "num_invalid": int(s.num_invalid)}
+    if s.prompt_text is not None:
+        item["prompt_text"] = s.prompt_text
+    if s.prompt_codes:
+        item["prompt_codes"] = [int(c) for c in s.prompt_codes]
+    if s.prompt_wav is not None:
+        item["prompt_wav"] = s.prompt_wav
+    return item
 
 
 def _to_result(answers: list[dict[str, Any]]) -> RewardResult:

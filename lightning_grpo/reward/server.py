@@ -8,7 +8,8 @@ process and the trainers score through `lightning_grpo.reward.client.RemoteRewar
 
 Endpoints:
     POST /score   {"tokens": [codes], "text": str}               -> {"nll", "transcript", "cer", "reward", "reason", "metrics"}
-                  {"samples": [{"tokens", "text", "language"?, "stopped"?, "truncated"?, "num_invalid"?}, ...]}
+                  {"samples": [{"tokens", "text", "language"?, "stopped"?, "truncated"?, "num_invalid"?,
+                                "prompt_text"?, "prompt_codes"?, "prompt_wav"?}, ...]}
                                                                  -> {"results": [one answer per sample, in order]}
     GET  /healthz /readyz   200 {"status": "ok"} when the models are loaded, 503 {"status": "loading"} before,
                             503 {"status": "failed", "detail"} when loading failed.
@@ -74,6 +75,11 @@ class SampleIn(BaseModel):
     stopped: StrictBool = True
     truncated: StrictBool = False
     num_invalid: StrictInt = Field(0, ge=0)
+    # voice cloning (SpeechSample): the reference clip's transcript and codes, and its recording's path on
+    # the server's file system
+    prompt_text: StrictStr | None = None
+    prompt_codes: list[StrictInt] | None = None
+    prompt_wav: StrictStr | None = None
 
 
 class BatchIn(BaseModel):
@@ -127,9 +133,16 @@ def parse_body(raw: bytes, codebook_size: int, max_samples: int) -> tuple[list[S
                 422, f"invalid request body: {where}tokens[{j}] = {bad} is outside the codebook 0..{codebook_size - 1}; "
                 "send codec codes (speech token id minus the id of <|s_0|>), not vocabulary ids"
             )
+        bad_ref = next((j for j, c in enumerate(item.prompt_codes or []) if not 0 <= c < codebook_size), None)
+        if bad_ref is not None:
+            raise BadRequest(
+                422, f"invalid request body: {where}prompt_codes[{bad_ref}] = {item.prompt_codes[bad_ref]} is outside "
+                f"the codebook 0..{codebook_size - 1}"
+            )
         samples.append(SpeechSample(
             text=item.text, codes=list(item.tokens), stopped=item.stopped, truncated=item.truncated,
-            num_invalid=item.num_invalid, language=item.language,
+            num_invalid=item.num_invalid, language=item.language, prompt_text=item.prompt_text,
+            prompt_codes=list(item.prompt_codes) if item.prompt_codes else None, prompt_wav=item.prompt_wav,
         ))
     return samples, batched
 

@@ -1,0 +1,184 @@
+"""Speaker similarity (SIM): does the continuation keep the voice of the voice-cloning prompt's reference?
+
+    sim    = cos(encoder(generated audio), encoder(reference audio))       logged per sample as `sim`
+    reward = max(sim, 0)
+
+The reference audio is the row's recording (`prompt_wav`) when it names one, else its reference codes
+(`prompt_codes`) decoded with this reward's codec. Published SIM numbers (Seed-TTS-eval, arXiv 2511.21270)
+use WavLM-large fine-tuned for speaker verification; the default encoder here is the GE2E d-vector model
+PyPI resemblyzer ships (reward/speaker_encoder.py), which runs offline on a CPU. Its cosine is on another
+scale (same espeak-ng voice 0.85-0.93, other voices 0.49-0.77; BENCHMARKS.md section 12) and not comparable
+with papers' figures; bring a WavLM or ECAPA encoder through the `SpeakerEncoder` seam for those (`encoder:`
+class_path, e.g. speaker_encoder.HFXVectorEncoder).
+
+Batched: one codec decode per `batch_size` generated samples, every generated and every new reference
+waveform through the encoder in one call, reference embeddings cached across calls (a data set's references
+repeat every epoch). Guards, each reward 0 with a reason and `sim` not measured (NaN):
+    invalid_token  non-speech ids in the speech span or codes outside the codebook
+    empty_speech   no codes
+    no_reference   the row has neither prompt_codes nor prompt_wav (SIM has nothing to compare with)
+    silent         generated audio with RMS below `silence_rms`
+All G completions of a prompt share its reference, so `no_reference` is constant within a group and leaves the
+group's advantages unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, defaultdict
+from typing import Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..llasa import XCODEC2_CODEBOOK_SIZE
+from .audio import load_wav, resample
+from .base import OK, RewardResult, SpeechSample
+from .codec import SpeechDecoder, XCodec2Decoder
+from .speaker_encoder import GE2EEncoder, SpeakerEncoder
+
+ReferenceKey = tuple[str, tuple[int, ...] | str]
+
+
+def reference_key(s: SpeechSample) -> ReferenceKey | None:
+    """What identifies a sample's reference voice: its recording's path, else its codes; None without one."""
+    if s.prompt_wav:
+        return ("wav", s.prompt_wav)
+    if s.prompt_codes:
+        return ("codes", tuple(int(c) for c in s.prompt_codes))
+    return None
+
+
+class SpeakerSimilarityReward(torch.nn.Module):
+    """Reward = cosine similarity of speaker embeddings of the generated and the reference speech (module doc)."""
+
+    def __init__(
+        self,
+        encoder: SpeakerEncoder | None = None,
+        codec: SpeechDecoder | str | None = None,
+        device: str = "cpu",
+        batch_size: int = 32,
+        codebook_size: int = XCODEC2_CODEBOOK_SIZE,
+        silence_rms: float = 1e-3,
+        reference_cache_size: int = 4096,
+    ) -> None:
+        """
+        Args:
+            encoder: a SpeakerEncoder (`class_path` in YAML: WavLM / ECAPA wrappers of your own); None builds the
+                GE2E encoder with resemblyzer's pretrained weights on `device`.
+            codec: decodes the generated codes and the reference codes: a SpeechDecoder, an X-codec2 checkpoint
+                (HF id or dir), or None to share the codec of another reward in the same CompositeReward (one
+                decode serves both; see reward/composite.py). Standalone, None is an error at the first score.
+            device: where the default encoder (and an X-codec2 codec named by a string) runs.
+            batch_size: generated samples decoded per codec call.
+            codebook_size: codes must be in [0, codebook_size) (X-codec2: 65,536).
+            silence_rms: generated audio quieter than this RMS scores 0 as `silent`.
+            reference_cache_size: reference embeddings kept between calls (least recently used dropped).
+        """
+        super().__init__()
+        if batch_size < 1 or reference_cache_size < 0:
+            raise ValueError(f"--batch_size={batch_size} must be >= 1 and --reference_cache_size >= 0")
+        self.encoder = encoder if encoder is not None else GE2EEncoder(device=device)
+        if not isinstance(self.encoder, SpeakerEncoder):
+            raise TypeError(f"--encoder must be a SpeakerEncoder (sample_rate, embed(wavs)), got {type(encoder)}")
+        self.codec = XCodec2Decoder(codec, device=device) if isinstance(codec, str) else codec
+        if self.codec is not None and not isinstance(self.codec, SpeechDecoder):
+            raise TypeError(f"--codec must be a SpeechDecoder, a checkpoint string or null, got {type(codec)}")
+        self.batch_size = batch_size
+        self.codebook_size = codebook_size
+        self.silence_rms = silence_rms
+        self.reference_cache_size = reference_cache_size
+        self._references: OrderedDict[ReferenceKey, torch.Tensor] = OrderedDict()  # key -> (D,) CPU embedding
+        self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
+        self._warned_no_reference = False
+
+    def _decoder(self) -> SpeechDecoder:
+        if self.codec is None:
+            raise RuntimeError(
+                "SpeakerSimilarityReward has no codec to turn codes into audio: set its `codec:` (an X-codec2 "
+                "checkpoint or a SpeechDecoder class_path), or list it in a CompositeReward beside a reward that has "
+                "one (WhisperReward), which then shares its codec"
+            )
+        return self.codec
+
+    def _decode(self, codes: list[list[int]]) -> list[torch.Tensor]:
+        out = []
+        for start in range(0, len(codes), self.batch_size):
+            out.extend(self._decoder().decode(codes[start : start + self.batch_size]))
+        return out
+
+    def _resampled(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        return resample(wav.float(), sample_rate, self.encoder.sample_rate)
+
+    def reference_embeddings(self, keys: Sequence[ReferenceKey]) -> dict[ReferenceKey, torch.Tensor]:
+        """Embeddings of the given references: cached ones reused, the others decoded / read and embedded together."""
+        todo = [k for k in dict.fromkeys(keys) if k not in self._references]
+        if todo:
+            t0 = time.perf_counter()
+            wavs: dict[ReferenceKey, torch.Tensor] = {}
+            for k in todo:
+                if k[0] == "wav":
+                    wavs[k] = load_wav(k[1], self.encoder.sample_rate)
+            codes = [k for k in todo if k[0] == "codes"]
+            if codes:
+                rate = self._decoder().sample_rate
+                for k, wav in zip(codes, self._decode([list(k[1]) for k in codes])):
+                    wavs[k] = self._resampled(wav, rate)
+            t1 = time.perf_counter()
+            embeddings = self.encoder.embed([wavs[k] for k in todo]).float().cpu()
+            self.timings["reference_decode"] += t1 - t0
+            self.timings["reference_embed"] += time.perf_counter() - t1
+            for k, e in zip(todo, embeddings):
+                self._references[k] = e
+        found = {}
+        for k in dict.fromkeys(keys):
+            self._references.move_to_end(k)
+            found[k] = self._references[k]
+        while len(self._references) > max(self.reference_cache_size, len(found)):
+            self._references.popitem(last=False)
+        return found
+
+    def _guard(self, s: SpeechSample) -> str:
+        if s.num_invalid > 0 or any(not 0 <= c < self.codebook_size for c in s.codes):
+            return "invalid_token"
+        if not s.codes:
+            return "empty_speech"
+        if not s.has_reference:
+            return "no_reference"
+        return OK
+
+    @torch.inference_mode()
+    def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
+        n = len(samples)
+        reasons = [self._guard(s) for s in samples]
+        sim = torch.full((n,), math.nan)
+        todo = [i for i in range(n) if reasons[i] == OK]
+        if "no_reference" in reasons and not self._warned_no_reference:
+            rank_zero_warn(
+                "SpeakerSimilarityReward: some samples have no reference voice (neither prompt_codes nor prompt_wav "
+                "in their data rows); they score 0 with reason no_reference"
+            )
+            self._warned_no_reference = True
+        if todo:
+            t0 = time.perf_counter()
+            rate = self._decoder().sample_rate
+            audios = self._decode([list(samples[i].codes) for i in todo])
+            t1 = time.perf_counter()
+            self.timings["decode"] += t1 - t0
+            keep, wavs = [], []
+            for i, audio in zip(todo, audios):
+                if audio.numel() == 0 or audio.float().square().mean().sqrt().item() < self.silence_rms:
+                    reasons[i] = "silent"
+                else:
+                    keep.append(i)
+                    wavs.append(self._resampled(audio.clamp(-1.0, 1.0), rate))
+            if keep:
+                t2 = time.perf_counter()
+                generated = self.encoder.embed(wavs).float().cpu()  # (K, D)
+                self.timings["embed"] += time.perf_counter() - t2
+                refs = self.reference_embeddings([reference_key(samples[i]) for i in keep])
+                reference = torch.stack([refs[reference_key(samples[i])] for i in keep])  # (K, D)
+                sim[keep] = torch.nn.functional.cosine_similarity(generated, reference, dim=1)
+        rewards = torch.where(sim.isnan(), torch.zeros(n), sim.clamp(min=0.0))
+        return RewardResult(rewards=rewards.float(), metrics={"sim": sim.float()}, reasons=reasons)
