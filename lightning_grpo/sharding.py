@@ -70,11 +70,17 @@ def _head_and_tied(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 
 
 def _call_with_weight(self, fn: Callable, hidden: torch.Tensor, *args, **kwargs):
-    return fn(hidden, self.weight, *args, **kwargs)
+    return _not_a_view(fn(hidden, self.weight, *args, **kwargs))
 
 
 def _call_as_forward(self, body: Callable, *args, **kwargs):
-    return body(self, *args, **kwargs)
+    return _not_a_view(body(self, *args, **kwargs))
+
+
+def _not_a_view(out):
+    """FSDP hangs its pre-backward hook on a unit's outputs, which an in-place op on a view would drop: (B, T)
+    log-probs are copied (cheap) rather than returned as views of their flat buffer."""
+    return out.clone() if isinstance(out, torch.Tensor) and out._base is not None and out.requires_grad else out
 
 
 def _add_forward_method(module: torch.nn.Module, name: str, method: Callable) -> None:

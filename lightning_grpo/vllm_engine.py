@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from .sharding import full_weight
 
 # SamplingParams.extra_args key that vllm_allowed.AllowedTokenRanges reads: ((lo, hi), ...) half-open id ranges.
 ALLOWED_RANGES_ARG = "lightning_grpo_allowed_ranges"
@@ -149,14 +152,21 @@ _PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
 _HF_NAMES = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.rotary_emb.", "lm_head.")
 
 
-def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of an HF causal LM with wrapper prefixes removed, tensors detached, no copy.
+
+    A model sharded by FSDP2 (sharding.py) yields whole tensors, gathered lazily one parameter at a time when the
+    consumer asks for the next one, after casting the local shard to `dtype` (the engine's): no rank ever holds a
+    second copy of the model, only the tensor being copied (the largest, the 193,800-row embedding, is 0.79 GB in
+    bf16 for LLaSA-1B). Each gather is a collective: every rank must consume the whole iterator, in order. A tied
+    head (the embedding's tensor again) is not gathered twice; vLLM's Llama loader ignores a tied `lm_head.weight`.
 
     Accepts the model wrapped by DDP / Lightning / torch.compile / activation checkpointing; names come
     out as `LlamaForCausalLM` names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), which
     vLLM's `load_weights` maps onto its fused layers.
     """
     seen = False
+    gathered: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=False).items():
         stripped = True
         while stripped:
@@ -170,6 +180,12 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 "LM itself (or a DDP/compile wrapper of it) as `model` to VLLMSampler.sample, not its owner"
             )
         seen = True
+        if isinstance(tensor, DTensor):
+            if id(tensor) in gathered:
+                continue
+            gathered.add(id(tensor))
+            yield name, full_weight(tensor.detach(), dtype)
+            continue
         yield name, tensor.detach()
     if not seen:
         raise ValueError("the model passed to VLLMSampler has no parameters to sync")
@@ -327,8 +343,15 @@ class VLLMEngine:
         # The worker's in-place reload (vLLM >= 0.2x): loads HF-format tensors through the model's own
         # weight loaders, then redoes the post-load processing (fused qkv / gate_up, CPU repacking)
         # layer by layer. Plain `model.load_weights` skips that processing and fails on repacked layers.
+        # In process (this class's mode) the worker consumes the iterator itself, so a tensor made for the sync
+        # (a merged LoRA layer) is freed before the next is made; a list would hold them all at once. Only an
+        # engine core in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1) needs them pickled as a list.
+        import vllm.envs
+
+        in_process = not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": list(weights), "is_checkpoint_format": True}
+            "reload_weights",
+            kwargs={"weights_iterator": weights if in_process else list(weights), "is_checkpoint_format": True},
         )
 
     def reset_prefix_cache(self):

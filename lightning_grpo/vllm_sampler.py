@@ -43,6 +43,7 @@ import torch
 
 from .distributed import gather_from_ranks
 from .grpo import token_logprobs
+from .sharding import logprob_forward
 from .sampling import Completions, check_sampling_params
 from .vllm_engine import (
     Engine,
@@ -88,8 +89,8 @@ def policy_logprobs(model: torch.nn.Module, ids: Sequence[int], start: int) -> l
     hf.eval()
     try:
         x = torch.tensor([list(ids)], device=device)  # (1, L)
-        hidden = hf.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # (1, L, H)
-        logp = token_logprobs(hidden[:, start - 1 : -1], hf.get_output_embeddings().weight, x[:, start:])
+        # a sharded policy: every rank must call this (one forward of the sharded model), sharding.py
+        logp = logprob_forward(hf, token_logprobs, x, None, None, start, x[:, start:])
     finally:
         hf.train(was_training)
     return logp[0].tolist()
@@ -404,7 +405,7 @@ class VLLMSampler:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with isolated_global_state():
-            self.engine.load_weights(hf_weights(model))
+            self.engine.load_weights(hf_weights(model, _engine_dtype(self.dtype)))
             self.engine.reset_prefix_cache()  # cached KV was computed with the old weights
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -459,6 +460,11 @@ class VLLMSampler:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
+
+
+def _engine_dtype(dtype: str) -> torch.dtype | None:
+    """The dtype a sharded policy's tensors are cast to before they are gathered for the engine (None: as they are)."""
+    return None if dtype == "auto" else getattr(torch, dtype)
 
 
 def _rank_world() -> tuple[int, int]:
