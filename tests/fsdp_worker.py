@@ -181,7 +181,7 @@ def fit(out: Path, phase: str, tied_dir: str | None) -> None:
         sampler = ScriptedSampler()
         policy_kw.update(scripted_policy_kwargs(beta=0.1 if phase == "step_ref" else 0.0))
         if phase == "step_ref":
-            policy_kw.update(model_name_or_path=tied_dir, gradient_checkpointing=True)
+            policy_kw.update(model_name_or_path=tied_dir, gradient_checkpointing=True, load_on_rank0=True)
             callbacks.append(StepCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=1))
         max_steps, group = 1, 4
     elif phase == "sync":
