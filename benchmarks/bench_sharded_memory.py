@@ -5,9 +5,10 @@ Measured: the same GRPO step (GRPOPolicy under Lightning, 2 gloo processes, Adam
 gradient checkpointing, every completion exactly C tokens) at a mid-size Llama with LLaSA's vocabulary, once per mode,
 each mode in fresh processes. Per rank: the bytes of the parameters, gradients and AdamW state this rank holds at the
 second step's optimizer step (the state exists from the first), counted over unique tensor storages (a DTensor
-counts its local shard), and the peak resident set of the second step (VmHWM reset at its start) above the process's
+counts its local shard); the peak resident set of the second step (VmHWM reset at its start) above the process's
 resident set after its imports, before the model is built: the state plus what is gathered, the activations and
-the communication buffers.
+the communication buffers; and the peak resident set from the imports to fit start: loading (every rank reads the
+whole fp32 model, or with `load_on_rank0` rank 0 alone, the others building on the meta device) and sharding.
 
 Computed: bench_step_memory.budget() per GPU, term by term, for LLaSA-1B/3B/8B (real shapes) under DDP and FSDP2 on
 2, 4 and 8 GPUs, with the vLLM engine colocated at 0.3 of an 80 GB GPU; for LLaSA-8B on 2 GPUs also with micro-batch 1.
@@ -58,6 +59,7 @@ def _fsdp2():
 MODES: dict[str, Mode] = {
     "DDP": Mode(_ddp),
     "FSDP2": Mode(_fsdp2),
+    "FSDP2, load_on_rank0": Mode(_fsdp2, {"load_on_rank0": True}),
 }
 
 SIZES = {
@@ -133,6 +135,9 @@ def worker(mode: str, size: str, model_dir: str) -> None:
             return Completions(ids=[list(ids) for _ in range(len(prompts) * n)], truncated=[False] * (len(prompts) * n))
 
     class Measure(L.Callback):
+        def on_fit_start(self, trainer, pl_module):  # the model is built, loaded and sharded
+            self.load_peak = _vm_kib("VmHWM") / 1024 - baseline
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak of this step only
 
@@ -143,7 +148,7 @@ def worker(mode: str, size: str, model_dir: str) -> None:
             self.peak = _vm_kib("VmHWM") / 1024 - baseline
 
         def on_train_end(self, trainer, pl_module):
-            mine = {"rank": trainer.global_rank, "state": self.state, "peak_step_mib": self.peak,
+            mine = {"rank": trainer.global_rank, "state": self.state, "peak_step_mib": self.peak, "load_peak_mib": self.load_peak,
                     "params": sum(p.numel() for p in pl_module.policy.parameters())}
             everyone = [None] * trainer.world_size
             dist.all_gather_object(everyone, mine)
@@ -190,13 +195,15 @@ def measure(size: str, threads: int) -> tuple[str, dict]:
             total = sum(st.values())
             ddp_state = total if mode == "DDP" and ddp_state is None else ddp_state
             rows.append([mode, rank["rank"], st["parameters"] / MIB, st["gradients"] / MIB, st["optimizer"] / MIB,
-                         total / MIB, f"{total / ddp_state:.3f}x", total / params, rank["peak_step_mib"]])
+                         total / MIB, f"{total / ddp_state:.3f}x", total / params, rank["peak_step_mib"],
+                         rank["load_peak_mib"]])
     header = (f"measured: {params:,} parameters (V={s.vocab:,}, H={s.hidden}, {s.layers} layers, I={s.intermediate}, "
               f"tied), 2 CPU processes (gloo), micro-batch {s.rows // 2} rows x C={s.completion}, 2 per update, fp32 "
               f"(32-true), gradient checkpointing, AdamW, no reference\nmachine: {json.dumps(machine_info())}")
     table = markdown_table(["mode", "rank", "parameters (MiB)", "gradients (MiB)", "AdamW state (MiB)",
                             "parameters + gradients + AdamW (MiB)", "vs DDP", "bytes / parameter",
-                            "peak RSS of the step above the imports (MiB)"], rows)
+                            "peak RSS of the step above the imports (MiB)",
+                            "peak RSS while loading, up to fit start (MiB)"], rows)
     return header + "\n\n" + table, got
 
 

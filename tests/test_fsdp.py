@@ -213,3 +213,43 @@ def test_last_sharded_checkpoint_is_the_newest_complete_one(tmp_path):
     time.sleep(0.05)
     (ckpts / "last.ckpt" / "meta.pt").write_bytes(b"step 3")  # rewritten in place, complete
     assert callback._find_last_checkpoints(T()) == {str(ckpts / "last.ckpt")}
+
+
+FSDP_CONFIGS = ["llasa1b_original.yaml", "llasa3b_fsdp.yaml", "llasa8b_fsdp.yaml", "llasa8b_fsdp_2nodes.yaml"]
+
+
+@pytest.mark.parametrize("name", FSDP_CONFIGS)
+def test_fsdp_configs_shard_over_every_training_gpu(name):
+    """Each FSDP2 layout shards over all its ranks (no tensor parallelism, which sharding.py refuses), and its prompts
+    per step (and per validation batch) divide over them."""
+    from test_configs import ROOT, parse
+
+    cfg = parse(ROOT / "configs" / name)
+    t = cfg.trainer
+    world = t.devices * (t.num_nodes or 1)
+    assert t.strategy.class_path == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert (t.strategy.init_args.data_parallel_size, t.strategy.init_args.tensor_parallel_size) == (world, 1)
+    assert t.precision == "bf16-mixed" and cfg.model.dtype == "float32" and cfg.model.gradient_checkpointing
+    assert cfg.data.prompts_per_step % world == 0 and cfg.data.val_prompts_per_step % world == 0
+
+
+def test_original_layout_moved_to_fsdp2_at_the_original_engine_share():
+    """llasa1b_original: the original's FSDP actor over 2 GPUs with vLLM at 0.6 (DDP at 0.6 does not fit 48 GB)."""
+    from test_configs import ROOT, parse
+
+    cfg = parse(ROOT / "configs" / "llasa1b_original.yaml")
+    assert cfg.rollout.sampler.init_args.gpu_memory_utilization == 0.6 and cfg.trainer.devices == 2
+    assert cfg.rollout.reward.init_args.device == "cuda:2"  # the third GPU, outside the two training ranks
+
+
+def test_two_node_layout():
+    """2 nodes x 4 training GPUs: 8 ranks, one prompt each; the reward is each node's own scoring server (localhost),
+    so the 4 ranks of a node share it and nothing crosses nodes but the collectives."""
+    from test_configs import ROOT, parse
+
+    cfg = parse(ROOT / "configs" / "llasa8b_fsdp_2nodes.yaml")
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 4)
+    assert cfg.data.prompts_per_step // 8 == 1 and cfg.model.load_on_rank0
+    reward = cfg.rollout.reward
+    assert reward.class_path == "lightning_grpo.reward.client.RemoteReward"
+    assert reward.init_args.url.startswith(("http://127.0.0.1:", "http://localhost:"))
