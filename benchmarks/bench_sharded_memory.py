@@ -66,9 +66,13 @@ SIZES = {
     # mid-size: LLaSA's 193,800-row vocabulary (tied, as LLaSA-1B/3B) on a 512-wide, 8-layer Llama: 130M parameters
     "mid": Shape(vocab=193_800, scored=65_539, hidden=512, layers=8, intermediate=2048, heads=8, kv_heads=2,
                  tied=True, rows=4, prompt=0, completion=256, chunk=256),
+    # loading: layers hold most of the parameters (as in LLaSA-3B/8B: the embedding is 17% / 9% of them), 186M
+    "layers": Shape(vocab=3000, scored=2048 + 3, hidden=1024, layers=12, intermediate=4096, heads=8, kv_heads=2,
+                    tied=True, rows=2, prompt=0, completion=16, chunk=16),
     "smoke": Shape(vocab=3000, scored=2048 + 3, hidden=32, layers=2, intermediate=64, heads=4, kv_heads=2,
                    tied=True, rows=2, prompt=0, completion=16, chunk=8),
 }
+LOADING_MODES = ("FSDP2", "FSDP2, load_on_rank0")
 LLASA = {  # the real shapes (Llama-3.2-1B/3B, Llama-3.1-8B with LLaSA's vocabulary), micro-batch 4 x (512 + 2048)
     "LLaSA-1B": Shape(vocab=193_800, scored=65_539, hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8,
                       tied=True, rows=4, prompt=512, completion=2048),
@@ -179,13 +183,17 @@ def save_model(s: Shape, path: str) -> None:
     tok.save_pretrained(path)
 
 
-def measure(size: str, threads: int) -> tuple[str, dict]:
+def run_modes(size: str, modes, threads: int) -> dict[str, dict]:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # inherited: blocks of 64 KiB or more go back on free
-    s = SIZES[size]
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(s, tmp)
-        got = {mode: run_worker(__file__, ["--worker", mode, "--size", size, "--model_dir", tmp], threads)
-               for mode in MODES}
+        save_model(SIZES[size], tmp)
+        return {mode: run_worker(__file__, ["--worker", mode, "--size", size, "--model_dir", tmp], threads)
+                for mode in modes}
+
+
+def measure(size: str, threads: int) -> tuple[str, dict]:
+    s = SIZES[size]
+    got = run_modes(size, MODES, threads)
     params = got["DDP"]["ranks"][0]["params"]
     assert params == s.params(), (params, s.params())
     rows, ddp_state = [], None
@@ -204,6 +212,21 @@ def measure(size: str, threads: int) -> tuple[str, dict]:
                             "parameters + gradients + AdamW (MiB)", "vs DDP", "bytes / parameter",
                             "peak RSS of the step above the imports (MiB)",
                             "peak RSS while loading, up to fit start (MiB)"], rows)
+    return header + "\n\n" + table, got
+
+
+def loading(threads: int) -> tuple[str, dict]:
+    """Peak resident set up to fit start, every rank loading the whole model vs rank 0 alone (load_on_rank0), at a
+    size where the layers, not the embedding, hold the parameters."""
+    s = SIZES["layers"]
+    got = run_modes("layers", LOADING_MODES, threads)
+    model_mib = 4 * s.params() / MIB
+    rows = [[mode, rank["rank"], rank["load_peak_mib"], f"{rank['load_peak_mib'] / model_mib:.2f}x"]
+            for mode, r in got.items() for rank in r["ranks"]]
+    header = (f"loading: {s.params():,} parameters ({model_mib:.0f} MiB in fp32; the largest tensor, a layer's MLP "
+              f"matrix, {4 * s.hidden * s.intermediate / MIB:.0f} MiB; V={s.vocab:,}, H={s.hidden}, {s.layers} layers, "
+              f"I={s.intermediate}), 2 CPU processes, FSDP2")
+    table = markdown_table(["mode", "rank", "peak RSS from the imports to fit start (MiB)", "vs the fp32 model"], rows)
     return header + "\n\n" + table, got
 
 
@@ -257,6 +280,8 @@ def main() -> None:
     table, raw = measure("smoke" if a.smoke else "mid", a.threads)
     print(table)
     if not a.smoke:
+        load, raw["loading"] = loading(a.threads)
+        print("\n" + load)
         llasa, raw["llasa"] = llasa_table()
         print("\n" + llasa)
     if a.json:

@@ -8,7 +8,8 @@ to the reference, and one explicit loss aggregation. All math is in `grpo.py`.
 A trainer step is one rollout: only a rollout's last update advances `trainer.global_step`, so
 `max_steps`, `val_check_interval`, checkpoints, the LR schedule and the logger count rollouts.
 Under DDP the micro-batches accumulate without communication and each update all-reduces the
-gradient once. Weights train in fp32 (use `--trainer.precision bf16-mixed` for bf16 matmuls);
+gradient once; under ModelParallelStrategy the policy and the reference are sharded with FSDP2
+(`configure_model`, sharding.py). Weights train in fp32 (use `--trainer.precision bf16-mixed` for bf16 matmuls);
 gradients are released right after each update, so a colocated vLLM engine has the memory during
 the next rollout (BENCHMARKS.md, memory budget).
 
@@ -240,35 +241,10 @@ class GRPOPolicy(L.LightningModule):
             torch.set_float32_matmul_precision("high" if self.hparams.tf32 else "highest")
 
     def configure_model(self) -> None:
-        """Under ModelParallelStrategy, shard the policy and the reference with FSDP2 (sharding.py) and, with
-        load_on_rank0, load their weights; a no-op under other strategies. Lightning calls it before every
-        fit / validate (and load_from_checkpoint without a trainer): a sharded policy is left as it is."""
-        trainer = self._trainer
-        strategy = trainer.strategy if trainer is not None else None
+        """Under ModelParallelStrategy: shard the policy and the reference with FSDP2, and with load_on_rank0 load
+        them from rank 0 (sharding.configure); a no-op otherwise. Lightning calls it before every fit / validate."""
         hp = self.hparams
-        if not isinstance(strategy, ModelParallelStrategy):
-            if hp.load_on_rank0 and self.policy.device.type == "meta":
-                raise ValueError(
-                    "--model.load_on_rank0 builds the model without weights for ModelParallelStrategy to fill, but the "
-                    f"strategy is {type(strategy).__name__ if strategy else 'none (load_from_checkpoint)'}: set "
-                    "--trainer.strategy ModelParallelStrategy or --model.load_on_rank0 false"
-                )
-            return
-        if sharding.is_sharded(self.policy):
-            return
-        mesh = sharding.data_parallel_mesh(strategy)
-        param_dtype = sharding.param_dtype_for(trainer.precision)
-        models = [self.policy] + ([self.reference] if self.reference is not None else [])
-        for model in models:
-            sharding.shard_causal_lm(model, mesh, param_dtype)
-        if self.policy.device.type == "meta":  # load_on_rank0
-            sharding.load_from_rank0(
-                self.policy, lambda: load_model_and_tokenizer(hp.model_name_or_path, hp.dtype, hp.attn_implementation)[0],
-                strategy.root_device,
-            )
-            if self.reference is not None:  # the same pretrained weights, copied shard by shard
-                self.reference.to_empty(device=strategy.root_device)
-                sharding.copy_shards(self.policy, self.reference)
+        sharding.configure(self, lambda: load_model_and_tokenizer(hp.model_name_or_path, hp.dtype, hp.attn_implementation)[0])
 
     def on_fit_start(self) -> None:
         if self.reference is not None:

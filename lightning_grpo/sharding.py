@@ -19,6 +19,10 @@ unit (torch's `register_fsdp_forward_method`): the head is gathered once per cal
 of chunks, and its (V, H) gradient is reduce-scattered once after the backward of the call. A no-grad
 pass (old and reference log-probs, importance weights, the vLLM check) frees the root and the head on
 exit; after a backward FSDP frees them itself.
+
+Loading (`configure`, from `GRPOPolicy.configure_model`): by default every rank has loaded the whole fp32
+model in `__init__` and `fully_shard` keeps its shard. With `--model.load_on_rank0` the model is built on the
+meta device, sharded, and filled by rank 0 alone (`load_from_rank0`); the reference copies the policy's shards.
 """
 
 from __future__ import annotations
@@ -32,6 +36,37 @@ from torch.distributed.tensor import DTensor
 
 ROOT_METHOD = "lightning_grpo_forward"  # FSDP forward methods of the root and the untied head units
 HEAD_METHOD = "lightning_grpo_call_with_weight"
+
+
+def configure(module, load_full: Callable[[], torch.nn.Module]) -> None:
+    """GRPOPolicy.configure_model: under ModelParallelStrategy shard `module.policy` and `module.reference` (if any);
+    with `load_on_rank0` (the policy on the meta device) fill them from `load_full()`, which rank 0 alone calls.
+    A policy already sharded (fit, then validate) is left as it is; other strategies leave everything as it is."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = module._trainer
+    strategy = trainer.strategy if trainer is not None else None
+    on_meta = module.policy.device.type == "meta"
+    if not isinstance(strategy, ModelParallelStrategy):
+        if on_meta:
+            raise ValueError(
+                "--model.load_on_rank0 builds the model without weights for ModelParallelStrategy to fill, but the "
+                f"strategy is {type(strategy).__name__ if strategy else 'none (load_from_checkpoint)'}: set "
+                "--trainer.strategy ModelParallelStrategy or --model.load_on_rank0 false"
+            )
+        return
+    if is_sharded(module.policy):
+        return
+    mesh = data_parallel_mesh(strategy)
+    param_dtype = param_dtype_for(trainer.precision)
+    for model in (module.policy, module.reference):
+        if model is not None:
+            shard_causal_lm(model, mesh, param_dtype)
+    if on_meta:
+        load_from_rank0(module.policy, load_full, strategy.root_device)
+        if module.reference is not None:  # the same pretrained weights, copied shard by shard
+            module.reference.to_empty(device=strategy.root_device)
+            copy_shards(module.policy, module.reference)
 
 
 def data_parallel_mesh(strategy) -> Any:

@@ -5,6 +5,8 @@ vLLM engine on its own GPU (`pl_module.device`) from the policy's config with *d
 `sample()` copies the policy's weights into it, then every `sync_every` steps again, in place
 (the vLLM worker's `reload_weights` from the policy's tensors, GPU to GPU: no engine restart, no disk). `verify_every` checks the copy:
 the engine's prompt log-probs of a fixed completion must match the policy's teacher-forced ones.
+A policy sharded by FSDP2 (sharding.py) is gathered one tensor at a time during the sync
+(`vllm_engine.hf_weights`), every rank together, each into its own engine.
 
 One step, in this order (the order is what makes sleep mode safe):
     wake_up(weights) -> sync weights -> reset prefix cache -> wake_up(kv_cache) -> generate -> [verify] -> sleep

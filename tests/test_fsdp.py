@@ -153,6 +153,7 @@ def test_export_of_a_sharded_checkpoint_loads_with_from_pretrained(sharded, tmp_
     weights (the tied head included) and gives the trained policy's log-probs."""
     from transformers import AutoModelForCausalLM
 
+    from lightning_grpo.evaluate import trained_steps
     from lightning_grpo.export import export
 
     out, _ = sharded
@@ -166,6 +167,7 @@ def test_export_of_a_sharded_checkpoint_loads_with_from_pretrained(sharded, tmp_
     reference.load_state_dict(trained)
     reference.eval()
     assert json.loads((target / "lightning_grpo_export.json").read_text())["global_step"] == 1
+    assert trained_steps(str(ckpt)) == 1  # evaluate reads the step of a directory of shards too
     ids = torch.tensor([[3, 40, 270, 281, 300, 299, 275, 320, 281]])
     with torch.no_grad():
         got = token_logprobs(model.model(ids).last_hidden_state[:, 3:-1], model.lm_head.weight, ids[:, 4:])
