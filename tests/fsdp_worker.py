@@ -1,7 +1,7 @@
 """Run by test_fsdp.py: 2-process CPU (gloo) fits under Lightning's ModelParallelStrategy (FSDP2), several per
 launch (each phase is its own trainer.fit in the same two processes), writing what each rank saw to OUT/<phase>.
 
-    python tests/fsdp_worker.py OUT [--tied_dir DIR] PHASE [PHASE ...]
+    python tests/fsdp_worker.py OUT [--tied_dir DIR] [--accelerator gpu --devices N] PHASE [PHASE ...]
 
 Phases:
   step      one GRPO step on a scripted rollout (scripted_sampler), untied builtin tiny model, beta 0;
@@ -84,6 +84,7 @@ class FakeEngine:
         from lightning_grpo.tiny import build_tiny_llasa
 
         self.model, _ = build_tiny_llasa(seed=7)  # other weights than the policy's until synced
+        self.device = cfg.device
         self.loaded: dict[str, torch.Tensor] = {}
         self.most_alive = 0  # the most tensors handed over by the sync alive at once, once the engine has copied them
 
@@ -105,7 +106,7 @@ class FakeEngine:
         for name, tensor in weights:  # one at a time, as vLLM's in-place reload consumes them
             handed.append(weakref.ref(tensor))
             self.most_alive = max(self.most_alive, sum(r() is not None for r in handed))
-            self.loaded[name] = tensor.clone()
+            self.loaded[name] = tensor.detach().cpu().clone()
             del tensor  # copied: only the sync could keep it alive now
         self.model.load_state_dict(self.loaded)
 
@@ -119,7 +120,7 @@ class FakeEngine:
         pass
 
     def info(self):
-        return {"device": torch.device("cpu"), "model_runner": "fake"}
+        return {"device": self.device, "model_runner": "fake"}  # where the sampler checks the engine landed
 
 
 class UnevenRandomness(L.Callback):
@@ -168,11 +169,11 @@ class Record(L.Callback):
             torch.save(full, self.out / "weights.pt")
 
 
-def fit(out: Path, phase: str, tied_dir: str | None) -> None:
+def fit(out: Path, phase: str, tied_dir: str | None, accelerator: str = "cpu", devices: int = 2) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     ckpt_dir = out / "ckpt"
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     policy_kw = dict(learning_rate=1e-2, micro_batch_size=3)
     data_kw = dict(prompts_per_step=2, val_data=None)
     callbacks: list[L.Callback] = []
@@ -199,7 +200,7 @@ def fit(out: Path, phase: str, tied_dir: str | None) -> None:
         resume = phase == "rest"
     rollout = GRPORollout(sampler, RuleReward(codes_per_char=0.3, band=(0, 16)), group_size=group)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, logger=False,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
         enable_checkpointing=any(isinstance(c, StepCheckpoint) for c in callbacks), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, precision=precision,
         callbacks=[rollout, Record(out), *callbacks],
@@ -212,9 +213,11 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("phases", nargs="+", choices=["step", "step_ref", "sync", "full", "first", "rest"])
     p.add_argument("--tied_dir")
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--devices", type=int, default=2)
     args = p.parse_args()
     for phase in args.phases:
-        fit(Path(args.out) / phase, phase, args.tied_dir)
+        fit(Path(args.out) / phase, phase, args.tied_dir, args.accelerator, args.devices)
 
 
 if __name__ == "__main__":

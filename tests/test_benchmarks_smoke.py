@@ -87,3 +87,15 @@ def test_bench_step_memory_smoke(tmp_path):
     raw = json.loads(out.read_text())
     assert raw["measured"]["growth_mib"]["backward"] > 0 and raw["measured"]["growth_mib"]["step"] > 0
     assert raw["measured"]["rows"] == 4 and raw["measured"]["completion"] == 16  # 2 micro-batches of 2, C as set
+
+
+def test_bench_sharded_memory_smoke(tmp_path):
+    """DDP vs FSDP2 on 2 CPU processes at a tiny size: each rank reports its parameters, gradients and AdamW state,
+    and FSDP2's are half of DDP's (the sharding the published table measures)."""
+    out = tmp_path / "sharded.json"
+    table = run_script("bench_sharded_memory.py", "--json", str(out))
+    assert "| DDP | 0 |" in table and "| FSDP2 | 1 |" in table
+    raw = json.loads(out.read_text())
+    ddp, fsdp = ([sum(r["state"].values()) for r in raw[m]["ranks"]] for m in ("DDP", "FSDP2"))
+    assert all(s > 0 for s in ddp + fsdp) and len(ddp) == len(fsdp) == 2
+    assert all(abs(f / d - 0.5) < 0.02 for f, d in zip(fsdp, ddp))  # an odd row count pads a shard by one row

@@ -4,6 +4,7 @@ gathered once per pass, weight sync from shards, sharded checkpoints that resume
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,8 +37,8 @@ def launch(out: Path, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def ranks(out: Path) -> list[dict]:
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+def ranks(out: Path, world: int = 2) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +256,19 @@ def test_two_node_layout():
     reward = cfg.rollout.reward
     assert reward.class_path == "lightning_grpo.reward.client.RemoteReward"
     assert reward.init_args.url.startswith(("http://127.0.0.1:", "http://localhost:"))
+
+
+@pytest.mark.gpu
+def test_sharded_step_and_sync_on_gpus(tmp_path):
+    """On every visible GPU (NCCL, bf16-mixed, fused AdamW on the shards): a step with a tied, checkpointed reference
+    and rank-0 loading, then a step with a bf16 engine's sync from shards and its check."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    world = torch.cuda.device_count()
+    tied = save_tied_tiny(tmp_path / "tied")
+    launch(tmp_path, "step_ref", "sync", "--tied_dir", str(tied), "--accelerator", "gpu", "--devices", str(world))
+    for r in ranks(tmp_path / "step_ref", world):
+        assert r["sharded"] == ["DTensor:torch.float32"] and math.isfinite(r["steps"][0]["loss"])
+    for r in ranks(tmp_path / "sync", world):
+        assert r["steps"][0]["sampler"]["sync/ok"] == 1.0 and r["engine_most_alive"] == 1
+        assert r["mp"]["lm_head"] == "torch.float32" and r["mp"]["model.layers.0"] == "torch.bfloat16"
