@@ -9,9 +9,9 @@ A trainer step is one rollout: only a rollout's last update advances `trainer.gl
 `max_steps`, `val_check_interval`, checkpoints, the LR schedule and the logger count rollouts.
 Under DDP the micro-batches accumulate without communication and each update all-reduces the
 gradient once; under ModelParallelStrategy the policy and the reference are sharded with FSDP2
-(`configure_model`, sharding.py). Weights train in fp32 (use `--trainer.precision bf16-mixed` for bf16 matmuls);
-gradients are released right after each update, so a colocated vLLM engine has the memory during
-the next rollout (BENCHMARKS.md, memory budget).
+(`configure_model`, sharding.py). Weights train in fp32 (use `--trainer.precision bf16-mixed` for
+bf16 matmuls); gradients are released right after each update, so a colocated vLLM engine has the
+memory during the next rollout (BENCHMARKS.md, memory budget).
 
 The reference is loaded once, kept out of the optimiser, the checkpoint and DDP, and is not even
 loaded when `beta == 0` (the original recipe ran without KL).
@@ -424,7 +424,7 @@ class GRPOPolicy(L.LightningModule):
         Under FSDP2 every micro-batch's backward reduce-scatters its gradient into the sharded one instead:
         skipping it (`set_requires_gradient_sync(False)`) would keep an unsharded fp32 gradient of the whole
         model on every rank between micro-batches (4 bytes per parameter, the DDP cost FSDP2 is there to
-        shed), to save reduce-scatters that move 1/world of the gradient each (BENCHMARKS.md, FSDP2)."""
+        shed), to save reduce-scatters of (world-1)/world of the fp32 gradient each (BENCHMARKS.md, FSDP2)."""
         strategy = self.trainer.strategy
         if sync or not isinstance(strategy, ParallelStrategy) or isinstance(strategy, ModelParallelStrategy):
             return nullcontext()
