@@ -167,7 +167,8 @@ def hf_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iter
     """
     seen = False
     gathered: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    # keep_vars: a tied head is the embedding's very Parameter (with FSDP2 too), so it is recognised by identity
+    for name, tensor in model.state_dict(keep_vars=True).items():
         stripped = True
         while stripped:
             stripped = False

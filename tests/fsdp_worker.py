@@ -8,8 +8,8 @@ Phases:
             counts the all-gathers and reduce-scatters of every FSDP unit during training_step
   step_ref  the same with a KL reference (beta 0.1), gradient checkpointing and the tied model of --tied_dir;
             saves a sharded checkpoint (OUT/step_ref/ckpt/last.ckpt)
-  sync      one step with VLLMSampler (bf16 engine) and a fake engine, under bf16-mixed: what each rank's engine
-            received, the sync check
+  sync      one step with VLLMSampler (bf16 engine, top_p 0.9) and a fake engine, under bf16-mixed, with importance
+            weights: what each rank's engine received, the sync check
   full / first / rest   the resume test: 4 steps; 2 steps with a checkpoint per step; resumed to 4 steps
 Every phase writes rank{r}.json, and rank 0 the policy's whole weights (weights.pt).
 """
@@ -38,7 +38,7 @@ from lightning_grpo.policy import GRPOPolicy  # noqa: E402
 from lightning_grpo.reward.rule import RuleReward  # noqa: E402
 from lightning_grpo.rollout import GRPORollout  # noqa: E402
 from lightning_grpo.sampling import HFSampler  # noqa: E402
-from lightning_grpo.vllm_engine import RawCompletion  # noqa: E402
+from lightning_grpo.vllm_engine import RawCompletion, hf_weights  # noqa: E402
 from lightning_grpo.vllm_sampler import VLLMSampler, policy_logprobs  # noqa: E402
 
 COMMS: dict[str, int] = {}  # "<model>/<unit>/<all_gather|reduce_scatter>" -> count, during training_step
@@ -144,6 +144,7 @@ class Record(L.Callback):
             "loss": float(m["train/loss"]),
             "kl": float(m["train/kl"]) if "train/kl" in m else None,
             "grad_norm": float(m["train/grad_norm"]),
+            "is_weight_mean": float(m["train/is_weight_mean"]) if "train/is_weight_mean" in m else None,
             "sampler": {k: float(v) for k, v in r.sampler_metrics.items()},
         })
 
@@ -156,6 +157,7 @@ class Record(L.Callback):
             "steps": self.steps, "world": trainer.world_size,
             "comms": getattr(pl_module, "step_comms", None),
             "sharded": sorted({f"{type(p).__name__}:{p.dtype}" for p in policy.parameters()}),
+            "sync_names": [name for name, _ in hf_weights(policy)],  # what a sync gathers, in order (collectives)
             "mp": {name: str(m._get_fsdp_state()._mp_policy.param_dtype) for name, m in policy.named_modules()
                    if isinstance(m, FSDPModule)},
         }
@@ -186,8 +188,9 @@ def fit(out: Path, phase: str, tied_dir: str | None, accelerator: str = "cpu", d
             callbacks.append(StepCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=1))
         max_steps, group = 1, 4
     elif phase == "sync":
-        sampler = VLLMSampler(temperature=1.0, max_new_tokens=4, dtype="bfloat16", verify_every=1,
+        sampler = VLLMSampler(temperature=1.0, top_p=0.9, max_new_tokens=4, dtype="bfloat16", verify_every=1,
                               engine_factory=FakeEngine)
+        policy_kw.update(importance_correction=True)  # top_p < 1: the no-grad sampler_logprobs pass, sharded
         max_steps, group, precision = 1, 2, "bf16-mixed"
     else:  # full / first / rest: real sampling with generate, per-rank RNG streams, a data epoch of 3 steps
         sampler = HFSampler(max_new_tokens=8)

@@ -136,7 +136,8 @@ def test_head_gathered_once_per_pass_not_per_chunk(sharded):
 def test_sync_from_shards_equals_the_unsharded_model(sharded):
     """Each rank's engine receives the whole of every tensor, gathered one at a time (cast to the engine's bf16 before
     the gather), equal to the unsharded policy's weights; the sync check (the engine's log-probs against the sharded
-    policy's) passes, and only one gathered tensor was ever alive on a rank at once."""
+    policy's) passes, and only one gathered tensor was ever alive on a rank at once. The step then weighs tokens by
+    importance weights from the sharded policy's top-p log-probs (a no-grad pass)."""
     out, _ = sharded
     unsharded = GRPOPolicy().policy.state_dict()  # the sync happens before the first update
     for rank, r in enumerate(ranks(out / "sync")):
@@ -147,6 +148,11 @@ def test_sync_from_shards_equals_the_unsharded_model(sharded):
         step = r["steps"][0]["sampler"]
         assert step["sync/ok"] == 1.0 and step["sync/logprob_mean_abs_diff"] < 0.05
         assert r["engine_most_alive"] == 1
+        assert 0 < r["steps"][0]["is_weight_mean"] <= 2.0  # the sharded no-grad pass under the sampler's top-p
+    # a tied head is the embedding's Parameter: gathered once, as the embedding (vLLM ignores a tied lm_head.weight)
+    untied, tied = ranks(out / "step")[0]["sync_names"], ranks(out / "step_ref")[0]["sync_names"]
+    assert "lm_head.weight" in untied and "lm_head.weight" not in tied
+    assert sorted(tied + ["lm_head.weight"]) == sorted(untied)
 
 
 def test_export_of_a_sharded_checkpoint_loads_with_from_pretrained(sharded, tmp_path):
