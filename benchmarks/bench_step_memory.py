@@ -78,6 +78,7 @@ class Layout:
     gpu_gb: float = 48.0
     engine_fraction: float = 0.3  # vLLM gpu_memory_utilization, colocated
     context_gb: float = 1.0  # CUDA context, cuBLAS and NCCL workspaces: an estimate, not computed
+    fsdp: int = 0  # FSDP2 (ModelParallelStrategy, lightning_grpo/sharding.py) over this many GPUs; 0: not sharded
 
 
 def layer_activation_bytes(s: Shape, rows: int = 3, seq: int = 100) -> dict[str, float]:
@@ -122,23 +123,33 @@ def layer_activation_bytes(s: Shape, rows: int = 3, seq: int = 100) -> dict[str,
 
 
 def budget(s: Shape, lay: Layout, layer: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Bytes per term of the two phases. `layer` is layer_activation_bytes(s)."""
+    """Bytes per term of the two phases. `layer` is layer_activation_bytes(s).
+
+    Under FSDP2 (`lay.fsdp` GPUs) the weights, AdamW's state, the gradients and the reference are sharded; the
+    decoder layers compute in bf16 (their outputs, so the checkpointed inputs, are bf16, and they make no autocast
+    weight copies); what is gathered in full is the root unit (the embedding, fp32 when it is the tied head, bf16
+    otherwise) for the whole forward and backward, two bf16 layers at a time (the one computing and the one
+    prefetched) and an untied head in fp32. A unit's gradient is copied into an fp32 reduce-scatter input after FSDP
+    frees the unit's gathered weight: for the untied head the input takes the gathered head's place; for the tied root
+    it comes once its two (V, H) gradients are summed into one, within the largest transient counted for DDP."""
     p, v, h, m, S, C = s.params(), s.vocab, s.hidden, s.rows, s.seq, s.completion
+    w = max(lay.fsdp, 1)
     resident = {
-        "weights (fp32)": 4 * p,
-        "AdamW state (fp32 exp_avg, exp_avg_sq)": 8 * p,
-        "frozen reference": lay.reference_bytes * p,
-        "DDP all-reduce buckets (without gradient_as_bucket_view)": 4 * p if lay.ddp and not lay.bucket_view else 0,
+        "weights (fp32)": 4 * p / w,
+        "AdamW state (fp32 exp_avg, exp_avg_sq)": 8 * p / w,
+        "frozen reference": lay.reference_bytes * p / w,
+        "DDP all-reduce buckets (without gradient_as_bucket_view)": 4 * p if lay.ddp and not lay.bucket_view and not lay.fsdp else 0,
         "CUDA context, cuBLAS/NCCL workspaces (estimate)": lay.context_gb * GB,
     }
-    grads = 4 * p
-    grads_through_rollout = grads if (not lay.release_grads or (lay.ddp and lay.bucket_view)) else 0
-    one_layer = m * S * layer["per_token"] + m * S * S * layer["per_row_s2"] + layer["weight_copies"]
+    grads = 4 * p / w
+    grads_through_rollout = grads if not lay.fsdp and (not lay.release_grads or (lay.ddp and lay.bucket_view)) else 0
+    one_layer = m * S * layer["per_token"] + m * S * S * layer["per_row_s2"] + (0 if lay.fsdp else layer["weight_copies"])
+    act = 2 if lay.fsdp else 4  # bytes per element of the residual stream between layers
     if lay.checkpointing:
-        kept = s.layers * m * S * h * 4  # each layer's fp32 input (the residual stream stays fp32 under autocast)
-        recompute = one_layer + 2 * m * S * h * 4  # one layer's saved tensors, its gradient in and out
+        kept = s.layers * m * S * h * act  # each layer's input (fp32 under autocast: the residual stream stays fp32)
+        recompute = one_layer + 2 * m * S * h * act  # one layer's saved tensors, its gradient in and out
     else:
-        kept, recompute = s.layers * one_layer, 2 * m * S * h * 4
+        kept, recompute = s.layers * one_layer, 2 * m * S * h * act
     # the head's backward: one (chunk, V') logits block, the (V, H) gradient, and (V', H) where it accumulates
     # apart (grpo._ChunkedLogProbs.backward's rule; before issue 19 always, then autograd expanded it)
     block, full, part = 4 * min(s.chunk, m * C) * s.scored, 4 * v * h, 4 * s.scored * h
@@ -159,8 +170,16 @@ def budget(s: Shape, lay: Layout, layer: dict[str, float]) -> dict[str, dict[str
         "final norm + head input (fp32)": 2 * m * S * h * 4 + 4 * m * C * h,
         f"largest transient: {worst}": transients[worst],
     }
-    largest = v * h  # the embedding (and an untied head): the biggest parameter
-    temp = {"fused": 0, "foreach": 4 * p, "single": 2 * 4 * largest}[lay.optimizer]
+    if lay.fsdp:
+        backward.update({
+            "FSDP2: the root unit gathered (embedding" + (", the tied head: fp32)" if s.tied else ": bf16)"):
+                v * h * (4 if s.tied else 2),
+            "FSDP2: an untied head gathered, then its gradient's reduce-scatter input (fp32)": 0 if s.tied else 4 * v * h,
+            "FSDP2: two decoder layers gathered (bf16)": 2 * 2 * s.layer_params(),
+            "FSDP2: reduce-scatter input of a layer's gradient (fp32)": 4 * s.layer_params(),
+        })
+    largest = v * h / w  # the embedding (and an untied head): the biggest parameter (its shard under FSDP2)
+    temp = {"fused": 0, "foreach": 4 * p / w, "single": 2 * 4 * largest}[lay.optimizer]
     step = {"gradients (fp32)": grads, "AdamW step temporaries (fused: none; foreach: one fp32 tensor per parameter)": temp}
     update_peak = max(sum(backward.values()), sum(step.values()))
     return {
@@ -307,6 +326,9 @@ def gpu_tables() -> tuple[str, dict]:
         "2 GPUs DDP, now": dict(),
         "1 GPU, before": dict(ddp=False, release_grads=False, optimizer="foreach", slice_grad=True),
         "1 GPU, now": dict(ddp=False),
+        # the original's own layout: an FSDP actor over the 2 GPUs, vLLM at 0.6 (configs/llasa1b_original.yaml)
+        "2 GPUs DDP, vLLM 0.6": dict(engine_fraction=0.6),
+        "2 GPUs FSDP2, vLLM 0.6": dict(fsdp=2, engine_fraction=0.6),
     }
     out, raw = [], {}
     for gpu in (48.0, 80.0):

@@ -13,6 +13,14 @@ Without `dirpath` it writes to `<trainer.default_root_dir>/checkpoints`, not int
 checkpoint: Lightning writes `step=N.ckpt` before it rewrites `last.ckpt`, so a run killed between
 the two would otherwise resume from an older `last.ckpt`, or from scratch before the first one.
 Each file is complete when it appears (Lightning writes through a temporary file).
+
+Under ModelParallelStrategy (FSDP2) a checkpoint is a directory (`last.ckpt/`, `step=N.ckpt/`): every rank
+writes its shards with torch.distributed.checkpoint, then rank 0 writes `meta.pt` (the step, loops,
+callbacks, data position, LR schedule). A directory counts only once its `meta.pt` exists, and its age is
+that file's: a directory's own modification time does not change when files inside it are rewritten
+(`last.ckpt/` every step), and a run killed while rewriting `last.ckpt/` leaves its old `meta.pt`, so the
+complete `step=N.ckpt/` written just before it is the newer one. All ranks must see the same filesystem.
+`python -m lightning_grpo export` turns either form into an HF directory.
 """
 
 from __future__ import annotations
@@ -22,6 +30,22 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+SHARDED_METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes last into a sharded checkpoint
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A complete sharded (distributed) checkpoint directory."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_METADATA).is_file()
+
+
+def completed_at(path: str | Path) -> float | None:
+    """When a checkpoint was completed: a file's modification time, a sharded directory's `meta.pt`'s; None for an
+    incomplete directory."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / SHARDED_METADATA).stat().st_mtime if is_sharded_checkpoint(path) else None
+    return path.stat().st_mtime if path.is_file() else None
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -48,8 +72,13 @@ class StepCheckpoint(ModelCheckpoint):
         self._default_dirpath(trainer)
         if not self._fs.exists(self.dirpath):
             return set()
-        # last.ckpt and every step checkpoint: Lightning picks the newest by modification time
-        return {os.path.normpath(p) for p in self._fs.ls(self.dirpath, detail=False) if str(p).endswith(self.FILE_EXTENSION)}
+        # last.ckpt and every step checkpoint: Lightning picks the newest by modification time, which for a
+        # sharded directory is not its completion time (module docstring), so only the newest is offered
+        found = [os.path.normpath(p) for p in self._fs.ls(self.dirpath, detail=False) if str(p).endswith(self.FILE_EXTENSION)]
+        if not any(Path(p).is_dir() for p in found):
+            return set(found)
+        done = {p: t for p in found if (t := completed_at(p)) is not None}
+        return {max(done, key=done.get)} if done else set()
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         # Lightning warns that with manual optimisation the checkpoint holds the weights after the

@@ -13,7 +13,8 @@ directory. The command builds the fit config's trainer, model and data, adds the
         --out_dir runs/eval/after
     python -m lightning_grpo evaluate --compare runs/eval/before runs/eval/after
 
-`--ckpt_path` takes a Lightning checkpoint (.ckpt) or an HF directory from `export`; any other argument
+`--ckpt_path` takes a Lightning checkpoint (.ckpt, or the directory of shards an FSDP2 run writes: evaluate it
+with that run's config) or an HF directory from `export`; any other argument
 is a fit-config override (`--data.val_data ~/data/llasa-tts-rl-grpo`, `--data.max_val_samples 100`).
 Samples per prompt are the rollout's `val_group_size`; sampling settings are the config's sampler's.
 
@@ -43,6 +44,7 @@ import lightning as L
 import torch
 
 from .batch import rollout_records
+from .checkpointing import SHARDED_METADATA, is_sharded_checkpoint
 from .distributed import concat_from_ranks
 
 # columns shown first in the table when present; other reward metrics follow alphabetically
@@ -214,6 +216,8 @@ def trained_steps(ckpt_path: str | None) -> int | None:
     if not ckpt_path:
         return 0
     path = Path(ckpt_path)
+    if is_sharded_checkpoint(path):  # FSDP2: the step is in rank 0's meta.pt beside the shards
+        return torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False).get("global_step")
     if path.is_dir():
         provenance = path / "lightning_grpo_export.json"
         return json.loads(provenance.read_text()).get("global_step") if provenance.exists() else None
@@ -253,10 +257,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.beta=0"]
     ckpt = args.ckpt_path
-    if ckpt and Path(ckpt).is_dir():  # an exported HF dir is a model, not a Lightning checkpoint
+    if ckpt and Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # an exported HF dir is a model
         overrides.append(f"--model.model_name_or_path={ckpt}")
         ckpt = None
-    elif ckpt and not Path(ckpt).is_file():
+    elif ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
         raise FileNotFoundError(f"--ckpt_path={ckpt} is neither a .ckpt file nor an exported HF directory")
     # overrides after the user's --config and arguments, except model weights the user chose explicitly
     cli = build_cli([*rest, *overrides], run=False)

@@ -7,6 +7,11 @@ and for `evaluate --ckpt_path <dir>`.
 
     python -m lightning_grpo export --ckpt_path runs/llasa1b_original/.../last.ckpt --out runs/export/llasa1b-grpo
 
+A run under ModelParallelStrategy (FSDP2) checkpoints a directory of shards (`last.ckpt/`, checkpointing.py);
+export reads it in one process, without a process group, into the full model (torch.distributed.checkpoint):
+
+    python -m lightning_grpo export --ckpt_path runs/llasa3b_fsdp/checkpoints/last.ckpt --out runs/export/llasa3b-grpo
+
 Only the policy is exported; the frozen reference never enters checkpoints (it is the pretrained
 model, reloaded from `model_name_or_path`). The tokenizer is the one the policy was trained with.
 
@@ -28,12 +33,39 @@ from .lora import export_lora
 from .policy import GRPOPolicy
 
 
+def checkpoint_meta(ckpt_path: str) -> dict:
+    """The checkpoint's dict without loading its tensors into memory (global_step, epoch, hyper_parameters, ...):
+    a .ckpt file memory-mapped, or a sharded directory's meta.pt (its weights are in the shards)."""
+    from .checkpointing import SHARDED_METADATA, is_sharded_checkpoint
+
+    path = Path(ckpt_path)
+    if is_sharded_checkpoint(path):
+        return torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: no second copy in RAM
+
+
 def load_policy(ckpt_path: str, map_location: str = "cpu") -> GRPOPolicy:
-    """The GRPOPolicy of a Lightning checkpoint, without building the KL reference."""
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"--ckpt_path={ckpt_path} is not a file; pass a .ckpt written by fit (e.g. last.ckpt)")
-    # beta=0 skips the reference copy: exporting needs the policy only
-    return GRPOPolicy.load_from_checkpoint(ckpt_path, map_location=map_location, beta=0.0)
+    """The GRPOPolicy of a Lightning checkpoint (a .ckpt file, or a sharded directory written under
+    ModelParallelStrategy), without building the KL reference, in one process."""
+    from .checkpointing import SHARDED_METADATA, is_sharded_checkpoint
+
+    path = Path(ckpt_path)
+    # beta=0 skips the reference copy: exporting needs the policy only; the weights are built here, not on rank 0
+    overrides = {"beta": 0.0, "load_on_rank0": False}
+    if path.is_file():
+        return GRPOPolicy.load_from_checkpoint(ckpt_path, map_location=map_location, **overrides)
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(
+            f"--ckpt_path={ckpt_path} is neither a .ckpt file nor a sharded checkpoint directory (one with "
+            f"{SHARDED_METADATA}); pass what fit wrote (e.g. checkpoints/last.ckpt)"
+        )
+    import torch.distributed.checkpoint as dcp
+
+    policy = GRPOPolicy(**{**checkpoint_meta(ckpt_path)["hyper_parameters"], **overrides})
+    # the shards were saved as {"state_dict": LightningModule state dict, "optimizer_0": ...}: read the first only,
+    # straight into the full tensors (no process group: DCP reads every rank's shards in this process)
+    dcp.load({"state_dict": policy.state_dict()}, checkpoint_id=str(path))
+    return policy.to(map_location)
 
 
 def export(
@@ -70,7 +102,7 @@ def export(
     else:
         model.save_pretrained(target)
     policy.tokenizer.save_pretrained(target)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mmap: no second copy in RAM
+    checkpoint = checkpoint_meta(ckpt_path)
     provenance = {
         "ckpt_path": str(ckpt_path),
         "global_step": checkpoint.get("global_step"),

@@ -8,9 +8,10 @@ to the reference, and one explicit loss aggregation. All math is in `grpo.py`.
 A trainer step is one rollout: only a rollout's last update advances `trainer.global_step`, so
 `max_steps`, `val_check_interval`, checkpoints, the LR schedule and the logger count rollouts.
 Under DDP the micro-batches accumulate without communication and each update all-reduces the
-gradient once. Weights train in fp32 (use `--trainer.precision bf16-mixed` for bf16 matmuls);
-gradients are released right after each update, so a colocated vLLM engine has the memory during
-the next rollout (BENCHMARKS.md, memory budget).
+gradient once; under ModelParallelStrategy the policy and the reference are sharded with FSDP2
+(`configure_model`, sharding.py). Weights train in fp32 (use `--trainer.precision bf16-mixed` for
+bf16 matmuls); gradients are released right after each update, so a colocated vLLM engine has the
+memory during the next rollout (BENCHMARKS.md, memory budget).
 
 The reference is loaded once, kept out of the optimiser, the checkpoint and DDP, and is not even
 loaded when `beta == 0` (the original recipe ran without KL). With `--model.lora` (lora.py) only
@@ -29,13 +30,14 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer, do_nothing_closure
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import grpo, lora as lora_lib
 from .batch import Rollout
 from .distributed import concat_from_ranks
+from . import sharding
 
 BUILTIN_TINY = "builtin:tiny-llasa"
 
@@ -55,17 +57,20 @@ def _looks_like_hub_id(name: str) -> bool:
                                         all(c.isalnum() or c in "-_." for c in p) for p in parts)
 
 
-def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
-    """(model, tokenizer) from a HF id (e.g. HKUSTAudio/Llasa-1B), a local dir, or `builtin:tiny-llasa`."""
+def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", attn_implementation: str | None = "sdpa",
+                             meta: bool = False):
+    """(model, tokenizer) from a HF id (e.g. HKUSTAudio/Llasa-1B), a local dir, or `builtin:tiny-llasa`.
+    meta: build the model from its config on the meta device, without weights (sharding.load_from_rank0 fills it)."""
     torch_dtype = getattr(torch, dtype)
     if model_name_or_path == BUILTIN_TINY:
         from .tiny import build_tiny_llasa
 
-        model, tokenizer = build_tiny_llasa()
+        with torch.device("meta") if meta else nullcontext():
+            model, tokenizer = build_tiny_llasa()
         return model.to(torch_dtype), tokenizer
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     flag = f"--model.model_name_or_path={model_name_or_path}"
     local = Path(model_name_or_path).expanduser()
@@ -87,7 +92,11 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", at
         kwargs = {"dtype": torch_dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_name_or_path), **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
     except OSError as err:
         if local.is_dir():
             raise
@@ -146,6 +155,7 @@ class GRPOPolicy(L.LightningModule):
         importance_correction: bool = False,
         importance_cap: float = 2.0,
         tf32: bool = True,
+        load_on_rank0: bool = False,
     ) -> None:
         """
         Args:
@@ -192,6 +202,10 @@ class GRPOPolicy(L.LightningModule):
                 `torch.set_float32_matmul_precision("high")`): HF generate, a reward model in this
                 process (Whisper, the codec) and the fp32 parts of bf16-mixed. The log-prob head runs
                 in full fp32 regardless. False sets "highest".
+            load_on_rank0: under ModelParallelStrategy (FSDP2), build the policy and the reference on the meta
+                device and let only rank 0 read the weights: it broadcasts them one tensor at a time and every
+                rank keeps its shard. Otherwise every rank loads the whole fp32 model into CPU RAM before
+                sharding it (4 bytes per parameter per rank: 34 GB per rank for LLaSA-8B). BENCHMARKS.md, FSDP2.
         """
         super().__init__()
         # the checkpoint keeps these; the logger gets the whole run config from the CLI (cli.py)
@@ -209,7 +223,7 @@ class GRPOPolicy(L.LightningModule):
             what = f"--model.dtype={dtype}" + (" with --model.lora.train_embeddings" if lora else "")
             raise low_precision_training_error(what, dtype, learning_rate)
         self.automatic_optimization = False
-        self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, attn_implementation)
+        self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, attn_implementation, load_on_rank0)
         # from_pretrained returns eval mode, and HF only checkpoints layers in train mode; dropout is
         # switched off instead, as peers do for RL: the ratio must compare the same function.
         self.policy.train()
@@ -240,6 +254,12 @@ class GRPOPolicy(L.LightningModule):
             lora_lib.check_strategy(self.trainer.strategy)
         if self.trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision("high" if self.hparams.tf32 else "highest")
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy: shard the policy and the reference with FSDP2, and with load_on_rank0 load
+        them from rank 0 (sharding.configure); a no-op otherwise. Lightning calls it before every fit / validate."""
+        hp = self.hparams
+        sharding.configure(self, lambda: load_model_and_tokenizer(hp.model_name_or_path, hp.dtype, hp.attn_implementation)[0])
 
     def on_fit_start(self) -> None:
         if self.reference is not None:
@@ -297,16 +317,13 @@ class GRPOPolicy(L.LightningModule):
         ids = r.input_ids[rows]
         mask = r.attention_mask[rows]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # matches generate() with left padding
-        hidden = model.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (m, P+C, H)
         w = r.prompt_width
         targets = ids[:, w:]  # (m, C)
         if r.vocab_range is not None:  # padding after a completion is not a scored row; any valid id will do
             targets = torch.where(mask[:, w:].bool(), targets, r.vocab_range[0])
-        return grpo.token_logprobs(
-            hidden[:, w - 1 : -1],  # states that predict the completion tokens
-            model.get_output_embeddings().weight,
+        # the decoder, then the chunked head on the (m, C, H) states that predict the completion (sharding.py)
+        return sharding.logprob_forward(
+            model, grpo.token_logprobs, ids, mask, position_ids, w,
             targets,
             chunk_size=self.hparams.logprob_chunk_size,
             temperature=r.temperature,
@@ -320,14 +337,11 @@ class GRPOPolicy(L.LightningModule):
         untruncated), for importance weights that compare like with like: (m, C) each."""
         ids, mask, w = r.input_ids[rows], r.attention_mask[rows], r.prompt_width
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = model.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (m, P+C, H)
         targets = ids[:, w:]
         if r.vocab_range is not None:
             targets = torch.where(mask[:, w:].bool(), targets, r.vocab_range[0])
-        return grpo.sampler_token_logprobs(
-            hidden[:, w - 1 : -1], model.get_output_embeddings().weight, targets, r.temperature, r.top_p, r.top_k,
+        return sharding.logprob_forward(
+            model, grpo.sampler_token_logprobs, ids, mask, position_ids, w, targets, r.temperature, r.top_p, r.top_k,
             self.hparams.logprob_chunk_size, r.vocab_range, r.disallowed,
         )
 
@@ -435,9 +449,13 @@ class GRPOPolicy(L.LightningModule):
     def _gradient_sync(self, sync: bool) -> AbstractContextManager:
         """Under DDP, a backward without `sync` accumulates this rank's gradient locally and skips the
         all-reduce; the last micro-batch of an update all-reduces the sum: one round of the whole
-        model's gradient per update instead of one per micro-batch (same result: an average of sums)."""
+        model's gradient per update instead of one per micro-batch (same result: an average of sums).
+        Under FSDP2 every micro-batch's backward reduce-scatters its gradient into the sharded one instead:
+        skipping it (`set_requires_gradient_sync(False)`) would keep an unsharded fp32 gradient of the whole
+        model on every rank between micro-batches (4 bytes per parameter, the DDP cost FSDP2 is there to
+        shed), to save reduce-scatters of (world-1)/world of the fp32 gradient each (BENCHMARKS.md, FSDP2)."""
         strategy = self.trainer.strategy
-        if sync or not isinstance(strategy, ParallelStrategy):
+        if sync or not isinstance(strategy, ParallelStrategy) or isinstance(strategy, ModelParallelStrategy):
             return nullcontext()
         return strategy.block_backward_sync()
 

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from .sharding import full_weight
 
 from .lora import is_lora_model, merged_weights
 
@@ -151,8 +154,14 @@ _PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
 _HF_NAMES = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.rotary_emb.", "lm_head.")
 
 
-def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of an HF causal LM with wrapper prefixes removed, tensors detached, no copy.
+
+    A model sharded by FSDP2 (sharding.py) yields whole tensors, gathered lazily one parameter at a time when the
+    consumer asks for the next one, after casting the local shard to `dtype` (the engine's): no rank ever holds a
+    second copy of the model, only the tensor being copied (the largest, the 193,800-row embedding, is 0.79 GB in
+    bf16 for LLaSA-1B). Each gather is a collective: every rank must consume the whole iterator, in order. A tied
+    head (the embedding's tensor again) is not gathered twice; vLLM's Llama loader ignores a tied `lm_head.weight`.
 
     Accepts the model wrapped by DDP / Lightning / torch.compile / activation checkpointing; names come
     out as `LlamaForCausalLM` names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), which
@@ -163,7 +172,9 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield from merged_weights(unwrap(model))
         return
     seen = False
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    gathered: set[int] = set()
+    # keep_vars: a tied head is the embedding's very Parameter (with FSDP2 too), so it is recognised by identity
+    for name, tensor in model.state_dict(keep_vars=True).items():
         stripped = True
         while stripped:
             stripped = False
@@ -176,6 +187,12 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 "LM itself (or a DDP/compile wrapper of it) as `model` to VLLMSampler.sample, not its owner"
             )
         seen = True
+        if isinstance(tensor, DTensor):
+            if id(tensor) in gathered:
+                continue
+            gathered.add(id(tensor))
+            yield name, full_weight(tensor.detach(), dtype)
+            continue
         yield name, tensor.detach()
     if not seen:
         raise ValueError("the model passed to VLLMSampler has no parameters to sync")

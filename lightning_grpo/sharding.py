@@ -1,0 +1,221 @@
+"""FSDP2 sharding of the policy and the frozen reference under Lightning's `ModelParallelStrategy`.
+
+`shard_causal_lm` applies torch's `fully_shard` to an HF Llama causal LM in three kinds of unit:
+- every decoder layer: gathered in forward, freed after it, gathered again in backward; under
+  `--trainer.precision bf16-mixed` it computes in bf16 and reduce-scatters its gradient in fp32;
+- the LM head when it is not tied to the embedding (LLaSA-8B), computing in fp32 whatever the precision:
+  the log-prob head is fp32 by design (grpo.py), since the ratio, the KL and the importance weights are
+  differences of log-probs;
+- the root, the whole `LlamaForCausalLM`: the embedding, the final norm, and the head when it is tied to
+  the embedding (LLaSA-1B/3B; then the root computes in fp32). FSDP keeps the root gathered from the
+  start of a forward to the end of its backward.
+Sharded parameters (the optimizer's master weights) stay fp32 in every unit.
+
+The log-prob path (`logprob_forward`) runs the decoder and then a chunked function of the head's
+weight (`grpo.token_logprobs(hidden, head.weight, ...)`), never the HF forward, so FSDP2's hooks,
+which wrap `forward` only, would not fire: the embedding and the head would be shards. It therefore
+runs as a forward method of the root unit, and the chunked function as a forward method of the head
+unit (torch's `register_fsdp_forward_method`): the head is gathered once per call, whatever the number
+of chunks, and its (V, H) gradient is reduce-scattered once after the backward of the call. A no-grad
+pass (old and reference log-probs, importance weights, the vLLM check) frees the root and the head on
+exit; after a backward FSDP frees them itself.
+
+Loading (`configure`, from `GRPOPolicy.configure_model`): by default every rank has loaded the whole fp32
+model in `__init__` and `fully_shard` keeps its shard. With `--model.load_on_rank0` the model is built on the
+meta device, sharded, and filled by rank 0 alone (`load_from_rank0`); the reference copies the policy's shards.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+import torch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+ROOT_METHOD = "lightning_grpo_forward"  # FSDP forward methods of the root and the untied head units
+HEAD_METHOD = "lightning_grpo_call_with_weight"
+
+
+def configure(module, load_full: Callable[[], torch.nn.Module]) -> None:
+    """GRPOPolicy.configure_model: under ModelParallelStrategy shard `module.policy` and `module.reference` (if any);
+    with `load_on_rank0` (the policy on the meta device) fill them from `load_full()`, which rank 0 alone calls.
+    A policy already sharded (fit, then validate) is left as it is; other strategies leave everything as it is."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = module._trainer
+    strategy = trainer.strategy if trainer is not None else None
+    on_meta = module.policy.device.type == "meta"
+    if not isinstance(strategy, ModelParallelStrategy):
+        if on_meta:
+            raise ValueError(
+                "--model.load_on_rank0 builds the model without weights for ModelParallelStrategy to fill, but the "
+                f"strategy is {type(strategy).__name__ if strategy else 'none (load_from_checkpoint)'}: set "
+                "--trainer.strategy ModelParallelStrategy or --model.load_on_rank0 false"
+            )
+        return
+    if is_sharded(module.policy):
+        return
+    mesh = data_parallel_mesh(strategy)
+    param_dtype = param_dtype_for(trainer.precision)
+    for model in (module.policy, module.reference):
+        if model is not None:
+            shard_causal_lm(model, mesh, param_dtype)
+    if on_meta:
+        load_from_rank0(module.policy, load_full, strategy.root_device)
+        if module.reference is not None:  # the same pretrained weights, copied shard by shard
+            module.reference.to_empty(device=strategy.root_device)
+            copy_shards(module.policy, module.reference)
+
+
+def data_parallel_mesh(strategy) -> Any:
+    """The 1-D mesh to shard over: Lightning's `data_parallel` dimension, which must span every rank."""
+    mesh = strategy.device_mesh
+    if mesh["tensor_parallel"].size() != 1:
+        raise ValueError(
+            f"ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()}: lightning_grpo shards "
+            "with FSDP2 only (no tensor parallelism), and the data would repeat over the tensor-parallel ranks. Set "
+            f"--trainer.strategy.data_parallel_size={mesh.size()} --trainer.strategy.tensor_parallel_size=1 "
+            "(the configs/llasa*_fsdp.yaml layouts)"
+        )
+    return mesh["data_parallel"]
+
+
+def param_dtype_for(precision: str) -> torch.dtype | None:
+    """The decoder layers' compute dtype for a Lightning precision flag (None: the fp32 weights themselves)."""
+    if precision == "bf16-mixed":
+        return torch.bfloat16
+    if precision in ("32-true", "32"):
+        return None
+    raise ValueError(
+        f"--trainer.precision={precision} with ModelParallelStrategy: use bf16-mixed (bf16 compute, fp32 weights, "
+        "fp32 gradient reduction) or 32-true. 16-mixed needs a gradient scaler that works on sharded gradients, and "
+        "-true precisions train low-precision weights (refused, see --model.dtype)"
+    )
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _head_and_tied(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    head = model.get_output_embeddings()
+    return head, head.weight is model.get_input_embeddings().weight
+
+
+def _call_with_weight(self, fn: Callable, hidden: torch.Tensor, *args, **kwargs):
+    return _not_a_view(fn(hidden, self.weight, *args, **kwargs))
+
+
+def _call_as_forward(self, body: Callable, *args, **kwargs):
+    return _not_a_view(body(self, *args, **kwargs))
+
+
+def _not_a_view(out):
+    """FSDP hangs its pre-backward hook on a unit's outputs, which an in-place op on a view would drop: (B, T)
+    log-probs are copied (cheap) rather than returned as views of their flat buffer."""
+    return out.clone() if isinstance(out, torch.Tensor) and out._base is not None and out.requires_grad else out
+
+
+def _add_forward_method(module: torch.nn.Module, name: str, method: Callable) -> None:
+    setattr(module, name, types.MethodType(method, module))
+    register_fsdp_forward_method(module, name)
+
+
+def shard_causal_lm(model: torch.nn.Module, mesh, param_dtype: torch.dtype | None) -> None:
+    """`fully_shard` the units of an HF causal LM in place (module docstring). Parameters may be on the meta
+    device (materialise them afterwards with `to_empty`)."""
+    head, tied = _head_and_tied(model)
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no decoder `layers` to shard; ModelParallelStrategy supports "
+                        "Llama-style HF causal LMs (LLaSA)")
+    layer_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # The head's units compute in the weights' own dtype (fp32 for the policy) and cast their floating inputs to it:
+    # HF generate, outside autocast, hands the head bf16 states from the bf16 layers.
+    own_mp = MixedPrecisionPolicy(param_dtype=head.weight.dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=layer_mp, reshard_after_forward=True)
+    if not tied:
+        # kept gathered between the forward and the backward of a call: one gather per micro-batch, and the
+        # head's backward comes first in the backward pass, when the forward's peak has not been freed yet
+        fully_shard(head, mesh=mesh, mp_policy=own_mp, reshard_after_forward=False)
+        _add_forward_method(head, HEAD_METHOD, _call_with_weight)
+    fully_shard(model, mesh=mesh, mp_policy=own_mp if tied else layer_mp)
+    _add_forward_method(model, ROOT_METHOD, _call_as_forward)
+
+
+def logprob_forward(model: torch.nn.Module, fn: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    position_ids: torch.Tensor | None, start: int, *args, **kwargs):
+    """fn(hidden[:, start - 1 : -1], W, *args, **kwargs): the decoder's last hidden states that predict tokens
+    start.. of `input_ids` (B, L), and W the full (V, H) weight of the LM head, for a plain or a sharded model.
+
+    Sharded, the call is one forward of the root unit (the embedding, norm and a tied head gathered once) and fn
+    one forward of the head unit (gathered once, its gradient reduce-scattered once); without grad both are freed
+    on return."""
+    method = getattr(model, ROOT_METHOD, None)
+    body = _decode_and_score
+    out = method(body, fn, input_ids, attention_mask, position_ids, start, *args, **kwargs) if method is not None \
+        else body(model, fn, input_ids, attention_mask, position_ids, start, *args, **kwargs)
+    if not torch.is_grad_enabled():
+        reshard(model)
+    return out
+
+
+def _decode_and_score(model, fn, input_ids, attention_mask, position_ids, start, *args, **kwargs):
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, L, H)
+    states = hidden[:, start - 1 : -1]  # (B, L - start, H): the states that predict tokens start..
+    head, _ = _head_and_tied(model)
+    method = getattr(head, HEAD_METHOD, None)
+    return method(fn, states, *args, **kwargs) if method is not None else fn(states, head.weight, *args, **kwargs)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free every gathered unit of a sharded model (a no-op for other models)."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def copy_shards(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """dst's parameters and buffers := src's, shard by shard (both sharded alike, e.g. the reference from the
+    policy): no communication, no full tensor; casts to dst's dtype."""
+    pairs = list(zip(src.parameters(), dst.parameters())) + list(zip(src.buffers(), dst.buffers()))
+    with torch.no_grad():
+        for s, d in pairs:
+            if s.shape != d.shape:
+                raise ValueError(f"copy_shards: shapes differ ({tuple(s.shape)} vs {tuple(d.shape)})")
+            local = d.to_local() if isinstance(d, DTensor) else d
+            local.copy_(s.to_local() if isinstance(s, DTensor) else s)
+
+
+def load_from_rank0(model: torch.nn.Module, load_full: Callable[[], torch.nn.Module], device: torch.device) -> None:
+    """Materialise a sharded model built on the meta device with the weights of `load_full()`, which only rank 0
+    calls: it broadcasts one tensor at a time and every rank keeps its own shard, so no other rank ever holds the
+    whole model. Buffers that checkpoints do not hold (rotary frequencies) are broadcast from rank 0's model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    dist = torch.distributed
+    model.to_empty(device=device)
+    full = load_full() if dist.get_rank() == 0 else None
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    src_buffers = dict(full.named_buffers()) if full is not None else {}
+    del state, full
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if dist.get_rank() == 0:
+                buf.copy_(src_buffers[name])
+            dist.broadcast(buf, src=0)
+
+
+def full_weight(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole tensor behind a (possibly sharded) parameter, cast to `dtype` before the gather (half the bytes
+    moved and held for a bf16 engine). A collective for a DTensor: every rank of its mesh must call it."""
+    if isinstance(tensor, DTensor):
+        local = tensor if dtype is None else tensor.to(dtype)
+        return local.full_tensor()
+    return tensor

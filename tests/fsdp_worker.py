@@ -1,0 +1,227 @@
+"""Run by test_fsdp.py: 2-process CPU (gloo) fits under Lightning's ModelParallelStrategy (FSDP2), several per
+launch (each phase is its own trainer.fit in the same two processes), writing what each rank saw to OUT/<phase>.
+
+    python tests/fsdp_worker.py OUT [--tied_dir DIR] [--accelerator gpu --devices N] PHASE [PHASE ...]
+
+Phases:
+  step      one GRPO step on a scripted rollout (scripted_sampler), untied builtin tiny model, beta 0;
+            counts the all-gathers and reduce-scatters of every FSDP unit during training_step
+  step_ref  the same with a KL reference (beta 0.1), gradient checkpointing and the tied model of --tied_dir;
+            saves a sharded checkpoint (OUT/step_ref/ckpt/last.ckpt)
+  sync      one step with VLLMSampler (bf16 engine, top_p 0.9) and a fake engine, under bf16-mixed, with importance
+            weights: what each rank's engine received, the sync check
+  full / first / rest   the resume test: 4 steps; 2 steps with a checkpoint per step; resumed to 4 steps
+Every phase writes rank{r}.json, and rank 0 the policy's whole weights (weights.pt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import weakref
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fsdp_fixtures import ScriptedSampler, scripted_policy_kwargs  # noqa: E402
+
+from lightning_grpo.checkpointing import StepCheckpoint  # noqa: E402
+from lightning_grpo.data import PromptDataModule  # noqa: E402
+from lightning_grpo.policy import GRPOPolicy  # noqa: E402
+from lightning_grpo.reward.rule import RuleReward  # noqa: E402
+from lightning_grpo.rollout import GRPORollout  # noqa: E402
+from lightning_grpo.sampling import HFSampler  # noqa: E402
+from lightning_grpo.vllm_engine import RawCompletion, hf_weights  # noqa: E402
+from lightning_grpo.vllm_sampler import VLLMSampler, policy_logprobs  # noqa: E402
+
+COMMS: dict[str, int] = {}  # "<model>/<unit>/<all_gather|reduce_scatter>" -> count, during training_step
+
+
+def _counting(base, key):
+    class Counting(base):
+        def __call__(self, *args, **kwargs):
+            COMMS[key] = COMMS.get(key, 0) + 1
+            return super().__call__(*args, **kwargs)
+
+    return Counting()
+
+
+def count_comms(model: torch.nn.Module, label: str) -> None:
+    """Route every FSDP unit's all-gather and reduce-scatter of `model` through a counter (FSDP2's public hooks)."""
+    for name, m in model.named_modules():
+        if isinstance(m, FSDPModule):
+            unit = "head" if name == "lm_head" else "root" if name == "" else "layers"
+            m.set_custom_all_gather(_counting(DefaultAllGather, f"{label}/{unit}/all_gather"))
+            m.set_custom_reduce_scatter(_counting(DefaultReduceScatter, f"{label}/{unit}/reduce_scatter"))
+
+
+class CountedPolicy(GRPOPolicy):
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        count_comms(self.policy, "policy")
+        if self.reference is not None:
+            count_comms(self.reference, "reference")
+        self.step_comms: list[dict[str, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        COMMS.clear()
+        out = super().training_step(batch, batch_idx)
+        self.step_comms.append(dict(COMMS))
+        return out
+
+
+class FakeEngine:
+    """vLLM's seam on this rank: a copy of the model that only the sync fills; completions of speech ids."""
+
+    def __init__(self, cfg) -> None:
+        from lightning_grpo.tiny import build_tiny_llasa
+
+        self.model, _ = build_tiny_llasa(seed=7)  # other weights than the policy's until synced
+        self.device = cfg.device
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.most_alive = 0  # the most tensors handed over by the sync alive at once, once the engine has copied them
+
+    def generate(self, prompts, request):
+        out = []
+        for i, _ in enumerate(prompts):
+            group = []
+            for j in range(request.n):
+                ids = [270 + (i + j) % 7, 280 + j, 290 + i][: 1 + j % 3] + [request.stop_token_id]
+                group.append(RawCompletion(ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop"))
+            out.append(group)
+        return out
+
+    def prompt_logprobs(self, ids, start):
+        return policy_logprobs(self.model, ids, start)
+
+    def load_weights(self, weights):
+        handed = []  # weak references: alive only while the sync itself still holds a tensor it handed over
+        for name, tensor in weights:  # one at a time, as vLLM's in-place reload consumes them
+            handed.append(weakref.ref(tensor))
+            self.most_alive = max(self.most_alive, sum(r() is not None for r in handed))
+            self.loaded[name] = tensor.detach().cpu().clone()
+            del tensor  # copied: only the sync could keep it alive now
+        self.model.load_state_dict(self.loaded)
+
+    def reset_prefix_cache(self):
+        pass
+
+    def sleep(self, level):
+        pass
+
+    def wake_up(self, tags):
+        pass
+
+    def info(self):
+        return {"device": self.device, "model_runner": "fake"}  # where the sampler checks the engine landed
+
+
+class UnevenRandomness(L.Callback):
+    """Rank r draws r + 1 extra random numbers per step (ranks whose completions stop at different lengths)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.rand(trainer.global_rank + 1)
+
+
+class Record(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out, self.steps = out, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        r = batch["rollout"]
+        m = trainer.callback_metrics
+        self.steps.append({
+            "step": trainer.global_step,
+            "texts": batch["text"],
+            "completions": [list(map(int, ids)) for ids in r.completion_ids],
+            "loss": float(m["train/loss"]),
+            "kl": float(m["train/kl"]) if "train/kl" in m else None,
+            "grad_norm": float(m["train/grad_norm"]),
+            "is_weight_mean": float(m["train/is_weight_mean"]) if "train/is_weight_mean" in m else None,
+            "sampler": {k: float(v) for k, v in r.sampler_metrics.items()},
+        })
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        policy = pl_module.policy
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rank = trainer.global_rank
+        record = {
+            "steps": self.steps, "world": trainer.world_size,
+            "comms": getattr(pl_module, "step_comms", None),
+            "sharded": sorted({f"{type(p).__name__}:{p.dtype}" for p in policy.parameters()}),
+            "sync_names": [name for name, _ in hf_weights(policy)],  # what a sync gathers, in order (collectives)
+            "mp": {name: str(m._get_fsdp_state()._mp_policy.param_dtype) for name, m in policy.named_modules()
+                   if isinstance(m, FSDPModule)},
+        }
+        sampler = getattr(trainer.callbacks[0], "sampler", None)
+        if isinstance(sampler, VLLMSampler):
+            engine = sampler.engine
+            torch.save(engine.loaded, self.out / f"engine{rank}.pt")
+            record["engine_most_alive"] = engine.most_alive
+        (self.out / f"rank{rank}.json").write_text(json.dumps(record))
+        if rank == 0:
+            torch.save(full, self.out / "weights.pt")
+
+
+def fit(out: Path, phase: str, tied_dir: str | None, accelerator: str = "cpu", devices: int = 2) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    ckpt_dir = out / "ckpt"
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    policy_kw = dict(learning_rate=1e-2, micro_batch_size=3)
+    data_kw = dict(prompts_per_step=2, val_data=None)
+    callbacks: list[L.Callback] = []
+    resume, precision = False, "32-true"
+    if phase in ("step", "step_ref"):
+        sampler = ScriptedSampler()
+        policy_kw.update(scripted_policy_kwargs(beta=0.1 if phase == "step_ref" else 0.0))
+        if phase == "step_ref":
+            policy_kw.update(model_name_or_path=tied_dir, gradient_checkpointing=True, load_on_rank0=True)
+            callbacks.append(StepCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=1))
+        max_steps, group = 1, 4
+    elif phase == "sync":
+        sampler = VLLMSampler(temperature=1.0, top_p=0.9, max_new_tokens=4, dtype="bfloat16", verify_every=1,
+                              engine_factory=FakeEngine)
+        policy_kw.update(importance_correction=True)  # top_p < 1: the no-grad sampler_logprobs pass, sharded
+        max_steps, group, precision = 1, 2, "bf16-mixed"
+    else:  # full / first / rest: real sampling with generate, per-rank RNG streams, a data epoch of 3 steps
+        sampler = HFSampler(max_new_tokens=8)
+        data_kw.update(prompts_per_step=4, max_train_samples=12)
+        callbacks.append(UnevenRandomness())
+        max_steps, group = (2 if phase == "first" else 4), 4
+        if phase in ("first", "rest"):
+            ckpt_dir = out.parent / "resume_ckpt"
+            callbacks.append(StepCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=1))
+        resume = phase == "rest"
+    rollout = GRPORollout(sampler, RuleReward(codes_per_char=0.3, band=(0, 16)), group_size=group)
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+        enable_checkpointing=any(isinstance(c, StepCheckpoint) for c in callbacks), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, precision=precision,
+        callbacks=[rollout, Record(out), *callbacks],
+    )
+    trainer.fit(CountedPolicy(**policy_kw), PromptDataModule(**data_kw), ckpt_path="last" if resume else None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("phases", nargs="+", choices=["step", "step_ref", "sync", "full", "first", "rest"])
+    p.add_argument("--tied_dir")
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--devices", type=int, default=2)
+    args = p.parse_args()
+    for phase in args.phases:
+        fit(Path(args.out) / phase, phase, args.tied_dir, args.accelerator, args.devices)
+
+
+if __name__ == "__main__":
+    main()
