@@ -112,6 +112,9 @@ class RewardScoring:
             finally:
                 self.wait_s += time.perf_counter() - start
         else:
+            for _, piece in self._pieces:  # a reward that already failed stops the rollout now, not after it
+                if isinstance(piece, Future) and piece.done() and piece.exception() is not None:
+                    raise piece.exception()
             self._pieces.append((rows, self.executor.submit(self._score, samples)))
 
     def result(self) -> tuple[torch.Tensor, RewardResult, dict[str, float]]:

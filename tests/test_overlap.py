@@ -137,7 +137,7 @@ def test_scoring_runs_while_generation_and_reference_logprobs_go_on():
     assert all(ok for _, ok in gates.seen), [what for what, ok in gates.seen if not ok]
 
 
-def test_a_reward_error_reaches_training_step_with_its_message():
+def test_a_reward_error_stops_the_step_with_its_message():
     class Broken(RuleReward):
         def score(self, samples):
             raise RuntimeError("scoring server http://127.0.0.1:1 POST /score failed after 4 attempt(s)")
@@ -263,3 +263,33 @@ def test_vllm_streams_finished_groups_and_their_rewards_land_on_their_rows(vocab
     assert r.sampler_logprobs[0].tolist()[:3] == [-0.5] * 3
     assert sampler.metrics["timing/weight_sync"] > 0 and "timing/weight_sync" not in r.sampler_metrics
     assert r.timings["weight_sync"] == sampler.metrics["timing/weight_sync"]
+
+
+def test_peak_memory_reads_the_step_peaks_of_the_cuda_allocator(monkeypatch):
+    """CPU: {} (nothing to measure); CUDA (its calls faked here): the allocator's peaks in GiB, reset per step."""
+    from lightning_grpo import timing
+
+    assert timing.peak_memory(torch.device("cpu")) == {}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 5 * 2**29)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(d))
+    gpu = torch.device("cuda", 1)
+    assert timing.peak_memory(gpu) == {"perf/max_memory_allocated_gib": 3.0, "perf/max_memory_reserved_gib": 2.5}
+    timing.reset_peak_memory(gpu)
+    timing.reset_peak_memory(torch.device("cpu"))
+    assert calls == [gpu]
+
+
+@pytest.mark.gpu
+def test_peak_memory_and_timings_are_logged_on_cuda():
+    L.seed_everything(0)
+    cb = GRPORollout(HFSampler(max_new_tokens=6, prompts_per_chunk=1), RuleReward(), group_size=2)
+    record = Record()
+    L.Trainer(accelerator="gpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+              callbacks=[cb, record]).fit(GRPOPolicy(beta=0.05), PromptDataModule(prompts_per_step=2, val_data=None))
+    for step in record.steps:
+        m = step["metrics"]
+        assert 0 < m["perf/max_memory_allocated_gib"] <= m["perf/max_memory_reserved_gib"]
+        assert m["timing/update"] > 0 and m["timing/step"] >= m["timing/generate"] + m["timing/update"]
