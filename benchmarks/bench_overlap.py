@@ -48,8 +48,8 @@ SIZES = {
     "full": {"prompts": 8, "group": 8, "max_new_tokens": 48, "steps": 10, "warmup": 2, "fixed_s": 0.05, "repeats": 2},
     "smoke": {"prompts": 2, "group": 2, "max_new_tokens": 6, "steps": 2, "warmup": 1, "fixed_s": 0.01, "repeats": 1},
 }
-WHISPER = {"full": {"prompts": 4, "group": 4, "max_new_tokens": 16, "steps": 5, "warmup": 1},
-           "smoke": {"prompts": 1, "group": 2, "max_new_tokens": 4, "steps": 2, "warmup": 1}}
+WHISPER = {"full": {"prompts": 4, "group": 4, "max_new_tokens": 16, "steps": 4, "warmup": 1, "repeats": 2},
+           "smoke": {"prompts": 1, "group": 2, "max_new_tokens": 4, "steps": 2, "warmup": 1, "repeats": 1}}
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -82,14 +82,14 @@ def fit_worker(a: argparse.Namespace) -> None:
             m = trainer.callback_metrics
             steps.append({k: float(v) for k, v in m.items() if k.startswith(("timing/", "perf/"))})
 
-    root = tempfile.mkdtemp(prefix="bench_overlap_")
     cb = GRPORollout(HFSampler(temperature=1.0, max_new_tokens=a.max_new_tokens, prompts_per_chunk=a.chunk), reward,
                      group_size=a.group, overlap_reward=a.overlap)
-    L.Trainer(accelerator="cpu", devices=1, max_steps=a.steps, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-              callbacks=[cb, Record()], default_root_dir=root).fit(
-        GRPOPolicy(learning_rate=1e-3, beta=0.02, micro_batch_size=16),
-        PromptDataModule(prompts_per_step=a.prompts, val_data=None))
+    with tempfile.TemporaryDirectory(prefix="bench_overlap_") as root:  # the owner's log
+        L.Trainer(accelerator="cpu", devices=1, max_steps=a.steps, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                  callbacks=[cb, Record()], default_root_dir=root).fit(
+            GRPOPolicy(learning_rate=1e-3, beta=0.02, micro_batch_size=16),
+            PromptDataModule(prompts_per_step=a.prompts, val_data=None))
     kept = steps[a.warmup:]
     emit({key: statistics.median(s[key] for s in kept) for key in kept[0]} | {"steps": len(kept)})
 
@@ -106,8 +106,8 @@ def http_worker(a: argparse.Namespace) -> None:
     local = RuleReward()
     score_s = _median_time(lambda: local.score(samples), a.rounds)
     reward = SharedReward(RuleReward, mode="process", max_wait_ms=0)
-    root = tempfile.mkdtemp(prefix="bench_http_")
-    reward.start(types.SimpleNamespace(num_devices=1, node_rank=0, local_rank=0, default_root_dir=root))
+    root = tempfile.TemporaryDirectory(prefix="bench_http_")
+    reward.start(types.SimpleNamespace(num_devices=1, node_rank=0, local_rank=0, default_root_dir=root.name))
     try:
         reward.score(samples)  # connection and first-call warm-up
         one = _median_time(lambda: reward.score(samples), a.rounds)
@@ -120,6 +120,7 @@ def http_worker(a: argparse.Namespace) -> None:
         two = _median_time(both, a.rounds)
     finally:
         reward.close()
+        root.cleanup()
     emit({"score_ms": 1e3 * score_s, "one_rank_ms": 1e3 * (one - score_s), "two_ranks_ms": 1e3 * (two - 2 * score_s)})
 
 
@@ -224,8 +225,9 @@ def part_overlap(size: dict, threads: int) -> dict:
                f"{per_sample * 1e3:.2f} ms per sample ({pieces} calls, {samples} samples per step)\n"
                f"overlapped step {ovl['timing/step']:.3f} s vs goal bound generate + logprob + update + 0.25 x reward = "
                f"{bound:.3f} s: {'met' if ovl['timing/step'] <= bound else 'NOT met'}; reward time hidden: "
-               f"{100 * hidden:.0f}% ((step_seq - step_ovl) / reward_seq); step ratio overlapped / sequential "
-               f"{ovl['timing/step'] / seq['timing/step']:.2f}")
+               f"{100 * hidden:.0f}% by step time ((step_seq - step_ovl) / reward_seq: noisy, generation varies between "
+               f"runs), {100 * (1 - ovl['timing/reward_wait'] / ovl['timing/reward']):.0f}% by wait (1 - reward_wait / "
+               f"reward, overlapped run); step ratio overlapped / sequential {ovl['timing/step'] / seq['timing/step']:.2f}")
     return {"table": table, "summary": summary, "runs": runs, "calibration": calib, "per_sample_s": per_sample}
 
 
@@ -234,11 +236,13 @@ def part_whisper(size: dict, threads: int) -> dict:
     variants = {"in-process, sequential": {"owner": False, "overlap": False},
                 "owner, sequential": {"owner": True, "overlap": False},
                 "owner, overlapped": {"owner": True, "overlap": True}}
-    med = {}
-    for name, kw in variants.items():
-        med[name] = run_worker(script, fit_args(size, reward="whisper", **kw), threads)
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(size["repeats"]):  # alternated: the machine's load drifts
+        for name, kw in variants.items():
+            runs[name].append(run_worker(script, fit_args(size, reward="whisper", **kw), threads))
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     rows = [[name] + [m[f"timing/{p}"] for p in PHASES] for name, m in med.items()]
-    return {"table": markdown_table(["variant", *PHASES], rows), "runs": med}
+    return {"table": markdown_table(["variant", *PHASES], rows), "runs": med, "all_runs": runs}
 
 
 def part_transport(smoke: bool, threads: int) -> dict:
@@ -253,8 +257,10 @@ def part_transport(smoke: bool, threads: int) -> dict:
             "collective": coll}
 
 
-def part_configs(smoke: bool, warm_start: str | None) -> dict:
-    """One step (after a warm-up step) of each shipped CPU config through the CLI; its logged timings."""
+def part_configs(smoke: bool, warm_start: str | None, threads: int) -> dict:
+    """One step (after a warm-up step) of each shipped CPU config through the CLI; its logged timings. The CLI
+    runs with `threads` OpenMP threads, as the other parts: two threads on two shared, loaded cores made
+    generation ~40x slower in one measurement (spinning OpenMP workers), which is the machine, not the config."""
     configs = {"configs/tiny_cpu.yaml": []}
     small_world = REPO / "examples" / "small_world" / "config.yaml"
     if warm_start:
@@ -268,7 +274,8 @@ def part_configs(smoke: bool, warm_start: str | None) -> dict:
                    "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", *extra]
             if smoke:
                 cmd += ["--rollout.sampler.max_new_tokens=4", "--data.prompts_per_step=1"]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "examples")])}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "examples")]),
+                   "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cfg} failed:\n{proc.stderr[-3000:]}")
@@ -315,7 +322,7 @@ def main() -> None:
         elif part == "whisper":
             out[part] = part_whisper(WHISPER[size_name], a.threads)
         else:
-            out[part] = part_configs(a.smoke, warm)
+            out[part] = part_configs(a.smoke, warm, a.threads)
         print(f"## {part}\n\n{out[part]['table']}\n")
         if "summary" in out[part]:
             print(out[part]["summary"] + "\n")

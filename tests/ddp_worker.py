@@ -151,7 +151,7 @@ def main() -> None:
     reward = RuleReward(codes_per_char=0.3, band=(0, 16))
     if args.shared_reward:
         reward = SharedReward(functools.partial(CountingRuleReward, str(out_dir), codes_per_char=0.3, band=(0, 16)),
-                              max_wait_ms=200, max_retries=2, backoff_s=0.5, log_dir=str(out_dir / "owner"))
+                              max_wait_ms=300, max_retries=2, backoff_s=0.5, log_dir=str(out_dir / "owner"))
     sampler = HFSampler(max_new_tokens=8, prompts_per_chunk=1 if args.shared_reward else 0)
     cb = GRPORollout(sampler, reward, group_size=4, overlap_reward=not args.no_overlap)
     callbacks = [cb, Record(out_dir, args.save_weights), UnevenRandomness()]

@@ -795,3 +795,33 @@ def test_gpu_engine_lands_on_the_policys_gpu(real_sampler):
     policy.to(f"cuda:{index}")
     s = real_sampler(f"cuda:{index}", policy, max_new_tokens=8)
     assert s.engine_info["device"] == torch.device("cuda", index)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_vllm_streams_finished_groups_with_the_samples_of_one_generate_call(device, real_sampler):
+    """`stream()` hands out groups as the engine finishes them (more than one piece), and they are exactly the
+    completions one `generate` call gives for the same request seeds."""
+    _real_vllm(device)
+    from lightning_grpo.llasa import LlasaVocab
+    from lightning_grpo.sampling import concat_chunks
+    from lightning_grpo.vllm_engine import isolated_global_state, request_seeds
+
+    model, tok = _tiny()
+    vocab = LlasaVocab.from_tokenizer(tok)
+    stop = vocab.speech_gen_end_id
+    _stop_prone(model, stop, range(vocab.speech_start_id, vocab.speech_end_id), p_stop=0.15)
+    model.to(device)
+    s = real_sampler(device, model, max_new_tokens=40, temperature=1.0, seed=1)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8], [9]]
+    torch.manual_seed(0)
+    chunks = list(s.stream(model, prompts, 3, stop, 0))
+    assert len(chunks) > 1 and sorted(p for c in chunks for p in c.prompts) == list(range(5))
+    streamed = concat_chunks(chunks, len(prompts), 3)
+    torch.manual_seed(0)
+    seeds = request_seeds(torch.randint(0, 2**62, (len(prompts),)).tolist(), 0)
+    request = SampleRequest(3, 1.0, 1.0, 0, 40, stop, seeds=tuple(seeds))
+    with isolated_global_state():
+        whole = s.engine.generate(prompts, request)
+    assert streamed.ids == [list(c.ids) for group in whole for c in group]
+    flat = [lp for group in whole for c in group for lp in c.logprobs]
+    assert [lp for row in streamed.logprobs for lp in row] == pytest.approx(flat)

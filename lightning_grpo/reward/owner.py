@@ -93,7 +93,9 @@ class SharedReward:
                 process: no GIL or CPU time taken from generation); `in_process`: every rank builds its own.
             max_batch_size: most samples per `Reward.score` call in the owner, over all ranks' requests; the
                 reward's own `batch_size` then splits them for its device.
-            max_wait_ms: how long the owner holds a request for other ranks' requests to share its batch.
+            max_wait_ms: how long the first request of an owner batch waits for others (any rank's) to join it;
+                requests that arrive while a batch is scored join the next one at once, so a busy reward batches
+                the ranks together without this wait.
             max_concurrent_calls: pieces of a rollout a rank has in flight at once (`--rollout.overlap_reward`).
             max_samples_per_request: samples per HTTP body (a rank's larger piece is split).
             ready_timeout_s: how long every rank waits, at setup, for the owner to build the reward (Whisper
