@@ -38,6 +38,8 @@ class Rollout:
 
     With `pending` the rewards are still being scored: reading `rewards` or `reward_result` waits for them
     (`wait_for_rewards`), so the trainer can compute what needs no reward (old and reference log-probs) first.
+    Under DDP that first wait is a collective (a failed reward stops every rank, scoring.py): every rank reaches
+    it at the same point, `training_step` (validation: the rollout callback).
     """
 
     input_ids: torch.Tensor

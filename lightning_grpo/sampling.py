@@ -69,16 +69,25 @@ def sample_stream(
     sampler: "Sampler", model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int, stop_token_id: int,
     step: int, allowed_token_ids: Sequence[int] | None = None,
 ) -> Iterator[CompletionChunk]:
-    """The sampler's `stream()` when it has one; else its `sample()` as one chunk of every prompt."""
+    """The sampler's `stream()` when it has one; else its `sample()` as one chunk of every prompt. A subclass that
+    overrides `sample()` but not `stream()` (say, to change the allowed ids) gets its `sample()` called."""
     kwargs = {"allowed_token_ids": allowed_token_ids} if allowed_token_ids is not None else {}
-    stream = getattr(sampler, "stream", None)
-    if stream is not None:
-        yield from stream(model, prompts, n, stop_token_id, step, **kwargs)
+    if _streams(sampler):
+        yield from sampler.stream(model, prompts, n, stop_token_id, step, **kwargs)
         return
     comps = sampler.sample(model, prompts, n, stop_token_id, step, **kwargs)
     if len(comps.ids) != len(prompts) * n:
         raise RuntimeError(f"sampler returned {len(comps.ids)} completions for {len(prompts)} prompts x {n}")
     yield CompletionChunk(list(range(len(prompts))), comps)
+
+
+def _streams(sampler: object) -> bool:
+    """Whether `stream()` is defined at least as far down the class hierarchy as `sample()`."""
+    mro = type(sampler).__mro__
+    owner = {name: next((i for i, c in enumerate(mro) if name in c.__dict__), None) for name in ("stream", "sample")}
+    if owner["stream"] is None:
+        return False
+    return owner["sample"] is None or owner["stream"] <= owner["sample"]
 
 
 def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:

@@ -12,6 +12,12 @@ an owner process) declares `max_concurrent_calls > 1`, so pieces are in flight t
 them. The GIL: torch kernels and HTTP waits release it, Python-heavy reward code does not, so on a CPU an
 in-process reward competes with generation for the cores; an owner process (`reward/owner.py`) does not.
 A reward scored concurrently must not draw from torch's global random generator, which generation shares.
+
+Failure under DDP: a reward that fails (an owner that died, a model that raised) must stop every rank, not leave
+the others in the next collective (gloo: an error that says nothing; NCCL: a hang). So a failed piece is kept,
+not raised: later pieces are no longer scored, generation runs to its end (tensor-parallel engines step in
+lockstep), and `result()` raises on every rank at once, after one all_gather of each rank's error, with the
+failing rank's own message (which names the owner's log).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .distributed import gather_from_ranks
 from .reward.base import Reward, RewardResult, SpeechSample
 
 
@@ -84,6 +91,7 @@ class RewardScoring:
         self._intervals: list[tuple[float, float]] = []
         self._lock = threading.Lock()
         self.wait_s = 0.0  # the caller's time blocked on scoring: inline calls, or waiting for workers
+        self.error: BaseException | None = None  # the first failure; later pieces are not scored
 
     def _score(self, samples: list[SpeechSample]) -> RewardResult:
         start = time.perf_counter()
@@ -105,26 +113,41 @@ class RewardScoring:
             raise ValueError(f"{len(rows)} rows for {len(samples)} samples")
         if not samples:
             return
+        for _, piece in self._pieces:
+            if self.error is None and isinstance(piece, Future) and piece.done() and piece.exception() is not None:
+                self.error = piece.exception()
+        if self.error is not None:
+            return  # the step is lost: no more scoring (result() raises)
         if self.executor is None:
             start = time.perf_counter()
             try:
                 self._pieces.append((rows, self._score(samples)))
+            except Exception as e:
+                self.error = e
             finally:
                 self.wait_s += time.perf_counter() - start
         else:
-            for _, piece in self._pieces:  # a reward that already failed stops the rollout now, not after it
-                if isinstance(piece, Future) and piece.done() and piece.exception() is not None:
-                    raise piece.exception()
             self._pieces.append((rows, self.executor.submit(self._score, samples)))
 
     def result(self) -> tuple[torch.Tensor, RewardResult, dict[str, float]]:
         """Wait for every piece; (rewards, result in sample order, {"reward": busy s, "reward_wait": blocked s})."""
         start = time.perf_counter()
-        try:
-            parts = [piece if isinstance(piece, RewardResult) else piece.result() for _, piece in self._pieces]
-        finally:
-            if self.executor is not None:
-                self.wait_s += time.perf_counter() - start
+        parts = []
+        for _, piece in self._pieces:
+            try:
+                parts.append(piece if isinstance(piece, RewardResult) else piece.result())
+            except Exception as e:
+                self.error = self.error or e
+        if self.executor is not None:
+            self.wait_s += time.perf_counter() - start
+        # every rank reaches this point once per rollout: all stop together if any rank's reward failed
+        errors = gather_from_ranks(None if self.error is None else f"{type(self.error).__name__}: {self.error}")
+        if self.error is not None:
+            raise self.error
+        failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
+        if failed:
+            rank, msg = failed[0]
+            raise RuntimeError(f"the reward failed on rank {rank}, so every rank stops: {msg}")
         rows = [r for piece_rows, _ in self._pieces for r in piece_rows]
         result = reorder(parts[0] if len(parts) == 1 else RewardResult.cat(parts), rows)
         with self._lock:

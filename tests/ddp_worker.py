@@ -2,12 +2,13 @@
 
     python tests/ddp_worker.py OUT [--max_steps N] [--max_train_samples N] [--ckpt_dir DIR] [--resume]
                                    [--num_iterations N] [--sync_every_micro_batch] [--save_weights]
-                                   [--shared_reward] [--kill_owner_at STEP] [--no_overlap]
+                                   [--shared_reward] [--kill_owner_at STEP] [--no_overlap] [--fail_rank1_at STEP]
 --ckpt_dir saves a checkpoint every step there; --resume continues from its last.ckpt.
 --shared_reward scores through one SharedReward owner process for both ranks (tests/owner_rewards.py's
 CountingRuleReward, recording its loads and calls under OUT); --kill_owner_at S has rank 0 SIGKILL the owner
 at the start of step S (both ranks then wait at a barrier, so neither scores before the kill), and each rank
-writes the error it stopped with to rank{r}_error.txt. --no_overlap scores sequentially.
+writes the error it stopped with to rank{r}_error.txt. --no_overlap scores sequentially. --fail_rank1_at S: rank 1's
+in-process reward raises at step S (rank 0's does not); errors are written as with --kill_owner_at.
 The strategy is DDP with gradient_as_bucket_view and a communication hook that records every gradient
 bucket all-reduced, so each rank also reports, per optimiser update, which buckets each micro-batch's
 backward all-reduced. --sync_every_micro_batch restores the all-reduce in every backward (the behaviour
@@ -99,6 +100,20 @@ class KillOwner(L.Callback):
             torch.distributed.barrier()
 
 
+class FailsOnRank1(RuleReward):
+    """Raises on rank 1 from its `at`-th score call on (a model crashing on one rank's samples)."""
+
+    def __init__(self, at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.at, self.calls = at, 0
+
+    def score(self, samples):
+        self.calls += 1
+        if torch.distributed.get_rank() == 1 and self.calls > self.at:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (rank 1's reward)")
+        return super().score(samples)
+
+
 class Record(L.Callback):
     def __init__(self, out: Path, save_weights: bool) -> None:
         self.out, self.steps, self.save_weights = out, [], save_weights
@@ -144,6 +159,7 @@ def main() -> None:
     p.add_argument("--shared_reward", action="store_true")
     p.add_argument("--kill_owner_at", type=int)
     p.add_argument("--no_overlap", action="store_true")
+    p.add_argument("--fail_rank1_at", type=int)
     args = p.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -152,6 +168,8 @@ def main() -> None:
     if args.shared_reward:
         reward = SharedReward(functools.partial(CountingRuleReward, str(out_dir), codes_per_char=0.3, band=(0, 16)),
                               max_wait_ms=300, max_retries=2, backoff_s=0.5, log_dir=str(out_dir / "owner"))
+    if args.fail_rank1_at is not None:
+        reward = FailsOnRank1(args.fail_rank1_at, codes_per_char=0.3, band=(0, 16))
     sampler = HFSampler(max_new_tokens=8, prompts_per_chunk=1 if args.shared_reward else 0)
     cb = GRPORollout(sampler, reward, group_size=4, overlap_reward=not args.no_overlap)
     callbacks = [cb, Record(out_dir, args.save_weights), UnevenRandomness()]
@@ -174,7 +192,7 @@ def main() -> None:
             ckpt_path="last" if args.resume else None,
         )
     except RuntimeError as e:
-        if args.kill_owner_at is None:
+        if args.kill_owner_at is None and args.fail_rank1_at is None:
             raise
         (out_dir / f"rank{trainer.global_rank}_error.txt").write_text(str(e))
         if trainer.global_rank == 0:  # the launcher: wait for rank 1 (its child) to stop on its own error

@@ -293,3 +293,18 @@ def test_peak_memory_and_timings_are_logged_on_cuda():
         m = step["metrics"]
         assert 0 < m["perf/max_memory_allocated_gib"] <= m["perf/max_memory_reserved_gib"]
         assert m["timing/update"] > 0 and m["timing/step"] >= m["timing/generate"] + m["timing/update"]
+
+
+def test_a_sampler_that_overrides_sample_but_not_stream_is_sampled_through_sample(vocab):
+    """Subclasses written before streaming (e.g. the cost-curve benchmark's fixed-length sampler) keep working."""
+
+    class NoStop(HFSampler):
+        def sample(self, model, prompts, n, stop_token_id, step, allowed_token_ids=None):
+            allowed = [i for i in allowed_token_ids if i != stop_token_id]
+            return super().sample(model, prompts, n, stop_token_id, step, allowed_token_ids=allowed)
+
+    policy = GRPOPolicy()
+    cb = GRPORollout(NoStop(max_new_tokens=5, prompts_per_chunk=1), RuleReward(), group_size=2)
+    cb.setup(None, policy, "fit")
+    r = cb.make_rollout(policy, {"text": ["a", "b"], "language": [None, None]}, 2, step=0)
+    assert [len(c) for c in r.completion_ids] == [5] * 4 and r.truncated.all()

@@ -87,3 +87,13 @@ def test_an_owner_killed_mid_run_stops_every_rank_naming_its_log(tmp_path):
         assert "after 1 attempt(s)" in err  # seen dead at once: the retry budget (3 attempts) was not spent
         assert "Uvicorn running" in err  # the owner's last log lines are quoted
     assert not (tmp_path / "rank0.json").exists()  # neither rank trained on
+
+
+def test_a_reward_failing_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    """Not a hang, nor gloo's 'connection closed by peer' on the healthy rank: both ranks stop at the same point,
+    the healthy one naming the failing rank and quoting its error."""
+    proc = ddp(tmp_path, "--max_steps", "3", "--fail_rank1_at", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "illegal memory access" in (tmp_path / "rank1_error.txt").read_text()
+    err0 = (tmp_path / "rank0_error.txt").read_text()
+    assert "the reward failed on rank 1" in err0 and "illegal memory access" in err0
