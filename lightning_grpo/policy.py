@@ -212,7 +212,7 @@ class GRPOPolicy(L.LightningModule):
                 AdamW's state, in host RAM with FSDP2's own CPUOffloadPolicy (the reference's shards too): the GPU
                 holds only the units being gathered, activations and vLLM, and AdamW steps on the CPU (torch's fused
                 CPU kernel). Costs: host RAM of 16 bytes x parameters / GPUs per rank (LLaSA-8B on 2 GPUs: 68.5 GB
-                per rank, 137 GB per node), half of it pinned; per micro-batch and rank, the fp32 shards cross PCIe
+                per rank, 74 GB with the pinned allocator's rounding), half of it pinned; per micro-batch and rank, the fp32 shards cross PCIe
                 to the GPU for the forward and again for the backward, and the fp32 gradient shards back (use larger
                 micro-batches: the GPU has the room); a CPU AdamW step of seconds rather than milliseconds (give each
                 rank its cores: torchrun sets OMP_NUM_THREADS=1). Needs a process group with a CPU backend

@@ -28,9 +28,10 @@ CPU offload (`--model.fsdp_offload cpu`): every unit of the policy and the refer
 `CPUOffloadPolicy`. The sharded parameters and gradients, hence AdamW's state, live in host RAM; FSDP copies a unit's
 shards to the GPU before its all-gather and its reduce-scattered gradient back to the host, and the optimizer step
 runs on the CPU. The shards are pinned on CUDA (asynchronous copies, overlapped with compute), and FSDP re-pins them
-in host RAM after any `module.to(...)`, so Lightning moving the module to the GPU after `configure_model` costs one
-round trip of the shards at setup and leaves them on the host. Gathering a shard for vLLM (`full_weight`) moves it to
-the mesh's device first, as torch's own state-dict gathering does. On a CPU mesh (the tests) the copies are no-ops.
+in host RAM after any `module.to(...)` or `to_empty(...)` (FSDPParam.reset_sharded_param): Lightning moving the
+module to the GPU after `configure_model` costs one round trip of the shards at setup and leaves them on the host.
+Gathering a shard for vLLM (`full_weight`) moves it to the mesh's device first, as torch's own state-dict gathering
+does. On a CPU mesh (the tests) the copies are no-ops.
 """
 
 from __future__ import annotations

@@ -214,8 +214,8 @@ def fit(out: Path, phase: str, tied_dir: str | None, accelerator: str = "cpu", d
         max_steps, group = (1 if phase.startswith("step") else 2), 4
         if phase != "step":  # step_ref, and the offloaded resume test's runs of it
             policy_kw.update(model_name_or_path=tied_dir, gradient_checkpointing=True, load_on_rank0=True)
-            if phase == "rest":  # on from step_ref_offload's checkpoint of step 1
-                ckpt_dir, resume = out.parent / "step_ref_offload" / "ckpt", True
+            if phase == "rest":  # on from step_ref_offload's checkpoint of step 1 (its own go to rest_offload/ckpt)
+                resume = str(out.parent / "step_ref_offload" / "ckpt" / "last.ckpt")
             callbacks.append(StepCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=1))
     elif phase == "sync":
         sampler = VLLMSampler(temperature=1.0, top_p=0.9, max_new_tokens=4, dtype="bfloat16", verify_every=1,
@@ -238,7 +238,8 @@ def fit(out: Path, phase: str, tied_dir: str | None, accelerator: str = "cpu", d
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, precision=precision,
         callbacks=[rollout, Record(out), *callbacks],
     )
-    trainer.fit(CountedPolicy(**policy_kw), PromptDataModule(**data_kw), ckpt_path="last" if resume else None)
+    ckpt_path = resume if isinstance(resume, str) else "last" if resume else None
+    trainer.fit(CountedPolicy(**policy_kw), PromptDataModule(**data_kw), ckpt_path=ckpt_path)
 
 
 def main() -> None:

@@ -157,21 +157,23 @@ def test_sync_from_shards_equals_the_unsharded_model(sharded):
     assert sorted(tied + ["lm_head.weight"]) == sorted(untied)
 
 
-def test_export_of_a_sharded_checkpoint_loads_with_from_pretrained(sharded, tmp_path):
+@pytest.mark.parametrize("phase", ["step_ref", "step_ref_offload"])
+def test_export_of_a_sharded_checkpoint_loads_with_from_pretrained(sharded, tmp_path, phase):
     """`export` reads the sharded directory in one process and writes an HF directory whose model has the trained
-    weights (the tied head included) and gives the trained policy's log-probs."""
+    weights (the tied head included) and gives the trained policy's log-probs; also when the run offloaded its shards
+    to host RAM (--model.fsdp_offload cpu is in the checkpoint's hyper-parameters)."""
     from transformers import AutoModelForCausalLM
 
     from lightning_grpo.evaluate import trained_steps
     from lightning_grpo.export import export
 
     out, _ = sharded
-    ckpt = out / "step_ref" / "ckpt" / "last.ckpt"
+    ckpt = out / phase / "ckpt" / "last.ckpt"
     assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
     target = export(str(ckpt), str(tmp_path / "hf"))
     model = AutoModelForCausalLM.from_pretrained(target).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    trained = torch.load(out / "step_ref" / "weights.pt")
+    trained = torch.load(out / phase / "weights.pt")
     reference = GRPOPolicy(model_name_or_path=str(target)).policy
     reference.load_state_dict(trained)
     reference.eval()
