@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
@@ -36,7 +37,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import grpo, lora as lora_lib
+from . import grpo, lora as lora_lib, timing
 from .batch import Rollout
 from .distributed import concat_from_ranks, sum_over_ranks
 from . import sharding
@@ -413,8 +414,7 @@ class GRPOPolicy(L.LightningModule):
             )
         r: Rollout = batch["rollout"]
         hp = self.hparams
-        n = r.rewards.shape[0]
-        advantages = grpo.group_advantages(r.rewards, r.group_size, hp.scale_rewards)  # (N,)
+        n = r.input_ids.shape[0]
         mbs = self._micro_batches(n)
         num_tokens = r.completion_mask.sum().item()  # this rank's, for the logged means
         # token-mean over the whole step on every rank (a collective: every rank reaches it once per step)
@@ -422,6 +422,7 @@ class GRPOPolicy(L.LightningModule):
 
         use_is = hp.importance_correction and r.sampler_logprobs is not None
         old_logp = ref_logp = is_weights = is_logp = None
+        start = time.perf_counter()  # the log-probs need no reward: they run while rewards may still be scoring
         with torch.no_grad():
             if use_is and (r.top_p < 1 or r.top_k > 0):
                 # the sampler reports log-probs of its top-p/top-k truncated distribution: the weights compare
@@ -438,7 +439,11 @@ class GRPOPolicy(L.LightningModule):
         if use_is:  # weights of the rollout's own policy vs the sampler, fixed for all iterations
             is_logp = old_logp if is_logp is None else is_logp
             is_weights = grpo.truncated_importance_weights(is_logp, r.sampler_logprobs, r.completion_mask, hp.importance_cap)
+        r.timings["logprob"] = timing.elapsed(start, self.device)
+        r.wait_for_rewards()  # overlapped scoring (rollout.overlap_reward) ends here
+        advantages = grpo.group_advantages(r.rewards, r.group_size, hp.scale_rewards)  # (N,)
 
+        start = time.perf_counter()
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"]  # this rollout's, for the log
         sums = Counter()
@@ -471,6 +476,7 @@ class GRPOPolicy(L.LightningModule):
                     sums["entropy"] += (entropy * cmask).sum().item()
             self._update(opt, final=it == hp.num_iterations - 1)
         self.lr_schedulers().step()  # once per rollout, like trainer.global_step
+        r.timings["update"] = timing.elapsed(start, self.device)
 
         stats = {"train/loss": sums["loss"] / hp.num_iterations, "train/lr": lr}
         if self._grad_norm is not None:  # of the rollout's last update

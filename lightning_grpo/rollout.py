@@ -8,22 +8,34 @@ batch as `batch["rollout"]`. The policy's `training_step` only does the GRPO upd
 It is a Lightning callback configured as its own top-level group, `rollout:` in YAML and
 `--rollout.group_size 16`, `--rollout.sampler.temperature 0.9`, `--rollout.reward.beta_c 2` on the
 command line (lightning_grpo/cli.py adds it to the trainer's callbacks).
+
+Scoring overlaps generation (`overlap_reward`, on by default): the sampler streams finished pieces
+(`sampling.CompletionChunk`), each is scored on a worker thread while the sampler goes on, and the
+Rollout reaches `training_step` with its rewards pending; the policy computes old and reference log-probs
+first and waits for them after (`scoring.py`). Off, every piece is scored as it comes, before the next is
+generated; pieces and samples are the same either way. The callback also starts and stops a reward that
+owns a process (`reward/owner.py`: one reward per node for every rank) and logs the step's timings
+(`timing.py`).
 """
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from . import timing
 from .batch import Rollout
 from .data import REFERENCE_COLUMNS
 from .distributed import gather_from_ranks
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
-from .reward.base import Reward, SpeechSample
-from .sampling import Sampler, check_sampler
+from .reward.base import Reward, RewardResult, SpeechSample
+from .sampling import Sampler, check_sampler, sample_stream
+from .scoring import RewardScoring, max_concurrent_calls
 
 TruncationPolicy = Literal["penalize", "mask", "keep"]
 
@@ -82,6 +94,7 @@ class GRPORollout(L.Callback):
         truncation_reward: float = 0.0,
         restrict_to_speech: bool = True,
         on_invalid: InvalidTokenPolicy = "flag",
+        overlap_reward: bool = True,
     ) -> None:
         """
         Args:
@@ -104,6 +117,12 @@ class GRPORollout(L.Callback):
                 the full vocabulary, and non-speech ids become per-sample `invalid_token` reasons.
             on_invalid: `flag` scores a completion with non-speech ids inside its speech span through
                 the reward's `invalid_token` reason; `error` stops training.
+            overlap_reward: score finished pieces of the rollout while the sampler generates the rest, and
+                let `training_step` compute old / reference log-probs before it waits for the rewards. The
+                pieces are the sampler's (`HFSampler.prompts_per_chunk`; vLLM: the groups it finishes), the
+                same with this on or off, so samples, rewards and updates are identical; off scores each
+                piece before the next is generated. Hides reward time behind generation, most with a reward
+                on another device or in its own process (`lightning_grpo.reward.owner.SharedReward`).
         """
         super().__init__()
         if group_size < 2:
@@ -128,7 +147,10 @@ class GRPORollout(L.Callback):
         self.truncation_reward = truncation_reward
         self.restrict_to_speech = restrict_to_speech
         self.on_invalid = on_invalid
+        self.overlap_reward = overlap_reward
         self.vocab: LlasaVocab | None = None
+        self._executor: ThreadPoolExecutor | None = None  # overlapped scoring's worker threads
+        self._step_start: float | None = None
         self.last_rollout: Rollout | None = None
         self._sampler_ready = False
         self.train_rollouts = 0  # training rollouts made; in the checkpoint
@@ -168,6 +190,29 @@ class GRPORollout(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.vocab = LlasaVocab.from_tokenizer(pl_module.tokenizer)
+        start = getattr(self.reward, "start", None)
+        if callable(start):  # a reward that owns a process or a connection (reward/owner.py: every rank calls it)
+            start(trainer)  # None outside a Trainer (tests, scripts)
+        elif trainer is not None and trainer.world_size > 1 and isinstance(self.reward, torch.nn.Module):
+            rank_zero_warn(
+                f"each of the {trainer.world_size} ranks builds its own {type(self.reward).__name__}; wrap it in "
+                "lightning_grpo.reward.owner.SharedReward to load one per node, shared by every rank "
+                "(rollout.reward: {class_path: lightning_grpo.reward.owner.SharedReward, init_args: {reward: ...}})"
+            )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._shutdown()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._shutdown()  # Lightning skips teardown on an exception: the reward's owner process must stop anyway
+
+    def _shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        close = getattr(self.reward, "close", None)
+        if callable(close):
+            close()
 
     def _ensure_sampler(self, pl_module: L.LightningModule) -> None:
         if not self._sampler_ready:
@@ -175,12 +220,29 @@ class GRPORollout(L.Callback):
             self._sampler_ready = True
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+        timing.reset_peak_memory(pl_module.device)
         self._ensure_sampler(pl_module)
         if self._pending_rng is not None:
             self._restore_rng(trainer)
-        # the sampler's step: training rollouts made before this one (see Sampler.sample)
-        batch["rollout"] = self.make_rollout(pl_module, batch, self.group_size, self.train_rollouts)
+        # the sampler's step: training rollouts made before this one (see Sampler.sample); the rewards may
+        # still be scoring when training_step starts (overlap_reward)
+        batch["rollout"] = self.start_rollout(pl_module, batch, self.group_size, self.train_rollouts)
         self.train_rollouts += 1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        r: Rollout = batch["rollout"]
+        r.wait_for_rewards()  # normally done by training_step
+        device = pl_module.device
+        r.timings["step"] = timing.elapsed(self._step_start, device) if self._step_start is not None else 0.0
+        own = {"timings": r.timings, "samples": len(r.completion_ids), "memory": timing.peak_memory(device),
+               "tokens": sum(len(c) for c in r.completion_ids)}
+        stats = timing.reduce_step(gather_from_ranks(own))  # a collective: every rank ends every step here
+        # already reduced: every rank logs the same numbers; the step time also goes on the progress bar
+        step = stats.pop("timing/step")
+        pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(r.completion_ids), rank_zero_only=False)
+        pl_module.log("timing/step", step, prog_bar=True, on_step=True, on_epoch=False,
+                      batch_size=len(r.completion_ids), rank_zero_only=False)
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -200,8 +262,23 @@ class GRPORollout(L.Callback):
             return None
         return [v.speech_gen_end_id, *range(v.speech_start_id, v.speech_end_id)]
 
-    @torch.no_grad()
+    def _scoring_executor(self) -> ThreadPoolExecutor | None:
+        if not self.overlap_reward:
+            return None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_concurrent_calls(self.reward), thread_name_prefix="reward-scoring")
+        return self._executor
+
     def make_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
+        """Sample and score one rollout; returns it with its rewards (waited for)."""
+        rollout = self.start_rollout(pl_module, batch, group_size, step)
+        rollout.wait_for_rewards()
+        return rollout
+
+    @torch.no_grad()
+    def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
+        """Sample one rollout, scoring its pieces as the sampler finishes them; with `overlap_reward` the
+        returned Rollout may still be scoring (reading its rewards waits)."""
         v = self.vocab
         texts, languages = batch["text"], batch.get("language") or [None] * len(batch["text"])
         # voice-cloning references (data.py): None for rows without; the reference codes go into the prompt
@@ -211,50 +288,78 @@ class GRPORollout(L.Callback):
             for t, pt, pc in zip(texts, ref_texts, ref_codes)
         ]
         allowed = self.allowed_token_ids()
-        kwargs = {"allowed_token_ids": allowed} if allowed else {}
-        comps = self.sampler.sample(pl_module.policy, prompts, group_size, v.speech_gen_end_id, step, **kwargs)
         n = len(prompts) * group_size
-        if len(comps.ids) != n:
-            raise RuntimeError(f"sampler returned {len(comps.ids)} completions for {len(prompts)} prompts x {group_size}")
+        ids: list[list[int] | None] = [None] * n
+        truncated_rows = [False] * n
+        row_logprobs: list[list[float] | None] | None = None
+        device = pl_module.device
 
-        samples = []
-        for i, ids in enumerate(comps.ids):
-            parsed = parse_completion(ids, v, self.on_invalid)
-            p = i // group_size
-            samples.append(
-                SpeechSample(
-                    text=texts[p],  # the target text only: the reference's transcript is prompt_text
-                    codes=parsed.codes,  # the continuation only: the reference's codes are in the prompt
-                    stopped=parsed.stopped,
-                    truncated=comps.truncated[i],
-                    num_invalid=parsed.num_invalid,
-                    language=languages[p],
-                    prompt_text=ref_texts[p],
-                    prompt_codes=ref_codes[p],
-                    prompt_wav=ref_wavs[p],
-                    group=p,
+        def finalize(result: RewardResult) -> torch.Tensor:
+            rewards = result.rewards.float().clone()
+            if self.truncation == "penalize":
+                rewards[torch.tensor(truncated_rows, dtype=torch.bool)] = self.truncation_reward
+            return rewards.to(device)
+
+        scoring = RewardScoring(self.reward, self._scoring_executor(), finalize)
+        stream = sample_stream(self.sampler, pl_module.policy, prompts, group_size, v.speech_gen_end_id, step, allowed)
+        sampling_s = 0.0
+        while True:
+            start = time.perf_counter()
+            chunk = next(stream, None)  # the sampler generates (and syncs weights) here
+            sampling_s += timing.elapsed(start, device)
+            if chunk is None:
+                break
+            comps = chunk.completions
+            if len(comps.ids) != len(chunk.prompts) * group_size or len(comps.truncated) != len(comps.ids):
+                raise RuntimeError(
+                    f"sampler returned {len(comps.ids)} completions for {len(chunk.prompts)} prompts x {group_size}"
                 )
-            )
-        result = self.reward.score(samples)
-        truncated = torch.tensor(comps.truncated, dtype=torch.bool)
-        rewards = result.rewards.float().clone()
-        if self.truncation == "penalize":
-            rewards[truncated] = self.truncation_reward
+            rows, samples = [], []
+            for k, prompt in enumerate(chunk.prompts):
+                for j in range(group_size):
+                    row, src = prompt * group_size + j, k * group_size + j
+                    if not 0 <= prompt < len(prompts) or ids[row] is not None:
+                        raise RuntimeError(f"sampler returned prompt {prompt} twice or out of range (0..{len(prompts) - 1})")
+                    ids[row], truncated_rows[row] = list(comps.ids[src]), bool(comps.truncated[src])
+                    if comps.logprobs is not None:
+                        row_logprobs = row_logprobs if row_logprobs is not None else [None] * n
+                        row_logprobs[row] = comps.logprobs[src]
+                    parsed = parse_completion(ids[row], v, self.on_invalid)
+                    rows.append(row)
+                    samples.append(SpeechSample(
+                        text=texts[prompt], codes=parsed.codes, stopped=parsed.stopped, truncated=truncated_rows[row],
+                        num_invalid=parsed.num_invalid, language=languages[prompt],
+                        # voice cloning: text and codes are the target and the continuation only; the
+                        # reference's transcript and codes are in the prompt
+                        prompt_text=ref_texts[prompt], prompt_codes=ref_codes[prompt], prompt_wav=ref_wavs[prompt],
+                        group=prompt,
+                    ))
+            scoring.submit(rows, samples)  # inline, or on a worker while the sampler goes on
+        missing = sorted({row // group_size for row, x in enumerate(ids) if x is None})
+        if missing:
+            raise RuntimeError(f"sampler returned no completions for prompts {missing} of {len(prompts)}")
+
+        sampler_metrics = dict(getattr(self.sampler, "metrics", {}) or {})
+        weight_sync = float(sampler_metrics.pop("timing/weight_sync", 0.0))
+        timings = {"generate": max(0.0, sampling_s - weight_sync), "weight_sync": weight_sync}
+        truncated = torch.tensor(truncated_rows, dtype=torch.bool)
 
         width = max(len(p) for p in prompts)
-        clen = max(1, max(len(c) for c in comps.ids))
+        clen = max(1, max(len(c) for c in ids))
         input_ids = torch.full((n, width + clen), v.pad_id, dtype=torch.long)  # (B*G, P+C)
         attention_mask = torch.zeros_like(input_ids)
         completion_mask = torch.zeros(n, clen, dtype=torch.float32)  # (B*G, C)
-        sampler_logprobs = torch.zeros(n, clen) if comps.logprobs is not None else None
-        for i, ids in enumerate(comps.ids):
+        sampler_logprobs = torch.zeros(n, clen) if row_logprobs is not None else None
+        for i, row_ids in enumerate(ids):
             p = prompts[i // group_size]
             input_ids[i, width - len(p) : width] = torch.tensor(p)
-            input_ids[i, width : width + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, width - len(p) : width + len(ids)] = 1
-            completion_mask[i, : len(ids)] = 1.0
+            input_ids[i, width : width + len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+            attention_mask[i, width - len(p) : width + len(row_ids)] = 1
+            completion_mask[i, : len(row_ids)] = 1.0
             if sampler_logprobs is not None:
-                sampler_logprobs[i, : len(ids)] = torch.tensor(comps.logprobs[i])
+                if row_logprobs[i] is None:
+                    raise RuntimeError("the sampler reported log-probs for some chunks of a rollout but not all")
+                sampler_logprobs[i, : len(row_ids)] = torch.tensor(row_logprobs[i])
         if self.truncation == "mask":
             completion_mask[truncated] = 0.0
 
@@ -263,26 +368,27 @@ class GRPORollout(L.Callback):
             lo, hi = min(allowed), max(allowed) + 1
             vocab_range = (lo, hi)
             disallowed = tuple(sorted(set(range(lo, hi)) - set(allowed)))
-        device = pl_module.device
         rollout = Rollout(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             completion_mask=completion_mask.to(device),
             prompt_width=width,
-            rewards=rewards.to(device),
             truncated=truncated.to(device),
             group_size=group_size,
             temperature=float(self.sampler.temperature),
             max_new_tokens=int(self.sampler.max_new_tokens),
-            texts=[s.text for s in samples],
-            reward_result=result,
+            texts=[texts[i // group_size] for i in range(n)],
+            pending=scoring,
             sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs.to(device),
             vocab_range=vocab_range,
             disallowed=disallowed,
-            completion_ids=comps.ids,
-            sampler_metrics=dict(getattr(self.sampler, "metrics", {}) or {}),
+            completion_ids=ids,  # type: ignore[arg-type]
+            sampler_metrics=sampler_metrics,
             top_p=float(self.sampler.top_p),
             top_k=int(self.sampler.top_k),
+            timings=timings,
         )
+        if not self.overlap_reward:
+            rollout.wait_for_rewards()  # every piece is already scored: this only collects them
         self.last_rollout = rollout
         return rollout

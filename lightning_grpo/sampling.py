@@ -3,12 +3,17 @@
 `HFSampler` uses `transformers` `generate` (CPU default, tests, any device). The vLLM sampler
 (`lightning_grpo.vllm_sampler`) implements the same Protocol for GPU rollouts.
 Rows of `Completions` are grouped by prompt: rows i*n .. i*n+n-1 are the n samples of prompt i.
+
+A sampler may also *stream* (`stream()`): yield `CompletionChunk`s, the finished groups of some prompts,
+while it keeps generating the rest, so the rollout can score them meanwhile (`rollout.overlap_reward`).
+`HFSampler` streams one `generate` call per `prompts_per_chunk` prompts; `VLLMSampler` streams the groups
+the engine finishes, in the order it finishes them. `sample_stream` falls back to one chunk from `sample()`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -26,6 +31,63 @@ class Completions:
     ids: list[list[int]]
     truncated: list[bool]
     logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class CompletionChunk:
+    """The finished groups of some prompts: `completions` holds len(prompts) * n rows, grouped by prompt in
+    the order of `prompts` (indices into the prompt list the sampler was given)."""
+
+    prompts: list[int]
+    completions: Completions
+
+
+def concat_chunks(chunks: Sequence[CompletionChunk], num_prompts: int, n: int) -> Completions:
+    """Completions for prompts 0..num_prompts-1 in prompt order, from chunks in any order; an error if a
+    prompt is missing or repeated."""
+    ids: list[list[int] | None] = [None] * (num_prompts * n)
+    truncated: list[bool] = [False] * (num_prompts * n)
+    logprobs: list[list[float]] | None = [] if all(c.completions.logprobs is not None for c in chunks) else None
+    lps: list[list[float] | None] = [None] * (num_prompts * n)
+    for chunk in chunks:
+        for k, prompt in enumerate(chunk.prompts):
+            for j in range(n):
+                row, src = prompt * n + j, k * n + j
+                if not 0 <= prompt < num_prompts or ids[row] is not None:
+                    raise RuntimeError(f"sampler returned prompt {prompt} twice or out of range (0..{num_prompts - 1})")
+                ids[row] = chunk.completions.ids[src]
+                truncated[row] = chunk.completions.truncated[src]
+                if logprobs is not None:
+                    lps[row] = chunk.completions.logprobs[src]
+    missing = sorted({row // n for row, x in enumerate(ids) if x is None})
+    if missing:
+        raise RuntimeError(f"sampler returned no completions for prompts {missing}")
+    return Completions(ids=ids, truncated=truncated, logprobs=lps if logprobs is not None else None)  # type: ignore[arg-type]
+
+
+def sample_stream(
+    sampler: "Sampler", model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int, stop_token_id: int,
+    step: int, allowed_token_ids: Sequence[int] | None = None,
+) -> Iterator[CompletionChunk]:
+    """The sampler's `stream()` when it has one; else its `sample()` as one chunk of every prompt. A subclass that
+    overrides `sample()` but not `stream()` (say, to change the allowed ids) gets its `sample()` called."""
+    kwargs = {"allowed_token_ids": allowed_token_ids} if allowed_token_ids is not None else {}
+    if _streams(sampler):
+        yield from sampler.stream(model, prompts, n, stop_token_id, step, **kwargs)
+        return
+    comps = sampler.sample(model, prompts, n, stop_token_id, step, **kwargs)
+    if len(comps.ids) != len(prompts) * n:
+        raise RuntimeError(f"sampler returned {len(comps.ids)} completions for {len(prompts)} prompts x {n}")
+    yield CompletionChunk(list(range(len(prompts))), comps)
+
+
+def _streams(sampler: object) -> bool:
+    """Whether `stream()` is defined at least as far down the class hierarchy as `sample()`."""
+    mro = type(sampler).__mro__
+    owner = {name: next((i for i, c in enumerate(mro) if name in c.__dict__), None) for name in ("stream", "sample")}
+    if owner["stream"] is None:
+        return False
+    return owner["sample"] is None or owner["stream"] <= owner["sample"]
 
 
 def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
@@ -73,6 +135,9 @@ class Sampler(Protocol):
         tokens and the stop token), and the trainer scores log-probs over the same set.
         """
 
+    # Optional: `stream(model, prompts, n, stop_token_id, step, allowed_token_ids=None) -> Iterator[CompletionChunk]`,
+    # the same completions as `sample()` in finished pieces (see the module docstring and `sample_stream`).
+
 
 SAMPLER_SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens")
 
@@ -99,6 +164,7 @@ class HFSampler:
         max_new_tokens: int = 2048,
         pad_token_id: int | None = None,
         return_logprobs: bool = False,
+        prompts_per_chunk: int = 0,
     ) -> None:
         """
         Args:
@@ -112,8 +178,17 @@ class HFSampler:
             return_logprobs: also return generate's own log-prob of each sampled token (from its
                 processed scores: after the speech-only mask, temperature, top-k/top-p). Used to
                 check that the trainer scores exactly the distribution that was sampled.
+            prompts_per_chunk: prompts per `generate` call; 0 = all of a rank's prompts in one call. Smaller
+                chunks let the rollout score finished chunks while later ones generate
+                (`--rollout.overlap_reward`), at the price of smaller generate batches: little on a CPU, whose
+                cost grows with the rows, more on a GPU, where a decode step costs about the same for 16 rows
+                as for 64. Chunking changes how generate draws from the random stream, so the samples differ
+                from unchunked ones; for a given chunking they are the same with overlap on or off.
         """
         check_sampling_params(temperature, top_p, top_k, max_new_tokens)
+        if prompts_per_chunk < 0:
+            raise ValueError(f"--prompts_per_chunk={prompts_per_chunk} must be >= 0 (0: one generate call for all prompts)")
+        self.prompts_per_chunk = prompts_per_chunk
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
@@ -124,7 +199,6 @@ class HFSampler:
     def setup(self, pl_module) -> None:
         pass
 
-    @torch.no_grad()
     def sample(
         self,
         model: torch.nn.Module,
@@ -133,6 +207,34 @@ class HFSampler:
         stop_token_id: int,
         step: int,
         allowed_token_ids: Sequence[int] | None = None,
+    ) -> Completions:
+        chunks = list(self.stream(model, prompts, n, stop_token_id, step, allowed_token_ids))
+        return concat_chunks(chunks, len(prompts), n)
+
+    def stream(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        stop_token_id: int,
+        step: int,
+        allowed_token_ids: Sequence[int] | None = None,
+    ) -> Iterator[CompletionChunk]:
+        """One chunk per `prompts_per_chunk` prompts, in prompt order, each from its own `generate` call."""
+        size = self.prompts_per_chunk or len(prompts)
+        for start in range(0, len(prompts), size):
+            part = list(range(start, min(start + size, len(prompts))))
+            comps = self._generate(model, [prompts[i] for i in part], n, stop_token_id, allowed_token_ids)
+            yield CompletionChunk(part, comps)
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        stop_token_id: int,
+        allowed_token_ids: Sequence[int] | None,
     ) -> Completions:
         pad = stop_token_id if self.pad_token_id is None else self.pad_token_id
         device = next(model.parameters()).device

@@ -93,6 +93,9 @@ class Engine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], request: SampleRequest) -> list[list[RawCompletion]]:
         """For each prompt, `request.n` completions."""
 
+    # Optional: `generate_stream(prompts, request) -> Iterator[list[tuple[int, list[RawCompletion]]]]`, the same
+    # groups as `generate` as the engine finishes them: each item is one engine step's finished (prompt index, group).
+
     def prompt_logprobs(self, ids: Sequence[int], start: int) -> list[float]:
         """log p(ids[t] | ids[:t]) for t in start..len(ids)-1, temperature 1, no truncation."""
 
@@ -316,24 +319,50 @@ class VLLMEngine:
         with _env(**env):
             self.llm = LLM(**kwargs)
 
-    def generate(self, prompts, request):
+    @staticmethod
+    def _params(prompts, request) -> list:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         seeds = request.seeds or (None,) * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: pass one seed per prompt")
-        params = [SamplingParams(**sampling_kwargs(request, s)) for s in seeds]
+        return [SamplingParams(**sampling_kwargs(request, s)) for s in seeds]
+
+    @staticmethod
+    def _group(out) -> list[RawCompletion]:
+        group = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            ids = list(c.token_ids)
+            lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
+            group.append(RawCompletion(ids=ids, logprobs=lps, finish_reason=c.finish_reason))
+        return group
+
+    def generate(self, prompts, request):
+        from vllm.inputs import TokensPrompt
+
+        params = self._params(prompts, request)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        result = []
-        for out in outs:  # vLLM returns outputs in prompt order
-            group = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
-                group.append(RawCompletion(ids=ids, logprobs=lps, finish_reason=c.finish_reason))
-            result.append(group)
-        return result
+        return [self._group(out) for out in outs]  # vLLM returns outputs in prompt order
+
+    def generate_stream(self, prompts, request):
+        """`LLM.generate`'s own loop (`enqueue`, then `llm_engine.step()` until no request is unfinished), handing
+        out each step's finished groups instead of keeping them to the end."""
+        from vllm.inputs import TokensPrompt
+
+        params = self._params(prompts, request)
+        request_ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        if len(request_ids) != len(prompts):
+            raise RuntimeError(f"vLLM enqueued {len(request_ids)} requests for {len(prompts)} prompts")
+        # enqueue returns the engine's internal ids ("7-1a2b3c4d"); outputs carry the external one ("7")
+        index = {}
+        for i, rid in enumerate(request_ids):
+            index[str(rid)] = index[str(rid).rsplit("-", 1)[0]] = i
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            done = [(index[out.request_id], self._group(out)) for out in engine.step()
+                    if out.finished and out.request_id in index]  # not a request an aborted call left behind
+            if done:
+                yield done
 
     def prompt_logprobs(self, ids, start):
         from vllm import SamplingParams

@@ -39,14 +39,14 @@ import logging
 import math
 import tempfile
 import time
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
 from .distributed import gather_from_ranks
 from .grpo import token_logprobs
 from .sharding import logprob_forward
-from .sampling import Completions, check_sampling_params
+from .sampling import CompletionChunk, Completions, check_sampling_params, concat_chunks
 from .vllm_engine import (
     Engine,
     EngineConfig,
@@ -226,7 +226,8 @@ class VLLMSampler:
         self.engine_kwargs = dict(engine_kwargs or {})
         self.engine_factory = engine_factory or VLLMEngine
         self.engine: Engine | None = None
-        self.metrics: dict[str, float] = {}  # of the last sample() call; the rollout callback logs them
+        # of the last sample() call: timing/weight_sync (the rollout logs it with the step's timings), sync/* checks
+        self.metrics: dict[str, float] = {}
         self._synced = False
         self._num_syncs = 0
         self._asleep = False
@@ -320,12 +321,27 @@ class VLLMSampler:
         engine's log-probs of each sampled id (see `logprobs_mode`); `allowed_token_ids` masks every other
         token out before temperature / top-k / top-p, as in HFSampler.
         """
+        chunks = list(self.stream(model, prompts, n, stop_token_id, step, allowed_token_ids))
+        return concat_chunks(chunks, len(prompts), n)
+
+    def stream(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        stop_token_id: int,
+        step: int,
+        allowed_token_ids: Sequence[int] | None = None,
+    ) -> Iterator[CompletionChunk]:
+        """`sample()` in pieces: the groups the engine finishes at each of its steps, in the order it finishes
+        them (an engine without `generate_stream` gives one piece). Samples do not depend on the pieces: every
+        prompt's request carries its own seed. The weight sync happens before the first piece."""
         if self.engine is None:
             raise RuntimeError("VLLMSampler.setup(pl_module) must run before sample() (the rollout callback calls it)")
         if n < 1 or not prompts:
             raise ValueError(f"need n >= 1 and at least one prompt (got n={n}, {len(prompts)} prompts)")
         engine = self.engine
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"timing/weight_sync": 0.0}
         # The engine's randomness comes from here only: one seed per prompt from the trainer's torch RNG (the
         # stream the rollout callback checkpoints), drawn before any engine call.
         local = [list(p) for p in prompts]
@@ -340,7 +356,7 @@ class VLLMSampler:
             with isolated_global_state():
                 engine.wake_up(["weights"])
         if due:
-            metrics["rollout/sync_s"] = self.sync_weights(model)
+            metrics["timing/weight_sync"] = self.sync_weights(model)
         if self._asleep:
             with isolated_global_state():
                 engine.wake_up(["kv_cache"])
@@ -351,27 +367,30 @@ class VLLMSampler:
             n, self.temperature, self.top_p, self.top_k, self.max_new_tokens, stop_token_id,
             allowed_token_ids=allowed, seeds=tuple(all_seeds),
         )
-        t0 = time.perf_counter()
-        with isolated_global_state():
-            groups = engine.generate(gathered, request)[offset : offset + len(local)]
-        gen_s = time.perf_counter() - t0
-        out = self._to_completions(groups, n, stop_token_id)
-        if due and self.verify_every and (self._num_syncs - 1) % self.verify_every == 0:
-            metrics.update(self._verify_after_sync(model, local[0], out.ids[0]))
+        if hasattr(engine, "generate_stream"):
+            finished = engine.generate_stream(gathered, request)
+        else:  # one piece; generate runs when the loop below advances it, inside isolated_global_state
+            finished = (list(enumerate(engine.generate(gathered, request))) for _ in range(1))
+        first: tuple[list[int], list[int]] | None = None  # a prompt and a completion of this step, for the check
+        while True:
+            with isolated_global_state():  # each engine step, not the consumer's work between pieces
+                groups = next(finished, None)
+            if groups is None:
+                break
+            mine = [(i - offset, g) for i, g in groups if offset <= i < offset + len(local)]
+            if not mine:
+                continue  # another rank's prompts of this TP group
+            out = self._to_completions([g for _, g in mine], n, stop_token_id)
+            if first is None:
+                first = (local[mine[0][0]], out.ids[0])
+            yield CompletionChunk([i for i, _ in mine], out)
+        if due and self.verify_every and (self._num_syncs - 1) % self.verify_every == 0 and first is not None:
+            metrics.update(self._verify_after_sync(model, *first))
         if self.enable_sleep_mode:
             with isolated_global_state():
                 engine.sleep(self.sleep_level)
             self._asleep = True
-        num_tokens = sum(len(r) for r in out.ids)
-        metrics.update(
-            {
-                "rollout/generate_s": gen_s,
-                "rollout/tokens_per_s": num_tokens / max(gen_s, 1e-9),
-                "rollout/truncated_frac": sum(out.truncated) / len(out.truncated),
-            }
-        )
         self.metrics = metrics
-        return out
 
     def _group_index(self) -> int:
         rank, _ = _rank_world()

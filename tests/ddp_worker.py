@@ -2,7 +2,13 @@
 
     python tests/ddp_worker.py OUT [--max_steps N] [--max_train_samples N] [--ckpt_dir DIR] [--resume]
                                    [--num_iterations N] [--sync_every_micro_batch] [--save_weights]
+                                   [--shared_reward] [--kill_owner_at STEP] [--no_overlap] [--fail_rank1_at STEP]
 --ckpt_dir saves a checkpoint every step there; --resume continues from its last.ckpt.
+--shared_reward scores through one SharedReward owner process for both ranks (tests/owner_rewards.py's
+CountingRuleReward, recording its loads and calls under OUT); --kill_owner_at S has rank 0 SIGKILL the owner
+at the start of step S (both ranks then wait at a barrier, so neither scores before the kill), and each rank
+writes the error it stopped with to rank{r}_error.txt. --no_overlap scores sequentially. --fail_rank1_at S: rank 1's
+in-process reward raises at step S (rank 0's does not); errors are written as with --kill_owner_at.
 The strategy is DDP with gradient_as_bucket_view and a communication hook that records every gradient
 bucket all-reduced, so each rank also reports, per optimiser update, which buckets each micro-batch's
 backward all-reduced. --sync_every_micro_batch restores the all-reduce in every backward (the behaviour
@@ -12,7 +18,11 @@ before accumulation without sync), for comparison; --save_weights writes the fin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import signal
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,9 +31,12 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from owner_rewards import CountingRuleReward  # tests/ is this script's directory
+
 from lightning_grpo.checkpointing import StepCheckpoint
 from lightning_grpo.data import PromptDataModule
 from lightning_grpo.policy import GRPOPolicy
+from lightning_grpo.reward.owner import SharedReward
 from lightning_grpo.reward.rule import RuleReward
 from lightning_grpo.rollout import GRPORollout
 from lightning_grpo.sampling import HFSampler
@@ -74,6 +87,33 @@ class UnevenRandomness(L.Callback):
         torch.rand(trainer.global_rank + 1)
 
 
+class KillOwner(L.Callback):
+    """Rank 0 SIGKILLs the reward owner at the start of step `at`; a barrier keeps rank 1 from scoring before."""
+
+    def __init__(self, reward, at: int) -> None:
+        self.reward, self.at = reward, at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.at:
+            if trainer.global_rank == 0:
+                os.kill(self.reward.owner["pid"], signal.SIGKILL)
+            torch.distributed.barrier()
+
+
+class FailsOnRank1(RuleReward):
+    """Raises on rank 1 from its `at`-th score call on (a model crashing on one rank's samples)."""
+
+    def __init__(self, at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.at, self.calls = at, 0
+
+    def score(self, samples):
+        self.calls += 1
+        if torch.distributed.get_rank() == 1 and self.calls > self.at:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (rank 1's reward)")
+        return super().score(samples)
+
+
 class Record(L.Callback):
     def __init__(self, out: Path, save_weights: bool) -> None:
         self.out, self.steps, self.save_weights = out, [], save_weights
@@ -84,8 +124,13 @@ class Record(L.Callback):
             "step": trainer.global_step,
             "texts": batch["text"],
             "rewards": r.rewards.tolist(),
+            "raw_rewards": r.reward_result.rewards.tolist(),  # the reward's, before the truncation policy
+            "reasons": r.reward_result.reasons,
+            "metrics": {k: v.tolist() for k, v in r.reward_result.metrics.items()},
             "completions": [list(map(int, ids)) for ids in r.completion_ids],
             "logged_reward_mean": float(trainer.callback_metrics["train/reward_mean"]),
+            "timings": dict(r.timings),  # this rank's own
+            "logged_timings": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("timing/", "perf/"))},
         })
 
     def on_train_end(self, trainer, pl_module):
@@ -111,12 +156,25 @@ def main() -> None:
     p.add_argument("--num_iterations", type=int, default=1)
     p.add_argument("--sync_every_micro_batch", action="store_true")
     p.add_argument("--save_weights", action="store_true")
+    p.add_argument("--shared_reward", action="store_true")
+    p.add_argument("--kill_owner_at", type=int)
+    p.add_argument("--no_overlap", action="store_true")
+    p.add_argument("--fail_rank1_at", type=int)
     args = p.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
     out_dir = Path(args.out)
-    cb = GRPORollout(HFSampler(max_new_tokens=8), RuleReward(codes_per_char=0.3, band=(0, 16)), group_size=4)
+    reward = RuleReward(codes_per_char=0.3, band=(0, 16))
+    if args.shared_reward:
+        reward = SharedReward(functools.partial(CountingRuleReward, str(out_dir), codes_per_char=0.3, band=(0, 16)),
+                              max_wait_ms=300, max_retries=2, backoff_s=0.5, log_dir=str(out_dir / "owner"))
+    if args.fail_rank1_at is not None:
+        reward = FailsOnRank1(args.fail_rank1_at, codes_per_char=0.3, band=(0, 16))
+    sampler = HFSampler(max_new_tokens=8, prompts_per_chunk=1 if args.shared_reward else 0)
+    cb = GRPORollout(sampler, reward, group_size=4, overlap_reward=not args.no_overlap)
     callbacks = [cb, Record(out_dir, args.save_weights), UnevenRandomness()]
+    if args.kill_owner_at is not None:
+        callbacks.insert(0, KillOwner(reward, args.kill_owner_at))
     if args.ckpt_dir:
         callbacks.append(StepCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=1))
     strategy = DDPStrategy(gradient_as_bucket_view=True)
@@ -126,12 +184,22 @@ def main() -> None:
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
     )
     policy_cls = SyncEveryMicroBatch if args.sync_every_micro_batch else CountedPolicy
-    trainer.fit(
-        # 8 rows per rank in micro-batches of 3: 3 backwards per update, the last one shorter
-        policy_cls(learning_rate=1e-2, micro_batch_size=3, num_iterations=args.num_iterations),
-        PromptDataModule(prompts_per_step=4, val_data=None, max_train_samples=args.max_train_samples),
-        ckpt_path="last" if args.resume else None,
-    )
+    try:
+        trainer.fit(
+            # 8 rows per rank in micro-batches of 3: 3 backwards per update, the last one shorter
+            policy_cls(learning_rate=1e-2, micro_batch_size=3, num_iterations=args.num_iterations),
+            PromptDataModule(prompts_per_step=4, val_data=None, max_train_samples=args.max_train_samples),
+            ckpt_path="last" if args.resume else None,
+        )
+    except RuntimeError as e:
+        if args.kill_owner_at is None and args.fail_rank1_at is None:
+            raise
+        (out_dir / f"rank{trainer.global_rank}_error.txt").write_text(str(e))
+        if trainer.global_rank == 0:  # the launcher: wait for rank 1 (its child) to stop on its own error
+            deadline = time.monotonic() + 120
+            while not (out_dir / "rank1_error.txt").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        os._exit(0)  # no collective cleanup: each rank stopped on its own error
 
 
 if __name__ == "__main__":

@@ -135,3 +135,26 @@ def test_bench_sharded_memory_smoke(tmp_path):
     ddp, fsdp = ([sum(r["state"].values()) for r in raw[m]["ranks"]] for m in ("DDP", "FSDP2"))
     assert all(s > 0 for s in ddp + fsdp) and len(ddp) == len(fsdp) == 2
     assert all(abs(f / d - 0.5) < 0.02 for f, d in zip(fsdp, ddp))  # an odd row count pads a shard by one row
+def test_bench_overlap_smoke(tmp_path):
+    """The overlap benchmark's main part at its smallest size: a calibration run, then sequential and overlapped
+    steps with the sleeping reward in an owner process; its figures come from the steps' own timing logs."""
+    out = tmp_path / "overlap.json"
+    table = run_script("bench_overlap.py", "--part", "overlap", "--json", str(out))
+    assert "| sequential |" in table and "| overlapped |" in table and "reward time hidden" in table
+    raw = json.loads(out.read_text())["overlap"]
+    seq, ovl = raw["runs"]["sequential"][0], raw["runs"]["overlapped"][0]
+    for r in (seq, ovl):
+        assert r["timing/generate"] > 0 and r["timing/update"] > 0 and r["timing/step"] > r["timing/generate"]
+        assert r["timing/reward"] >= raw["per_sample_s"] * 4  # the owner slept its cost for 4 samples
+    assert seq["timing/reward_wait"] >= seq["timing/reward"]  # sequential: every call waited for
+
+
+@pytest.mark.slow
+def test_bench_overlap_all_parts_smoke(tmp_path):
+    out = tmp_path / "all.json"
+    run_script("bench_overlap.py", "--json", str(out))
+    raw = json.loads(out.read_text())
+    assert raw["transport"]["http"]["two_ranks_ms"] > 0 and raw["transport"]["collective"]["two_ranks_ms"] > 0
+    assert set(raw["whisper"]["runs"]) == {"in-process, sequential", "owner, sequential", "owner, overlapped"}
+    assert all(r["timing/reward"] > 0 for r in raw["whisper"]["runs"].values())
+    assert "configs/tiny_cpu.yaml" in raw["configs"]["runs"]

@@ -101,6 +101,10 @@ def test_original_recipe_values():
     assert cfg.model.loss_aggregation == "token-mean"
     s = r.sampler.init_args
     assert (s.temperature, s.top_p, s.max_new_tokens) == (0.8, 0.9, 2048)
+    # one Whisper for both training ranks, in an owner process on the third GPU, scored while vLLM generates
+    assert r.reward.class_path == "lightning_grpo.reward.owner.SharedReward" and r.overlap_reward
+    whisper = r.reward.init_args.reward
+    assert whisper.class_path.endswith("WhisperReward") and whisper.init_args.device == "cuda:2"
 
 
 def test_llasa8b_lora_fits_one_48gb_gpu_by_its_budget():

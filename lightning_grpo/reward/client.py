@@ -46,6 +46,7 @@ class RemoteReward:
         max_backoff_s: float = 30.0,
         max_samples_per_request: int = 64,
         ready_timeout_s: float = 900.0,
+        max_concurrent_calls: int = 4,
     ) -> None:
         """
         Args:
@@ -60,6 +61,9 @@ class RemoteReward:
             max_samples_per_request: samples per HTTP body; must not exceed the server's --max-batch-samples.
             ready_timeout_s: how long the first call waits for a server that answers "loading" (large-v3
                 takes a while to load) before raising.
+            max_concurrent_calls: `score` calls the rollout may have in flight at once while it overlaps
+                scoring with generation (`--rollout.overlap_reward`); the server batches them together. The
+                client is thread-safe (httpx's Client is).
         """
         url = url or os.environ.get(URL_ENV)
         if not url:
@@ -69,8 +73,8 @@ class RemoteReward:
             )
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"scoring server URL {url!r} must start with http:// or https://")
-        if max_retries < 0 or backoff_s < 0 or max_samples_per_request < 1:
-            raise ValueError("max_retries and backoff_s must be >= 0 and max_samples_per_request >= 1")
+        if max_retries < 0 or backoff_s < 0 or max_samples_per_request < 1 or max_concurrent_calls < 1:
+            raise ValueError("max_retries and backoff_s must be >= 0, max_samples_per_request and max_concurrent_calls >= 1")
         self.url = url.rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.timeout_s = timeout_s
@@ -80,6 +84,7 @@ class RemoteReward:
         self.max_backoff_s = max_backoff_s
         self.max_samples_per_request = max_samples_per_request
         self.ready_timeout_s = ready_timeout_s
+        self.max_concurrent_calls = max_concurrent_calls
         self._client: httpx.Client | None = None
         self._ready = False
         self._lock = threading.Lock()
@@ -120,9 +125,27 @@ class RemoteReward:
 
     def _fail(self, what: str, err: str, attempts: int) -> RuntimeError:
         return RuntimeError(
-            f"scoring server {self.url} {what} after {attempts} attempt(s): {err}. Check that the server is "
-            f"running (python -m lightning_grpo serve ...) and that {URL_ENV} / RemoteReward(url=...) points at it"
+            f"scoring server {self.url} {what} after {attempts} attempt(s): {err}. {self._advice()}"
         )
+
+    def _advice(self) -> str:
+        """What the user should check when the server fails (a subclass that runs the server knows more)."""
+        return (f"Check that the server is running (python -m lightning_grpo serve ...) and that {URL_ENV} / "
+                "RemoteReward(url=...) points at it")
+
+    def _give_up(self) -> str | None:
+        """Why retrying is pointless now (e.g. the server's process is gone), or None to keep retrying."""
+        return None
+
+    def _sleep_unless_gone(self, seconds: float, poll_s: float = 0.1) -> str | None:
+        """Sleep `seconds`, unless `_give_up` finds a reason first (a dead server is not waited for)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            gone = self._give_up()
+            left = deadline - time.monotonic()
+            if gone or left <= 0:
+                return gone
+            time.sleep(min(poll_s, left))
 
     def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
         """One request with retries; returns the first answer that is not retryable."""
@@ -131,7 +154,9 @@ class RemoteReward:
             if attempt:
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
                 log.warning("scoring server %s: %s; retry %d/%d in %.1fs", self.url, err, attempt, self.max_retries, delay)
-                time.sleep(delay)
+                gone = self._sleep_unless_gone(delay)
+                if gone:
+                    raise self._fail(f"{method} {path} failed", f"{err}; {gone}", attempt)
             try:
                 response = self.client.request(method, path, json=body)
             except httpx.TransportError as e:  # connect / read / write errors and timeouts
@@ -157,13 +182,17 @@ class RemoteReward:
                     return
                 if status == "failed" or response.status_code != 503:
                     raise RuntimeError(
-                        f"scoring server {self.url} is not usable: HTTP {response.status_code} {_detail(response)}"
+                        f"scoring server {self.url} is not usable: HTTP {response.status_code} {_detail(response)}. "
+                        f"{self._advice()}"
                     )
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"scoring server {self.url} still loading after ready_timeout_s={self.ready_timeout_s}"
+                        f"scoring server {self.url} still loading after ready_timeout_s={self.ready_timeout_s}. "
+                        f"{self._advice()}"
                     )
-                time.sleep(min(2.0, max(0.05, self.backoff_s)))
+                gone = self._sleep_unless_gone(min(2.0, max(0.05, self.backoff_s)))
+                if gone:
+                    raise RuntimeError(f"scoring server {self.url} stopped while loading: {gone}. {self._advice()}")
 
     def _score_remote(self, samples: Sequence[SpeechSample]) -> list[dict[str, Any]]:
         body = {"samples": [_sample_json(s) for s in samples]}
@@ -180,12 +209,14 @@ class RemoteReward:
 
     # --------------------------------------------------------------------------------------------- seam
 
+    send_empty = False  # a server started with --allow-empty-tokens scores samples without codes itself
+
     def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
         """Score samples on the server, in order; raises RuntimeError naming the URL if it cannot."""
         answers: list[dict[str, Any] | None] = [None] * len(samples)
-        remote = [i for i, s in enumerate(samples) if len(s.codes) > 0]
+        remote = [i for i, s in enumerate(samples) if len(s.codes) > 0 or self.send_empty]
         for i, s in enumerate(samples):
-            if not s.codes:
+            if not s.codes and not self.send_empty:
                 reason = "invalid_token" if s.num_invalid else "empty_speech"
                 answers[i] = {"reward": 0.0, "reason": reason, "transcript": "",
                               "metrics": {"cer": 1.0, "cer_raw": 1.0, "nll": None}}

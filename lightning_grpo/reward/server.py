@@ -69,7 +69,7 @@ class SampleIn(BaseModel):
     """One sample of a request body; the original server's body is exactly {"tokens", "text"}."""
 
     model_config = ConfigDict(extra="forbid")
-    tokens: list[StrictInt] = Field(min_length=1)
+    tokens: list[StrictInt]  # at least one unless the app allows empty ones (parse_body)
     text: StrictStr = Field(min_length=1)
     language: StrictStr | None = None
     stopped: StrictBool = True
@@ -101,8 +101,9 @@ def _field_name(loc: Sequence[Union[str, int]]) -> str:
     return out or "body"
 
 
-def parse_body(raw: bytes, codebook_size: int, max_samples: int) -> tuple[list[SpeechSample], bool]:
-    """Validate a /score body; returns the samples and whether it was the batched form.
+def parse_body(raw: bytes, codebook_size: int, max_samples: int, allow_empty: bool = False) -> tuple[list[SpeechSample], bool]:
+    """Validate a /score body; returns the samples and whether it was the batched form. Empty token lists are
+    an error unless `allow_empty` (a reward owner: the reward itself gives them reason empty_speech).
 
     Raises BadRequest (400 malformed JSON, 422 schema, 413 too many samples) naming the field.
     """
@@ -126,7 +127,9 @@ def parse_body(raw: bytes, codebook_size: int, max_samples: int) -> tuple[list[S
         where = f"samples[{i}]." if batched else ""
         if not item.text.strip():
             raise BadRequest(422, f"invalid request body: {where}text is blank; send the ground-truth text")
-        lo, hi = min(item.tokens), max(item.tokens)
+        if not item.tokens and not allow_empty:
+            raise BadRequest(422, f"invalid request body: {where}tokens is empty; send at least one codec code")
+        lo, hi = min(item.tokens, default=0), max(item.tokens, default=0)
         if lo < 0 or hi >= codebook_size:
             j, bad = next((j, c) for j, c in enumerate(item.tokens) if not 0 <= c < codebook_size)
             raise BadRequest(
@@ -330,6 +333,7 @@ def create_app(
     max_request_samples: int = 256,
     codebook_size: int = XCODEC2_CODEBOOK_SIZE,
     original_nll_cap: float = ORIGINAL_NLL_CAP,
+    allow_empty_tokens: bool = False,
 ) -> FastAPI:
     """The scoring app.
 
@@ -344,6 +348,8 @@ def create_app(
         codebook_size: codes must be in [0, codebook_size); 65,536 for X-codec2.
         original_nll_cap: `"nll"` of the original single-sample body: measured values are capped here and
             unmeasured ones (null elsewhere) answer it, so the original client never meets null or inf.
+        allow_empty_tokens: pass samples without codes to the reward (a trainer's reward owner sends every
+            sample); otherwise they answer 422, as the original server's clients expect.
     """
     if max_request_bytes < 1 or max_request_samples < 1 or codebook_size < 1:
         raise ValueError("--max-request-bytes, --max-batch-samples and --codebook-size must be >= 1")
@@ -404,7 +410,7 @@ def create_app(
                 raw += chunk
                 if len(raw) > max_request_bytes:
                     raise BadRequest(413, f"body exceeds --max-request-bytes={max_request_bytes}")
-            samples, batched = parse_body(bytes(raw), codebook_size, max_request_samples)
+            samples, batched = parse_body(bytes(raw), codebook_size, max_request_samples, allow_empty_tokens)
             if state["status"] != "ok":
                 raise BadRequest(503, f"reward is {state['status']}: {state['detail'] or 'retry later'}")
             try:
@@ -462,6 +468,17 @@ def reward_from_config(path: str) -> Reward:
     return _instantiate(cfg)
 
 
+def reward_from_factory_file(path: str) -> Reward:
+    """Build the reward by calling the zero-argument callable pickled in `path` (see --reward-factory)."""
+    import pickle
+
+    with open(path, "rb") as f:
+        factory = pickle.load(f)
+    if not callable(factory):
+        raise TypeError(f"--reward-factory {path} holds a {type(factory).__name__}, not a callable that builds a reward")
+    return factory()
+
+
 def build_whisper_reward(model: str, device: str, codec: str | None, language: str | None, batch_size: int,
                          dtype: str = "float32") -> Reward:
     """The Whisper reward module on `device`; imported here so the server imports without Whisper weights.
@@ -501,15 +518,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original-nll-cap", type=float, default=ORIGINAL_NLL_CAP,
                    help="'nll' of the original single-sample body: measured values capped here, unmeasured ones answer it")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--allow-empty-tokens", action="store_true",
+                   help="score samples without codes with the reward itself instead of answering 422 (reward owners)")
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                   help="stop when process PID is gone (a trainer's reward owner must not outlive the trainer)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--reward-config", default=None, help="YAML {class_path, init_args} of the reward to serve instead of Whisper")
+    group.add_argument("--reward-factory", default=None,
+                       help="a pickled zero-argument callable that builds the reward (written by the trainer for its "
+                       "reward owner, lightning_grpo.reward.owner; load only files you wrote: unpickling runs code)")
     group.add_argument("--fake-reward", choices=["rule"], default=None, help="serve the rule reward (tests; no Whisper)")
     return p
+
+
+def _exit_with_parent(pid: int, poll_s: float = 1.0) -> None:
+    """A daemon thread that stops this server (SIGTERM to itself, then exit) once `pid` is no longer its parent:
+    an owner whose trainer was SIGKILLed must not hold the reward GPU forever."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(poll_s)
+        log.warning("parent process %d is gone: the scoring server stops", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(15)
+        os._exit(1)
+
+    if os.getppid() != pid:
+        raise SystemExit(f"--exit-with-parent {pid}: that process is not this server's parent (it is {os.getppid()})")
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m lightning_grpo serve ...`: parse flags and serve until interrupted."""
     args = build_parser().parse_args(argv)
+    if args.exit_with_parent is not None:
+        _exit_with_parent(args.exit_with_parent)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.fake_reward == "rule":
         from .rule import RuleReward
@@ -517,6 +562,8 @@ def main(argv: list[str] | None = None) -> None:
         factory: RewardFactory = RuleReward
     elif args.reward_config:
         factory = lambda: reward_from_config(args.reward_config)  # noqa: E731
+    elif args.reward_factory:
+        factory = lambda: reward_from_factory_file(args.reward_factory)  # noqa: E731
     else:
         factory = lambda: build_whisper_reward(args.model, args.device, args.codec, args.language, args.max_batch_size, args.dtype)  # noqa: E731
     serve(
@@ -525,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_request_bytes=args.max_request_bytes, max_request_samples=args.max_batch_samples,
         codebook_size=args.codebook_size, original_nll_cap=args.original_nll_cap,
+        allow_empty_tokens=args.allow_empty_tokens,
     )
 
 

@@ -1,0 +1,155 @@
+"""Scoring one rollout's samples piece by piece, inline or on worker threads while generation goes on.
+
+The rollout callback hands `RewardScoring.submit` each piece of finished completions as the sampler
+streams it. Sequential (`--rollout.overlap_reward false`): the piece is scored right there, and the trainer
+waits. Overlapped: the piece goes to a worker thread and generation continues; `Rollout.wait_for_rewards`
+collects the results later (in `training_step`, after the log-probs that need no reward). Both modes score
+the same pieces in the same `Reward.score` calls, so an in-process reward gives bit-identical rewards.
+
+Threads, not processes: an in-process reward runs on one worker thread (models are not thread-safe), with
+autograd off as in the sequential path; a reward that only waits on I/O (`RemoteReward`, `SharedReward` with
+an owner process) declares `max_concurrent_calls > 1`, so pieces are in flight together and the owner batches
+them. The GIL: torch kernels and HTTP waits release it, Python-heavy reward code does not, so on a CPU an
+in-process reward competes with generation for the cores; an owner process (`reward/owner.py`) does not.
+A reward scored concurrently must not draw from torch's global random generator, which generation shares.
+
+Failure under DDP: a reward that fails (an owner that died, a model that raised) must stop every rank, not leave
+the others in the next collective (gloo: an error that says nothing; NCCL: a hang). So a failed piece is kept,
+not raised: later pieces are no longer scored, generation runs to its end (tensor-parallel engines step in
+lockstep), and `result()` raises on every rank at once, after one all_gather of each rank's error, with the
+failing rank's own message (which names the owner's log).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .distributed import gather_from_ranks
+from .reward.base import Reward, RewardResult, SpeechSample
+
+
+def max_concurrent_calls(reward: Any) -> int:
+    """How many `score` calls the reward takes at once (its `max_concurrent_calls`, default 1)."""
+    n = int(getattr(reward, "max_concurrent_calls", 1) or 1)
+    if n < 1:
+        raise ValueError(f"{type(reward).__name__}.max_concurrent_calls={n} must be >= 1")
+    return n
+
+
+def reorder(result: RewardResult, rows: Sequence[int]) -> RewardResult:
+    """`result` row k belongs to sample rows[k]; returns the result in sample order 0..N-1."""
+    n = len(rows)
+    if sorted(rows) != list(range(n)):
+        raise RuntimeError(f"scored rows {sorted(rows)[:8]}... are not each sample exactly once (0..{n - 1})")
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor(list(rows), dtype=torch.long)] = torch.arange(n)
+    order = inverse.tolist()
+    return RewardResult(
+        rewards=result.rewards[inverse],
+        metrics={k: v[inverse] for k, v in result.metrics.items()},
+        reasons=[result.reasons[i] for i in order],
+        transcripts=[result.transcripts[i] for i in order] if result.transcripts else [],
+    )
+
+
+def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals: the time at least one call was running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+class RewardScoring:
+    """The scores of one rollout, submitted piece by piece; implements `batch.PendingRewards`."""
+
+    def __init__(
+        self,
+        reward: Reward,
+        executor: ThreadPoolExecutor | None,
+        finalize: Callable[[RewardResult], torch.Tensor],
+    ) -> None:
+        """
+        Args:
+            reward: scores a list of samples.
+            executor: worker threads for overlapped scoring; None scores each piece inline.
+            finalize: the reward result in sample order -> the (N,) rewards the trainer uses (truncation policy,
+                device).
+        """
+        self.reward = reward
+        self.executor = executor
+        self.finalize = finalize
+        self._pieces: list[tuple[list[int], Future | RewardResult]] = []
+        self._intervals: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+        self.wait_s = 0.0  # the caller's time blocked on scoring: inline calls, or waiting for workers
+        self.error: BaseException | None = None  # the first failure; later pieces are not scored
+
+    def _score(self, samples: list[SpeechSample]) -> RewardResult:
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():  # grad mode is per thread; the sequential path scored under no_grad too
+                result = self.reward.score(samples)
+        finally:
+            with self._lock:
+                self._intervals.append((start, time.perf_counter()))
+        if result.rewards.shape != (len(samples),):
+            raise RuntimeError(
+                f"{type(self.reward).__name__}.score returned {tuple(result.rewards.shape)} rewards for {len(samples)} samples"
+            )
+        return result
+
+    def submit(self, rows: list[int], samples: list[SpeechSample]) -> None:
+        """Score `samples` (the samples of rollout rows `rows`), now or on a worker."""
+        if len(rows) != len(samples):
+            raise ValueError(f"{len(rows)} rows for {len(samples)} samples")
+        if not samples:
+            return
+        for _, piece in self._pieces:
+            if self.error is None and isinstance(piece, Future) and piece.done() and piece.exception() is not None:
+                self.error = piece.exception()
+        if self.error is not None:
+            return  # the step is lost: no more scoring (result() raises)
+        if self.executor is None:
+            start = time.perf_counter()
+            try:
+                self._pieces.append((rows, self._score(samples)))
+            except Exception as e:
+                self.error = e
+            finally:
+                self.wait_s += time.perf_counter() - start
+        else:
+            self._pieces.append((rows, self.executor.submit(self._score, samples)))
+
+    def result(self) -> tuple[torch.Tensor, RewardResult, dict[str, float]]:
+        """Wait for every piece; (rewards, result in sample order, {"reward": busy s, "reward_wait": blocked s})."""
+        start = time.perf_counter()
+        parts = []
+        for _, piece in self._pieces:
+            try:
+                parts.append(piece if isinstance(piece, RewardResult) else piece.result())
+            except Exception as e:
+                self.error = self.error or e
+        if self.executor is not None:
+            self.wait_s += time.perf_counter() - start
+        # every rank reaches this point once per rollout: all stop together if any rank's reward failed
+        errors = gather_from_ranks(None if self.error is None else f"{type(self.error).__name__}: {self.error}")
+        if self.error is not None:
+            raise self.error
+        failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
+        if failed:
+            rank, msg = failed[0]
+            raise RuntimeError(f"the reward failed on rank {rank}, so every rank stops: {msg}")
+        rows = [r for piece_rows, _ in self._pieces for r in piece_rows]
+        result = reorder(parts[0] if len(parts) == 1 else RewardResult.cat(parts), rows)
+        with self._lock:
+            busy = busy_seconds(self._intervals)
+        return self.finalize(result), result, {"reward": busy, "reward_wait": self.wait_s}
