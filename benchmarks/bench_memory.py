@@ -168,6 +168,11 @@ def compare(a: dict, b: dict) -> dict:
                 grad_weight_rel=rel(a["grad_weight"], b["grad_weight"]))
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is not positive (at smoke sizes a variant's peak growth can round to 0 MiB)."""
+    return a / b if b > 0 else float("nan")
+
+
 def run(size: str, threads: int) -> tuple[str, dict]:
     s = SIZES[size]
     # Inherited by the workers: glibc serves every block of 64 KiB or more by mmap and returns it on free. Its
@@ -193,8 +198,8 @@ def run(size: str, threads: int) -> tuple[str, dict]:
             err = float((saved[v]["entropy"].double() - dense_entropy(x, s, speech)).abs().max())
             same = all(torch.equal(saved[v][k], saved[base][k]) for k in ("loss", "grad_hidden", "grad_weight"))
             entropy_checks[v] = {"entropy_abs": err, "loss_and_grads_equal_without": same}
-            entropy_rows.append([v, results[v]["peak_growth_mib"] / results[base]["peak_growth_mib"],
-                                 results[v]["seconds"] / results[base]["seconds"], f"{err:.1e}", same])
+            entropy_rows.append([v, ratio(results[v]["peak_growth_mib"], results[base]["peak_growth_mib"]),
+                                 ratio(results[v]["seconds"], results[base]["seconds"]), f"{err:.1e}", same])
     naive = results["naive"]["peak_growth_mib"]
     logits_mib = s["rows"] * s["length"] * s["vocab"] * 4 / 2**20
     rows = []

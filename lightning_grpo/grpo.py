@@ -35,8 +35,8 @@ LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 Objective = Literal["token", "gspo", "cispo"]
 
 # (epsilon_low, epsilon_high) of each objective's paper, used when the config leaves them unset. GSPO: its paper's
-# 3e-4 / 4e-4. CISPO: MiniMax-M1 sets no lower bound (epsilon_low 1 is a bound of 0) and does not publish its upper
-# one; 4 caps the weight at 5, ScaleRL's (Khatri et al. 2025, arXiv 2510.13786) eps_max that TRL recommends.
+# 3e-4 / 4e-4. CISPO: MiniMax-M1 sets no lower bound (epsilon_low 1 is a bound of 0) and tunes the upper one; 4 caps
+# the weight at 5, ScaleRL's (Khatri et al. 2025, arXiv 2510.13786) eps_max, the value TRL recommends.
 CLIP_DEFAULTS: dict[str, tuple[float, float]] = {"token": (0.2, 0.2), "gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)}
 
 
@@ -88,6 +88,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
     straight into the (V, H) one autograd needs for the whole head, instead of autograd's slice
     backward allocating that (V, H) tensor while the (V', H) one is still alive.
     hidden: (M, H), weight: (V, H) whole head, targets: (M,) indices into [lo, hi), bias: (V',) or None.
+    With `with_entropy` forward also returns the (M,) entropy of each row's distribution, from the block in hand.
     """
 
     @staticmethod
