@@ -13,6 +13,9 @@ back-propagated to the hidden states and the head (both trainable, as in trainin
     *, bf16 autocast       forward and backward inside torch.autocast(bf16), as under bf16-mixed: the
                            head still runs in fp32 (an fp32 head is used as is, no copy)
     *, bf16 head, ...      the head's weights in bf16 (a bf16 KL reference): cast to fp32 once per call
+    * + entropy            grpo.token_logprobs_and_entropy: the same pass also returns each position's entropy
+                           (what training logs as train/entropy); same loss and gradients, entropy checked
+                           against a dense log_softmax
 
 Memory is measured as the growth of the process's resident set: each variant runs in a fresh
 subprocess; the worker builds its inputs, records its current RSS, runs forward + backward once and
@@ -21,7 +24,8 @@ also holds the parent's resident set: the published figure of `ours-speech` befo
 by mmap and unmapped on free (MALLOC_MMAP_THRESHOLD_), so the high-water mark sees every transient
 tensor, including those that live only inside autograd; no sampling interval can miss a spike. The figures include the (V, H) head
 gradient that any implementation must hold. Loss values and gradients are compared across variants
-(ours vs naive at the same vocabulary rows) from tensors the workers save.
+(ours vs naive at the same vocabulary rows) from tensors the workers save; the entropy of the `+ entropy` variants
+against a dense log_softmax computed here, in blocks of positions.
 
     python benchmarks/bench_memory.py          # N=1, T=2048, H=128, V=193,800 (naive peaks near 6 GiB)
     python benchmarks/bench_memory.py --smoke  # tiny sizes
@@ -60,6 +64,8 @@ VARIANTS = {
     "ours-speech": ("ours", 512, True, None),
     "ours-speech, bf16 autocast": ("ours", 512, True, torch.float32),
     "ours-speech, bf16 head, bf16 autocast": ("ours", 512, True, torch.bfloat16),
+    "ours + entropy": ("ours+entropy", 512, False, None),
+    "ours-speech + entropy": ("ours+entropy", 512, True, None),
 }
 
 
@@ -97,15 +103,36 @@ def speech_rows(s: dict) -> tuple[tuple[int, int], tuple[int, ...]]:
     return (s["stop"], s["vocab"]), tuple(range(s["stop"] + 1, s["speech_start"]))
 
 
-def grpo_loss_and_grads(variant: str, x: dict, s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward + backward of one variant on inputs x; (loss, d loss/d hidden, d loss/d weight)."""
+def dense_entropy(x: dict, s: dict, speech: bool, block: int = 128) -> torch.Tensor:
+    """(N, T) entropy of softmax(hidden @ W.T) over the variant's rows from plain log_softmax, `block` positions at a
+    time (float64; the reference the `+ entropy` variants are checked against)."""
+    (lo, hi), disallowed = speech_rows(s) if speech else ((0, s["vocab"]), ())
+    flat = x["hidden"].reshape(-1, s["hidden"]).double()
+    w = x["weight"][lo:hi].double()
+    out = torch.empty(flat.shape[0], dtype=torch.float64)
+    for a in range(0, flat.shape[0], block):
+        z = flat[a : a + block] @ w.T
+        if disallowed:
+            z[:, [d - lo for d in disallowed]] = float("-inf")
+        logp = torch.log_softmax(z, -1)
+        out[a : a + block] = -torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros((), dtype=z.dtype)).sum(-1)
+    return out.view(x["hidden"].shape[:2])
+
+
+def grpo_loss_and_grads(variant: str, x: dict, s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Forward + backward of one variant on inputs x; (loss, d loss/d hidden, d loss/d weight, entropy (N, T) or
+    None)."""
     impl, chunk, speech, head_dtype = VARIANTS[variant]
     hidden = x["hidden"].clone().requires_grad_(True)
     weight = x["weight"].clone().to(head_dtype or torch.float32).requires_grad_(True)
     vocab_range, disallowed = speech_rows(s) if speech else (None, ())
+    entropy = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=head_dtype is not None):
         if impl == "naive":
             logp = naive_logprobs(hidden, weight, x["targets"], vocab_range, disallowed)
+        elif impl == "ours+entropy":
+            logp, entropy = grpo.token_logprobs_and_entropy(hidden, weight, x["targets"], chunk_size=chunk,
+                                                            vocab_range=vocab_range, disallowed=disallowed)
         else:
             logp = grpo.token_logprobs(hidden, weight, x["targets"], chunk_size=chunk, vocab_range=vocab_range,
                                        disallowed=disallowed)
@@ -113,7 +140,7 @@ def grpo_loss_and_grads(variant: str, x: dict, s: dict) -> tuple[torch.Tensor, t
         tok_loss, _ = grpo.clipped_policy_loss(logp, old, x["advantages"], 0.2, 0.2, dual_clip=3.0)
         loss = grpo.aggregate(tok_loss, x["mask"], "token-mean")
         loss.backward()
-    return loss.detach(), hidden.grad, weight.grad.float()
+    return loss.detach(), hidden.grad, weight.grad.float(), entropy
 
 
 def worker(variant: str, size: str, out: str) -> dict:
@@ -124,10 +151,10 @@ def worker(variant: str, size: str, out: str) -> dict:
     x = make_inputs(s)
     rss_before = current_rss_mib()
     t0 = time.perf_counter()
-    loss, gh, gw = grpo_loss_and_grads(variant, x, s)
+    loss, gh, gw, entropy = grpo_loss_and_grads(variant, x, s)
     seconds = time.perf_counter() - t0
     peak = peak_rss_mib()
-    torch.save({"loss": loss, "grad_hidden": gh, "grad_weight": gw}, out)
+    torch.save({"loss": loss, "grad_hidden": gh, "grad_weight": gw, "entropy": entropy}, out)
     return dict(variant=variant, peak_growth_mib=peak - rss_before, rss_before_mib=rss_before, seconds=seconds,
                 loss=float(loss))
 
@@ -139,6 +166,11 @@ def compare(a: dict, b: dict) -> dict:
 
     return dict(loss_abs=float((a["loss"] - b["loss"]).abs()), grad_hidden_rel=rel(a["grad_hidden"], b["grad_hidden"]),
                 grad_weight_rel=rel(a["grad_weight"], b["grad_weight"]))
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is not positive (at smoke sizes a variant's peak growth can round to 0 MiB)."""
+    return a / b if b > 0 else float("nan")
 
 
 def run(size: str, threads: int) -> tuple[str, dict]:
@@ -157,6 +189,17 @@ def run(size: str, threads: int) -> tuple[str, dict]:
                   for v, (impl, _, speech, head_dtype) in VARIANTS.items()
                   if impl != "naive" and head_dtype != torch.bfloat16  # a bf16 head is another function
                   for ref in ["naive-speech" if speech else "naive"]}
+        x = make_inputs(s)
+        entropy_rows, entropy_checks = [], {}
+        for v, (impl, _, speech, _) in VARIANTS.items():
+            if impl != "ours+entropy":
+                continue
+            base = "ours-speech" if speech else "ours"
+            err = float((saved[v]["entropy"].double() - dense_entropy(x, s, speech)).abs().max())
+            same = all(torch.equal(saved[v][k], saved[base][k]) for k in ("loss", "grad_hidden", "grad_weight"))
+            entropy_checks[v] = {"entropy_abs": err, "loss_and_grads_equal_without": same}
+            entropy_rows.append([v, ratio(results[v]["peak_growth_mib"], results[base]["peak_growth_mib"]),
+                                 ratio(results[v]["seconds"], results[base]["seconds"]), f"{err:.1e}", same])
     naive = results["naive"]["peak_growth_mib"]
     logits_mib = s["rows"] * s["length"] * s["vocab"] * 4 / 2**20
     rows = []
@@ -166,12 +209,15 @@ def run(size: str, threads: int) -> tuple[str, dict]:
     table = markdown_table(["variant", "peak RSS growth (MiB)", "/ naive (full vocab)", "fwd+bwd (s)", "loss"], rows)
     check_rows = [[k, f"{c['loss_abs']:.2e}", f"{c['grad_hidden_rel']:.2e}", f"{c['grad_weight_rel']:.2e}"] for k, c in checks.items()]
     table += "\n\n" + markdown_table(["agreement", "|loss diff|", "max rel diff d/d hidden", "max rel diff d/d head"], check_rows)
+    table += "\n\n" + markdown_table(["with entropy", "peak / without", "fwd+bwd time / without",
+                                        "max abs diff of the entropy vs dense (nats)", "loss and gradients bit-equal"],
+                                       entropy_rows)
     header = (
         f"settings: N={s['rows']} rows x T={s['length']} tokens, H={s['hidden']}, V={s['vocab']:,} (speech rows: "
         f"[{s['stop']}, {s['vocab']}) = {s['vocab'] - s['stop']:,}), fp32, chunk 512, clipped loss + dual clip 3, token-mean; "
         f"one (N, T, V) fp32 logits tensor = {logits_mib:.0f} MiB; {threads} thread(s)\nmachine: {json.dumps(machine_info())}"
     )
-    return header + "\n\n" + table, {"results": results, "checks": checks}
+    return header + "\n\n" + table, {"results": results, "checks": checks, "entropy_checks": entropy_checks}
 
 
 def main() -> None:

@@ -15,6 +15,11 @@ Departures from the GRPO paper (DeepSeekMath, arXiv 2402.03300), all switchable:
   differences of log-probs, where bf16 logits would add noise of tenths of a nat.
 - Clip is asymmetric (epsilon_low / epsilon_high, DAPO) with an optional dual clip (Ye et al. 2020)
   that bounds the loss of negative-advantage tokens whose ratio has exploded.
+- Three objectives share that interface (`policy_loss`): the token-level clip above, GSPO's sequence-level
+  ratio and clip (`gspo_policy_loss`) and CISPO's clipped stop-gradient weight (`cispo_policy_loss`). All three
+  give the same gradient where the ratio is 1 (the first update of a rollout); they differ off-policy.
+- `token_logprobs_and_entropy` also returns each position's entropy over the scored rows, from the same
+  chunked pass (one extra elementwise sweep per block, no extra block): a metric, without gradient.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ import torch
 RewardScale = Literal["group", "batch", "none"]
 KLEstimator = Literal["k1", "k3"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+Objective = Literal["token", "gspo", "cispo"]
+
+# (epsilon_low, epsilon_high) of each objective's paper, used when the config leaves them unset. GSPO: its paper's
+# 3e-4 / 4e-4. CISPO: MiniMax-M1 sets no lower bound (epsilon_low 1 is a bound of 0) and tunes the upper one; 4 caps
+# the weight at 5, ScaleRL's (Khatri et al. 2025, arXiv 2510.13786) eps_max, the value TRL recommends.
+CLIP_DEFAULTS: dict[str, tuple[float, float]] = {"token": (0.2, 0.2), "gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)}
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: RewardScale = "group", eps: float = 1e-6) -> torch.Tensor:
@@ -77,12 +88,14 @@ class _ChunkedLogProbs(torch.autograd.Function):
     straight into the (V, H) one autograd needs for the whole head, instead of autograd's slice
     backward allocating that (V, H) tensor while the (V', H) one is still alive.
     hidden: (M, H), weight: (V, H) whole head, targets: (M,) indices into [lo, hi), bias: (V',) or None.
+    With `with_entropy` forward also returns the (M,) entropy of each row's distribution, from the block in hand.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, lo, hi, chunk, temperature):
+    def forward(ctx, hidden, weight, targets, bias, lo, hi, chunk, temperature, with_entropy):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
         lse = torch.empty_like(out)
+        entropy = torch.empty_like(out) if with_entropy else None  # (M,)
         with _full_fp32(hidden.device.type):
             w = weight[lo:hi].float()  # (V', H); a view of an fp32 head, no copy
             for a in range(0, hidden.shape[0], chunk):
@@ -93,15 +106,21 @@ class _ChunkedLogProbs(torch.autograd.Function):
                     z /= temperature
                 picked = z.gather(-1, targets[a : a + chunk, None]).squeeze(-1)
                 m = z.max(dim=-1, keepdim=True).values  # in-place log-sum-exp: no second (c, V') block
-                lse[a : a + chunk] = z.sub_(m).exp_().sum(-1).log_() + m.squeeze(-1)
+                log_s = z.sub_(m).exp_().sum(-1).log_()  # z now holds e = exp(z - m); log_s = log sum(e)
+                lse[a : a + chunk] = log_s + m.squeeze(-1)
                 out[a : a + chunk] = picked - lse[a : a + chunk]
+                if entropy is not None:  # H = -sum p log p = log S - sum(e log e) / S, in place on e (0 log 0 = 0)
+                    entropy[a : a + chunk] = log_s - z.xlogy_(z).sum(-1) / log_s.exp()
                 del z  # freed before the next block is allocated
         ctx.save_for_backward(hidden, weight, targets, lse, bias)
         ctx.rows, ctx.chunk, ctx.temperature = (lo, hi), chunk, temperature
-        return out
+        if entropy is None:
+            return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, *_):  # no gradient through the entropy (a metric)
         hidden, weight, targets, lse, bias = ctx.saved_tensors
         lo, hi = ctx.rows
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -138,7 +157,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 del w  # an fp32 copy of a bf16 head goes before (V, H) comes (the last block is gone)
                 grad_w = torch.zeros_like(weight)
                 grad_w[lo:hi] = acc  # one rounding to the head's dtype, after the fp32 sum
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def token_logprobs(
@@ -150,6 +169,31 @@ def token_logprobs(
     vocab_range: tuple[int, int] | None = None,
     disallowed: tuple[int, ...] = (),
 ) -> torch.Tensor:
+    """log p(targets) under the LM head, chunked so full logits never exist: (N, T) float32 (see `_token_logprobs`)."""
+    return _token_logprobs(hidden, weight, targets, chunk_size, temperature, vocab_range, disallowed, False)
+
+
+def token_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+    vocab_range: tuple[int, int] | None = None,
+    disallowed: tuple[int, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(targets), entropy), each (N, T) float32, from one chunked pass (see `_token_logprobs`).
+
+    entropy[n, t] = -sum_v p(v) log p(v) of the distribution the log-prob is taken from: softmax of
+    logits / temperature over the scored rows (vocab_range, with `disallowed` at -inf), i.e. what a sampler at that
+    temperature restricted to those rows draws from, before any top-k / top-p truncation. The log-probs are those of
+    `token_logprobs` (bit for bit) and keep their gradient; the entropy has none (a metric). It costs one
+    elementwise sweep of each (chunk, V') block already in memory, no further block (benchmarks/bench_memory.py).
+    """
+    return _token_logprobs(hidden, weight, targets, chunk_size, temperature, vocab_range, disallowed, True)
+
+
+def _token_logprobs(hidden, weight, targets, chunk_size, temperature, vocab_range, disallowed, with_entropy):
     """log p(targets) under the LM head, chunked so full logits never exist.
 
     hidden: (N, T, H) states that predict `targets` (N, T); weight: (V, H) LM head.
@@ -174,8 +218,12 @@ def token_logprobs(
         bias = torch.zeros(hi - lo, device=hidden.device, dtype=torch.float32)
         bias[torch.tensor(disallowed, device=hidden.device) - lo] = float("-inf")
     if n * t == 0:
-        return hidden.new_zeros(n, t, dtype=torch.float32)
-    out = _ChunkedLogProbs.apply(hidden.reshape(n * t, h), weight, flat_t, bias, lo, hi, chunk_size, float(temperature))
+        empty = hidden.new_zeros(n, t, dtype=torch.float32)
+        return (empty, empty.clone()) if with_entropy else empty
+    out = _ChunkedLogProbs.apply(hidden.reshape(n * t, h), weight, flat_t, bias, lo, hi, chunk_size, float(temperature),
+                                 with_entropy)
+    if with_entropy:
+        return out[0].view(n, t), out[1].view(n, t)
     return out.view(n, t)
 
 
@@ -188,15 +236,24 @@ def clipped_policy_loss(
     dual_clip: float | None = 3.0,
     is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO/GRPO clipped surrogate per token.
+    """PPO/GRPO clipped surrogate per token (objective "token": PPO, Schulman et al. 2017; GRPO, DeepSeekMath,
+    arXiv 2402.03300).
 
     logp, old_logp: (N, T); advantages: (N,) broadcast over T; is_weights: optional (N, T) detached
     importance weights (sampler/trainer mismatch correction). Returns (loss (N, T), clipped (N, T) bool).
-    loss = -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A); with dual clip c > 1, for A < 0 the loss is
-    also capped at -c*A.
+    loss = -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A) with r = exp(logp - old_logp) per token; with dual clip
+    c > 1, for A < 0 the loss is also capped at -c*A. A clipped token has no gradient.
     """
     adv = advantages[:, None].to(logp.dtype)  # (N, 1)
     ratio = torch.exp(logp - old_logp)
+    loss, was_clipped = _clipped_surrogate(ratio, adv, epsilon_low, epsilon_high, dual_clip)
+    if is_weights is not None:
+        loss = loss * is_weights
+    return loss, was_clipped
+
+
+def _clipped_surrogate(ratio, adv, epsilon_low, epsilon_high, dual_clip):
+    """-min(r*A, clip(r)*A), then the dual clip: ratio (N, T), adv (N, 1) -> (loss (N, T), clipped (N, T) bool)."""
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = torch.maximum(unclipped, clipped)
@@ -208,9 +265,95 @@ def clipped_policy_loss(
         capped = (adv < 0) & (loss > cap)
         loss = torch.where(capped, cap, loss)
         was_clipped = was_clipped | capped
+    return loss, was_clipped
+
+
+def gspo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float = 4e-4,
+    dual_clip: float | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO, Group Sequence Policy Optimization (Zheng et al. 2025, arXiv 2507.18071), in its GSPO-token form.
+
+    The ratio is the sequence's, normalised by its length: s_i = (pi(y_i|x) / pi_old(y_i|x))^(1/|y_i|)
+    = exp(mean over the row's unmasked tokens of (logp - old_logp)), and the clip acts on it, one decision per
+    sequence: J = mean_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i). GSPO-token gives token t the ratio
+    s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)]: s_i in value, gradient s_i * grad log pi(y_t). Its per-token loss
+    -min(s_{i,t} A, clip(s_{i,t}) A) under `aggregate(..., "seq-mean-token-mean")` is the paper's J in value and
+    gradient (A is per sequence here); under token-mean each sequence weighs by its length (TRL's GSPO with its
+    default dapo loss does the same). The paper clips at 3e-4 / 4e-4: s_i is a geometric mean of token ratios.
+    The dual clip (c > 1) caps the loss of a negative-advantage sequence at -c*A when s_i > c, as for tokens.
+    With one token per sequence it is `clipped_policy_loss`, value and gradient.
+
+    logp, old_logp, mask: (N, T); advantages: (N,); is_weights: optional (N, T) detached TIS weights, multiplied per
+    token as in the token objective (the per-token truncated approximation of the sequence's weight).
+    Returns (loss (N, T), clipped (N, T) bool): clipped is the row's sequence-level decision at every position.
+    """
+    m = mask.bool()
+    per_token = torch.where(m, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    seq_log_ratio = per_token.sum(-1) / m.sum(-1).clamp(min=1).to(logp.dtype)  # (N,); 0 for a row without tokens
+    # (N, T): s_i in value (logp - logp.detach() is exactly 0; (s + logp) - logp would round s at logp's scale),
+    # s_i * d logp_t in gradient
+    ratio = torch.exp(seq_log_ratio.detach()[:, None] + (logp - logp.detach()))
+    loss, was_clipped = _clipped_surrogate(ratio, advantages[:, None].to(logp.dtype), epsilon_low, epsilon_high, dual_clip)
     if is_weights is not None:
         loss = loss * is_weights
     return loss, was_clipped
+
+
+def cispo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float = 1.0,
+    epsilon_high: float = 4.0,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO, Clipped IS-weight Policy Optimization (MiniMax-M1, arXiv 2506.13585).
+
+    J = sum_i sum_t sg(r^_{i,t}) A_i log pi(y_{i,t}) / sum_i |y_i| with r^ = clip(r, 1-eps_low, 1+eps_high),
+    r = exp(logp - old_logp) per token: the clip bounds a token's weight in the gradient, -r^ A grad log pi, and
+    never removes it, where the PPO clip drops the gradient of every clipped token. The paper normalises by the
+    step's tokens (token-mean) and sets no lower bound (eps_low 1 here: a bound of 0). At r = 1 the gradient is
+    the token objective's. The loss value carries log pi: it is no surrogate of the return, compare objectives by
+    their rewards, not their losses. The dual clip does not apply: the weight is capped for either sign of A.
+
+    logp, old_logp: (N, T); advantages: (N,); is_weights: optional (N, T) detached TIS weights, multiplied per token.
+    Returns (loss (N, T), clipped (N, T) bool: r was outside [1-eps_low, 1+eps_high]; such tokens keep a gradient).
+    """
+    ratio = torch.exp(logp.detach() - old_logp)
+    weight = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # (N, T), no gradient
+    loss = -advantages[:, None].to(logp.dtype) * weight * logp
+    if is_weights is not None:
+        loss = loss * is_weights
+    return loss, weight != ratio
+
+
+def policy_loss(
+    objective: Objective,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    dual_clip: float | None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token loss (N, T) and clipped mask (N, T) of `objective` ("token", "gspo" or "cispo"), ready for
+    `aggregate`; shapes as in `clipped_policy_loss`, mask (N, T) the completion tokens (GSPO's sequence mean)."""
+    if objective == "token":
+        return clipped_policy_loss(logp, old_logp, advantages, epsilon_low, epsilon_high, dual_clip, is_weights)
+    if objective == "gspo":
+        return gspo_policy_loss(logp, old_logp, advantages, mask, epsilon_low, epsilon_high, dual_clip, is_weights)
+    if objective == "cispo":
+        return cispo_policy_loss(logp, old_logp, advantages, epsilon_low, epsilon_high, is_weights)
+    raise ValueError(f"objective {objective!r} is not one of token, gspo, cispo")
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:

@@ -15,7 +15,7 @@ from .reward.shaping import harmonic_reward, u_cer, u_nll
 
 # the curves a GRPO run is read by, in the order they are plotted; absent ones are skipped
 DEFAULT_CURVES = (
-    "train/reward_mean", "val/reward", "train/cer_mean", "train/nll_mean", "train/kl", "train/clip_fraction",
+    "train/reward_mean", "val/reward", "train/cer_mean", "train/nll_mean", "train/entropy", "train/kl", "train/clip_fraction",
     "train/completion_length_mean", "train/truncation_rate", "train/loss", "train/grad_norm",
 )
 

@@ -3,7 +3,9 @@
 `training_step` receives a batch that the rollout callback has already sampled and scored
 (`batch["rollout"]`). It computes group advantages, then runs `num_iterations` optimiser updates
 over the rollout in micro-batches (manual optimisation), with the clipped surrogate, an optional KL
-to the reference, and one explicit loss aggregation. All math is in `grpo.py`.
+to the reference, and one explicit loss aggregation. All math is in `grpo.py`. The objective is one
+choice (`--model.objective token|gspo|cispo`); the logged token means (`train/entropy`, `train/kl`,
+`train/clip_fraction`, ...) are means over every completion token of the step on all ranks together.
 
 A trainer step is one rollout: only a rollout's last update advances `trainer.global_step`, so
 `max_steps`, `val_check_interval`, checkpoints, the LR schedule and the logger count rollouts.
@@ -37,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import grpo, lora as lora_lib, timing
 from .batch import Rollout
-from .distributed import concat_from_ranks
+from .distributed import concat_from_ranks, sum_over_ranks
 from . import sharding
 
 BUILTIN_TINY = "builtin:tiny-llasa"
@@ -144,8 +146,9 @@ class GRPOPolicy(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         beta: float = 0.0,
         kl_estimator: grpo.KLEstimator = "k3",
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.2,
+        objective: grpo.Objective = "token",
+        epsilon_low: float | None = None,
+        epsilon_high: float | None = None,
         dual_clip: float | None = 3.0,
         loss_aggregation: grpo.LossAggregation = "token-mean",
         scale_rewards: grpo.RewardScale = "group",
@@ -179,9 +182,20 @@ class GRPOPolicy(L.LightningModule):
             max_grad_norm: clip the global gradient norm; None disables.
             beta: KL coefficient to the reference (the original: 0, i.e. no reference at all).
             kl_estimator: k1 (unbiased, noisy) or k3 (low variance, GRPO paper).
-            epsilon_low / epsilon_high: clip range of the ratio (DAPO raises epsilon_high, e.g. 0.28,
-                to let unlikely good tokens grow).
-            dual_clip: cap on the loss of negative-advantage tokens (the original: 3.0); None off.
+            objective: the policy-gradient objective (grpo.py). `token` (the original): PPO/GRPO's clipped
+                ratio per token. `gspo` (GSPO, Zheng et al. 2025): one length-normalised ratio per sequence, clipped
+                per sequence: more stable when token ratios are noisy; its paper aggregates with
+                `--model.loss_aggregation seq-mean-token-mean` (token-mean weighs sequences by length). `cispo`
+                (CISPO, MiniMax-M1 2025): the clipped ratio becomes a stop-gradient weight on log pi, so no token
+                loses its gradient (rare tokens that PPO's clip silences keep learning). Where the ratio is 1
+                (`num_iterations` 1, and the first update of more) all three give the same gradient: they differ
+                from a rollout's second update on.
+            epsilon_low / epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high] of the objective's ratio;
+                None = its paper's: token 0.2 / 0.2 (DAPO raises epsilon_high to 0.28 to let unlikely good tokens
+                grow), gspo 3e-4 / 4e-4 (a sequence ratio moves far less than a token's: 0.2 would hardly ever
+                clip), cispo 1.0 / 4.0 (the weight in [0, 5]: no lower bound, ScaleRL's cap of 5).
+            dual_clip: cap on the loss of negative-advantage tokens (the original: 3.0), of sequences under gspo;
+                None off. Not used by cispo, whose weight is capped at 1 + epsilon_high for either sign.
             loss_aggregation: token-mean (the original, DAPO; the mean over every token of the step,
                 all DDP ranks together), seq-mean-token-mean (GRPO paper),
                 seq-mean-token-sum-norm (Dr.GRPO: no length bias, with scale_rewards=none).
@@ -211,14 +225,15 @@ class GRPOPolicy(L.LightningModule):
             fsdp_offload: under ModelParallelStrategy, `cpu` keeps the sharded fp32 weights and gradients, hence
                 AdamW's state, in host RAM with FSDP2's own CPUOffloadPolicy (the reference's shards too): the GPU
                 holds only the units being gathered, activations and vLLM, and AdamW steps on the CPU (torch's fused
-                CPU kernel). Costs: host RAM of 16 bytes x parameters / GPUs per rank (LLaSA-8B on 2 GPUs: 68.5 GB
-                per rank, 74 GB with the pinned allocator's rounding), half of it pinned; per micro-batch and rank, the fp32 shards cross PCIe
-                to the GPU for the forward and again for the backward, and the fp32 gradient shards back (use larger
-                micro-batches: the GPU has the room); a CPU AdamW step of seconds rather than milliseconds (give each
-                rank its cores: torchrun sets OMP_NUM_THREADS=1). Needs a process group with a CPU backend
-                (`--trainer.strategy.init_args.process_group_backend cuda:nccl,cpu:gloo`). Use it when the sharded
-                state does not fit the GPUs (LLaSA-8B on 2 x 80 GB: configs/llasa8b_fsdp_offload.yaml) and more
-                GPUs are not at hand; `none` keeps everything on the GPUs. Not with LoRA. BENCHMARKS.md, FSDP2.
+                CPU kernel). Costs: host RAM of 16 bytes x parameters / GPUs per rank (LLaSA-8B on 2 GPUs: 68.5 GB,
+                74 GB with the pinned allocator's rounding), half of it pinned; per micro-batch and rank, the fp32
+                shards cross PCIe to the GPU for the forward and again for the backward, and the fp32 gradient shards
+                back (use larger micro-batches: the GPU has the room); a CPU AdamW step of seconds rather than
+                milliseconds (give each rank its cores: torchrun sets OMP_NUM_THREADS=1). Needs a process group with
+                a CPU backend (`--trainer.strategy.init_args.process_group_backend cuda:nccl,cpu:gloo`). Use it when
+                the sharded state does not fit the GPUs (LLaSA-8B on 2 x 80 GB: configs/llasa8b_fsdp_offload.yaml)
+                and more GPUs are not at hand; `none` keeps everything on the GPUs. Not with LoRA. BENCHMARKS.md,
+                FSDP2.
         """
         super().__init__()
         # the checkpoint keeps these; the logger gets the whole run config from the CLI (cli.py)
@@ -229,6 +244,7 @@ class GRPOPolicy(L.LightningModule):
             raise ValueError("--model.micro_batch_size and --model.logprob_chunk_size must be >= 1")
         if beta < 0:
             raise ValueError(f"--model.beta={beta} must be >= 0")
+        self.clip_range = self._clip_range(objective, epsilon_low, epsilon_high, num_iterations)
         lora = lora_lib.as_config(lora, reference_dtype)
         if fsdp_offload != "none" and lora is not None:
             raise ValueError(
@@ -265,6 +281,32 @@ class GRPOPolicy(L.LightningModule):
         self.__dict__["reference"] = reference
         self._grads_in_buckets = False  # DDP with gradient_as_bucket_view: see _update
         self._grad_norm: torch.Tensor | None = None
+
+    @staticmethod
+    def _clip_range(objective: str, low: float | None, high: float | None, num_iterations: int) -> tuple[float, float]:
+        """(epsilon_low, epsilon_high) for `objective`, unset ones from its paper (grpo.CLIP_DEFAULTS); warns where the
+        choice cannot do what its name says."""
+        if objective not in grpo.CLIP_DEFAULTS:
+            raise ValueError(f"--model.objective={objective!r} is not one of {', '.join(grpo.CLIP_DEFAULTS)}")
+        default_low, default_high = grpo.CLIP_DEFAULTS[objective]
+        low, high = default_low if low is None else low, default_high if high is None else high
+        for flag, value in (("epsilon_low", low), ("epsilon_high", high)):
+            if not value >= 0:
+                raise ValueError(f"--model.{flag}={value} must be >= 0 (or null for --model.objective {objective}'s "
+                                 f"default {grpo.CLIP_DEFAULTS[objective]})")
+        if objective == "gspo" and max(low, high) >= 0.05:
+            rank_zero_warn(
+                f"--model.objective gspo clips the sequence ratio, a geometric mean of token ratios, at [1 - {low:g}, "
+                f"1 + {high:g}]: at that width it hardly ever clips. The GSPO paper uses 3e-4 / 4e-4, which "
+                "--model.epsilon_low null --model.epsilon_high null select"
+            )
+        if objective != "token" and num_iterations == 1:
+            rank_zero_warn(
+                f"--model.objective {objective} with --model.num_iterations 1: every update is on-policy (ratio 1), "
+                "where gspo and cispo give the token objective's gradient; they differ from a rollout's second "
+                "update on (--model.num_iterations 2 or more)"
+            )
+        return low, high
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -337,8 +379,10 @@ class GRPOPolicy(L.LightningModule):
         return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}]
 
     # -- log-probs -------------------------------------------------------------------------
-    def completion_logprobs(self, model: torch.nn.Module, r: Rollout, rows: slice) -> torch.Tensor:
-        """log p(completion tokens) of `model` for rollout rows `rows`: (m, C) float32."""
+    def completion_logprobs(self, model: torch.nn.Module, r: Rollout, rows: slice, entropy: bool = False):
+        """log p(completion tokens) of `model` for rollout rows `rows`: (m, C) float32; with `entropy`, also the
+        entropy at each position (m, C) of the distribution those log-probs come from (grpo.token_logprobs_and_entropy):
+        the scored rows (the speech tokens and the stop token under restrict_to_speech) at the sampling temperature."""
         ids = r.input_ids[rows]
         mask = r.attention_mask[rows]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # matches generate() with left padding
@@ -348,7 +392,7 @@ class GRPOPolicy(L.LightningModule):
             targets = torch.where(mask[:, w:].bool(), targets, r.vocab_range[0])
         # the decoder, then the chunked head on the (m, C, H) states that predict the completion (sharding.py)
         return sharding.logprob_forward(
-            model, grpo.token_logprobs, ids, mask, position_ids, w,
+            model, grpo.token_logprobs_and_entropy if entropy else grpo.token_logprobs, ids, mask, position_ids, w,
             targets,
             chunk_size=self.hparams.logprob_chunk_size,
             temperature=r.temperature,
@@ -432,13 +476,16 @@ class GRPOPolicy(L.LightningModule):
         for it in range(hp.num_iterations):
             for k, s in enumerate(mbs):
                 with self._gradient_sync(k == len(mbs) - 1):
-                    logp = self.completion_logprobs(self.policy, r, s)  # (m, C)
+                    if it == 0:  # the entropy of the rollout's own policy, from the same chunked pass
+                        logp, entropy = self.completion_logprobs(self.policy, r, s, entropy=True)  # (m, C) each
+                    else:
+                        logp = self.completion_logprobs(self.policy, r, s)  # (m, C)
                     old = old_logp[s] if old_logp is not None else logp.detach()
-                    tok_loss, clipped = grpo.clipped_policy_loss(
-                        logp, old, advantages[s], hp.epsilon_low, hp.epsilon_high, hp.dual_clip,
+                    cmask = r.completion_mask[s]
+                    tok_loss, clipped = grpo.policy_loss(
+                        hp.objective, logp, old, advantages[s], cmask, *self.clip_range, hp.dual_clip,
                         None if is_weights is None else is_weights[s],
                     )
-                    cmask = r.completion_mask[s]
                     if ref_logp is not None:
                         kl = grpo.kl_penalty(logp, ref_logp[s], hp.kl_estimator)
                         tok_loss = tok_loss + hp.beta * kl
@@ -448,31 +495,27 @@ class GRPOPolicy(L.LightningModule):
                 sums["loss"] += loss.item()
                 sums["clipped"] += (clipped.float() * cmask).sum().item()
                 sums["ratio"] += (torch.exp(logp.detach() - old) * cmask).sum().item()
-                sums["entropy_proxy"] += (-logp.detach() * cmask).sum().item()
+                sums["neg_logp"] += (-logp.detach() * cmask).sum().item()
+                sums["seq_clipped"] += (clipped & cmask.bool()).any(-1).sum().item()
+                if it == 0:
+                    sums["entropy"] += (entropy * cmask).sum().item()
             self._update(opt, final=it == hp.num_iterations - 1)
         self.lr_schedulers().step()  # once per rollout, like trainer.global_step
         r.timings["update"] = timing.elapsed(start, self.device)
 
-        iters, tokens = hp.num_iterations, max(num_tokens, 1.0)
-        stats = {
-            "train/loss": sums["loss"] / iters,
-            "train/clip_fraction": sums["clipped"] / (tokens * iters),
-            "train/ratio_mean": sums["ratio"] / (tokens * iters) if num_tokens else 1.0,
-            "train/neg_logp": sums["entropy_proxy"] / (tokens * iters),
-            "train/lr": lr,
-        }
-        if ref_logp is not None:
-            stats["train/kl"] = sums["kl"] / (tokens * iters)
+        stats = {"train/loss": sums["loss"] / hp.num_iterations, "train/lr": lr}
         if self._grad_norm is not None:  # of the rollout's last update
             stats["train/grad_norm"] = float(self._grad_norm)
         if is_weights is not None:
             cm = r.completion_mask.bool()
-            stats["train/is_weight_mean"] = is_weights[cm].mean().item() if cm.any() else 1.0
-            stats["train/is_weight_capped_frac"] = (is_weights[cm] >= hp.importance_cap).float().mean().item() if cm.any() else 0.0
-            if is_logp is not old_logp:  # sampled tokens the trainer's own nucleus excludes: weight 0
-                stats["train/is_outside_nucleus_frac"] = outside / max(num_tokens, 1.0)
+            sums["is_weight"] = is_weights[cm].sum().item()
+            sums["is_capped"] = (is_weights[cm] >= hp.importance_cap).sum().item()
+            sums["is_outside"] = outside if is_logp is not old_logp else 0
+        sums["tokens"], sums["seqs"] = num_tokens, (r.completion_mask.sum(-1) > 0).sum().item()
+        token_means = self.token_means(sums, ref_logp is not None, is_weights is not None and is_logp is not old_logp)
         stats.update({k: float(v) for k, v in r.sampler_metrics.items()})
         self.log_dict(stats, on_step=True, sync_dist=True, batch_size=n)
+        self.log_dict(token_means, on_step=True, batch_size=n)  # already over all ranks: no sync_dist
         self.log_rollout_stats(r, "train")
         return torch.tensor(stats["train/loss"])
 
@@ -516,8 +559,54 @@ class GRPOPolicy(L.LightningModule):
         if "rollout" not in batch:
             raise RuntimeError("validation batch has no rollout: the `rollout:` config group (GRPORollout) makes it")
         self.log_rollout_stats(batch["rollout"], "val", on_epoch=True)
+        self.log_val_entropy(batch["rollout"])
 
     # -- logging ---------------------------------------------------------------------------
+    def token_means(self, sums: Counter, with_kl: bool, with_outside: bool) -> dict[str, float]:
+        """The step's token means over all ranks: the sum over ranks of each numerator over the sum over ranks of
+        the token count (one all_reduce of a small vector; a collective every rank reaches once per step). A mean
+        of per-rank means would weigh up the tokens of a rank with fewer of them. Over the completion tokens the
+        loss sees (`completion_mask`), and over the step's num_iterations updates where a value changes with them:
+            train/entropy          the policy's entropy at each position (grpo.token_logprobs_and_entropy), of the
+                                   rollout's policy (the step's first pass); the headline against entropy collapse
+            train/neg_logp         -log p of the sampled token: its NLL, an estimate of the entropy only on-policy
+            train/clip_fraction    tokens whose ratio term was clipped; gspo: tokens of clipped sequences; cispo:
+                                   tokens whose weight was capped (they keep their gradient)
+            train/seq_clip_fraction  (gspo) sequences (with a loss token) whose sequence ratio was clipped
+            train/ratio_mean       exp(logp - old_logp) per token; train/kl: the KL estimate (beta > 0)
+            train/is_weight_mean, train/is_weight_capped_frac, train/is_outside_nucleus_frac (importance_correction)
+        """
+        names = ("tokens", "seqs", "clipped", "seq_clipped", "ratio", "neg_logp", "entropy", "kl",
+                 "is_weight", "is_capped", "is_outside")
+        total = dict(zip(names, sum_over_ranks([float(sums[k]) for k in names], self.device)))
+        iters, tokens = self.hparams.num_iterations, max(total["tokens"], 1.0)
+        means = {
+            "train/entropy": total["entropy"] / tokens,
+            "train/neg_logp": total["neg_logp"] / (tokens * iters),
+            "train/clip_fraction": total["clipped"] / (tokens * iters),
+            "train/ratio_mean": total["ratio"] / (tokens * iters) if total["tokens"] else 1.0,
+        }
+        if self.hparams.objective == "gspo":
+            means["train/seq_clip_fraction"] = total["seq_clipped"] / (max(total["seqs"], 1.0) * iters)
+        if with_kl:
+            means["train/kl"] = total["kl"] / (tokens * iters)
+        if "is_weight" in sums:
+            means["train/is_weight_mean"] = total["is_weight"] / tokens if total["tokens"] else 1.0
+            means["train/is_weight_capped_frac"] = total["is_capped"] / tokens
+            if with_outside:  # sampled tokens the trainer's own nucleus excludes: weight 0
+                means["train/is_outside_nucleus_frac"] = total["is_outside"] / tokens
+        return means
+
+    @torch.no_grad()
+    def log_val_entropy(self, r: Rollout) -> None:
+        """val/entropy: the policy's token entropy over the validation completions, as train/entropy; a token mean
+        over all ranks and, through batch_size, over the epoch's batches."""
+        summed = sum(float((self.completion_logprobs(self.policy, r, s, entropy=True)[1] * r.completion_mask[s]).sum())
+                     for s in self._micro_batches(r.input_ids.shape[0]))
+        total, tokens = sum_over_ranks([summed, float(r.completion_mask.sum())], self.device)
+        if tokens:
+            self.log("val/entropy", total / tokens, on_step=False, on_epoch=True, batch_size=int(tokens))
+
     def log_rollout_stats(self, r: Rollout, prefix: str, on_epoch: bool = False) -> None:
         """Exact statistics over all ranks' samples: rewards, reward metrics, lengths, reasons."""
         per_sample = {

@@ -134,6 +134,9 @@ class UnevenRandomness(L.Callback):
         torch.rand(trainer.global_rank + 1)
 
 
+TOKEN_MEANS = ("train/entropy", "train/neg_logp", "train/clip_fraction", "train/ratio_mean", "train/kl")
+
+
 class Record(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out, self.steps = out, []
@@ -152,6 +155,8 @@ class Record(L.Callback):
             "kl": float(m["train/kl"]) if "train/kl" in m else None,
             "grad_norm": float(m["train/grad_norm"]),
             "is_weight_mean": float(m["train/is_weight_mean"]) if "train/is_weight_mean" in m else None,
+            "token_means": {k: float(m[k]) for k in TOKEN_MEANS if k in m},
+            "tokens": float(r.completion_mask.sum()),
             "sampler": {k: float(v) for k, v in r.sampler_metrics.items()},
         })
 

@@ -34,8 +34,13 @@ def test_memory_variants_agree_in_process():
     x = bm.make_inputs(s)
     out = {v: bm.grpo_loss_and_grads(v, x, s) for v in bm.VARIANTS}
     for v, (impl, _, speech, head_dtype) in bm.VARIANTS.items():
-        loss, gh, gw = out[v]
-        ref_loss, ref_gh, ref_gw = out["naive-speech" if speech else "naive"]
+        loss, gh, gw, entropy = out[v]
+        ref_loss, ref_gh, ref_gw, _ = out["naive-speech" if speech else "naive"]
+        assert (entropy is not None) == (impl == "ours+entropy"), v
+        if entropy is not None:  # the entropy path: the same loss and gradients, and the dense entropy
+            base = out["ours-speech" if speech else "ours"]
+            assert all(torch.equal(a, b) for a, b in zip(out[v][:3], base[:3])), v
+            assert torch.allclose(entropy.double(), bm.dense_entropy(x, s, speech), rtol=0, atol=1e-5), v
         if head_dtype == torch.bfloat16:  # the bf16-rounded head is another function: measured for memory only
             assert torch.isfinite(loss) and torch.isfinite(gw).all(), v
             continue
@@ -54,9 +59,13 @@ def test_bench_memory_smoke(tmp_path):
     out = tmp_path / "memory.json"
     table = run_script("bench_memory.py", "--json", str(out))
     assert "| naive |" in table and "| ours |" in table and "| ours-speech |" in table
+    assert "| ours + entropy |" in table and "| ours-speech + entropy |" in table
     raw = json.loads(out.read_text())
     for name, c in raw["checks"].items():
         assert c["loss_abs"] < 1e-5 and c["grad_hidden_rel"] < 1e-4 and c["grad_weight_rel"] < 1e-4, name
+    assert set(raw["entropy_checks"]) == {"ours + entropy", "ours-speech + entropy"}
+    for name, c in raw["entropy_checks"].items():
+        assert c["entropy_abs"] < 1e-5 and c["loss_and_grads_equal_without"], name
 
 
 def test_bench_cost_curve_smoke(tmp_path):

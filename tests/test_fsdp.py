@@ -85,9 +85,16 @@ def test_sharded_step_equals_one_process(sharded, phase, beta):
         step = r["steps"][0]
         assert step["loss"] == pytest.approx(logged["train/loss"], rel=1e-5)
         assert step["grad_norm"] == pytest.approx(logged["train/grad_norm"], rel=1e-5)
-        if beta:  # the loss holds beta * KL; the logged train/kl is each rank's token mean averaged over ranks (as
-            # under DDP), which differs from one process's mean when ranks have different token counts (they do here)
+        if beta:
             assert step["kl"] > 0 and logged["train/kl"] > 0
+        # The logged token means are over every token of the step on both ranks, as on one process, although the
+        # ranks hold different numbers of tokens (a mean of the ranks' means would differ)
+        assert set(step["token_means"]) == {"train/entropy", "train/neg_logp", "train/clip_fraction",
+                                            "train/ratio_mean"} | ({"train/kl"} if beta else set())
+        for key, value in step["token_means"].items():
+            assert value == pytest.approx(logged[key], rel=1e-5, abs=1e-7), key
+    assert got[0]["steps"][0]["tokens"] != got[1]["steps"][0]["tokens"]
+    assert got[0]["steps"][0]["token_means"]["train/clip_fraction"] > 0  # the clip acted: the comparison means something
     assert got[0]["steps"][0]["texts"] != got[1]["steps"][0]["texts"]  # each rank had its own prompt
     weights = torch.load(out / phase / "weights.pt")
     initial = GRPOPolicy(**({"model_name_or_path": str(tied)} if beta else {})).policy.state_dict()

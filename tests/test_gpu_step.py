@@ -120,10 +120,10 @@ def test_second_update_under_bf16_autocast_sees_the_weights_of_the_first(vocab):
     seen = {"logp": [], "weights": []}
 
     class Recording(GRPOPolicy):
-        def completion_logprobs(self, model, r, rows):
-            out = super().completion_logprobs(model, r, rows)
+        def completion_logprobs(self, model, r, rows, entropy=False):
+            out = super().completion_logprobs(model, r, rows, entropy)
             if torch.is_grad_enabled():  # the updates' forwards, not the no-grad old log-probs
-                seen["logp"].append(out.detach().clone())
+                seen["logp"].append((out[0] if entropy else out).detach().clone())  # the first also has the entropy
                 seen["rollout"] = r
             return out
 

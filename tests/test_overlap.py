@@ -118,8 +118,8 @@ class SignallingPolicy(GRPOPolicy):
         self.gates.seen.append(("rewards pending at training_step", batch["rollout"].pending is not None))
         return super().training_step(batch, batch_idx)
 
-    def completion_logprobs(self, model, r, rows):
-        out = super().completion_logprobs(model, r, rows)
+    def completion_logprobs(self, model, r, rows, entropy=False):
+        out = super().completion_logprobs(model, r, rows, entropy)
         if model is self.reference:
             self.gates.logprob_computed.set()
         return out

@@ -9,6 +9,7 @@ summaries into a markdown table and a CER plot.
 
     python examples/small_world/measure.py --runs seed0 seed1 seed2 cer_only nll_only --rollouts 60
     python examples/small_world/measure.py --report --markdown notes/results_demo.md --plot benchmarks/results/demo_cer.png
+    python examples/small_world/measure.py --runs seed0 seed1 --out runs/gspo -- --model.objective gspo   # overrides
 """
 
 from __future__ import annotations
