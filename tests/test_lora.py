@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from test_checkpoint import KillAt, Killed, Record, logged_steps
+from test_checkpoint import KillAt, Killed, logged_steps
 from test_training import ScriptedSampler
 from test_vllm_sampler import FakeEngine, FakePL, real_sampler  # noqa: F401 (a fixture)
 

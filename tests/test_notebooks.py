@@ -7,7 +7,6 @@ from pathlib import Path
 
 import lightning as L
 import nbformat
-import pytest
 from lightning.pytorch.loggers import CSVLogger
 from nbclient import NotebookClient
 

@@ -7,7 +7,6 @@ import json
 import time
 
 import lightning as L
-import pytest
 import soundfile as sf
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
