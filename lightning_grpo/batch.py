@@ -2,14 +2,15 @@
 
 One `Rollout` is one step's samples: prompts_per_step / world_size prompts on this rank, each with
 `group_size` completions, scored (or still being scored), laid out for the loss. `rollout_records` turns
-it into one JSON-ready row per completion, the form evaluation reports and audio logs share.
+it into one JSON-ready row per completion, the form evaluation reports and audio logs share; `select_groups`
+builds one Rollout from chosen groups of several (dynamic sampling's rounds).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -127,3 +128,67 @@ def rollout_records(rollout: Rollout, languages: list[str | None] | None = None,
             rec[name] = v if math.isfinite(v) else None  # None: not measured for this sample
         records.append(rec)
     return records
+
+
+def select_groups(rollouts: Sequence[Rollout], picks: Sequence[tuple[int, int]], pad_id: int) -> Rollout:
+    """One Rollout of the groups `picks` ((rollout index, group index) pairs, in that order) of scored rollouts,
+    re-padded to the widest kept prompt and the longest kept completion (dynamic sampling: rounds whose prompt
+    widths and completion lengths differ). Every per-row field follows its rows; `timings` are summed over all
+    `rollouts`, kept or not (all were generated and scored); `sampler_metrics` are merged, later rounds' last.
+    A single rollout picked whole, in order, is returned as it is."""
+    if not rollouts:
+        raise ValueError("select_groups needs at least one rollout")
+    first = rollouts[0]
+    g = first.group_size
+    for r in rollouts:
+        r.wait_for_rewards()
+        same = (r.group_size, r.temperature, r.max_new_tokens, r.top_p, r.top_k, r.vocab_range, r.disallowed)
+        if same != (g, first.temperature, first.max_new_tokens, first.top_p, first.top_k, first.vocab_range, first.disallowed):
+            raise ValueError("rollouts sampled with different group sizes or sampling settings cannot be merged")
+        if (r.sampler_logprobs is None) != (first.sampler_logprobs is None):
+            raise RuntimeError("the sampler reported log-probs for some rounds of a step but not all")
+    if len(rollouts) == 1 and list(picks) == [(0, b) for b in range(len(first.texts) // g)]:
+        return first
+    rows = [(k, b * g + j) for k, b in picks for j in range(g)]
+    prompt_lens = [int(rollouts[k].attention_mask[i, : rollouts[k].prompt_width].sum()) for k, i in rows]
+    comp_lens = [len(rollouts[k].completion_ids[i]) for k, i in rows]
+    width, clen = max(prompt_lens), max(1, max(comp_lens))
+    n, device = len(rows), first.input_ids.device
+    input_ids = torch.full((n, width + clen), pad_id, dtype=torch.long, device=device)  # (N, P+C)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros(n, clen, dtype=first.completion_mask.dtype, device=device)  # (N, C)
+    sampler_logprobs = None if first.sampler_logprobs is None else torch.zeros(n, clen, device=device)
+    for out, ((k, i), p, c) in enumerate(zip(rows, prompt_lens, comp_lens)):
+        r, w = rollouts[k], rollouts[k].prompt_width
+        input_ids[out, width - p : width + c] = r.input_ids[i, w - p : w + c]
+        attention_mask[out, width - p : width + c] = r.attention_mask[i, w - p : w + c]
+        completion_mask[out, :c] = r.completion_mask[i, :c]
+        if sampler_logprobs is not None:
+            sampler_logprobs[out, :c] = r.sampler_logprobs[i, :c]
+    results = [rollouts[k].reward_result for k, _ in rows]
+    metric_names = sorted({name for r in rollouts for name in r.reward_result.metrics})
+    timings: dict[str, float] = {}
+    sampler_metrics: dict[str, float] = {}
+    for r in rollouts:
+        for key, value in r.timings.items():
+            timings[key] = timings.get(key, 0.0) + value
+        sampler_metrics.update(r.sampler_metrics)
+    nan = torch.tensor(math.nan)
+    result = RewardResult(
+        rewards=torch.stack([res.rewards[i] for res, (_, i) in zip(results, rows)]),
+        metrics={name: torch.stack([res.metrics[name][i] if name in res.metrics else nan for res, (_, i) in zip(results, rows)])
+                 for name in metric_names},
+        reasons=[res.reasons[i] for res, (_, i) in zip(results, rows)],
+        transcripts=[res.transcripts[i] if res.transcripts else "" for res, (_, i) in zip(results, rows)]
+        if any(r.reward_result.transcripts for r in rollouts) else [],
+    )
+    return Rollout(
+        input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask, prompt_width=width,
+        truncated=torch.stack([rollouts[k].truncated[i] for k, i in rows]), group_size=g,
+        temperature=first.temperature, max_new_tokens=first.max_new_tokens,
+        texts=[rollouts[k].texts[i] for k, i in rows],
+        rewards=torch.stack([rollouts[k].rewards[i] for k, i in rows]), reward_result=result,
+        sampler_logprobs=sampler_logprobs, vocab_range=first.vocab_range, disallowed=first.disallowed,
+        completion_ids=[list(rollouts[k].completion_ids[i]) for k, i in rows], sampler_metrics=sampler_metrics,
+        top_p=first.top_p, top_k=first.top_k, timings=timings,
+    )

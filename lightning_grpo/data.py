@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import lightning as L
 import torch
@@ -190,6 +190,21 @@ class EpochPermutation(DistributedSampler):
         yield from shard[skip:]
 
 
+def topup_rows(num_rows: int, seed: int, step: int, rank: int, world: int, start: int, count: int,
+               skip: Collection[int] = ()) -> list[int]:
+    """Row indices of `count` further prompts for training rollout `step` on `rank` (dynamic sampling): positions
+    start .. start+count-1 of this rank's share of a permutation seeded by (seed, step) alone, so a resumed run
+    draws the same ones. Rows in `skip` (the step's own prompts) are left out while at least `world` others
+    remain; ranks take every world-th row of the same permutation, so no two ranks draw the same row in a step;
+    past the end of its share a rank starts it again (a prompt drawn twice in the step)."""
+    g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + step + 1) % 2**63)
+    order = torch.randperm(num_rows, generator=g).tolist()
+    skip = set(skip)
+    rest = [i for i in order if i not in skip] if skip else order
+    share = (rest if len(rest) >= world else order)[rank::world]  # every row in the step already: draw them again
+    return [share[(start + k) % len(share)] for k in range(count)]
+
+
 class _Rows(Dataset):
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows
@@ -308,6 +323,18 @@ class PromptDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict)
+
+    def topup_prompts(self, count: int, step: int, start: int, exclude: Collection[str] = ()) -> dict[str, list]:
+        """A batch of `count` further training prompts for training rollout `step` on this rank
+        (`--rollout.dynamic_sampling`): the `start`-th on of this rank's top-up draw for the step (`topup_rows`,
+        seeded by the data seed a checkpoint keeps, so resuming draws the same), leaving out rows whose text is in
+        `exclude` (the step's prompts on every rank) while others last. Voice-cloning rows carry their reference."""
+        if self._order is None:
+            raise RuntimeError("topup_prompts draws with the training data's seed: call train_dataloader() first")
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        skip = {i for i, row in enumerate(self.train_rows) if row["text"] in exclude} if exclude else set()
+        rows = topup_rows(len(self.train_rows), self._order.seed, step, rank, world, start, count, skip)
+        return collate_prompts([self.train_rows[i] for i in rows])
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:

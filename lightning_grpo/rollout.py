@@ -15,7 +15,10 @@ Rollout reaches `training_step` with its rewards pending; the policy computes ol
 first and waits for them after (`scoring.py`). Off, every piece is scored as it comes, before the next is
 generated; pieces and samples are the same either way. The callback also starts and stops a reward that
 owns a process (`reward/owner.py`: one reward per node for every rank) and logs the step's timings
-(`timing.py`).
+(`timing.py`) and what its sampling did (`train/frac_reward_zero_std`, `train/samples_generated`, ...).
+
+Dynamic sampling (`dynamic_sampling`, off by default; dynamic_sampling.py) waits for each round's rewards in the
+callback, drops groups whose rewards are all equal and tops the step up with further rounds of prompts.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from . import timing
+from . import dynamic_sampling, timing
 from .batch import Rollout
 from .data import REFERENCE_COLUMNS
 from .distributed import gather_from_ranks
+from .dynamic_sampling import reduce_stats, zero_spread
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
 from .sampling import Sampler, check_sampler, sample_stream
@@ -95,6 +99,10 @@ class GRPORollout(L.Callback):
         restrict_to_speech: bool = True,
         on_invalid: InvalidTokenPolicy = "flag",
         overlap_reward: bool = True,
+        dynamic_sampling: bool = False,
+        max_extra_rounds: int = 3,
+        zero_std_tol: float = 1e-6,
+        max_samples: int | None = None,
     ) -> None:
         """
         Args:
@@ -123,6 +131,28 @@ class GRPORollout(L.Callback):
                 same with this on or off, so samples, rewards and updates are identical; off scores each
                 piece before the next is generated. Hides reward time behind generation, most with a reward
                 on another device or in its own process (`lightning_grpo.reward.owner.SharedReward`).
+            dynamic_sampling: DAPO's dynamic sampling (Yu et al. 2025; lightning_grpo/dynamic_sampling.py). A group
+                whose rewards all equal (std <= zero_std_tol) has zero advantage and teaches nothing; on, such
+                groups are dropped and further prompts generated and scored, in up to `max_extra_rounds` extra
+                rounds, until every rank holds its prompts_per_step / world_size informative groups. Each round
+                draws the same number of prompts on every rank (the largest shortfall at the informative rate seen
+                so far, at most a first round's), because every rank must take part in every generate call
+                (FSDP2, tensor-parallel vLLM); a rank already full generates its round and discards it unscored.
+                Top-up prompts are a draw from the training set seeded by the data seed and the step, leaving out
+                the step's own prompts (PromptDataModule.topup_prompts), so resuming is exact. A step still short
+                after the last round is filled with zero-spread groups (zero advantage: no policy gradient; every
+                rank trains on the same number of rows). Costs: the trainer waits for each round's rewards before
+                training (the overlap of scoring with the log-probs is lost), and extra rounds cost generation and
+                reward time; `train/samples_generated` counts it. With vLLM and sync_every 1 each round copies the
+                (unchanged) weights again (timing/weight_sync). Validation never samples dynamically.
+            max_extra_rounds: at most this many extra generation rounds per step (dynamic_sampling; >= 0).
+            zero_std_tol: a group whose reward std (unbiased, as the advantages use) is at most this has "zero
+                spread": dropped by dynamic_sampling, and counted in `train/frac_reward_zero_std` (logged every
+                step, on or off). The default absorbs float rounding of equal rewards.
+            max_samples: stop training once this many completions have been generated (all ranks, every round,
+                discarded ones included, counted across resumes: `train/samples_generated_total`), at the end of
+                the step that reaches it; None: no budget. Compares runs at equal sample budgets, e.g. dynamic
+                sampling against a baseline, with `--trainer.max_steps` set high enough.
         """
         super().__init__()
         if group_size < 2:
@@ -131,6 +161,12 @@ class GRPORollout(L.Callback):
             raise ValueError(f"--val_group_size={val_group_size} must be >= 1")
         if truncation not in ("penalize", "mask", "keep"):
             raise ValueError(f"--truncation={truncation!r} is not one of penalize, mask, keep")
+        if max_extra_rounds < 0:
+            raise ValueError(f"--rollout.max_extra_rounds={max_extra_rounds} must be >= 0")
+        if not zero_std_tol >= 0:
+            raise ValueError(f"--rollout.zero_std_tol={zero_std_tol} must be >= 0 (0: only exactly equal rewards)")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"--rollout.max_samples={max_samples} must be >= 1, or null for no sample budget")
         if truncation == "penalize" and getattr(reward, "aggregation", None) == "normalize_then_sum":
             raise ValueError(
                 "--rollout.truncation penalize sets a truncated completion's reward to truncation_reward, but the "
@@ -148,12 +184,18 @@ class GRPORollout(L.Callback):
         self.restrict_to_speech = restrict_to_speech
         self.on_invalid = on_invalid
         self.overlap_reward = overlap_reward
+        self.dynamic_sampling = dynamic_sampling
+        self.max_extra_rounds = max_extra_rounds
+        self.zero_std_tol = zero_std_tol
+        self.max_samples = max_samples
         self.vocab: LlasaVocab | None = None
         self._executor: ThreadPoolExecutor | None = None  # overlapped scoring's worker threads
         self._step_start: float | None = None
         self.last_rollout: Rollout | None = None
         self._sampler_ready = False
         self.train_rollouts = 0  # training rollouts made; in the checkpoint
+        self.samples_generated = 0  # completions generated for training, all ranks and rounds; in the checkpoint
+        self.step_counts: dict[str, int] | None = None  # this rank's counts of the step under dynamic sampling (logged)
         self._pending_rng: dict[str, Any] | None = None
 
     # -- checkpoint state: a resumed run samples what the uninterrupted run would have ------
@@ -163,7 +205,7 @@ class GRPORollout(L.Callback):
         Under DDP (Lightning saves rank 0's state only) every rank's RNG state is gathered into
         `rank_rng`, since ranks that generate different lengths consume their streams differently."""
         own = _rng_state()
-        state = {"train_rollouts": self.train_rollouts, **own}
+        state = {"train_rollouts": self.train_rollouts, "samples_generated": self.samples_generated, **own}
         gathered = gather_from_ranks(own)  # Lightning calls state_dict on every rank
         if len(gathered) > 1:
             state["rank_rng"] = gathered
@@ -171,6 +213,7 @@ class GRPORollout(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_rollouts = state_dict.get("train_rollouts", 0)
+        self.samples_generated = state_dict.get("samples_generated", 0)
         # applied at the first training batch: creating the data iterator in between draws from the RNG
         self._pending_rng = state_dict if "torch_rng" in state_dict else None
 
@@ -190,6 +233,8 @@ class GRPORollout(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.vocab = LlasaVocab.from_tokenizer(pl_module.tokenizer)
+        if self.dynamic_sampling and stage == "fit" and trainer is not None:
+            self._topup_source(trainer)  # fail before the first rollout
         start = getattr(self.reward, "start", None)
         if callable(start):  # a reward that owns a process or a connection (reward/owner.py: every rank calls it)
             start(trainer)  # None outside a Trainer (tests, scripts)
@@ -226,8 +271,12 @@ class GRPORollout(L.Callback):
         if self._pending_rng is not None:
             self._restore_rng(trainer)
         # the sampler's step: training rollouts made before this one (see Sampler.sample); the rewards may
-        # still be scoring when training_step starts (overlap_reward)
-        batch["rollout"] = self.start_rollout(pl_module, batch, self.group_size, self.train_rollouts)
+        # still be scoring when training_step starts (overlap_reward), except under dynamic sampling
+        if self.dynamic_sampling:
+            batch["rollout"], self.step_counts = self.dynamic_rollout(
+                pl_module, batch, self.train_rollouts, self._topup_source(trainer))
+        else:
+            batch["rollout"], self.step_counts = self.start_rollout(pl_module, batch, self.group_size, self.train_rollouts), None
         self.train_rollouts += 1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -235,9 +284,21 @@ class GRPORollout(L.Callback):
         r.wait_for_rewards()  # normally done by training_step
         device = pl_module.device
         r.timings["step"] = timing.elapsed(self._step_start, device) if self._step_start is not None else 0.0
-        own = {"timings": r.timings, "samples": len(r.completion_ids), "memory": timing.peak_memory(device),
-               "tokens": sum(len(c) for c in r.completion_ids)}
-        stats = timing.reduce_step(gather_from_ranks(own))  # a collective: every rank ends every step here
+        counts = self.step_counts
+        if counts is None:  # one round, this step's whole sampling
+            zero = zero_spread(r.rewards, r.group_size, self.zero_std_tol)
+            counts = {"first_groups": len(zero), "first_zero_std": int(zero.sum()), "samples": len(r.completion_ids),
+                      "tokens": sum(len(c) for c in r.completion_ids)}
+        own = {"timings": r.timings, "samples": counts["samples"], "memory": timing.peak_memory(device),
+               "tokens": counts["tokens"], "counts": counts}
+        ranks = gather_from_ranks(own)  # a collective: every rank ends every step here
+        stats = timing.reduce_step(ranks)
+        stats.update(reduce_stats([x["counts"] for x in ranks], self.dynamic_sampling))
+        self.samples_generated += int(stats["train/samples_generated"])
+        stats["train/samples_generated_total"] = float(self.samples_generated)
+        if self.max_samples is not None and self.samples_generated >= self.max_samples:
+            trainer.should_stop = True  # the same on every rank: the counts were gathered
+            rank_zero_info(f"stopping: {self.samples_generated} samples generated, --rollout.max_samples={self.max_samples}")
         # already reduced: every rank logs the same numbers; the step time also goes on the progress bar
         step = stats.pop("timing/step")
         pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(r.completion_ids), rank_zero_only=False)
@@ -275,18 +336,40 @@ class GRPORollout(L.Callback):
         rollout.wait_for_rewards()
         return rollout
 
+    def encode_prompts(self, pl_module: L.LightningModule, batch: dict) -> list[list[int]]:
+        """The LLaSA prompt ids of a batch's rows (llasa.encode_prompt), references included."""
+        texts = batch["text"]
+        # voice-cloning references (data.py): None for rows without; the reference codes go into the prompt
+        ref_texts, ref_codes = (batch.get(k) or [None] * len(texts) for k in REFERENCE_COLUMNS[:2])
+        return [
+            encode_prompt(pl_module.tokenizer, t, self.max_prompt_length, prompt_text=pt, prompt_codes=pc)
+            for t, pt, pc in zip(texts, ref_texts, ref_codes)
+        ]
+
+    def _topup_source(self, trainer: L.Trainer) -> dynamic_sampling.TopUp:
+        draw = getattr(trainer.datamodule, "topup_prompts", None)
+        if not callable(draw):
+            raise ValueError(
+                "--rollout.dynamic_sampling draws further prompts from the training data, through the datamodule's "
+                f"topup_prompts(); {type(trainer.datamodule).__name__} has none: use the `data:` group "
+                "(lightning_grpo.data.PromptDataModule), or --rollout.dynamic_sampling false"
+            )
+        return draw
+
+    def dynamic_rollout(
+        self, pl_module: L.LightningModule, batch: dict, step: int, topup: dynamic_sampling.TopUp
+    ) -> tuple[Rollout, dict[str, int]]:
+        """The step's Rollout under dynamic sampling and this rank's counts (`dynamic_sampling.dynamic_rollout`)."""
+        return dynamic_sampling.dynamic_rollout(self, pl_module, batch, step, topup)
+
     @torch.no_grad()
     def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
         """Sample one rollout, scoring its pieces as the sampler finishes them; with `overlap_reward` the
         returned Rollout may still be scoring (reading its rewards waits)."""
         v = self.vocab
         texts, languages = batch["text"], batch.get("language") or [None] * len(batch["text"])
-        # voice-cloning references (data.py): None for rows without; the reference codes go into the prompt
         ref_texts, ref_codes, ref_wavs = (batch.get(k) or [None] * len(texts) for k in REFERENCE_COLUMNS)
-        prompts = [
-            encode_prompt(pl_module.tokenizer, t, self.max_prompt_length, prompt_text=pt, prompt_codes=pc)
-            for t, pt, pc in zip(texts, ref_texts, ref_codes)
-        ]
+        prompts = self.encode_prompts(pl_module, batch)
         allowed = self.allowed_token_ids()
         n = len(prompts) * group_size
         ids: list[list[int] | None] = [None] * n

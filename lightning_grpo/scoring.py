@@ -68,6 +68,19 @@ def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:
     return total
 
 
+def stop_if_any_rank_failed(error: BaseException | None) -> None:
+    """Raise on every rank if the reward failed on any (this rank's own error, else the first failing rank's
+    message). A collective: each rank calls it once per scored round, a rank that scored nothing this round
+    (dynamic sampling's generate-only round) with None."""
+    errors = gather_from_ranks(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise RuntimeError(f"the reward failed on rank {rank}, so every rank stops: {msg}")
+
+
 class RewardScoring:
     """The scores of one rollout, submitted piece by piece; implements `batch.PendingRewards`."""
 
@@ -141,13 +154,7 @@ class RewardScoring:
         if self.executor is not None:
             self.wait_s += time.perf_counter() - start
         # every rank reaches this point once per rollout: all stop together if any rank's reward failed
-        errors = gather_from_ranks(None if self.error is None else f"{type(self.error).__name__}: {self.error}")
-        if self.error is not None:
-            raise self.error
-        failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
-        if failed:
-            rank, msg = failed[0]
-            raise RuntimeError(f"the reward failed on rank {rank}, so every rank stops: {msg}")
+        stop_if_any_rank_failed(self.error)
         rows = [r for piece_rows, _ in self._pieces for r in piece_rows]
         result = reorder(parts[0] if len(parts) == 1 else RewardResult.cat(parts), rows)
         with self._lock:

@@ -3,12 +3,15 @@
     python tests/ddp_worker.py OUT [--max_steps N] [--max_train_samples N] [--ckpt_dir DIR] [--resume]
                                    [--num_iterations N] [--sync_every_micro_batch] [--save_weights]
                                    [--shared_reward] [--kill_owner_at STEP] [--no_overlap] [--fail_rank1_at STEP]
+                                   [--dynamic]
 --ckpt_dir saves a checkpoint every step there; --resume continues from its last.ckpt.
 --shared_reward scores through one SharedReward owner process for both ranks (tests/owner_rewards.py's
 CountingRuleReward, recording its loads and calls under OUT); --kill_owner_at S has rank 0 SIGKILL the owner
 at the start of step S (both ranks then wait at a barrier, so neither scores before the kill), and each rank
 writes the error it stopped with to rank{r}_error.txt. --no_overlap scores sequentially. --fail_rank1_at S: rank 1's
 in-process reward raises at step S (rank 0's does not); errors are written as with --kill_owner_at.
+--dynamic: dynamic sampling on (3 extra rounds at most) with a reward that is constant, on rank 1 only, for prompts
+of even length, and truncated completions scored as they are: rank 1 needs top-ups where rank 0 does not.
 The strategy is DDP with gradient_as_bucket_view and a communication hook that records every gradient
 bucket all-reduced, so each rank also reports, per optimiser update, which buckets each micro-batch's
 backward all-reduced. --sync_every_micro_batch restores the all-reduce in every backward (the behaviour
@@ -114,6 +117,18 @@ class FailsOnRank1(RuleReward):
         return super().score(samples)
 
 
+class ConstantOnRank1(RuleReward):
+    """The rule reward; on rank 1, 0.5 for every sample of a prompt of even length (a group without spread)."""
+
+    def score(self, samples):
+        result = super().score(samples)
+        if torch.distributed.get_rank() == 1:
+            for i, s in enumerate(samples):
+                if len(s.text) % 2 == 0:
+                    result.rewards[i] = 0.5
+        return result
+
+
 class Record(L.Callback):
     def __init__(self, out: Path, save_weights: bool) -> None:
         self.out, self.steps, self.save_weights = out, [], save_weights
@@ -128,6 +143,10 @@ class Record(L.Callback):
             "reasons": r.reward_result.reasons,
             "metrics": {k: v.tolist() for k, v in r.reward_result.metrics.items()},
             "completions": [list(map(int, ids)) for ids in r.completion_ids],
+            "trained_texts": r.texts[:: r.group_size],
+            "counts": next(c for c in trainer.callbacks if isinstance(c, GRPORollout)).step_counts,
+            "logged_rollout": {k: float(v) for k, v in trainer.callback_metrics.items()
+                               if k.startswith(("train/dynamic", "train/frac_", "train/samples_generated"))},
             "logged_reward_mean": float(trainer.callback_metrics["train/reward_mean"]),
             "timings": dict(r.timings),  # this rank's own
             "logged_timings": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("timing/", "perf/"))},
@@ -160,6 +179,7 @@ def main() -> None:
     p.add_argument("--kill_owner_at", type=int)
     p.add_argument("--no_overlap", action="store_true")
     p.add_argument("--fail_rank1_at", type=int)
+    p.add_argument("--dynamic", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -170,8 +190,12 @@ def main() -> None:
                               max_wait_ms=300, max_retries=2, backoff_s=0.5, log_dir=str(out_dir / "owner"))
     if args.fail_rank1_at is not None:
         reward = FailsOnRank1(args.fail_rank1_at, codes_per_char=0.3, band=(0, 16))
+    if args.dynamic:
+        reward = ConstantOnRank1(codes_per_char=0.3, band=(0, 16))
     sampler = HFSampler(max_new_tokens=8, prompts_per_chunk=1 if args.shared_reward else 0)
-    cb = GRPORollout(sampler, reward, group_size=4, overlap_reward=not args.no_overlap)
+    cb = GRPORollout(sampler, reward, group_size=4, overlap_reward=not args.no_overlap,
+                     dynamic_sampling=args.dynamic, max_extra_rounds=3,
+                     truncation="keep" if args.dynamic else "penalize")  # keep: rank 0's groups all have spread
     callbacks = [cb, Record(out_dir, args.save_weights), UnevenRandomness()]
     if args.kill_owner_at is not None:
         callbacks.insert(0, KillOwner(reward, args.kill_owner_at))

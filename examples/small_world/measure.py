@@ -10,6 +10,12 @@ summaries into a markdown table and a CER plot.
     python examples/small_world/measure.py --runs seed0 seed1 seed2 cer_only nll_only --rollouts 60
     python examples/small_world/measure.py --report --markdown notes/results_demo.md --plot benchmarks/results/demo_cer.png
     python examples/small_world/measure.py --runs seed0 seed1 --out runs/gspo -- --model.objective gspo   # overrides
+
+At equal sample budgets (dynamic sampling generates more than prompts_per_step x group_size per step): `--max_samples
+N` stops each fit once N completions were generated (`--rollout.max_samples`; raise `--rollouts` so it is reached),
+and the summary's curve records the samples generated before each validation:
+
+    python examples/small_world/measure.py --runs seed0 --rollouts 200 --max_samples 1440 -- --rollout.dynamic_sampling true
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ def _metrics(trainer) -> dict[str, float]:
 
 def run_one(
     name: str, out: Path, rollouts: int, val_every: int, extra: list[str], num_iterations: int = 2,
-    warm: WarmStartConfig = WarmStartConfig(),
+    warm: WarmStartConfig = WarmStartConfig(), max_samples: int | None = None,
 ) -> dict:
     from lightning.pytorch.loggers import CSVLogger  # noqa: F401  (fail early if lightning is broken)
 
@@ -116,22 +122,27 @@ def run_one(
     rollout_cb = next(c for c in before_cli.trainer.callbacks if hasattr(c, "last_rollout"))
     before_samples = sample_report(rollout_cb.last_rollout, before_cli.model.tokenizer)
     before_units = unit_errors(before_cli.model.policy, before_cli.model.tokenizer, seed)
+    budget = ["--rollout.max_samples", str(max_samples)] if max_samples else []
     fit_cli = build_cli(["fit", *common, "--trainer.max_steps", str(rollouts),  # a step is a rollout
-                         "--trainer.val_check_interval", str(val_every)])
+                         "--trainer.val_check_interval", str(val_every), *budget])
     after = _metrics(fit_cli.trainer)
     rollout_cb = next(c for c in fit_cli.trainer.callbacks if hasattr(c, "last_rollout"))
     after_samples = sample_report(rollout_cb.last_rollout, fit_cli.model.tokenizer)
     after_units = unit_errors(fit_cli.model.policy, fit_cli.model.tokenizer, seed)
-    curve = [{"step": 0, **before}]
+    curve = [{"step": 0, "samples": 0, **before}]
+    samples = 0  # completions generated so far (train/samples_generated_total), for comparisons at equal budgets
     with open(Path(fit_cli.trainer.logger.log_dir) / "metrics.csv") as f:
         for row in csv.DictReader(f):
+            if row.get("train/samples_generated_total"):
+                samples = int(float(row["train/samples_generated_total"]))
             if row.get("val/cer_mean"):
                 # the CSV's step counts rollouts (batches), not optimiser updates
-                curve.append({"step": int(row["step"]) + 1, "val/cer_mean": float(row["val/cer_mean"]),
+                curve.append({"step": int(row["step"]) + 1, "samples": samples, "val/cer_mean": float(row["val/cer_mean"]),
                               "val/cer_capped_mean": float(row["val/cer_capped_mean"]),
                               "val/nll_mean": float(row["val/nll_mean"]), "val/reward_mean": float(row["val/reward_mean"])})
     summary = {
         "name": name, "seed": seed, "lambda_c": lc, "lambda_n": ln, "rollouts": rollouts, "num_iterations": num_iterations, "curve_steps": "rollouts", "extra": extra,
+        "max_samples": max_samples, "samples_generated": rollout_cb.samples_generated, "steps_trained": fit_cli.trainer.global_step,
         "before": before, "after": after, "curve": curve,
         "before_samples": before_samples, "after_samples": after_samples,
         "before_units": before_units, "after_units": after_units,
@@ -176,8 +187,9 @@ def report(outs: list[Path], markdown: Path | None, plot: Path | None) -> str:
     for s in summaries:
         b, a, hb, ha = s["before"], s["after"], s["before_samples"], s["after_samples"]
         rel = (a["val/cer_capped_mean"] - b["val/cer_capped_mean"]) / b["val/cer_capped_mean"]
+        samples = f", {s['samples_generated']} samples" if s.get("samples_generated") else ""
         lines.append(
-            f"| {s['label']} (seed {s['seed']}, {s.get('rollouts', '?')} rollouts{', ' + ' '.join(s['extra']) if s.get('extra') else ''}) | lc {s['lambda_c']} / ln {s['lambda_n']} | {b['val/cer_capped_mean']:.3f} | "
+            f"| {s['label']} (seed {s['seed']}, {s.get('steps_trained', s.get('rollouts', '?'))} rollouts{samples}{', ' + ' '.join(s['extra']) if s.get('extra') else ''}) | lc {s['lambda_c']} / ln {s['lambda_n']} | {b['val/cer_capped_mean']:.3f} | "
             f"{a['val/cer_capped_mean']:.3f} | {rel:+.0%} | {b['val/cer_mean']:.3f} / {a['val/cer_mean']:.3f} | "
             f"{b['val/nll_mean']:.2f} / {a['val/nll_mean']:.2f} | {b['val/reward_mean']:.3f} / {a['val/reward_mean']:.3f} | "
             f"{hb['exact_rate']:.2f} / {ha['exact_rate']:.2f} | {_units(s, 'sampled')} | {_units(s, 'greedy')} | {ha['junk_rate']:.2f} / {ha['repeat_rate']:.2f} / "
@@ -218,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rollouts", type=int, default=60, help="GRPO steps (rollouts); each makes --num_iterations updates")
     p.add_argument("--num_iterations", type=int, default=2)
     p.add_argument("--val_every", type=int, default=20)
+    p.add_argument("--max_samples", type=int, help="stop each fit once this many completions were generated (equal sample budgets)")
     p.add_argument("--warm_steps", type=int, default=WarmStartConfig.steps, help="teacher-forcing steps of the warm start")
     p.add_argument("--label_noise", type=float, default=WarmStartConfig.label_noise,
                    help="share of words the warm start learns to say as their confusion partner (0: clean labels)")
@@ -232,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     for name in args.runs:
         warm = WarmStartConfig(steps=args.warm_steps, label_noise=args.label_noise)
-        s = run_one(name, args.out, args.rollouts, args.val_every, args.extra, args.num_iterations, warm)
+        s = run_one(name, args.out, args.rollouts, args.val_every, args.extra, args.num_iterations, warm, args.max_samples)
         b, a = s["before"]["val/cer_capped_mean"], s["after"]["val/cer_capped_mean"]
         print(f"{name}: held-out capped CER {b:.3f} -> {a:.3f} ({(a - b) / b:+.0%})", flush=True)
     if args.report:
