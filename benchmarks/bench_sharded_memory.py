@@ -12,11 +12,16 @@ whole fp32 model, or with `load_on_rank0` rank 0 alone, the others building on t
 
 Computed: bench_step_memory.budget() per GPU, term by term, for LLaSA-1B/3B/8B (real shapes) under DDP and FSDP2 on
 2, 4 and 8 GPUs, with the vLLM engine colocated at 0.3 of an 80 GB GPU; for LLaSA-8B on 2 GPUs also with micro-batch 1.
+With FSDP2's CPU offload (`--model.fsdp_offload cpu`): LLaSA-3B/8B on 2 x 80 GB and 2 x 48 GB, the host RAM it needs
+(bench_step_memory.host_bytes) and the bytes it moves over PCIe per step (offload_traffic), with transfer times
+estimated from link rates. Measured beside them: one AdamW step over fp32 tensors on this CPU, torch's fused CPU
+kernel (what an offloaded policy steps with) vs its default single-tensor loop, extrapolated to an 8B shard.
 
 A mode is one entry of MODES: the strategy and the policy's arguments. Add a row (LoRA: `policy_kwargs` with
 `lora`) without touching the rest.
 
-    python benchmarks/bench_sharded_memory.py           # the measurement (~10 min on 2 cores) and the tables
+    python benchmarks/bench_sharded_memory.py           # the measurement (~13 min on 2 cores) and the tables
+    python benchmarks/bench_sharded_memory.py --tables  # the computed tables and the AdamW timing only (~1 min)
     python benchmarks/bench_sharded_memory.py --smoke   # tiny model, seconds
 """
 
@@ -32,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from bench_step_memory import GB, MIB, Layout, Shape, budget, layer_activation_bytes  # noqa: E402
+from bench_step_memory import (GB, MIB, Layout, Shape, budget, host_bytes, layer_activation_bytes,  # noqa: E402
+                               offload_traffic)
 from common import current_rss_mib, emit, machine_info, markdown_table, run_worker  # noqa: E402
 
 import torch  # noqa: E402
@@ -60,7 +66,11 @@ MODES: dict[str, Mode] = {
     "DDP": Mode(_ddp),
     "FSDP2": Mode(_fsdp2),
     "FSDP2, load_on_rank0": Mode(_fsdp2, {"load_on_rank0": True}),
+    # on CPU processes FSDP2's copies to and from the host are no-ops: the row shows the offloaded path at this size,
+    # its state bytes and AdamW's fused CPU kernel; what it saves on a GPU is computed (offload_table)
+    "FSDP2, CPU offload": Mode(_fsdp2, {"fsdp_offload": "cpu"}),
 }
+SMOKE_MODES = ("DDP", "FSDP2")  # the smoke run (a test of the default suite): tests/test_fsdp.py runs the others
 
 SIZES = {
     # mid-size: LLaSA's 193,800-row vocabulary (tied, as LLaSA-1B/3B) on a 512-wide, 8-layer Llama: 130M parameters
@@ -193,8 +203,7 @@ def run_modes(size: str, modes, threads: int) -> dict[str, dict]:
 
 def measure(size: str, threads: int) -> tuple[str, dict]:
     s = SIZES[size]
-    # the smoke run (a test of the default suite) skips load_on_rank0's row: same state, tests/test_fsdp.py loads so
-    got = run_modes(size, MODES if size != "smoke" else [m for m in MODES if "load_on_rank0" not in m], threads)
+    got = run_modes(size, MODES if size != "smoke" else SMOKE_MODES, threads)
     params = got["DDP"]["ranks"][0]["params"]
     assert params == s.params(), (params, s.params())
     rows, ddp_state = [], None
@@ -261,6 +270,82 @@ def llasa_table() -> tuple[str, dict]:
     return header + "\n\n" + table, raw
 
 
+# the original recipe's step on 2 GPUs: 8 prompts x 16 completions, 64 rows per rank, one update, no KL, no IS
+ROWS_PER_RANK = 64
+LINKS_GB_S = {"PCIe 4.0 x16": 25.0, "PCIe 5.0 x16": 50.0}  # usable rates per direction, assumed, not measured
+
+
+def offload_table() -> tuple[str, dict]:
+    """Per GPU, from budget() with FSDP2's CPU offload: LLaSA-3B/8B on 2 GPUs of 80 and 48 GB, vLLM at 0.6 (asleep
+    during the update), micro-batches of 4 and 16 rows; per rank the host RAM (host_bytes) and the PCIe bytes of one
+    step of the original recipe (offload_traffic), with their time at assumed link rates."""
+    rows, raw = [], {}
+    for name in ("LLaSA-3B", "LLaSA-8B"):
+        for micro in (4, 16):
+            s = dataclasses.replace(LLASA[name], rows=micro)
+            layer = layer_activation_bytes(s)
+            for gpu in (80.0, 48.0):
+                lay = Layout(gpu_gb=gpu, engine_fraction=0.6, fsdp=2, offload=True)
+                b = budget(s, lay, layer)
+                host = host_bytes(s, lay)
+                traffic = offload_traffic(s, lay, ROWS_PER_RANK // micro)
+                on_gpu = sum(b["resident"][t] for t in ("weights (fp32)", "AdamW state (fp32 exp_avg, exp_avg_sq)"))
+                raw[f"{name}/2x{gpu:g}/offload/micro-batch {micro}"] = {"budget": b, "host": host, "traffic": traffic}
+                seconds = [max(traffic.values()) / GB / rate for rate in LINKS_GB_S.values()]
+                rows.append([name, f"2 x {gpu:g} GB", micro, on_gpu / GB, b["totals"]["update"] / GB,
+                             b["totals"]["rollout"] / GB, _fits(max(b["totals"].values()), gpu),
+                             16 * s.params() / 2 / GB, sum(host.values()) / GB, 2 * sum(host.values()) / GB,
+                             traffic["in (host to GPU)"] / GB, traffic["out (GPU to host)"] / GB,
+                             " / ".join(f"{t:.1f}" for t in seconds)])
+    header = ("computed per GPU with FSDP2's CPU offload (`--model.fsdp_offload cpu`; bench_step_memory.budget, "
+              "Layout(fsdp=2, offload=True)): bf16-mixed, gradient checkpointing, micro-batches of (512 + 2048) tokens, "
+              "no reference, vLLM colocated at 0.6 of the GPU (asleep during the update), 1 GB CUDA context (estimate). "
+              "Host RAM per rank: fp32 weight and gradient shards pinned (each allocation rounded up to a power of two "
+              f"by torch's pinned allocator), AdamW's state pageable; per node: 2 ranks. PCIe per rank and step of the "
+              f"original recipe ({ROWS_PER_RANK} rows per rank, one update, weights synced to vLLM in bf16); its time at "
+              f"{' / '.join(f'{k} ({v:g} GB/s)' for k, v in LINKS_GB_S.items())}, the larger direction, an estimate "
+              "from link rates (the two directions overlap each other and, mostly, compute)")
+    table = markdown_table(["model", "GPUs", "micro-batch rows", "state on the GPU (GB)", "update peak (GB)",
+                            "rollout peak (GB)", "fits", "16 bytes x parameters / 2 (GB)", "host RAM per rank (GB)",
+                            "host RAM per node (GB)", "PCIe in per step (GB)", "PCIe out per step (GB)",
+                            "transfer time per step (s, estimate)"], rows)
+    return header + "\n\n" + table, raw
+
+
+def adamw_cpu(threads: int, numel: int = 2**25, steps: int = 5) -> tuple[str, dict]:
+    """One AdamW step over `numel` fp32 parameters (16 tensors, a layer's matrices' scale) on this CPU: torch's fused
+    CPU kernel vs its default single-tensor loop; median of `steps` steps after a warm-up; extrapolated to the
+    4.29B-parameter shard a rank holds for LLaSA-8B on 2 GPUs, at this machine's speed per core."""
+    import statistics
+    import time
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(numel // 16)) for _ in range(16)]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    shard = LLASA["LLaSA-8B"].params() / 2
+    got, rows = {}, []
+    for label, fused in (("fused (CPU kernel)", True), ("torch's CPU default (single-tensor loop)", None)):
+        opt = torch.optim.AdamW(params, lr=1e-6, fused=fused)
+        opt.step()  # creates the state
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        got[label] = statistics.median(times)
+    base = got["torch's CPU default (single-tensor loop)"]
+    for label, t in got.items():
+        rows.append([label, t, t / numel * 1e9, f"{base / t:.1f}x", t / numel * shard])
+    header = (f"AdamW step on this CPU: {numel:,} fp32 parameters in 16 tensors, {threads} thread(s), median of {steps} "
+              f"steps; the last column scales the time per parameter to LLaSA-8B's shard on 2 GPUs "
+              f"({shard / 1e9:.2f}B parameters per rank), an extrapolation at this VM's speed\nmachine: "
+              f"{json.dumps(machine_info())}")
+    table = markdown_table(["AdamW", "step (s)", "ns per parameter", "speed vs the default",
+                            "LLaSA-8B shard on 2 GPUs (s, extrapolated)"], rows)
+    return header + "\n\n" + table, got
+
+
 def _fits(peak: float, gpu_gb: float = 80.0) -> str:
     return f"yes ({gpu_gb - peak / GB:.1f} GB left)" if peak <= gpu_gb * GB else f"no (+{(peak - gpu_gb * GB) / GB:.1f} GB)"
 
@@ -268,6 +353,7 @@ def _fits(peak: float, gpu_gb: float = 80.0) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny model (seconds); no LLaSA table")
+    p.add_argument("--tables", action="store_true", help="only the computed tables and the AdamW timing (no 2-process runs)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write raw results here")
     p.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
@@ -278,13 +364,17 @@ def main() -> None:
     if a.worker:
         worker(a.worker, a.size, a.model_dir)
         return
-    table, raw = measure("smoke" if a.smoke else "mid", a.threads)
-    print(table)
-    if not a.smoke:
+    raw = {}
+    if not a.tables:
+        table, raw = measure("smoke" if a.smoke else "mid", a.threads)
+        print(table)
+    if not a.smoke and not a.tables:
         load, raw["loading"] = loading(a.threads)
         print("\n" + load)
-        llasa, raw["llasa"] = llasa_table()
-        print("\n" + llasa)
+    if not a.smoke:
+        for key, part in (("llasa", llasa_table), ("offload", offload_table), ("adamw", lambda: adamw_cpu(a.threads))):
+            text, raw[key] = part()
+            print("\n" + text)
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1, default=str))
 

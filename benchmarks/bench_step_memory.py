@@ -79,6 +79,11 @@ class Layout:
     engine_fraction: float = 0.3  # vLLM gpu_memory_utilization, colocated
     context_gb: float = 1.0  # CUDA context, cuBLAS and NCCL workspaces: an estimate, not computed
     fsdp: int = 0  # FSDP2 (ModelParallelStrategy, lightning_grpo/sharding.py) over this many GPUs; 0: not sharded
+    offload: bool = False  # FSDP2's CPUOffloadPolicy (--model.fsdp_offload cpu): shards, gradients, AdamW in host RAM
+
+    def __post_init__(self) -> None:
+        if self.offload and not self.fsdp:
+            raise ValueError("Layout(offload=True) offloads FSDP2's shards: set fsdp to the number of GPUs")
 
 
 def layer_activation_bytes(s: Shape, rows: int = 3, seq: int = 100) -> dict[str, float]:
@@ -131,17 +136,26 @@ def budget(s: Shape, lay: Layout, layer: dict[str, float]) -> dict[str, dict[str
     otherwise) for the whole forward and backward, two bf16 layers at a time (the one computing and the one
     prefetched) and an untied head in fp32. A unit's gradient is copied into an fp32 reduce-scatter input after FSDP
     frees the unit's gathered weight: for the untied head the input takes the gathered head's place; for the tied root
-    it comes once its two (V, H) gradients are summed into one, within the largest transient counted for DDP."""
+    it comes once its two (V, H) gradients are summed into one, within the largest transient counted for DDP.
+
+    With FSDP2's CPU offload (`lay.offload`) the GPU holds no weights, gradients, AdamW state or reference between
+    units: the sharded fp32 weights and gradients and AdamW's state are in host RAM (`host_bytes`), and the optimizer
+    step runs on the CPU. What the GPU still holds: everything gathered (as above), the activations, the head's fp32
+    transients, the reduce-scatter buffers, plus two offload transients counted as alive at the backward's peak
+    (conservative): the fp32 shard of the prefetched layer copied in from the host and its bf16 cast (the all-gather
+    input), and a reduce-scattered fp32 gradient shard before its copy to the host (the largest unit's: the
+    embedding's, or an untied head's)."""
     p, v, h, m, S, C = s.params(), s.vocab, s.hidden, s.rows, s.seq, s.completion
     w = max(lay.fsdp, 1)
+    on_gpu = 0 if lay.offload else 1  # the sharded state: on the GPU, or in host RAM
     resident = {
-        "weights (fp32)": 4 * p / w,
-        "AdamW state (fp32 exp_avg, exp_avg_sq)": 8 * p / w,
-        "frozen reference": lay.reference_bytes * p / w,
+        "weights (fp32)": on_gpu * 4 * p / w,
+        "AdamW state (fp32 exp_avg, exp_avg_sq)": on_gpu * 8 * p / w,
+        "frozen reference": on_gpu * lay.reference_bytes * p / w,
         "DDP all-reduce buckets (without gradient_as_bucket_view)": 4 * p if lay.ddp and not lay.bucket_view and not lay.fsdp else 0,
         "CUDA context, cuBLAS/NCCL workspaces (estimate)": lay.context_gb * GB,
     }
-    grads = 4 * p / w
+    grads = on_gpu * 4 * p / w
     grads_through_rollout = grads if not lay.fsdp and (not lay.release_grads or (lay.ddp and lay.bucket_view)) else 0
     one_layer = m * S * layer["per_token"] + m * S * S * layer["per_row_s2"] + (0 if lay.fsdp else layer["weight_copies"])
     act = 2 if lay.fsdp else 4  # bytes per element of the residual stream between layers
@@ -178,9 +192,16 @@ def budget(s: Shape, lay: Layout, layer: dict[str, float]) -> dict[str, dict[str
             "FSDP2: two decoder layers gathered (bf16)": 2 * 2 * s.layer_params(),
             "FSDP2: reduce-scatter input of a layer's gradient (fp32)": 4 * s.layer_params(),
         })
+    if lay.offload:
+        backward.update({
+            "offload: the prefetched layer's fp32 shard copied in, and its bf16 cast": (4 + 2) * s.layer_params() / w,
+            "offload: a reduce-scattered fp32 gradient shard before its copy out (the embedding's)": 4 * v * h / w,
+        })
     largest = v * h / w  # the embedding (and an untied head): the biggest parameter (its shard under FSDP2)
-    temp = {"fused": 0, "foreach": 4 * p / w, "single": 2 * 4 * largest}[lay.optimizer]
+    temp = {"fused": 0, "foreach": 4 * p / w, "single": 2 * 4 * largest}[lay.optimizer] * on_gpu
     step = {"gradients (fp32)": grads, "AdamW step temporaries (fused: none; foreach: one fp32 tensor per parameter)": temp}
+    if lay.offload:
+        step = {"nothing: AdamW steps on the CPU": 0}
     update_peak = max(sum(backward.values()), sum(step.values()))
     return {
         "resident": resident,
@@ -191,6 +212,52 @@ def budget(s: Shape, lay: Layout, layer: dict[str, float]) -> dict[str, dict[str
         "totals": {"rollout": sum(resident.values()) + grads_through_rollout + lay.engine_fraction * lay.gpu_gb * GB,
                    "update": sum(resident.values()) + update_peak},
     }
+
+
+def shard_sizes(s: Shape, w: int) -> list[int]:
+    """Elements of each parameter's shard on rank 0 under FSDP2 over `w` ranks: dim 0 split in `w`, rounded up
+    (rank 0 holds the padded chunk), for the embedding, an untied head, each layer's 7 matrices and 2 norms, and the
+    final norm."""
+    h, kv, i = s.hidden, s.hidden // s.heads * s.kv_heads, s.intermediate
+    layer = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i), (h, 1), (h, 1)]  # q k v o gate up down, norms
+    shapes = [(s.vocab, h)] * (1 if s.tied else 2) + layer * s.layers + [(h, 1)]
+    return [-(-rows // w) * cols for rows, cols in shapes]
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """What torch's pinned host allocator takes for `nbytes`: the next power of two (CachingHostAllocator's default
+    rounding, `pinned_max_round_threshold_mb` unset)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def host_bytes(s: Shape, lay: Layout) -> dict[str, float]:
+    """Host RAM per rank that FSDP2's CPU offload holds through training: the fp32 weight shards and gradient
+    shards, pinned on CUDA (the gradient's first copy out of each update goes to pinned memory, kept by the pinned
+    allocator's cache between updates), each allocation rounded up to a power of two; AdamW's two fp32 states,
+    pageable; a frozen reference's pinned shards. Not counted: the process itself (Python, torch, CUDA libraries),
+    and the whole fp32 model rank 0 reads while loading (`load_on_rank0`), gone before training."""
+    shards = shard_sizes(s, lay.fsdp)
+    return {
+        "weights (fp32 shards, pinned)": sum(pinned_bytes(4 * n) for n in shards),
+        "gradients (fp32 shards, pinned)": sum(pinned_bytes(4 * n) for n in shards),
+        "AdamW state (fp32, pageable)": 8 * sum(shards),
+        "frozen reference (pinned)": sum(pinned_bytes(lay.reference_bytes * n) for n in shards) if lay.reference_bytes else 0,
+    }
+
+
+def offload_traffic(s: Shape, lay: Layout, micro_batches: int, updates: int = 1, old_logprob_passes: bool = False,
+                    sync_bytes: int = 2) -> dict[str, float]:
+    """Bytes over PCIe per rank and rollout under FSDP2's CPU offload (FSDP copies the fp32 shards in and casts them
+    to bf16 on the GPU): per training micro-batch every unit's shards in for the forward and the decoder layers' again
+    for the backward (the root and an untied head stay gathered in between), and every gradient shard out; per
+    micro-batch of a no-grad pass every unit's shards in (old log-probs when `old_logprob_passes`: num_iterations > 1
+    or importance weights; the reference's at its own bytes per parameter when it exists); the vLLM sync casts each
+    shard on the host and copies it in (`sync_bytes` per parameter: the engine's dtype)."""
+    w, p, layers = lay.fsdp, s.params(), s.layers * s.layer_params()
+    passes = micro_batches * updates
+    no_grad = micro_batches * (4 * old_logprob_passes + lay.reference_bytes) * p
+    return {"in (host to GPU)": (passes * 4 * (p + layers) + no_grad + sync_bytes * p) / w,
+            "out (GPU to host)": passes * 4 * p / w}
 
 
 # -- the check: the same step measured on the CPU --------------------------------------------------

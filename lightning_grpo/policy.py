@@ -160,6 +160,7 @@ class GRPOPolicy(L.LightningModule):
         importance_cap: float = 2.0,
         tf32: bool = True,
         load_on_rank0: bool = False,
+        fsdp_offload: Literal["none", "cpu"] = "none",
     ) -> None:
         """
         Args:
@@ -221,6 +222,18 @@ class GRPOPolicy(L.LightningModule):
                 device and let only rank 0 read the weights: it broadcasts them one tensor at a time and every
                 rank keeps its shard. Otherwise every rank loads the whole fp32 model into CPU RAM before
                 sharding it (4 bytes per parameter per rank: 34 GB per rank for LLaSA-8B). BENCHMARKS.md, FSDP2.
+            fsdp_offload: under ModelParallelStrategy, `cpu` keeps the sharded fp32 weights and gradients, hence
+                AdamW's state, in host RAM with FSDP2's own CPUOffloadPolicy (the reference's shards too): the GPU
+                holds only the units being gathered, activations and vLLM, and AdamW steps on the CPU (torch's fused
+                CPU kernel). Costs: host RAM of 16 bytes x parameters / GPUs per rank (LLaSA-8B on 2 GPUs: 68.5 GB,
+                74 GB with the pinned allocator's rounding), half of it pinned; per micro-batch and rank, the fp32
+                shards cross PCIe to the GPU for the forward and again for the backward, and the fp32 gradient shards
+                back (use larger micro-batches: the GPU has the room); a CPU AdamW step of seconds rather than
+                milliseconds (give each rank its cores: torchrun sets OMP_NUM_THREADS=1). Needs a process group with
+                a CPU backend (`--trainer.strategy.init_args.process_group_backend cuda:nccl,cpu:gloo`). Use it when
+                the sharded state does not fit the GPUs (LLaSA-8B on 2 x 80 GB: configs/llasa8b_fsdp_offload.yaml)
+                and more GPUs are not at hand; `none` keeps everything on the GPUs. Not with LoRA. BENCHMARKS.md,
+                FSDP2.
         """
         super().__init__()
         # the checkpoint keeps these; the logger gets the whole run config from the CLI (cli.py)
@@ -233,6 +246,11 @@ class GRPOPolicy(L.LightningModule):
             raise ValueError(f"--model.beta={beta} must be >= 0")
         self.clip_range = self._clip_range(objective, epsilon_low, epsilon_high, num_iterations)
         lora = lora_lib.as_config(lora, reference_dtype)
+        if fsdp_offload != "none" and lora is not None:
+            raise ValueError(
+                f"--model.fsdp_offload={fsdp_offload} offloads FSDP2's shards, and --model.lora runs without FSDP2 "
+                "(single device or DDP: the adapters and their AdamW state are small): drop --model.fsdp_offload"
+            )
         self.hparams["lora"] = None if lora is None else dataclasses.asdict(lora)  # plain data in checkpoints
         if dtype != "float32" and (lora is None or lora.train_embeddings):
             # a LoRA base is frozen (no AdamW step to lose), unless its embedding copies train
@@ -301,11 +319,11 @@ class GRPOPolicy(L.LightningModule):
         """Under ModelParallelStrategy: shard the policy and the reference with FSDP2, and with load_on_rank0 load
         them from rank 0 (sharding.configure); a no-op otherwise. Lightning calls it before every fit / validate."""
         hp = self.hparams
-        sharding.configure(self, lambda: load_model_and_tokenizer(hp.model_name_or_path, hp.dtype, hp.attn_implementation)[0])
+        sharding.configure(self, lambda: load_model_and_tokenizer(hp.model_name_or_path, hp.dtype, hp.attn_implementation)[0],
+                           hp.fsdp_offload)
 
     def on_fit_start(self) -> None:
-        if self.reference is not None:
-            self.reference.to(self.device)
+        self._reference_to_device()
         ddp = self.trainer.strategy.model
         if isinstance(ddp, DistributedDataParallel):
             self._grads_in_buckets = ddp.gradient_as_bucket_view
@@ -317,7 +335,12 @@ class GRPOPolicy(L.LightningModule):
                 )
 
     def on_validation_start(self) -> None:
-        if self.reference is not None:
+        self._reference_to_device()
+
+    def _reference_to_device(self) -> None:
+        # Not a registered submodule, so Lightning does not move it. A sharded one is already placed (sharding.py):
+        # moving an offloaded one would copy its shards to the GPU and back at every validation.
+        if self.reference is not None and not sharding.is_sharded(self.reference):
             self.reference.to(self.device)
 
     def on_validation_model_zero_grad(self) -> None:
@@ -332,10 +355,12 @@ class GRPOPolicy(L.LightningModule):
         if low:  # e.g. --trainer.precision bf16-true converts the weights before this hook
             what = f"--trainer.precision={self.trainer.precision}"
             raise low_precision_training_error(what, "/".join(low), hp.learning_rate)
-        # Fused AdamW on CUDA: one kernel, no parameter-sized temporaries (foreach allocates ~one).
+        # Fused AdamW where the weights are: one kernel, no parameter-sized temporaries (foreach allocates ~one). On
+        # CUDA; with --model.fsdp_offload cpu the weights are in host RAM and fused picks torch's CPU kernel (one
+        # vectorised, multi-threaded pass; CPU runs otherwise keep torch's default single-tensor loop).
         # Not with fp16's grad scaler: Lightning cannot unscale before clipping for a fused optimizer.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        fused = self.trainer.strategy.root_device.type == "cuda" and scaler is None
+        fused = (self.trainer.strategy.root_device.type == "cuda" or hp.fsdp_offload == "cpu") and scaler is None
         opt = torch.optim.AdamW(
             params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
             fused=True if fused else None,

@@ -23,6 +23,15 @@ exit; after a backward FSDP frees them itself.
 Loading (`configure`, from `GRPOPolicy.configure_model`): by default every rank has loaded the whole fp32
 model in `__init__` and `fully_shard` keeps its shard. With `--model.load_on_rank0` the model is built on the
 meta device, sharded, and filled by rank 0 alone (`load_from_rank0`); the reference copies the policy's shards.
+
+CPU offload (`--model.fsdp_offload cpu`): every unit of the policy and the reference gets FSDP2's own
+`CPUOffloadPolicy`. The sharded parameters and gradients, hence AdamW's state, live in host RAM; FSDP copies a unit's
+shards to the GPU before its all-gather and its reduce-scattered gradient back to the host, and the optimizer step
+runs on the CPU. The shards are pinned on CUDA (asynchronous copies, overlapped with compute), and FSDP re-pins them
+in host RAM after any `module.to(...)` or `to_empty(...)` (FSDPParam.reset_sharded_param): Lightning moving the
+module to the GPU after `configure_model` costs one round trip of the shards at setup and leaves them on the host.
+Gathering a shard for vLLM (`full_weight`) moves it to the mesh's device first, as torch's own state-dict gathering
+does. On a CPU mesh (the tests) the copies are no-ops.
 """
 
 from __future__ import annotations
@@ -31,22 +40,30 @@ import types
 from typing import Any, Callable
 
 import torch
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor
 
 ROOT_METHOD = "lightning_grpo_forward"  # FSDP forward methods of the root and the untied head units
 HEAD_METHOD = "lightning_grpo_call_with_weight"
 
 
-def configure(module, load_full: Callable[[], torch.nn.Module]) -> None:
-    """GRPOPolicy.configure_model: under ModelParallelStrategy shard `module.policy` and `module.reference` (if any);
-    with `load_on_rank0` (the policy on the meta device) fill them from `load_full()`, which rank 0 alone calls.
-    A policy already sharded (fit, then validate) is left as it is; other strategies leave everything as it is."""
+def configure(module, load_full: Callable[[], torch.nn.Module], offload: str = "none") -> None:
+    """GRPOPolicy.configure_model: under ModelParallelStrategy shard `module.policy` and `module.reference` (if any),
+    with their shards in host RAM if `offload` is "cpu"; with `load_on_rank0` (the policy on the meta device) fill
+    them from `load_full()`, which rank 0 alone calls. A policy already sharded (fit, then validate) is left as it is;
+    other strategies leave everything as it is (and refuse `offload`)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     trainer = module._trainer
     strategy = trainer.strategy if trainer is not None else None
     on_meta = module.policy.device.type == "meta"
+    if offload != "none" and not isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"--model.fsdp_offload={offload} offloads FSDP2's shards to host RAM, but the strategy is "
+            f"{type(strategy).__name__ if strategy else 'none (load_from_checkpoint)'}, which does not shard: set "
+            "--trainer.strategy ModelParallelStrategy (configs/llasa8b_fsdp_offload.yaml) or --model.fsdp_offload none"
+        )
     if not isinstance(strategy, ModelParallelStrategy):
         if on_meta:
             raise ValueError(
@@ -59,9 +76,10 @@ def configure(module, load_full: Callable[[], torch.nn.Module]) -> None:
         return
     mesh = data_parallel_mesh(strategy)
     param_dtype = param_dtype_for(trainer.precision)
+    offload_policy = offload_policy_for(offload, strategy.root_device)
     for model in (module.policy, module.reference):
         if model is not None:
-            shard_causal_lm(model, mesh, param_dtype)
+            shard_causal_lm(model, mesh, param_dtype, offload_policy)
     if on_meta:
         load_from_rank0(module.policy, load_full, strategy.root_device)
         if module.reference is not None:  # the same pretrained weights, copied shard by shard
@@ -95,6 +113,27 @@ def param_dtype_for(precision: str) -> torch.dtype | None:
     )
 
 
+def offload_policy_for(offload: str, device: torch.device) -> OffloadPolicy:
+    """FSDP2's offload policy for `--model.fsdp_offload` on a mesh of `device`s. Host memory is pinned only on CUDA:
+    pinning needs an accelerator, and on a CPU mesh there is nothing to copy. A CUDA run must also be able to run
+    collectives on CPU tensors: clipping the global norm of the gradients, which then live in host RAM, reduces
+    their partial norms where they are."""
+    if offload == "none":
+        return OffloadPolicy()
+    if offload != "cpu":
+        raise ValueError(f"--model.fsdp_offload={offload!r} must be none or cpu")
+    if device.type != "cpu":
+        backends = torch.distributed.get_backend_config()  # e.g. "cuda:nccl", or "cuda:nccl,cpu:gloo"
+        if "cpu:" not in backends:
+            raise ValueError(
+                f"--model.fsdp_offload=cpu keeps the gradients in host RAM, and clipping their global norm runs a "
+                f"collective on CPU tensors, which this process group ({backends}) cannot: set "
+                f"--trainer.strategy.init_args.process_group_backend cuda:nccl,cpu:gloo (as in "
+                "configs/llasa8b_fsdp_offload.yaml; torchtitan does the same for CPU offload)"
+            )
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda")
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
@@ -123,9 +162,12 @@ def _add_forward_method(module: torch.nn.Module, name: str, method: Callable) ->
     register_fsdp_forward_method(module, name)
 
 
-def shard_causal_lm(model: torch.nn.Module, mesh, param_dtype: torch.dtype | None) -> None:
-    """`fully_shard` the units of an HF causal LM in place (module docstring). Parameters may be on the meta
-    device (materialise them afterwards with `to_empty`)."""
+def shard_causal_lm(model: torch.nn.Module, mesh, param_dtype: torch.dtype | None,
+                    offload_policy: OffloadPolicy | None = None) -> None:
+    """`fully_shard` the units of an HF causal LM in place (module docstring), every unit with the same
+    `offload_policy` (default: none). Parameters may be on the meta device (materialise them afterwards with
+    `to_empty`)."""
+    offload = {"offload_policy": offload_policy or OffloadPolicy()}
     head, tied = _head_and_tied(model)
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
@@ -136,13 +178,13 @@ def shard_causal_lm(model: torch.nn.Module, mesh, param_dtype: torch.dtype | Non
     # HF generate, outside autocast, hands the head bf16 states from the bf16 layers.
     own_mp = MixedPrecisionPolicy(param_dtype=head.weight.dtype, reduce_dtype=torch.float32)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=layer_mp, reshard_after_forward=True)
+        fully_shard(layer, mesh=mesh, mp_policy=layer_mp, reshard_after_forward=True, **offload)
     if not tied:
         # kept gathered between the forward and the backward of a call: one gather per micro-batch, and the
         # head's backward comes first in the backward pass, when the forward's peak has not been freed yet
-        fully_shard(head, mesh=mesh, mp_policy=own_mp, reshard_after_forward=False)
+        fully_shard(head, mesh=mesh, mp_policy=own_mp, reshard_after_forward=False, **offload)
         _add_forward_method(head, HEAD_METHOD, _call_with_weight)
-    fully_shard(model, mesh=mesh, mp_policy=own_mp if tied else layer_mp)
+    fully_shard(model, mesh=mesh, mp_policy=own_mp if tied else layer_mp, **offload)
     _add_forward_method(model, ROOT_METHOD, _call_as_forward)
 
 
@@ -213,9 +255,14 @@ def load_from_rank0(model: torch.nn.Module, load_full: Callable[[], torch.nn.Mod
 
 
 def full_weight(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The whole tensor behind a (possibly sharded) parameter, cast to `dtype` before the gather (half the bytes
-    moved and held for a bf16 engine). A collective for a DTensor: every rank of its mesh must call it."""
+    """The whole tensor behind a (possibly sharded) parameter, on the mesh's device, cast to `dtype` before the
+    gather (half the bytes moved and held for a bf16 engine). A collective for a DTensor: every rank of its mesh must
+    call it. An offloaded shard (host RAM, CUDA mesh) is cast on the host, then copied to the GPU: NCCL gathers
+    device tensors, and the engine wants its weights there."""
     if isinstance(tensor, DTensor):
         local = tensor if dtype is None else tensor.to(dtype)
+        mesh_device = tensor.device_mesh.device_type
+        if local.device.type != mesh_device:
+            local = local.to(mesh_device)  # the current device of this rank (Lightning sets it)
         return local.full_tensor()
     return tensor

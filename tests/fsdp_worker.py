@@ -11,6 +11,8 @@ Phases:
   sync      one step with VLLMSampler (bf16 engine, top_p 0.9) and a fake engine, under bf16-mixed, with importance
             weights: what each rank's engine received, the sync check
   full / first / rest   the resume test: 4 steps; 2 steps with a checkpoint per step; resumed to 4 steps
+  <phase>_offload   step, step_ref or sync with --model.fsdp_offload cpu (FSDP2's CPUOffloadPolicy)
+  full_offload / rest_offload   step_ref_offload run to 2 steps; resumed from step_ref_offload's checkpoint to 2
 Every phase writes rank{r}.json, and rank 0 the policy's whole weights (weights.pt).
 """
 
@@ -86,6 +88,7 @@ class FakeEngine:
         self.model, _ = build_tiny_llasa(seed=7)  # other weights than the policy's until synced
         self.device = cfg.device
         self.loaded: dict[str, torch.Tensor] = {}
+        self.received_on: set[str] = set()  # the devices of the tensors the sync handed over
         self.most_alive = 0  # the most tensors handed over by the sync alive at once, once the engine has copied them
 
     def generate(self, prompts, request):
@@ -105,6 +108,7 @@ class FakeEngine:
         handed = []  # weak references: alive only while the sync itself still holds a tensor it handed over
         for name, tensor in weights:  # one at a time, as vLLM's in-place reload consumes them
             handed.append(weakref.ref(tensor))
+            self.received_on.add(str(tensor.device))
             self.most_alive = max(self.most_alive, sum(r() is not None for r in handed))
             self.loaded[name] = tensor.detach().cpu().clone()
             del tensor  # copied: only the sync could keep it alive now
@@ -137,6 +141,9 @@ class Record(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out, self.steps = out, []
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.optimizer = optimizer  # its state exists from the first step on
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         r = batch["rollout"]
         m = trainer.callback_metrics
@@ -165,33 +172,56 @@ class Record(L.Callback):
             "sync_names": [name for name, _ in hf_weights(policy)],  # what a sync gathers, in order (collectives)
             "mp": {name: str(m._get_fsdp_state()._mp_policy.param_dtype) for name, m in policy.named_modules()
                    if isinstance(m, FSDPModule)},
+            "offload": {label: offload_policies(model) for label, model in
+                        (("policy", policy), ("reference", pl_module.reference)) if model is not None},
+            "local_devices": sorted({str(p.to_local().device) for p in policy.parameters()}),
+            "reference_local_devices": sorted({str(p.to_local().device) for p in pl_module.reference.parameters()})
+                                       if pl_module.reference is not None else None,
+            "pinned": any(p.to_local().is_pinned() for p in policy.parameters()),
+            "buffer_devices": sorted({str(b.device) for b in policy.buffers()}),
+            "optimizer_devices": sorted({str(v.device) for s in self.optimizer.state.values() for v in s.values()
+                                         if torch.is_tensor(v) and v.dim() > 0}),
+            "fused": self.optimizer.param_groups[0]["fused"],
         }
         sampler = getattr(trainer.callbacks[0], "sampler", None)
         if isinstance(sampler, VLLMSampler):
             engine = sampler.engine
             torch.save(engine.loaded, self.out / f"engine{rank}.pt")
             record["engine_most_alive"] = engine.most_alive
+            record["engine_received_on"] = sorted(engine.received_on)
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))
         if rank == 0:
             torch.save(full, self.out / "weights.pt")
 
 
+def offload_policies(model: torch.nn.Module) -> list[str]:
+    """The offload policy of every FSDP unit of `model`, as `CPUOffloadPolicy(pin_memory=False)`."""
+    return sorted({repr(m._get_fsdp_state()._fsdp_param_group.offload_policy) for m in model.modules()
+                   if isinstance(m, FSDPModule)})
+
+
 def fit(out: Path, phase: str, tied_dir: str | None, accelerator: str = "cpu", devices: int = 2) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
+    offload = phase.endswith("_offload")
+    phase = phase.removesuffix("_offload")
     ckpt_dir = out / "ckpt"
-    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
-    policy_kw = dict(learning_rate=1e-2, micro_batch_size=3)
+    # FSDP2's CPU offload on GPUs clips the host-resident gradients' norm with a collective on CPU tensors
+    backend = "cuda:nccl,cpu:gloo" if offload and accelerator == "gpu" else None
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, process_group_backend=backend)
+    policy_kw = dict(learning_rate=1e-2, micro_batch_size=3, fsdp_offload="cpu" if offload else "none")
     data_kw = dict(prompts_per_step=2, val_data=None)
     callbacks: list[L.Callback] = []
     resume, precision = False, "32-true"
-    if phase in ("step", "step_ref"):
+    if phase in ("step", "step_ref") or offload and phase in ("full", "rest"):
         sampler = ScriptedSampler()
-        policy_kw.update(scripted_policy_kwargs(beta=0.1 if phase == "step_ref" else 0.0))
-        if phase == "step_ref":
+        policy_kw.update(scripted_policy_kwargs(beta=0.0 if phase == "step" else 0.1))
+        max_steps, group = (1 if phase.startswith("step") else 2), 4
+        if phase != "step":  # step_ref, and the offloaded resume test's runs of it
             policy_kw.update(model_name_or_path=tied_dir, gradient_checkpointing=True, load_on_rank0=True)
+            if phase == "rest":  # on from step_ref_offload's checkpoint of step 1 (its own go to rest_offload/ckpt)
+                resume = str(out.parent / "step_ref_offload" / "ckpt" / "last.ckpt")
             callbacks.append(StepCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=1))
-        max_steps, group = 1, 4
     elif phase == "sync":
         sampler = VLLMSampler(temperature=1.0, top_p=0.9, max_new_tokens=4, dtype="bfloat16", verify_every=1,
                               engine_factory=FakeEngine)
@@ -213,13 +243,15 @@ def fit(out: Path, phase: str, tied_dir: str | None, accelerator: str = "cpu", d
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, precision=precision,
         callbacks=[rollout, Record(out), *callbacks],
     )
-    trainer.fit(CountedPolicy(**policy_kw), PromptDataModule(**data_kw), ckpt_path="last" if resume else None)
+    ckpt_path = resume if isinstance(resume, str) else "last" if resume else None
+    trainer.fit(CountedPolicy(**policy_kw), PromptDataModule(**data_kw), ckpt_path=ckpt_path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("phases", nargs="+", choices=["step", "step_ref", "sync", "full", "first", "rest"])
+    p.add_argument("phases", nargs="+", choices=["step", "step_ref", "sync", "full", "first", "rest", "step_offload",
+                                                 "step_ref_offload", "sync_offload", "full_offload", "rest_offload"])
     p.add_argument("--tied_dir")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--devices", type=int, default=2)

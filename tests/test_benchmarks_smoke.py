@@ -125,6 +125,34 @@ def test_bench_multireward_smoke(tmp_path):
     assert "reasons ['ok']" in text and (tmp_path / "multi.md").read_text() == text
 
 
+def test_offload_budget_moves_the_sharded_state_to_the_host():
+    """budget() with FSDP2's CPU offload: the GPU loses exactly the sharded weights, gradients and AdamW state (16
+    bytes per parameter / W) and gains only the two offload transients; the host holds them instead, the pinned
+    shards rounded up to powers of two; the PCIe bytes per step are the hand-counted copies."""
+    from bench_step_memory import SIZES, Layout, budget, host_bytes, offload_traffic, pinned_bytes, shard_sizes
+
+    s = SIZES["smoke"]
+    layer = {"per_token": 1000.0, "per_row_s2": 2.0, "weight_copies": 0.0}
+    w, p = 2, s.params()
+    plain, off = (budget(s, Layout(fsdp=w, offload=o), layer) for o in (False, True))
+    assert off["resident"]["weights (fp32)"] == off["resident"]["AdamW state (fp32 exp_avg, exp_avg_sq)"] == 0
+    assert off["backward"]["gradients (fp32)"] == 0 and sum(off["step"].values()) == 0
+    transients = sum(v for k, v in off["backward"].items() if k.startswith("offload:"))
+    assert transients > 0
+    assert plain["totals"]["update"] - off["totals"]["update"] == pytest.approx(16 * p / w - transients)
+    assert off["totals"]["rollout"] == pytest.approx(plain["totals"]["rollout"] - 12 * p / w)  # weights + AdamW left
+    assert sum(shard_sizes(s, w)) >= p / w and sum(shard_sizes(s, 1)) == p
+    host = host_bytes(s, Layout(fsdp=w, offload=True))
+    assert host["AdamW state (fp32, pageable)"] == 8 * sum(shard_sizes(s, w))
+    assert 4 * p / w <= host["weights (fp32 shards, pinned)"] < 8 * p / w + 4 * len(shard_sizes(s, w))
+    assert [pinned_bytes(n) for n in (0, 1, 5, 8, 9)] == [0, 1, 8, 8, 16]
+    layers = s.layers * s.layer_params()
+    t = offload_traffic(s, Layout(fsdp=w, offload=True), micro_batches=3)
+    assert t["in (host to GPU)"] == (3 * 4 * (p + layers) + 2 * p) / w and t["out (GPU to host)"] == 3 * 4 * p / w
+    with pytest.raises(ValueError, match="set fsdp"):
+        Layout(offload=True)
+
+
 def test_bench_sharded_memory_smoke(tmp_path):
     """DDP vs FSDP2 on 2 CPU processes at a tiny size: each rank reports its parameters, gradients and AdamW state,
     and FSDP2's are half of DDP's (the sharding the published table measures)."""

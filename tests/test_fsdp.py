@@ -1,5 +1,6 @@
 """FSDP2 (Lightning's ModelParallelStrategy) on CPU with 2 gloo processes: the same step as one process, the head
-gathered once per pass, weight sync from shards, sharded checkpoints that resume exactly and export to HF."""
+gathered once per pass, weight sync from shards, sharded checkpoints that resume exactly and export to HF; and the
+same with FSDP2's CPU offload (--model.fsdp_offload cpu)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,11 @@ def ranks(out: Path, world: int = 2) -> list[dict]:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> tuple[Path, Path]:
     """One launch (about a minute on 2 cores): the compared steps without and with a reference, the weight sync,
-    and the three runs of the resume test."""
+    and the three runs of the resume test; then the steps and the sync with CPU offload, and its resume test."""
     out = tmp_path_factory.mktemp("fsdp")
     tied = save_tied_tiny(out / "tied")
-    launch(out, "step", "step_ref", "sync", "full", "first", "rest", "--tied_dir", str(tied))
+    launch(out, "step", "step_ref", "sync", "full", "first", "rest", "step_offload", "step_ref_offload", "sync_offload",
+           "full_offload", "rest_offload", "--tied_dir", str(tied))
     return out, tied
 
 
@@ -162,21 +164,23 @@ def test_sync_from_shards_equals_the_unsharded_model(sharded):
     assert sorted(tied + ["lm_head.weight"]) == sorted(untied)
 
 
-def test_export_of_a_sharded_checkpoint_loads_with_from_pretrained(sharded, tmp_path):
+@pytest.mark.parametrize("phase", ["step_ref", "step_ref_offload"])
+def test_export_of_a_sharded_checkpoint_loads_with_from_pretrained(sharded, tmp_path, phase):
     """`export` reads the sharded directory in one process and writes an HF directory whose model has the trained
-    weights (the tied head included) and gives the trained policy's log-probs."""
+    weights (the tied head included) and gives the trained policy's log-probs; also when the run offloaded its shards
+    to host RAM (--model.fsdp_offload cpu is in the checkpoint's hyper-parameters)."""
     from transformers import AutoModelForCausalLM
 
     from lightning_grpo.evaluate import trained_steps
     from lightning_grpo.export import export
 
     out, _ = sharded
-    ckpt = out / "step_ref" / "ckpt" / "last.ckpt"
+    ckpt = out / phase / "ckpt" / "last.ckpt"
     assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
     target = export(str(ckpt), str(tmp_path / "hf"))
     model = AutoModelForCausalLM.from_pretrained(target).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    trained = torch.load(out / "step_ref" / "weights.pt")
+    trained = torch.load(out / phase / "weights.pt")
     reference = GRPOPolicy(model_name_or_path=str(target)).policy
     reference.load_state_dict(trained)
     reference.eval()
@@ -231,7 +235,112 @@ def test_last_sharded_checkpoint_is_the_newest_complete_one(tmp_path):
     assert callback._find_last_checkpoints(T()) == {str(ckpts / "last.ckpt")}
 
 
-FSDP_CONFIGS = ["llasa1b_original.yaml", "llasa3b_fsdp.yaml", "llasa8b_fsdp.yaml", "llasa8b_fsdp_2nodes.yaml"]
+# -- CPU offload (--model.fsdp_offload cpu) ---------------------------------------------------------------------
+# On CPU processes FSDP2's copies between host and device are no-ops, so an offloaded step computes what the sharded
+# step computes; what differs is the optimizer: AdamW's fused CPU kernel (what an offloaded policy steps with on a GPU
+# machine) instead of torch's single-tensor loop, the same update rounded otherwise. Measured: 1.9e-7 (no reference)
+# and 2.5e-7 (reference, tied head) at most, after two updates that moved every weight by about 1e-2.
+OFFLOAD_ATOL = 1e-6
+
+
+@pytest.mark.parametrize("phase", ["step", "step_ref"])
+def test_offloaded_step_equals_the_sharded_step(sharded, phase):
+    """The same GRPO step (2 updates, micro-batches, clipping; step_ref: a KL reference, offloaded too, gradient
+    checkpointing, rank-0 loading, a tied head) with and without CPU offload: same loss, KL and gradient norm, the same
+    weights after two updates to OFFLOAD_ATOL."""
+    out, _ = sharded
+    plain, offloaded = ranks(out / phase), ranks(out / f"{phase}_offload")
+    for a, b in zip(plain, offloaded):
+        x, y = a["steps"][0], b["steps"][0]
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
+        assert (y["kl"] is None) == (x["kl"] is None) and (x["kl"] is None or y["kl"] == pytest.approx(x["kl"], rel=1e-5))
+        assert a["fused"] is None and b["fused"] is True  # the CPU default vs the fused CPU kernel: the only difference
+    a, b = torch.load(out / phase / "weights.pt"), torch.load(out / f"{phase}_offload" / "weights.pt")
+    initial = GRPOPolicy(**({"model_name_or_path": str(sharded[1])} if phase == "step_ref" else {})).policy.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=OFFLOAD_ATOL), (k, (a[k] - b[k]).abs().max())
+        assert not torch.equal(b[k], initial[k])  # every tensor trained
+
+
+def test_offloaded_shards_gradients_and_adamw_state_live_in_host_memory(sharded):
+    """Every FSDP unit of the policy, and of the reference, has CPUOffloadPolicy, unpinned without an accelerator; the
+    local shards and AdamW's state are on the CPU and AdamW is the fused CPU kernel. Without offload the units keep
+    FSDP2's no-offload policy. (On a CPU mesh host and device are one: the GPU test shows the placement that matters.)"""
+    out, _ = sharded
+    for r in ranks(out / "step_ref_offload"):
+        assert r["offload"] == {"policy": ["CPUOffloadPolicy(pin_memory=False)"],
+                                "reference": ["CPUOffloadPolicy(pin_memory=False)"]}
+        assert r["local_devices"] == r["reference_local_devices"] == r["optimizer_devices"] == ["cpu"]
+        assert r["pinned"] is False and r["fused"] is True and r["sharded"] == ["DTensor:torch.float32"]
+    assert ranks(out / "step_ref")[0]["offload"] == {"policy": ["OffloadPolicy()"], "reference": ["OffloadPolicy()"]}
+
+
+def test_sync_from_offloaded_shards_equals_the_unsharded_model(sharded):
+    """vLLM's weights gathered from offloaded shards (bf16 engine, bf16-mixed policy) are the unsharded policy's, one
+    tensor alive at a time, on the mesh's device; the sync check passes."""
+    out, _ = sharded
+    unsharded = GRPOPolicy().policy.state_dict()
+    for rank, r in enumerate(ranks(out / "sync_offload")):
+        loaded = torch.load(out / "sync_offload" / f"engine{rank}.pt")
+        assert sorted(loaded) == sorted(unsharded)
+        assert all(torch.equal(v, unsharded[k].to(torch.bfloat16)) for k, v in loaded.items())
+        assert r["steps"][0]["sampler"]["sync/ok"] == 1.0 and r["engine_most_alive"] == 1
+        assert r["engine_received_on"] == ["cpu"] and r["offload"]["policy"] == ["CPUOffloadPolicy(pin_memory=False)"]
+
+
+def test_resume_from_an_offloaded_sharded_checkpoint_equals_the_uninterrupted_run(sharded):
+    """step_ref_offload saved a directory of shards after step 1 (weights, and AdamW's host-resident state); resumed
+    from it to step 2, the weights are bit-identical to a 2-step run's, with the same prompts, loss and gradient norm
+    (AdamW state lost or misplaced in the resume would change the second update)."""
+    out, _ = sharded
+    assert (out / "step_ref_offload" / "ckpt" / "last.ckpt" / "meta.pt").is_file()
+    for full, rest in zip(ranks(out / "full_offload"), ranks(out / "rest_offload")):
+        assert [s["step"] for s in rest["steps"]] == [2] and [s["step"] for s in full["steps"]] == [1, 2]
+        assert rest["steps"][0]["texts"] == full["steps"][1]["texts"]
+        assert rest["steps"][0]["loss"] == full["steps"][1]["loss"] and rest["steps"][0]["grad_norm"] == full["steps"][1]["grad_norm"]
+        assert rest["optimizer_devices"] == ["cpu"] and rest["fused"] is True
+    a, b = torch.load(out / "full_offload" / "weights.pt"), torch.load(out / "rest_offload" / "weights.pt")
+    first = torch.load(out / "step_ref_offload" / "weights.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(not torch.equal(a[k], first[k]) for k in a)  # step 2 trained every tensor
+
+
+def test_offload_refused_without_fsdp2_and_with_lora():
+    """--model.fsdp_offload offloads FSDP2's shards: under another strategy (one CPU device here) configure_model stops
+    naming the flag and the fix; with LoRA (no FSDP2 there) the constructor stops."""
+    from lightning_grpo.lora import LoRAConfig
+
+    policy = GRPOPolicy(fsdp_offload="cpu")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[GRPORollout(ScriptedSampler(), RuleReward(), group_size=2)])
+    with pytest.raises(ValueError, match=r"--model.fsdp_offload=cpu .* SingleDeviceStrategy.*--trainer.strategy "
+                                         r"ModelParallelStrategy .* or --model.fsdp_offload none"):
+        trainer.fit(policy, PromptDataModule(prompts_per_step=2, val_data=None))
+    with pytest.raises(ValueError, match=r"--model.fsdp_offload=cpu .* --model.lora .* drop --model.fsdp_offload"):
+        GRPOPolicy(lora=LoRAConfig(rank=4), fsdp_offload="cpu")
+
+
+def test_offload_policy_on_cuda_pins_and_needs_a_cpu_backend(monkeypatch):
+    """On a CUDA mesh the offload policy pins host memory and needs a process group that runs collectives on CPU
+    tensors (the host-resident gradients' norm): NCCL alone is refused naming --trainer.strategy's
+    process_group_backend; on a CPU mesh nothing is pinned and gloo is the backend anyway."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from lightning_grpo.sharding import offload_policy_for
+
+    monkeypatch.setattr(torch.distributed, "get_backend_config", lambda: "cuda:nccl")
+    with pytest.raises(ValueError, match=r"process group \(cuda:nccl\) .*process_group_backend cuda:nccl,cpu:gloo"):
+        offload_policy_for("cpu", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.distributed, "get_backend_config", lambda: "cuda:nccl,cpu:gloo")
+    assert offload_policy_for("cpu", torch.device("cuda", 0)) == CPUOffloadPolicy(pin_memory=True)
+    assert offload_policy_for("cpu", torch.device("cpu")) == CPUOffloadPolicy(pin_memory=False)
+    assert type(offload_policy_for("none", torch.device("cuda", 0))) is OffloadPolicy
+
+
+FSDP_CONFIGS = ["llasa1b_original.yaml", "llasa3b_fsdp.yaml", "llasa8b_fsdp.yaml", "llasa8b_fsdp_2nodes.yaml",
+                "llasa8b_fsdp_offload.yaml"]
 
 
 @pytest.mark.parametrize("name", FSDP_CONFIGS)
@@ -274,6 +383,20 @@ def test_two_node_layout():
     assert reward.init_args.url.startswith(("http://127.0.0.1:", "http://localhost:"))
 
 
+def test_offload_layout_two_gpus_and_a_reward_gpu():
+    """llasa8b_fsdp_offload: LLaSA-8B over 2 GPUs with CPU offload, a process group with gloo for the host-resident
+    gradients, larger micro-batches (fewer host round trips), vLLM at 0.6, one Whisper on the third GPU."""
+    from test_configs import ROOT, parse
+
+    cfg = parse(ROOT / "configs" / "llasa8b_fsdp_offload.yaml")
+    assert cfg.model.model_name_or_path == "HKUSTAudio/Llasa-8B" and cfg.model.fsdp_offload == "cpu"
+    assert cfg.trainer.devices == 2 and cfg.model.load_on_rank0 and cfg.model.micro_batch_size == 16
+    assert "cpu:gloo" in cfg.trainer.strategy.init_args.process_group_backend
+    assert (cfg.data.prompts_per_step * cfg.rollout.group_size // 2) % cfg.model.micro_batch_size == 0  # 4 per update
+    assert cfg.rollout.sampler.init_args.gpu_memory_utilization == 0.6
+    assert cfg.rollout.reward.init_args.reward.init_args.device == "cuda:2"  # outside the two training ranks
+
+
 @pytest.mark.gpu
 def test_sharded_step_and_sync_on_gpus(tmp_path):
     """On every visible GPU (NCCL, bf16-mixed, fused AdamW on the shards): a step with a tied, checkpointed reference
@@ -288,3 +411,28 @@ def test_sharded_step_and_sync_on_gpus(tmp_path):
     for r in ranks(tmp_path / "sync", world):
         assert r["steps"][0]["sampler"]["sync/ok"] == 1.0 and r["engine_most_alive"] == 1
         assert r["mp"]["lm_head"] == "torch.float32" and r["mp"]["model.layers.0"] == "torch.bfloat16"
+
+
+@pytest.mark.gpu
+def test_offloaded_step_and_sync_on_gpus(tmp_path):
+    """On every visible GPU with CPU offload (NCCL + gloo): the shards (pinned) and AdamW's state stay in host RAM
+    after Lightning moved the module to the GPU, the buffers are on the GPU, AdamW is the fused CPU kernel, clipping
+    works on the host-resident gradients; the vLLM sync hands the engine tensors on the GPU, and its check passes;
+    a resume from the offloaded checkpoint equals the uninterrupted run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    world = torch.cuda.device_count()
+    tied = save_tied_tiny(tmp_path / "tied")
+    launch(tmp_path, "step_ref_offload", "sync_offload", "full_offload", "rest_offload", "--tied_dir", str(tied),
+           "--accelerator", "gpu", "--devices", str(world))
+    for r in ranks(tmp_path / "step_ref_offload", world):
+        assert r["local_devices"] == r["reference_local_devices"] == r["optimizer_devices"] == ["cpu"] and r["pinned"]
+        assert all(d.startswith("cuda") for d in r["buffer_devices"]) and r["fused"] is True
+        assert r["offload"]["policy"] == ["CPUOffloadPolicy(pin_memory=True)"]
+        assert math.isfinite(r["steps"][0]["loss"]) and r["steps"][0]["grad_norm"] > 0
+    for r in ranks(tmp_path / "sync_offload", world):
+        assert r["steps"][0]["sampler"]["sync/ok"] == 1.0 and r["engine_most_alive"] == 1
+        assert all(d.startswith("cuda") for d in r["engine_received_on"])
+    # CUDA's attention backward may sum in another order from run to run: equal to rounding, not bit for bit
+    a, b = torch.load(tmp_path / "full_offload" / "weights.pt"), torch.load(tmp_path / "rest_offload" / "weights.pt")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=OFFLOAD_ATOL) for k in a)
