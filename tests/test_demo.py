@@ -246,3 +246,21 @@ def test_measure_report_states_the_relative_drop_and_unit_errors(tmp_path):
     assert "| 0.400 | 0.100 | -75% |" in row0 and "| 0.37 / 0.08 | 0.15 / 0.02 |" in row0
     assert "| - | - |" in row1  # unmeasured unit errors are shown as missing, not as zero
     assert (tmp_path / "r.md").read_text().strip() == table and (tmp_path / "cer.png").stat().st_size > 0
+
+
+def test_measure_compare_puts_arms_side_by_side(tmp_path):
+    """One row per arm directory: each seed's before -> after, the mean relative change, and the samples generated
+    (counted by the run, or steps x prompts_per_step x group_size for summaries written before counting)."""
+    from small_world.measure import compare
+
+    metrics = lambda cer: {"val/cer_capped_mean": cer, "val/cer_mean": cer}  # noqa: E731
+    for arm, afters, extra in (("token", (0.2, 0.3), {}), ("dyn", (0.1, 0.3), {"samples_generated": 1450, "steps_trained": 58})):
+        for seed, after in enumerate(afters):
+            d = tmp_path / arm / f"seed{seed}"
+            d.mkdir(parents=True)
+            d.joinpath("summary.json").write_text(json.dumps({
+                "name": f"seed{seed}", "seed": seed, "rollouts": 60, "curve_steps": "rollouts", "curve": [],
+                "before": metrics(0.4), "after": metrics(after), "after_units": {"sampled": after / 2}, **extra}))
+    rows = compare([tmp_path / "token", tmp_path / "dyn"]).splitlines()[2:]
+    assert rows[0].startswith("| token | 0 1 | 0.400 -> 0.200, 0.400 -> 0.300 | -50% / -25% | -37.5% | 0.125 | 1440 | 60 |")
+    assert rows[1].startswith("| dyn | 0 1 | 0.400 -> 0.100, 0.400 -> 0.300 | -75% / -25% | -50.0% | 0.100 | 1450 | 58 |")

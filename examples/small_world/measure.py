@@ -222,6 +222,43 @@ def report(outs: list[Path], markdown: Path | None, plot: Path | None) -> str:
     return table
 
 
+def _samples_per_rollout() -> int:
+    """prompts_per_step x group_size of the small world's config (what a step generates without dynamic sampling)."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).with_name("config.yaml")).read_text())
+    return cfg["data"]["prompts_per_step"] * cfg["rollout"]["group_size"]
+
+
+def compare(outs: list[Path]) -> str:
+    """One row per arm (each directory of `outs`, named for its variant), its seeds side by side: held-out capped CER
+    before -> after and the relative change per seed, their mean, the sampled unit error after, and the samples
+    each run generated (equal budgets are the caller's to check)."""
+    lines = [
+        "| arm | seeds | capped CER before -> after, per seed | rel. change per seed | mean rel. change |"
+        " unit error sampled after (mean) | samples generated per run | steps trained |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for out in outs:
+        runs = _load_summaries([out])
+        if not runs:
+            continue
+        rel = [(s["after"]["val/cer_capped_mean"] - s["before"]["val/cer_capped_mean"]) / s["before"]["val/cer_capped_mean"]
+               for s in runs]
+        units = [s["after_units"]["sampled"] for s in runs if "after_units" in s]
+        # summaries written before samples were counted: every step generated prompts_per_step x group_size
+        samples = sorted({s.get("samples_generated") or s["rollouts"] * _samples_per_rollout() for s in runs})
+        steps = sorted({s.get("steps_trained", s["rollouts"]) for s in runs})
+        unit_mean = f"{sum(units) / len(units):.3f}" if units else "-"
+        lines.append(
+            f"| {out.name} | {' '.join(str(s['seed']) for s in runs)} | "
+            + ", ".join(f"{s['before']['val/cer_capped_mean']:.3f} -> {s['after']['val/cer_capped_mean']:.3f}" for s in runs)
+            + f" | {' / '.join(f'{r:+.0%}' for r in rel)} | {sum(rel) / len(rel):+.1%} | {unit_mean} | "
+            f"{' / '.join(map(str, samples))} | {' / '.join(map(str, steps))} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], choices=sorted(RUNS))
@@ -237,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", action="store_true")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--compare", type=Path, nargs="*", help="arm directories (one per variant) to compare side by side")
     p.add_argument("extra", nargs="*", help="more CLI overrides after --, passed to validate and fit")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -250,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: held-out capped CER {b:.3f} -> {a:.3f} ({(a - b) / b:+.0%})", flush=True)
     if args.report:
         print(report(args.report_dirs or [args.out], args.markdown, args.plot))
+    if args.compare:
+        print(compare(args.compare))
 
 
 if __name__ == "__main__":
