@@ -24,7 +24,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
 import sys
 from collections import Counter
