@@ -155,7 +155,6 @@ def generate_unscored(cb: "GRPORollout", pl_module: Any, batch: dict, group_size
                                cb.allowed_token_ids()):
         samples += len(chunk.completions.ids)
         tokens += sum(len(c) for c in chunk.completions.ids)
-    seconds = timing.elapsed(start, device)
-    weight_sync = float((getattr(cb.sampler, "metrics", {}) or {}).get("timing/weight_sync", 0.0))
+    seconds = timing.sampling_timings(timing.elapsed(start, device), dict(getattr(cb.sampler, "metrics", {}) or {}))
     stop_if_any_rank_failed(None)  # the collective the other ranks reach when they wait for this round's rewards
-    return {"generate": max(0.0, seconds - weight_sync), "weight_sync": weight_sync}, samples, tokens
+    return seconds, samples, tokens

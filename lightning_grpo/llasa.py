@@ -203,8 +203,7 @@ def encode_prompt(
         ids = ids["input_ids"]
     ids = [int(i) for i in ids]
     if prompt_codes:
-        vocab = LlasaVocab.from_tokenizer(tokenizer)
-        ids += [vocab.code_to_id(int(c)) for c in prompt_codes]
+        ids += codes_to_ids(prompt_codes, LlasaVocab.from_tokenizer(tokenizer), add_stop=False)
     if max_prompt_length is not None and len(ids) > max_prompt_length:
         reference = f" (of which {len(prompt_codes)} reference codes)" if prompt_codes else ""
         raise ValueError(

@@ -38,7 +38,7 @@ from .distributed import gather_from_ranks
 from .dynamic_sampling import reduce_stats, zero_spread
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
-from .sampling import Sampler, check_sampler, sample_stream
+from .sampling import ChunkRows, Sampler, check_sampler, sample_stream
 from .scoring import RewardScoring, max_concurrent_calls
 
 TruncationPolicy = Literal["penalize", "mask", "keep"]
@@ -372,15 +372,13 @@ class GRPORollout(L.Callback):
         prompts = self.encode_prompts(pl_module, batch)
         allowed = self.allowed_token_ids()
         n = len(prompts) * group_size
-        ids: list[list[int] | None] = [None] * n
-        truncated_rows = [False] * n
-        row_logprobs: list[list[float] | None] | None = None
+        placed = ChunkRows(len(prompts), group_size)
         device = pl_module.device
 
         def finalize(result: RewardResult) -> torch.Tensor:
             rewards = result.rewards.float().clone()
             if self.truncation == "penalize":
-                rewards[torch.tensor(truncated_rows, dtype=torch.bool)] = self.truncation_reward
+                rewards[torch.tensor(placed.truncated, dtype=torch.bool)] = self.truncation_reward
             return rewards.to(device)
 
         scoring = RewardScoring(self.reward, self._scoring_executor(), finalize)
@@ -392,40 +390,25 @@ class GRPORollout(L.Callback):
             sampling_s += timing.elapsed(start, device)
             if chunk is None:
                 break
-            comps = chunk.completions
-            if len(comps.ids) != len(chunk.prompts) * group_size or len(comps.truncated) != len(comps.ids):
-                raise RuntimeError(
-                    f"sampler returned {len(comps.ids)} completions for {len(chunk.prompts)} prompts x {group_size}"
-                )
-            rows, samples = [], []
-            for k, prompt in enumerate(chunk.prompts):
-                for j in range(group_size):
-                    row, src = prompt * group_size + j, k * group_size + j
-                    if not 0 <= prompt < len(prompts) or ids[row] is not None:
-                        raise RuntimeError(f"sampler returned prompt {prompt} twice or out of range (0..{len(prompts) - 1})")
-                    ids[row], truncated_rows[row] = list(comps.ids[src]), bool(comps.truncated[src])
-                    if comps.logprobs is not None:
-                        row_logprobs = row_logprobs if row_logprobs is not None else [None] * n
-                        row_logprobs[row] = comps.logprobs[src]
-                    parsed = parse_completion(ids[row], v, self.on_invalid)
-                    rows.append(row)
-                    samples.append(SpeechSample(
-                        text=texts[prompt], codes=parsed.codes, stopped=parsed.stopped, truncated=truncated_rows[row],
-                        num_invalid=parsed.num_invalid, language=languages[prompt],
-                        # voice cloning: text and codes are the target and the continuation only; the
-                        # reference's transcript and codes are in the prompt
-                        prompt_text=ref_texts[prompt], prompt_codes=ref_codes[prompt], prompt_wav=ref_wavs[prompt],
-                        group=prompt,
-                    ))
+            rows, samples = placed.add(chunk), []
+            for row in rows:
+                prompt = row // group_size
+                parsed = parse_completion(placed.ids[row], v, self.on_invalid)
+                samples.append(SpeechSample(
+                    text=texts[prompt], codes=parsed.codes, stopped=parsed.stopped, truncated=placed.truncated[row],
+                    num_invalid=parsed.num_invalid, language=languages[prompt],
+                    # voice cloning: text and codes are the target and the continuation only; the
+                    # reference's transcript and codes are in the prompt
+                    prompt_text=ref_texts[prompt], prompt_codes=ref_codes[prompt], prompt_wav=ref_wavs[prompt],
+                    group=prompt,
+                ))
             scoring.submit(rows, samples)  # inline, or on a worker while the sampler goes on
-        missing = sorted({row // group_size for row, x in enumerate(ids) if x is None})
-        if missing:
-            raise RuntimeError(f"sampler returned no completions for prompts {missing} of {len(prompts)}")
+        comps = placed.completions()
+        ids, row_logprobs = comps.ids, comps.logprobs
 
         sampler_metrics = dict(getattr(self.sampler, "metrics", {}) or {})
-        weight_sync = float(sampler_metrics.pop("timing/weight_sync", 0.0))
-        timings = {"generate": max(0.0, sampling_s - weight_sync), "weight_sync": weight_sync}
-        truncated = torch.tensor(truncated_rows, dtype=torch.bool)
+        timings = timing.sampling_timings(sampling_s, sampler_metrics)
+        truncated = torch.tensor(comps.truncated, dtype=torch.bool)
 
         width = max(len(p) for p in prompts)
         clen = max(1, max(len(c) for c in ids))
@@ -440,8 +423,6 @@ class GRPORollout(L.Callback):
             attention_mask[i, width - len(p) : width + len(row_ids)] = 1
             completion_mask[i, : len(row_ids)] = 1.0
             if sampler_logprobs is not None:
-                if row_logprobs[i] is None:
-                    raise RuntimeError("the sampler reported log-probs for some chunks of a rollout but not all")
                 sampler_logprobs[i, : len(row_ids)] = torch.tensor(row_logprobs[i])
         if self.truncation == "mask":
             completion_mask[truncated] = 0.0

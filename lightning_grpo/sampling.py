@@ -42,27 +42,54 @@ class CompletionChunk:
     completions: Completions
 
 
-def concat_chunks(chunks: Sequence[CompletionChunk], num_prompts: int, n: int) -> Completions:
-    """Completions for prompts 0..num_prompts-1 in prompt order, from chunks in any order; an error if a
-    prompt is missing or repeated."""
-    ids: list[list[int] | None] = [None] * (num_prompts * n)
-    truncated: list[bool] = [False] * (num_prompts * n)
-    logprobs: list[list[float]] | None = [] if all(c.completions.logprobs is not None for c in chunks) else None
-    lps: list[list[float] | None] = [None] * (num_prompts * n)
-    for chunk in chunks:
+class ChunkRows:
+    """The completions of `num_prompts` prompts x `n`, filled chunk by chunk in any order (rows grouped by
+    prompt: rows i*n .. i*n+n-1 are prompt i's). `add` places a chunk and checks it; `completions` checks that
+    every prompt came and returns them."""
+
+    def __init__(self, num_prompts: int, n: int) -> None:
+        self.num_prompts, self.n = num_prompts, n
+        self.ids: list[list[int] | None] = [None] * (num_prompts * n)
+        self.truncated: list[bool] = [False] * (num_prompts * n)
+        self.logprobs: list[list[float] | None] | None = None  # made by the first chunk with log-probs
+
+    def add(self, chunk: CompletionChunk) -> list[int]:
+        """Place `chunk`'s rows; returns their row indices in the chunk's order. An error for a chunk whose rows
+        do not match its prompts, or a prompt given twice or out of range."""
+        comps, n = chunk.completions, self.n
+        if len(comps.ids) != len(chunk.prompts) * n or len(comps.truncated) != len(comps.ids):
+            raise RuntimeError(f"sampler returned {len(comps.ids)} completions for {len(chunk.prompts)} prompts x {n}")
+        if comps.logprobs is not None and self.logprobs is None:
+            self.logprobs = [None] * len(self.ids)
+        rows = []
         for k, prompt in enumerate(chunk.prompts):
+            if not 0 <= prompt < self.num_prompts or self.ids[prompt * n] is not None:
+                raise RuntimeError(f"sampler returned prompt {prompt} twice or out of range (0..{self.num_prompts - 1})")
             for j in range(n):
                 row, src = prompt * n + j, k * n + j
-                if not 0 <= prompt < num_prompts or ids[row] is not None:
-                    raise RuntimeError(f"sampler returned prompt {prompt} twice or out of range (0..{num_prompts - 1})")
-                ids[row] = chunk.completions.ids[src]
-                truncated[row] = chunk.completions.truncated[src]
-                if logprobs is not None:
-                    lps[row] = chunk.completions.logprobs[src]
-    missing = sorted({row // n for row, x in enumerate(ids) if x is None})
-    if missing:
-        raise RuntimeError(f"sampler returned no completions for prompts {missing}")
-    return Completions(ids=ids, truncated=truncated, logprobs=lps if logprobs is not None else None)  # type: ignore[arg-type]
+                self.ids[row], self.truncated[row] = list(comps.ids[src]), bool(comps.truncated[src])
+                if comps.logprobs is not None:
+                    self.logprobs[row] = comps.logprobs[src]  # type: ignore[index]
+                rows.append(row)
+        return rows
+
+    def completions(self) -> Completions:
+        """Every prompt's completions, in prompt order; an error if a prompt is missing, or if some chunks had
+        log-probs and others not."""
+        missing = sorted({row // self.n for row, x in enumerate(self.ids) if x is None})
+        if missing:
+            raise RuntimeError(f"sampler returned no completions for prompts {missing} of {self.num_prompts}")
+        if self.logprobs is not None and any(lp is None for lp in self.logprobs):
+            raise RuntimeError("the sampler reported log-probs for some chunks of a rollout but not all")
+        return Completions(ids=self.ids, truncated=self.truncated, logprobs=self.logprobs)  # type: ignore[arg-type]
+
+
+def concat_chunks(chunks: Sequence[CompletionChunk], num_prompts: int, n: int) -> Completions:
+    """Completions for prompts 0..num_prompts-1 in prompt order, from chunks in any order (`ChunkRows`)."""
+    rows = ChunkRows(num_prompts, n)
+    for chunk in chunks:
+        rows.add(chunk)
+    return rows.completions()
 
 
 def sample_stream(

@@ -37,6 +37,13 @@ def elapsed(start: float, device: torch.device | None = None) -> float:
     return time.perf_counter() - start
 
 
+def sampling_timings(sampling_s: float, sampler_metrics: dict[str, float]) -> dict[str, float]:
+    """A sampling call's seconds split into generate and weight_sync (the sampler's `timing/weight_sync`,
+    popped from `sampler_metrics`, a copy of the sampler's metrics)."""
+    weight_sync = float(sampler_metrics.pop("timing/weight_sync", 0.0))
+    return {"generate": max(0.0, sampling_s - weight_sync), "weight_sync": weight_sync}
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

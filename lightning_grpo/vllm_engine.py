@@ -30,9 +30,8 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import torch
 from torch.distributed.tensor import DTensor
 
-from .sharding import full_weight
-
 from .lora import is_lora_model, merged_weights
+from .sharding import full_weight
 
 # SamplingParams.extra_args key that vllm_allowed.AllowedTokenRanges reads: ((lo, hi), ...) half-open id ranges.
 ALLOWED_RANGES_ARG = "lightning_grpo_allowed_ranges"

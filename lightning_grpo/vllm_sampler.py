@@ -45,8 +45,8 @@ import torch
 
 from .distributed import gather_from_ranks
 from .grpo import token_logprobs
-from .sharding import logprob_forward
 from .sampling import CompletionChunk, Completions, check_sampling_params, concat_chunks
+from .sharding import logprob_forward
 from .vllm_engine import (
     Engine,
     EngineConfig,
