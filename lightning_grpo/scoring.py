@@ -105,6 +105,7 @@ class RewardScoring:
         self._lock = threading.Lock()
         self.wait_s = 0.0  # the caller's time blocked on scoring: inline calls, or waiting for workers
         self.error: BaseException | None = None  # the first failure; later pieces are not scored
+        self._stopped: BaseException | None = None  # what result() raised after the ranks agreed to stop
 
     def _score(self, samples: list[SpeechSample]) -> RewardResult:
         start = time.perf_counter()
@@ -144,6 +145,8 @@ class RewardScoring:
 
     def result(self) -> tuple[torch.Tensor, RewardResult, dict[str, float]]:
         """Wait for every piece; (rewards, result in sample order, {"reward": busy s, "reward_wait": blocked s})."""
+        if self._stopped is not None:  # read again after a failure: raise it again, with no second collective
+            raise self._stopped  # (only the rank that reads again would enter it, and wait forever)
         start = time.perf_counter()
         parts = []
         for _, piece in self._pieces:
@@ -154,7 +157,11 @@ class RewardScoring:
         if self.executor is not None:
             self.wait_s += time.perf_counter() - start
         # every rank reaches this point once per rollout: all stop together if any rank's reward failed
-        stop_if_any_rank_failed(self.error)
+        try:
+            stop_if_any_rank_failed(self.error)
+        except BaseException as e:
+            self._stopped = e
+            raise
         rows = [r for piece_rows, _ in self._pieces for r in piece_rows]
         result = reorder(parts[0] if len(parts) == 1 else RewardResult.cat(parts), rows)
         with self._lock:

@@ -20,7 +20,8 @@ from lightning_grpo.reward.base import RewardResult, SpeechSample
 from lightning_grpo.reward.rule import RuleReward
 from lightning_grpo.rollout import GRPORollout
 from lightning_grpo.sampling import HFSampler
-from lightning_grpo.scoring import busy_seconds, reorder
+from lightning_grpo import scoring
+from lightning_grpo.scoring import RewardScoring, busy_seconds, reorder
 from lightning_grpo.timing import PHASES, reduce_step
 from lightning_grpo.vllm_engine import RawCompletion
 from lightning_grpo.vllm_sampler import VLLMSampler
@@ -146,6 +147,30 @@ def test_a_reward_error_stops_the_step_with_its_message():
     with pytest.raises(RuntimeError, match="failed after 4 attempt"):
         fit(GRPOPolicy(), cb, steps=1)
     assert cb._executor is None  # the workers were shut down on the exception
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_failed_result_read_again_raises_again_without_a_second_collective(monkeypatch, workers):
+    """The ranks agree to stop in one all_gather; a rank that reads the rewards again must not enter another one
+    (no other rank would join it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Broken(RuleReward):
+        def score(self, samples):
+            raise RuntimeError("the owner died")
+
+    gathers = []
+    monkeypatch.setattr(scoring, "gather_from_ranks", lambda obj: gathers.append(obj) or [obj])
+    executor = ThreadPoolExecutor(workers) if workers else None
+    pending = RewardScoring(Broken(), executor, finalize=lambda result: result.rewards)
+    sample = SpeechSample(text="a", codes=[1, 2], stopped=True, truncated=False, num_invalid=0, language=None)
+    pending.submit([0], [sample])
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="the owner died"):
+            pending.result()
+    assert gathers == ["RuntimeError: the owner died"]
+    if executor is not None:
+        executor.shutdown()
 
 
 @pytest.mark.parametrize("overlap", [True, False])
