@@ -112,19 +112,22 @@ def rollout_records(rollout: Rollout, languages: list[str | None] | None = None,
     languages: one per prompt (rows are grouped by prompt), or None; rows: which completions
     (default: all, in order)."""
     res = rollout.reward_result
+    # one host copy per tensor, not a device sync per element
+    rewards, truncated = rollout.rewards.tolist(), rollout.truncated.tolist()
+    metrics = {name: torch.as_tensor(value).tolist() for name, value in sorted(res.metrics.items())}
     records = []
     for i in range(len(rollout.texts)) if rows is None else rows:
         rec = {
             "text": rollout.texts[i],
             "language": languages[i // rollout.group_size] if languages else None,
-            "reward": float(rollout.rewards[i]),
+            "reward": float(rewards[i]),
             "completion_length": len(rollout.completion_ids[i]) if rollout.completion_ids else None,
-            "truncated": bool(rollout.truncated[i]),
+            "truncated": bool(truncated[i]),
             "reason": res.reasons[i],
             "transcript": res.transcripts[i] if res.transcripts else None,
         }
-        for name, value in sorted(res.metrics.items()):
-            v = float(value[i])
+        for name, values in metrics.items():
+            v = float(values[i])
             rec[name] = v if math.isfinite(v) else None  # None: not measured for this sample
         records.append(rec)
     return records
