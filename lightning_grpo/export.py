@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from .checkpointing import SHARDED_METADATA, is_sharded_checkpoint
 from .lora import export_lora
 from .policy import GRPOPolicy
 
@@ -36,8 +37,6 @@ from .policy import GRPOPolicy
 def checkpoint_meta(ckpt_path: str) -> dict:
     """The checkpoint's dict without loading its tensors into memory (global_step, epoch, hyper_parameters, ...):
     a .ckpt file memory-mapped, or a sharded directory's meta.pt (its weights are in the shards)."""
-    from .checkpointing import SHARDED_METADATA, is_sharded_checkpoint
-
     path = Path(ckpt_path)
     if is_sharded_checkpoint(path):
         return torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
@@ -47,8 +46,6 @@ def checkpoint_meta(ckpt_path: str) -> dict:
 def load_policy(ckpt_path: str, map_location: str = "cpu") -> GRPOPolicy:
     """The GRPOPolicy of a Lightning checkpoint (a .ckpt file, or a sharded directory written under
     ModelParallelStrategy), without building the KL reference, in one process."""
-    from .checkpointing import SHARDED_METADATA, is_sharded_checkpoint
-
     path = Path(ckpt_path)
     # beta=0 skips the reference copy: exporting needs the policy only; the weights are built here, not on rank 0
     overrides = {"beta": 0.0, "load_on_rank0": False}

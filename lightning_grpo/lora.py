@@ -315,6 +315,5 @@ def restore_frozen(module, checkpoint: dict) -> None:
             )
     module._lora_fingerprint = now
     state = checkpoint["state_dict"]
-    current = module.state_dict()
     for k in keys:
-        state[k] = current[k]
+        state[k] = params[k].detach()  # what module.state_dict() holds under k

@@ -37,10 +37,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import grpo, lora as lora_lib, timing
+from . import grpo, lora as lora_lib, sharding, timing
 from .batch import Rollout
 from .distributed import concat_from_ranks, sum_over_ranks
-from . import sharding
 
 BUILTIN_TINY = "builtin:tiny-llasa"
 
@@ -383,17 +382,8 @@ class GRPOPolicy(L.LightningModule):
         """log p(completion tokens) of `model` for rollout rows `rows`: (m, C) float32; with `entropy`, also the
         entropy at each position (m, C) of the distribution those log-probs come from (grpo.token_logprobs_and_entropy):
         the scored rows (the speech tokens and the stop token under restrict_to_speech) at the sampling temperature."""
-        ids = r.input_ids[rows]
-        mask = r.attention_mask[rows]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # matches generate() with left padding
-        w = r.prompt_width
-        targets = ids[:, w:]  # (m, C)
-        if r.vocab_range is not None:  # padding after a completion is not a scored row; any valid id will do
-            targets = torch.where(mask[:, w:].bool(), targets, r.vocab_range[0])
-        # the decoder, then the chunked head on the (m, C, H) states that predict the completion (sharding.py)
-        return sharding.logprob_forward(
-            model, grpo.token_logprobs_and_entropy if entropy else grpo.token_logprobs, ids, mask, position_ids, w,
-            targets,
+        return self._score_completions(
+            model, grpo.token_logprobs_and_entropy if entropy else grpo.token_logprobs, r, rows,
             chunk_size=self.hparams.logprob_chunk_size,
             temperature=r.temperature,
             vocab_range=r.vocab_range,
@@ -404,15 +394,21 @@ class GRPOPolicy(L.LightningModule):
     def sampler_logprobs(self, model: torch.nn.Module, r: Rollout, rows: slice) -> grpo.SamplerLogProbs:
         """log p(completion tokens) of `model` under the sampler's top-k / top-p truncated distribution (and
         untruncated), for importance weights that compare like with like: (m, C) each."""
-        ids, mask, w = r.input_ids[rows], r.attention_mask[rows], r.prompt_width
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        targets = ids[:, w:]
-        if r.vocab_range is not None:
-            targets = torch.where(mask[:, w:].bool(), targets, r.vocab_range[0])
-        return sharding.logprob_forward(
-            model, grpo.sampler_token_logprobs, ids, mask, position_ids, w, targets, r.temperature, r.top_p, r.top_k,
+        return self._score_completions(
+            model, grpo.sampler_token_logprobs, r, rows, r.temperature, r.top_p, r.top_k,
             self.hparams.logprob_chunk_size, r.vocab_range, r.disallowed,
         )
+
+    @staticmethod
+    def _score_completions(model: torch.nn.Module, fn, r: Rollout, rows: slice, *args, **kwargs):
+        """fn(states, head weight, targets, *args, **kwargs) on the completion of rollout rows `rows`: the decoder,
+        then the chunked head `fn` on the (m, C, H) states that predict the completion (sharding.logprob_forward)."""
+        ids, mask, w = r.input_ids[rows], r.attention_mask[rows], r.prompt_width
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # matches generate() with left padding
+        targets = ids[:, w:]  # (m, C)
+        if r.vocab_range is not None:  # padding after a completion is not a scored row; any valid id will do
+            targets = torch.where(mask[:, w:].bool(), targets, r.vocab_range[0])
+        return sharding.logprob_forward(model, fn, ids, mask, position_ids, w, targets, *args, **kwargs)
 
     def reference_model(self) -> AbstractContextManager[torch.nn.Module]:
         """The frozen KL reference, for the body of a `with`: the copy, or under LoRA the base (adapters off)."""

@@ -58,18 +58,18 @@ def configure(module, load_full: Callable[[], torch.nn.Module], offload: str = "
     trainer = module._trainer
     strategy = trainer.strategy if trainer is not None else None
     on_meta = module.policy.device.type == "meta"
-    if offload != "none" and not isinstance(strategy, ModelParallelStrategy):
-        raise ValueError(
-            f"--model.fsdp_offload={offload} offloads FSDP2's shards to host RAM, but the strategy is "
-            f"{type(strategy).__name__ if strategy else 'none (load_from_checkpoint)'}, which does not shard: set "
-            "--trainer.strategy ModelParallelStrategy (configs/llasa8b_fsdp_offload.yaml) or --model.fsdp_offload none"
-        )
     if not isinstance(strategy, ModelParallelStrategy):
+        name = type(strategy).__name__ if strategy else "none (load_from_checkpoint)"
+        if offload != "none":
+            raise ValueError(
+                f"--model.fsdp_offload={offload} offloads FSDP2's shards to host RAM, but the strategy is {name}, which "
+                "does not shard: set --trainer.strategy ModelParallelStrategy (configs/llasa8b_fsdp_offload.yaml) or "
+                "--model.fsdp_offload none"
+            )
         if on_meta:
             raise ValueError(
                 "--model.load_on_rank0 builds the model without weights for ModelParallelStrategy to fill, but the "
-                f"strategy is {type(strategy).__name__ if strategy else 'none (load_from_checkpoint)'}: set "
-                "--trainer.strategy ModelParallelStrategy or --model.load_on_rank0 false"
+                f"strategy is {name}: set --trainer.strategy ModelParallelStrategy or --model.load_on_rank0 false"
             )
         return
     if is_sharded(module.policy):
@@ -197,9 +197,11 @@ def logprob_forward(model: torch.nn.Module, fn: Callable, input_ids: torch.Tenso
     one forward of the head unit (gathered once, its gradient reduce-scattered once); without grad both are freed
     on return."""
     method = getattr(model, ROOT_METHOD, None)
-    body = _decode_and_score
-    out = method(body, fn, input_ids, attention_mask, position_ids, start, *args, **kwargs) if method is not None \
-        else body(model, fn, input_ids, attention_mask, position_ids, start, *args, **kwargs)
+    inputs = (fn, input_ids, attention_mask, position_ids, start, *args)
+    if method is not None:  # the root unit's forward method: _call_as_forward(model, _decode_and_score, ...)
+        out = method(_decode_and_score, *inputs, **kwargs)
+    else:
+        out = _decode_and_score(model, *inputs, **kwargs)
     if not torch.is_grad_enabled():
         reshard(model)
     return out
