@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import csv
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Collection
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -76,12 +78,26 @@ def parse_codes(value: Any, where: str) -> list[int] | None:
         except ValueError as err:
             raise ValueError(f"{where}: prompt_codes {value[:40]!r} is not a list of integers ({err})") from None
     try:
-        codes = [int(c) for c in value]
+        codes = [_code(c) for c in value]
     except (TypeError, ValueError):
         raise ValueError(f"{where}: prompt_codes must be a list of integer codec codes, got {str(value)[:60]!r}") from None
-    if any(c < 0 for c in codes) or any(isinstance(c, float) and not float(c).is_integer() for c in value):
+    if any(c < 0 for c in codes):
         raise ValueError(f"{where}: prompt_codes must be non-negative integer codec codes (X-codec2: 0..65535)")
     return codes or None
+
+
+def _code(c: Any) -> int:
+    """One codec code: an integer (Python or numpy), a float with an integer value (parquet, pandas), or a decimal
+    string; a fraction or a boolean is an error, never rounded or taken as 0/1."""
+    if isinstance(c, (bool, np.bool_)):
+        raise ValueError(f"{c!r} is a boolean")
+    if isinstance(c, numbers.Integral):
+        return int(c)
+    if isinstance(c, numbers.Real):
+        if not float(c).is_integer():
+            raise ValueError(f"{c!r} is not an integer")
+        return int(c)
+    return int(c)  # a string: int() refuses "1.5" and "x"
 
 
 def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:

@@ -6,12 +6,13 @@ import json
 from dataclasses import replace
 
 import lightning as L
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
 
-from lightning_grpo.data import PromptDataModule, collate_prompts, load_prompts
+from lightning_grpo.data import PromptDataModule, collate_prompts, load_prompts, parse_codes
 from lightning_grpo.llasa import LlasaVocab, encode_prompt, join_texts, prompt_messages
 from lightning_grpo.policy import GRPOPolicy
 from lightning_grpo.prepare import prepare
@@ -146,6 +147,12 @@ def test_data_reads_reference_columns_and_checks_them(tmp_path):
         path.write_text(json.dumps({"text": "x", **bad}))
         with pytest.raises(ValueError, match=match):
             load_prompts(str(path))
+    # parquet and pandas hand over numpy scalars: integral floats are codes, fractions and booleans are errors
+    assert parse_codes(np.array([3.0, 7.0], dtype=np.float32), "row 0") == [3, 7]
+    assert parse_codes(np.array([3, 7], dtype=np.int64), "row 0") == [3, 7]
+    for bad in (np.array([2.5], dtype=np.float32), [True, False], np.array([True])):
+        with pytest.raises(ValueError, match="row 0: prompt_codes must be a list of integer codec codes"):
+            parse_codes(bad, "row 0")
 
 
 def test_prepare_writes_cloning_rows_that_train(tmp_path):
