@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from .batch import rollout_records
-from .checkpointing import SHARDED_METADATA, is_sharded_checkpoint
+from .checkpointing import is_sharded_checkpoint
 from .distributed import concat_from_ranks
 
 # columns shown first in the table when present; other reward metrics follow alphabetically
@@ -216,13 +215,12 @@ def trained_steps(ckpt_path: str | None) -> int | None:
     if not ckpt_path:
         return 0
     path = Path(ckpt_path)
-    if is_sharded_checkpoint(path):  # FSDP2: the step is in rank 0's meta.pt beside the shards
-        return torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False).get("global_step")
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         provenance = path / "lightning_grpo_export.json"
         return json.loads(provenance.read_text()).get("global_step") if provenance.exists() else None
-    # mmap: reads the header, not the weights and optimizer state, into memory
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+    from .export import checkpoint_meta  # a .ckpt's header (mmap) or an FSDP2 directory's meta.pt, not the weights
+
+    return checkpoint_meta(ckpt_path).get("global_step")
 
 
 def default_out_dir(ckpt_path: str | None) -> str:

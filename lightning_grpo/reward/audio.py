@@ -37,6 +37,7 @@ def resample(wav: torch.Tensor, orig_sr: int, target_sr: int, zeros: int = 16, r
     kernel = (cutoff * torch.sinc(cutoff * t) * window).to(wav.dtype)  # (up, 2W+1)
     n_out = math.ceil(wav.numel() * up / down)
     padded = F.pad(wav[None, None], (width, width + down + 1))[0, 0]
+    windows = padded.unfold(0, 2 * width + 1, 1)  # (len, 2W+1) view: windows[s] = padded[s : s + 2W+1]
     out = torch.empty(n_out, dtype=wav.dtype)
     j = torch.arange(n_out)
     for p in range(up):
@@ -44,7 +45,7 @@ def resample(wav: torch.Tensor, orig_sr: int, target_sr: int, zeros: int = 16, r
         if js.numel() == 0:
             continue
         starts = (js // up) * down + int(base[p, 0])  # first tap's index into `padded`
-        frames = padded.unfold(0, 2 * width + 1, 1)[starts]  # (n_p, 2W+1)
+        frames = windows[starts]  # (n_p, 2W+1)
         out[js] = frames @ kernel[p]
     return out
 

@@ -52,6 +52,16 @@ class SpeechSample:
         return bool(self.prompt_codes) or bool(self.prompt_wav)
 
 
+def code_reason(s: SpeechSample, codebook_size: int) -> str:
+    """The guard every audio reward applies first: "invalid_token" (non-speech ids in the speech span, or codes
+    outside [0, codebook_size)), "empty_speech" (no codes), else OK."""
+    if s.num_invalid > 0 or any(not 0 <= c < codebook_size for c in s.codes):
+        return "invalid_token"
+    if not s.codes:
+        return "empty_speech"
+    return OK
+
+
 @dataclass
 class RewardResult:
     """Rewards and diagnostics for N samples.

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ..llasa import TOKENS_PER_SECOND, XCODEC2_CODEBOOK_SIZE
-from .base import OK, RewardResult, SpeechSample
+from .base import OK, RewardResult, SpeechSample, code_reason
 from .text import base_language
 
 DEFAULT_RATES = {"en": 12.0, "zh": 4.5, "ko": 6.5}
@@ -113,13 +113,10 @@ class DurationReward:
 
     def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
         n = len(samples)
-        reasons, seconds, expected = [OK] * n, torch.full((n,), math.nan), torch.full((n,), math.nan)
+        reasons = [code_reason(s, self.codebook_size) for s in samples]
+        seconds, expected = torch.full((n,), math.nan), torch.full((n,), math.nan)
         for i, s in enumerate(samples):
-            if s.num_invalid > 0 or any(not 0 <= c < self.codebook_size for c in s.codes):
-                reasons[i] = "invalid_token"
-            elif not s.codes:
-                reasons[i] = "empty_speech"
-            else:
+            if reasons[i] == OK:
                 seconds[i] = len(s.codes) / self.tokens_per_second
                 expected[i] = self.expected_seconds(s)
         ratio = seconds / expected  # (N,) NaN where not measured

@@ -43,7 +43,7 @@ from whisper.utils import compression_ratio
 
 from ..llasa import XCODEC2_CODEBOOK_SIZE
 from . import asr
-from .base import OK, RewardResult, SpeechSample
+from .base import OK, RewardResult, SpeechSample, code_reason
 from .codec import SpeechDecoder, XCodec2Decoder
 from .shaping import harmonic_reward, u_cer, u_nll
 from .text import NORMALIZATIONS, Normalization
@@ -170,13 +170,10 @@ class WhisperReward(lightning.LightningModule):
         self.eval().to(device)
 
     def _guard_codes(self, s: SpeechSample) -> str:
-        if s.num_invalid > 0 or any(not 0 <= c < self.codebook_size for c in s.codes):
-            return "invalid_token"
-        if not s.codes:
-            return "empty_speech"
-        if len(s.codes) > self.max_codes:
+        reason = code_reason(s, self.codebook_size)
+        if reason == OK and len(s.codes) > self.max_codes:
             return "too_long"
-        return OK
+        return reason
 
     def _guard_audio(self, audio: torch.Tensor) -> str:
         if audio.numel() > WHISPER_WINDOW_S * self.codec.sample_rate:

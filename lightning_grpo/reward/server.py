@@ -93,6 +93,13 @@ class BadRequest(Exception):
         self.status, self.detail = status, detail
 
 
+def _outside_codebook(codes: Sequence[int], codebook_size: int) -> tuple[int, int] | None:
+    """(index, code) of the first code outside [0, codebook_size), or None (min/max first: the common case is fast)."""
+    if min(codes, default=0) >= 0 and max(codes, default=0) < codebook_size:
+        return None
+    return next((j, c) for j, c in enumerate(codes) if not 0 <= c < codebook_size)
+
+
 def _field_name(loc: Sequence[Union[str, int]]) -> str:
     """('samples', 0, 'tokens', 3) -> 'samples[0].tokens[3]'."""
     out = ""
@@ -129,17 +136,16 @@ def parse_body(raw: bytes, codebook_size: int, max_samples: int, allow_empty: bo
             raise BadRequest(422, f"invalid request body: {where}text is blank; send the ground-truth text")
         if not item.tokens and not allow_empty:
             raise BadRequest(422, f"invalid request body: {where}tokens is empty; send at least one codec code")
-        lo, hi = min(item.tokens, default=0), max(item.tokens, default=0)
-        if lo < 0 or hi >= codebook_size:
-            j, bad = next((j, c) for j, c in enumerate(item.tokens) if not 0 <= c < codebook_size)
+        bad = _outside_codebook(item.tokens, codebook_size)
+        if bad is not None:
             raise BadRequest(
-                422, f"invalid request body: {where}tokens[{j}] = {bad} is outside the codebook 0..{codebook_size - 1}; "
-                "send codec codes (speech token id minus the id of <|s_0|>), not vocabulary ids"
+                422, f"invalid request body: {where}tokens[{bad[0]}] = {bad[1]} is outside the codebook "
+                f"0..{codebook_size - 1}; send codec codes (speech token id minus the id of <|s_0|>), not vocabulary ids"
             )
-        bad_ref = next((j for j, c in enumerate(item.prompt_codes or []) if not 0 <= c < codebook_size), None)
-        if bad_ref is not None:
+        bad = _outside_codebook(item.prompt_codes or [], codebook_size)
+        if bad is not None:
             raise BadRequest(
-                422, f"invalid request body: {where}prompt_codes[{bad_ref}] = {item.prompt_codes[bad_ref]} is outside "
+                422, f"invalid request body: {where}prompt_codes[{bad[0]}] = {bad[1]} is outside "
                 f"the codebook 0..{codebook_size - 1}"
             )
         samples.append(SpeechSample(

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..llasa import XCODEC2_CODEBOOK_SIZE
 from .audio import load_wav, resample
-from .base import OK, RewardResult, SpeechSample
+from .base import OK, RewardResult, SpeechSample, code_reason
 from .codec import SpeechDecoder, XCodec2Decoder
 from .speaker_encoder import GE2EEncoder, SpeakerEncoder
 
@@ -140,13 +140,10 @@ class SpeakerSimilarityReward(torch.nn.Module):
         return found
 
     def _guard(self, s: SpeechSample) -> str:
-        if s.num_invalid > 0 or any(not 0 <= c < self.codebook_size for c in s.codes):
-            return "invalid_token"
-        if not s.codes:
-            return "empty_speech"
-        if not s.has_reference:
+        reason = code_reason(s, self.codebook_size)
+        if reason == OK and not s.has_reference:
             return "no_reference"
-        return OK
+        return reason
 
     @torch.inference_mode()
     def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
@@ -177,8 +174,9 @@ class SpeakerSimilarityReward(torch.nn.Module):
                 t2 = time.perf_counter()
                 generated = self.encoder.embed(wavs).float().cpu()  # (K, D)
                 self.timings["embed"] += time.perf_counter() - t2
-                refs = self.reference_embeddings([reference_key(samples[i]) for i in keep])
-                reference = torch.stack([refs[reference_key(samples[i])] for i in keep])  # (K, D)
+                keys = [reference_key(samples[i]) for i in keep]
+                refs = self.reference_embeddings(keys)
+                reference = torch.stack([refs[k] for k in keys])  # (K, D)
                 sim[keep] = torch.nn.functional.cosine_similarity(generated, reference, dim=1)
         rewards = torch.where(sim.isnan(), torch.zeros(n), sim.clamp(min=0.0))
         return RewardResult(rewards=rewards.float(), metrics={"sim": sim.float()}, reasons=reasons)
