@@ -96,6 +96,25 @@ def test_guards_and_reference_cache(encoder, clips):
     assert reward.timings["reference_embed"] == embedded  # the reference came from the cache
 
 
+def test_a_silent_reference_is_a_reason_not_a_similarity(encoder, clips, tmp_path):
+    """Any voice would match an embedding of silence: a silent reference (codes or recording) scores 0 with its
+    reason, is never embedded, and leaves the other rows of the call scored."""
+    codec = StoredAudioDecoder()
+    speech, quiet, ref = (codec.add(clips[VOICES[0], SENTENCES[0]]), codec.add(torch.zeros(16_000)),
+                          codec.add(clips[VOICES[0], SENTENCES[1]]))
+    wav = tmp_path / "silent.wav"
+    sf.write(wav, torch.zeros(16_000).numpy(), 16_000)
+    reward = SpeakerSimilarityReward(encoder=encoder, codec=codec)
+    out = reward.score([
+        SpeechSample("x", speech, prompt_text="t", prompt_codes=quiet),
+        SpeechSample("x", speech, prompt_wav=str(wav)),
+        SpeechSample("x", speech, prompt_text="t", prompt_codes=ref),
+    ])
+    assert out.reasons == ["silent_reference", "silent_reference", "ok"]
+    assert torch.equal(out.rewards[:2], torch.zeros(2)) and out.metrics["sim"][:2].isnan().all()
+    assert out.rewards[2] > 0.5
+
+
 def test_without_a_codec_it_says_where_to_get_one(encoder):
     with pytest.raises(RuntimeError, match="no codec.*CompositeReward"):
         SpeakerSimilarityReward(encoder=encoder).score([SpeechSample("x", [1], prompt_text="t", prompt_codes=[1])])

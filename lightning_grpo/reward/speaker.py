@@ -18,6 +18,8 @@ repeat every epoch). Guards, each reward 0 with a reason and `sim` not measured 
     empty_speech   no codes
     no_reference   the row has neither prompt_codes nor prompt_wav (SIM has nothing to compare with)
     silent         generated audio with RMS below `silence_rms`
+    silent_reference  the reference clip (recording or decoded codes) is below `silence_rms`: any voice would
+                   "match" an embedding of silence, so there is nothing to compare with
 All G completions of a prompt share its reference, so `no_reference` is constant within a group and leaves the
 group's advantages unchanged.
 """
@@ -73,7 +75,7 @@ class SpeakerSimilarityReward(torch.nn.Module):
             device: where the default encoder (and an X-codec2 codec named by a string) runs.
             batch_size: generated samples decoded per codec call.
             codebook_size: codes must be in [0, codebook_size) (X-codec2: 65,536).
-            silence_rms: generated audio quieter than this RMS scores 0 as `silent`.
+            silence_rms: generated audio quieter than this RMS scores 0 as `silent`; a reference as quiet, as `silent_reference`.
             reference_cache_size: reference embeddings kept between calls (least recently used dropped).
         """
         super().__init__()
@@ -89,7 +91,8 @@ class SpeakerSimilarityReward(torch.nn.Module):
         self.codebook_size = codebook_size
         self.silence_rms = silence_rms
         self.reference_cache_size = reference_cache_size
-        self._references: OrderedDict[ReferenceKey, torch.Tensor] = OrderedDict()  # key -> (D,) CPU embedding
+        # key -> (D,) CPU embedding, or None for a silent reference (remembered, so it is not decoded again)
+        self._references: OrderedDict[ReferenceKey, torch.Tensor | None] = OrderedDict()
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
         self._warned_no_reference = False
 
@@ -111,8 +114,9 @@ class SpeakerSimilarityReward(torch.nn.Module):
     def _resampled(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         return resample(wav.float(), sample_rate, self.encoder.sample_rate)
 
-    def reference_embeddings(self, keys: Sequence[ReferenceKey]) -> dict[ReferenceKey, torch.Tensor]:
-        """Embeddings of the given references: cached ones reused, the others decoded / read and embedded together."""
+    def reference_embeddings(self, keys: Sequence[ReferenceKey]) -> dict[ReferenceKey, torch.Tensor | None]:
+        """Embeddings of the given references: cached ones reused, the others decoded / read and embedded together;
+        None for a reference quieter than `silence_rms`."""
         todo = [k for k in dict.fromkeys(keys) if k not in self._references]
         if todo:
             t0 = time.perf_counter()
@@ -126,10 +130,12 @@ class SpeakerSimilarityReward(torch.nn.Module):
                 for k, wav in zip(codes, self._decode([list(k[1]) for k in codes])):
                     wavs[k] = self._resampled(wav, rate)
             t1 = time.perf_counter()
-            embeddings = self.encoder.embed([wavs[k] for k in todo]).float().cpu()
+            audible = [k for k in todo if not self._silent(wavs[k])]
+            embeddings = self.encoder.embed([wavs[k] for k in audible]).float().cpu() if audible else []
             self.timings["reference_decode"] += t1 - t0
             self.timings["reference_embed"] += time.perf_counter() - t1
-            for k, e in zip(todo, embeddings):
+            self._references.update(dict.fromkeys(todo))  # None: silent
+            for k, e in zip(audible, embeddings):
                 self._references[k] = e
         found = {}
         for k in dict.fromkeys(keys):
@@ -138,6 +144,9 @@ class SpeakerSimilarityReward(torch.nn.Module):
         while len(self._references) > max(self.reference_cache_size, len(found)):
             self._references.popitem(last=False)
         return found
+
+    def _silent(self, audio: torch.Tensor) -> bool:
+        return audio.numel() == 0 or audio.float().square().mean().sqrt().item() < self.silence_rms
 
     def _guard(self, s: SpeechSample) -> str:
         reason = code_reason(s, self.codebook_size)
@@ -165,7 +174,7 @@ class SpeakerSimilarityReward(torch.nn.Module):
             self.timings["decode"] += t1 - t0
             keep, wavs = [], []
             for i, audio in zip(todo, audios):
-                if audio.numel() == 0 or audio.float().square().mean().sqrt().item() < self.silence_rms:
+                if self._silent(audio):
                     reasons[i] = "silent"
                 else:
                     keep.append(i)
@@ -176,7 +185,12 @@ class SpeakerSimilarityReward(torch.nn.Module):
                 self.timings["embed"] += time.perf_counter() - t2
                 keys = [reference_key(samples[i]) for i in keep]
                 refs = self.reference_embeddings(keys)
-                reference = torch.stack([refs[k] for k in keys])  # (K, D)
-                sim[keep] = torch.nn.functional.cosine_similarity(generated, reference, dim=1)
+                for i, k in zip(keep, keys):
+                    if refs[k] is None:
+                        reasons[i] = "silent_reference"
+                heard = [j for j, k in enumerate(keys) if refs[k] is not None]
+                if heard:
+                    reference = torch.stack([refs[keys[j]] for j in heard])  # (K', D)
+                    sim[[keep[j] for j in heard]] = torch.nn.functional.cosine_similarity(generated[heard], reference, dim=1)
         rewards = torch.where(sim.isnan(), torch.zeros(n), sim.clamp(min=0.0))
         return RewardResult(rewards=rewards.float(), metrics={"sim": sim.float()}, reasons=reasons)
