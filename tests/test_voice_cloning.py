@@ -205,3 +205,6 @@ def test_scoring_server_body_carries_the_reference():
     bad = json.dumps({"samples": [{**_sample_json(sent[0]), "prompt_codes": [1, 99]}]}).encode()
     with pytest.raises(BadRequest, match=r"samples\[0\].prompt_codes\[1\] = 99 is outside the codebook 0..63"):
         parse_body(bad, codebook_size=64, max_samples=8)
+    half = json.dumps({"samples": [{k: v for k, v in _sample_json(sent[0]).items() if k != "prompt_codes"}]}).encode()
+    with pytest.raises(BadRequest, match=r"samples\[0\].a voice-cloning prompt has prompt_text but no prompt_codes"):
+        parse_body(half, codebook_size=64, max_samples=8)

@@ -50,7 +50,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from ..llasa import XCODEC2_CODEBOOK_SIZE
+from ..llasa import XCODEC2_CODEBOOK_SIZE, check_reference
 from .base import Reward, RewardResult, SpeechSample
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,10 @@ def parse_body(raw: bytes, codebook_size: int, max_samples: int, allow_empty: bo
                 422, f"invalid request body: {where}prompt_codes[{bad[0]}] = {bad[1]} is outside "
                 f"the codebook 0..{codebook_size - 1}"
             )
+        try:
+            check_reference(item.prompt_text, item.prompt_codes)  # the data loader's rule: both or neither
+        except ValueError as e:
+            raise BadRequest(422, f"invalid request body: {where}{e}") from None
         samples.append(SpeechSample(
             text=item.text, codes=list(item.tokens), stopped=item.stopped, truncated=item.truncated,
             num_invalid=item.num_invalid, language=item.language, prompt_text=item.prompt_text,
