@@ -75,6 +75,22 @@ def test_image_sim_makes_missing_modules_absent(tmp_path):
     assert "the GPU machine's image lacks some-dist" in proc.stdout and "gpu_wheels.sh" in proc.stdout
 
 
+
+def test_image_sim_hides_the_metadata_of_missing_distributions(tmp_path):
+    """Libraries probe optional packages by metadata too (torchmetrics imports librosa when the librosa
+    distribution is installed): a blocked distribution reads as not installed, while others still answer."""
+    blocked = tmp_path / "blocked.json"
+    blocked.write_text(json.dumps({"_pytest": "pytest"}))  # installed here, so its metadata exists
+    code = ("import importlib.metadata as m\n"
+            "try:\n    m.version('pytest'); print('visible')\nexcept m.PackageNotFoundError:\n    print('hidden')\n"
+            "try:\n    m.distribution('PyTest'); print('visible')\nexcept m.PackageNotFoundError:\n    print('hidden')\n"
+            "print(m.version('numpy'))\n")
+    env = {**os.environ, "GPU_IMAGE_BLOCKED": str(blocked), "PYTHONPATH": str(ROOT / "scripts" / "gpu_image_site")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split()
+    assert lines[:2] == ["hidden", "hidden"] and lines[2][0].isdigit()
+
 def test_every_runtime_requirement_is_on_the_gpu_image_or_carried():
     """A dependency added to requirements.txt must join scripts/gpu_wheels.sh (or NOT_CARRIED, with a reason),
     or the first lent GPU finds it missing."""

@@ -2,11 +2,16 @@
 
 On PYTHONPATH only in `gpu_check.sh --dry-run`; reads the blocked modules from $GPU_IMAGE_BLOCKED. Importing one
 raises ModuleNotFoundError naming the fix; `importlib.util.find_spec` answers None for it, as for a missing module,
-so optional imports probed that way take their "not installed" path, as on the GPU machine."""
+so optional imports probed that way take their "not installed" path, as on the GPU machine. Their distributions'
+metadata is hidden the same way (`importlib.metadata.version`/`distribution` raise PackageNotFoundError), since
+libraries also probe by metadata (torchmetrics imports librosa when `RequirementCache("librosa")` finds it installed).
+"""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import sys
 
 
@@ -35,6 +40,22 @@ def _install(blocked: dict) -> None:
         return original(name, package)
 
     importlib.util.find_spec = find_spec
+
+    hidden = {_norm(dist) for dist in blocked.values()}
+    version, distribution = importlib.metadata.version, importlib.metadata.distribution
+
+    def hide(lookup):
+        def wrapped(name):
+            if _norm(name) in hidden:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return lookup(name)
+        return wrapped
+
+    importlib.metadata.version, importlib.metadata.distribution = hide(version), hide(distribution)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 if os.environ.get("GPU_IMAGE_BLOCKED"):
