@@ -13,11 +13,13 @@
             voice at the same L), and how many same-voice references at L score below a full-length other
             voice. Sets SpeakerSimilarityReward's min_reference_seconds.
 
+    cost    seconds to embed the 16 noisy (-45 dBFS) clips of `noise` with each detector (median of 5 runs).
+
 `noise` needs resemblyzer with its dependencies (requirements-bench.txt: librosa, webrtcvad-wheels), e.g. in a
 throwaway venv that also sees the project's packages (see benchmarks/check_ge2e_fidelity.py); `length` runs in
 the project's venv.
 
-    python benchmarks/bench_speaker_robustness.py noise|length [--smoke]
+    python benchmarks/bench_speaker_robustness.py noise|length|cost [--smoke]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import itertools
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +79,7 @@ def noise(smoke: bool) -> str:
             st = pair_stats(e, keys)
             dev = max(abs(float(e[a] @ e[b]) - float(ref[a] @ ref[b])) for a, b in itertools.combinations(keys, 2))
             rows.append([f"{floor:.0f}", name, round(st["diff_mean"], 3), round(st["diff_max"], 3),
-                         round(st["same_mean"], 3), round(st["gap"], 3), round(dev, 3)])
+                         round(st["same_mean"], 3), round(st["gap"], 3), f"{dev:.1e}"])
     return markdown_table(["noise floor (dBFS)", "pipeline", "other voice: mean SIM", "other voice: max SIM",
                            "same voice: mean SIM", "gap (same - other)", "max abs SIM diff vs resemblyzer"], rows)
 
@@ -113,14 +116,42 @@ def length(smoke: bool) -> str:
                            "same voice at this length below a whole-sentence other voice"], rows)
 
 
+def cost(smoke: bool) -> str:
+    voices, sentences = (VOICES[:2], SENTENCES[:2]) if smoke else (VOICES, SENTENCES)
+    rng = np.random.default_rng(0)
+    wavs = []
+    for v, s in itertools.product(voices, sentences):
+        speech = espeak(s, v).numpy()
+        wav = np.concatenate([np.zeros(8000, np.float32), speech, np.zeros(12000, np.float32)])
+        wavs.append(torch.from_numpy((wav + 10 ** (-45 / 20) * rng.standard_normal(wav.size)).astype(np.float32)))
+    rows = []
+    for vad in ("energy", "webrtc"):
+        enc = GE2EEncoder(vad=vad)
+        enc.embed(wavs[:1])
+        runs = []
+        for _ in range(1 if smoke else 5):
+            t0 = time.perf_counter()
+            enc.embed(wavs)
+            runs.append(time.perf_counter() - t0)
+        trim = []
+        for _ in range(1 if smoke else 5):
+            t0 = time.perf_counter()
+            for w in wavs:
+                enc.preprocess(w)
+            trim.append(time.perf_counter() - t0)
+        rows.append([vad, len(wavs), round(sum(w.numel() for w in wavs) / 16_000, 1), round(statistics.median(runs), 3),
+                     round(statistics.median(trim) * 1000, 1)])
+    return markdown_table(["vad", "clips", "audio (s)", "embed all (s)", "of which volume + trimming (ms)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("noise", "length"))
+    parser.add_argument("part", choices=("noise", "length", "cost"))
     parser.add_argument("--smoke", action="store_true", help="2 voices x 2 sentences: seconds")
     args = parser.parse_args()
     torch.set_num_threads(1)
     info = machine_info()
-    table = noise(args.smoke) if args.part == "noise" else length(args.smoke)
+    table = {"noise": noise, "length": length, "cost": cost}[args.part](args.smoke)
     print(f"{info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']}, 1 thread, {info['date_utc']}\n")
     print(table)
 

@@ -317,3 +317,16 @@ def test_hf_xvector_encoder_plugs_in_by_class_path(tmp_path, clips):
     assert out.reasons == ["ok"] * 3 and torch.isfinite(out.metrics["sim"]).all()
     emb = reward.encoder.embed([clips[VOICES[0], SENTENCES[0]], clips[VOICES[1], SENTENCES[1]], clips[VOICES[2], SENTENCES[2]]])
     assert emb.shape == (3, 24) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_speaker_robustness_benchmark_runs():
+    """The measurement behind min_reference_seconds and the trimming cost stays reproducible (smallest size)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for part, row in (("length", "| whole sentence |"), ("cost", "| webrtc |")):
+        proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_speaker_robustness.py"), part, "--smoke"],
+                              capture_output=True, text=True, timeout=600, cwd=root)
+        assert proc.returncode == 0 and row in proc.stdout, proc.stderr[-2000:]

@@ -22,12 +22,11 @@ repeat every epoch). Guards, each reward 0 with a reason and `sim` not measured 
     silent_reference  the reference clip (recording or decoded codes) is below `silence_rms`: any voice would
                    "match" an embedding of silence, so there is nothing to compare with
     short_reference   the reference clip is shorter than `min_reference_seconds` (1.5 s): a GE2E d-vector of
-                   less speech no longer tells voices apart (measured in BENCHMARKS.md, "Speaker similarity on
-                   noisy and short clips")
+                   less speech no longer tells voices apart (measured in BENCHMARKS.md, "Reward fidelity 2")
     bad_reference  the reference recording cannot be read (missing, not audio); a warning names it once, and
                    only its rows fail: the other rows of the call are scored
-All G completions of a prompt share its reference, so `no_reference` is constant within a group and leaves the
-group's advantages unchanged.
+All G completions of a prompt share its reference, so `no_reference` and the reference's own reasons
+(silent_reference, short_reference, bad_reference) are constant within a group and leave its advantages unchanged.
 """
 
 from __future__ import annotations
@@ -47,8 +46,8 @@ from .codec import SpeechDecoder, XCodec2Decoder
 from .speaker_encoder import GE2EEncoder, SpeakerEncoder
 
 ReferenceKey = tuple[str, tuple[int, ...] | str]
-# Shorter same-voice references stop scoring above other voices (BENCHMARKS.md, "Speaker similarity on noisy and
-# short clips": GE2E, espeak-ng voices).
+# From 1.25 s on, no same-voice reference scored below a whole-sentence other voice (GE2E, 3 espeak-ng voices x
+# 4 sentences; at 1.0 s, 7 of 36 did); 1.5 s keeps one measured step of margin (BENCHMARKS.md, "Reward fidelity 2").
 MIN_REFERENCE_SECONDS = 1.5
 # Verdicts on a reference clip that hold until it changes, so they are cached like embeddings.
 CACHED_REASONS = ("silent_reference", "short_reference")
