@@ -44,7 +44,7 @@ import string
 import unicodedata
 import warnings
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import cn2an
 import jiwer
@@ -216,7 +216,7 @@ def _ko_integer_readings(n: int, digits: str, counter: str, after: str) -> tuple
     return tuple(readings)
 
 
-def _ko_number(m: re.Match, place) -> str:
+def _ko_number(m: re.Match, place: Callable[[tuple[str, ...]], str]) -> str:
     number, small, big, space, counter = m.groups()
     units, counter = (small or "") + (big or ""), counter or ""
     if len(number) > 1 and number.startswith("0") and "." not in number:  # 010, 007
@@ -252,6 +252,8 @@ def korean_readings(text: str) -> tuple[str, list[tuple[str, ...]]]:
 
 def fill_readings(template: str, choices: list[tuple[str, ...]], picked: Sequence[int] | None = None) -> str:
     """`template` with slot i replaced by `choices[i][picked[i]]` (the usual readings when `picked` is None)."""
+    if not choices:
+        return template
     picked = picked or [0] * len(choices)
     return template.translate({ord(_KO_SLOT) + i: c[p] for i, (c, p) in enumerate(zip(choices, picked))})
 
@@ -339,7 +341,9 @@ def normalize(text: str, language: str | None, normalization: Normalization = "f
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _readings(text: str, language: str | None, normalization: Normalization, hypothesis: bool):
+def _readings(
+    text: str, language: str | None, normalization: Normalization, hypothesis: bool
+) -> tuple[str, list[tuple[str, ...]]]:
     """`text` normalised, with a slot for each number that has several readings, and those readings (Korean's
     "full" rules; elsewhere no slots)."""
     if normalization == "full" and base_language(language) == "ko":
