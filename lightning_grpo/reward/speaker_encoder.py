@@ -141,7 +141,8 @@ def webrtc_flags(wav: torch.Tensor, mode: int = 3) -> torch.Tensor:
     pcm = (wav[: n * VAD_WINDOW] * INT16_MAX).round().clamp(-INT16_MAX - 1, INT16_MAX).to(torch.int16)
     data, step = pcm.cpu().numpy().tobytes(), 2 * VAD_WINDOW
     vad = webrtcvad.Vad(mode)
-    return torch.tensor([vad.is_speech(data[i * step : (i + 1) * step], SAMPLE_RATE) for i in range(n)], dtype=torch.bool)
+    flags = [vad.is_speech(data[i * step : (i + 1) * step], SAMPLE_RATE) for i in range(n)]
+    return torch.tensor(flags, dtype=torch.bool)
 
 
 def smooth_and_dilate(flags: torch.Tensor) -> torch.Tensor:

@@ -351,7 +351,9 @@ def _readings(
     return normalize(text, language, normalization, hypothesis), []
 
 
-def best_reading_cer(ref: str, ref_choices: list[tuple[str, ...]], hyp: str, hyp_choices: list[tuple[str, ...]]) -> float:
+def best_reading_cer(
+    ref: str, ref_choices: list[tuple[str, ...]], hyp: str, hyp_choices: list[tuple[str, ...]]
+) -> float:
     """CER of `hyp` against `ref`, each slot filled with the reading that lowers it most.
 
     Greedy, one slot at a time in text order (the reference's, then the hypothesis's), each kept at its best
