@@ -11,7 +11,7 @@ in a throwaway environment that can also import torch and this repository, e.g.
 Inputs: espeak-ng sentences in four voices, each padded with 0.5 s of silence before and 0.75 s after and a
 -60 dBFS noise floor (so silence trimming has work to do). Reported: the mel frontend against librosa's; the
 embedding of the same preprocessed waveform (resemblyzer's preprocess_wav) through both models; the whole pipeline
-(our volume normalisation and energy-based trimming vs resemblyzer's webrtcvad) as the cosine between the two
+(our volume normalisation and trimming, GE2EEncoder's default vad, vs resemblyzer's preprocess_wav) as the cosine between the two
 embeddings; and what matters for the reward: every pairwise SIM under both pipelines.
 """
 
@@ -83,7 +83,7 @@ def main() -> None:
         f"| mel filterbank vs librosa.filters.mel, max abs difference | {fb:.1e} |",
         f"| mel spectrogram of the same waveform, max difference / max value | {max(mel_rel):.1e} |",
         f"| embedding of the same preprocessed waveform, max abs difference | {max(same_abs):.1e} (cosine >= {min(same_cos):.7f}) |",
-        f"| whole pipeline (our trimming vs webrtcvad), cosine of the two embeddings | min {min(full_cos):.4f}, mean {np.mean(full_cos):.4f} |",
+        f"| whole pipeline (our preprocessing vs preprocess_wav), cosine of the two embeddings | min {min(full_cos):.4f}, mean {np.mean(full_cos):.4f} |",
         f"| pairwise SIM, ours vs resemblyzer's, over {len(sim_diff)} pairs | max abs difference {max(sim_diff):.4f}, mean {np.mean(sim_diff):.4f} |",
         f"| worst same-voice minus other-voice margin (3 voices x 3 sentences, as the test) | ours {margins(e_ours):.3f}, resemblyzer {margins(e_theirs):.3f} |",
     ]))

@@ -7,7 +7,17 @@ import cn2an
 import jiwer
 import pytest
 
-from lightning_grpo.reward.text import cer, korean_reading, native_korean, normalize, seed_tts_error, sino_korean
+from lightning_grpo.reward.text import (
+    KO_MAX_CHOICES,
+    best_reading_cer,
+    cer,
+    korean_reading,
+    korean_readings,
+    native_korean,
+    normalize,
+    seed_tts_error,
+    sino_korean,
+)
 
 # (reference, hypothesis) pairs that say the same words: CER must be 0.
 SAME_WORDS = {
@@ -144,3 +154,72 @@ def test_empty_transcript_is_cer_one_never_zero():
 def test_empty_reference_is_an_error_naming_it():
     with pytest.raises(ValueError, match="'!!!'"):
         cer("!!!", "hello", "en")
+
+
+# Korean numbers with several readings: (reference, transcript, expected CER). A correct reading of either kind
+# scores 0; a reading that the context rules out, or another number, keeps its cost.
+KOREAN_READINGS = [
+    ("5번 출구로 나가세요", "오 번 출구로 나가세요", 0.0),  # a numbered exit: Sino
+    ("5번 출구로 나가세요", "다섯 번 출구로 나가세요", 2 / 9),  # 오 -> 다섯: one substitution, one insertion
+    ("그 영화를 5번 봤다", "그 영화를 다섯 번 봤다", 0.0),  # times: native
+    ("그 영화를 5번 봤다", "그 영화를 오 번 봤다", 0.0),  # the verb does not settle it: both readings pass
+    ("5번씩 했다", "다섯 번씩 했다", 0.0),  # a counting particle: native only
+    ("5번씩 했다", "오 번씩 했다", 2 / 6),
+    ("5번 했다", "여섯 번 했다", 1 / 5),  # another number is charged under the best reading (다섯번했다)
+    ("차 2대", "차 이 대", 0.0),  # 대: native (vehicles) or Sino (ratios)
+    ("305호로 오세요", "삼공오 호로 오세요", 0.0),  # a room number digit by digit
+    ("305호로 오세요", "삼백오 호로 오세요", 0.0),  # or as a number
+    ("010-1234-5678", "영일영 일이삼사 오육칠팔", 0.0),  # 0 as 영 in a phone number
+    ("2024년", "이공이사 년", 2 / 6),  # a year is not a code
+    ("20살", "이십 살", 2 / 3),  # 살 has one reading
+]
+
+
+@pytest.mark.parametrize("reference,hypothesis,expected", KOREAN_READINGS)
+def test_korean_numbers_score_against_their_best_reading(reference, hypothesis, expected):
+    assert cer(reference, hypothesis, "ko") == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("reference,hypothesis,expected", KOREAN_READINGS)
+def test_korean_readings_work_both_ways(reference, hypothesis, expected):
+    """A transcript in digits meets a reference in words: the digits' readings are tried too."""
+    if expected == 0.0:
+        assert cer(hypothesis, reference, "ko") == 0.0
+
+
+def test_korean_readings_slots_and_the_cap():
+    template, choices = korean_readings("그 영화를 5번 봤다")
+    assert template == "그 영화를 \ue000번 봤다" and choices == [("다섯", "오")]
+    assert korean_reading("그 영화를 5번 봤다") == "그 영화를 다섯번 봤다"  # `normalize` keeps the usual reading
+    many = " ".join(f"{i}번" for i in range(1, 41))  # 40 numbers with two readings each
+    template, choices = korean_readings(many)
+    assert len(choices) == KO_MAX_CHOICES and template.count("번") == 40
+    # past the cap a number keeps its usual reading: the 20th number read the other way is charged
+    sino_20th = many.replace(" 20번 ", " 이십 번 ")
+    assert cer(many, sino_20th, "ko") > 0
+    assert cer(many, many.replace(" 3번 ", " 삼 번 "), "ko") == 0.0  # within the cap
+    assert korean_readings("a\ue000b") == ("ab", [])  # slot characters in the input are dropped
+
+
+def test_best_reading_search_is_greedy_per_slot():
+    """One CER evaluation per extra reading, not the product of the readings."""
+    calls = []
+    original = jiwer.cer
+    try:
+        jiwer.cer = lambda r, h: calls.append((r, h)) or original(r, h)
+        best = best_reading_cer("\ue000\ue001\ue002", [("a", "b")] * 3, "bbb", [])
+    finally:
+        jiwer.cer = original
+    assert best == 0.0 and len(calls) == 4  # aaa, baa, bba, bbb
+
+
+def test_korean_cer_benchmark_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_korean_cer.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| other | 3 |" in proc.stdout and "| many | 1 |" in proc.stdout

@@ -5,13 +5,16 @@
 16 kHz, a linear layer and a ReLU, L2-normalised. An utterance is cut into 1.6 s partials (1.3 per second,
 the last kept when 75% covered), each partial embedded, the mean re-normalised. The package is installed
 with `--no-deps` (scripts/setup.sh): only its weights file is read, by this module's own LSTM, mel frontend
-and silence trimming, so librosa, scipy and webrtcvad (resemblyzer's dependencies) are not needed.
+and silence trimming, so librosa and scipy (resemblyzer's dependencies) are not needed; webrtcvad is.
 
-How it departs from resemblyzer (measured against resemblyzer itself in BENCHMARKS.md, section 12):
+How it departs from resemblyzer (measured against resemblyzer itself in BENCHMARKS.md, section 12 and
+"Reward fidelity 2"):
 - the mel frontend (hann STFT, 25 ms / 10 ms, Slaney mel filterbank, power, no log) is librosa's, rebuilt in
   torch; on the same waveform the embedding matches resemblyzer's;
-- long silences are trimmed with an energy detector (30 ms windows voiced above a level relative to the
-  loudest window) instead of webrtcvad; the smoothing and dilation that follow are resemblyzer's;
+- long silences are found by resemblyzer's detector (webrtcvad, mode 3, on 30 ms windows), with its smoothing
+  and dilation, so trimming equals resemblyzer's on clean and noisy clips alike; the int16 conversion clips
+  where resemblyzer's would wrap. vad="energy" (windows within 40 dB of the loudest) needs no extra package but
+  trims nothing over a noise floor of -50 dBFS or louder, which makes all voices more alike;
 - all partials of all utterances go through the LSTM as one batch (resemblyzer embeds one utterance a call).
 
 Other encoders (WavLM-large + x-vector head, ECAPA-TDNN) plug in through `SpeakerEncoder`: any class with
@@ -23,7 +26,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,7 @@ VAD_AVERAGE = 8  # windows in the moving average
 VAD_MAX_SILENCE = 6  # windows of silence kept between voiced windows
 TARGET_DBFS = -30.0
 INT16_MAX = 2**15 - 1
+Vad = Literal["webrtc", "energy"]
 
 
 @runtime_checkable
@@ -114,25 +118,50 @@ def normalize_volume(wav: torch.Tensor, target_dbfs: float = TARGET_DBFS) -> tor
     return wav * 10 ** (change / 20) if change > 0 else wav
 
 
-def voiced_mask(wav: torch.Tensor, threshold_db: float) -> torch.Tensor:
-    """(n_windows,) bool: 30 ms windows louder than `threshold_db` below the loudest window, smoothed by an
-    8-window moving average (rounded half to even) and dilated by 3 windows each side (resemblyzer's steps)."""
+def energy_flags(wav: torch.Tensor, threshold_db: float = 40.0) -> torch.Tensor:
+    """(n_windows,) bool: 30 ms windows louder than `threshold_db` below the loudest one. A noise floor within
+    `threshold_db` of the speech counts as voiced, so on noisy recordings nothing is trimmed."""
     windows = wav[: wav.numel() - wav.numel() % VAD_WINDOW].view(-1, VAD_WINDOW)
     level = 10 * torch.log10(windows.square().mean(dim=1) + 1e-12)  # (W,) dB
-    flags = (level > level.max() - threshold_db).float()
-    padded = F.pad(flags[None, None], ((VAD_AVERAGE - 1) // 2, VAD_AVERAGE // 2))
-    smooth = F.avg_pool1d(padded, VAD_AVERAGE, stride=1)[0, 0]
-    mask = torch.round(smooth)
+    return level > level.max() - threshold_db
+
+
+def webrtc_flags(wav: torch.Tensor, mode: int = 3) -> torch.Tensor:
+    """(n_windows,) bool: 30 ms windows that WebRTC's voice-activity detector (most aggressive `mode`, as
+    resemblyzer) calls speech. It models speech against the noise it sees, so it holds on a noise floor."""
+    try:
+        import webrtcvad
+    except ImportError as err:
+        raise ImportError(
+            "GE2EEncoder(vad='webrtc') needs the webrtcvad module: `pip install webrtcvad-wheels==2.0.14.post1` "
+            "(requirements.txt), or set --encoder.init_args.vad energy"
+        ) from err
+    n = wav.numel() // VAD_WINDOW
+    # resemblyzer's int16 conversion, clipped where its astype would wrap
+    pcm = (wav[: n * VAD_WINDOW] * INT16_MAX).round().clamp(-INT16_MAX - 1, INT16_MAX).to(torch.int16)
+    data, step = pcm.cpu().numpy().tobytes(), 2 * VAD_WINDOW
+    vad = webrtcvad.Vad(mode)
+    flags = [vad.is_speech(data[i * step : (i + 1) * step], SAMPLE_RATE) for i in range(n)]
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def smooth_and_dilate(flags: torch.Tensor) -> torch.Tensor:
+    """Per-window voice flags -> the kept windows: an 8-window moving average (rounded half to even), then
+    dilated by 3 windows each side (resemblyzer's steps)."""
+    padded = F.pad(flags.float()[None, None], ((VAD_AVERAGE - 1) // 2, VAD_AVERAGE // 2))
+    mask = torch.round(F.avg_pool1d(padded, VAD_AVERAGE, stride=1)[0, 0])
     k = VAD_MAX_SILENCE + 1
     return F.max_pool1d(mask[None, None], k, stride=1, padding=k // 2)[0, 0].bool()
 
 
-def trim_long_silences(wav: torch.Tensor, threshold_db: float = 40.0) -> torch.Tensor:
+def trim_long_silences(wav: torch.Tensor, vad: Vad = "webrtc", threshold_db: float = 40.0) -> torch.Tensor:
     """The waveform without silences longer than ~0.2 s (trailing partial 30 ms window dropped, as resemblyzer);
-    unchanged when nothing counts as voiced."""
+    unchanged when nothing counts as voiced. `vad`: "webrtc" (resemblyzer's detector) or "energy"
+    (`energy_flags` with `threshold_db`)."""
     if wav.numel() < VAD_WINDOW:
         return wav
-    mask = voiced_mask(wav, threshold_db)
+    flags = webrtc_flags(wav) if vad == "webrtc" else energy_flags(wav, threshold_db)
+    mask = smooth_and_dilate(flags.to(wav.device))
     if not mask.any():
         return wav
     keep = mask.repeat_interleave(VAD_WINDOW)
@@ -149,6 +178,7 @@ class GE2EEncoder(nn.Module):
         weights: str | None = None,
         device: str = "cpu",
         trim_silence: bool = True,
+        vad: Vad = "webrtc",
         silence_threshold_db: float = 40.0,
         max_partials_per_batch: int = 512,
     ) -> None:
@@ -157,13 +187,19 @@ class GE2EEncoder(nn.Module):
             weights: a resemblyzer-format checkpoint (`{"model_state": {lstm.*, linear.*}}`); None reads the
                 pretrained.pt of PyPI `resemblyzer` 0.1.4 (install it with --no-deps).
             device: where the frontend and the LSTM run ("cpu", "cuda:2").
-            trim_silence: drop silences longer than ~0.2 s before embedding (resemblyzer trims with webrtcvad).
-            silence_threshold_db: a 30 ms window is voiced when within this many dB of the loudest window.
+            trim_silence: drop silences longer than ~0.2 s before embedding, as resemblyzer does.
+            vad: what finds them: "webrtc", resemblyzer's own detector (webrtcvad, PyPI webrtcvad-wheels), which
+                holds on noisy recordings; "energy", windows within `silence_threshold_db` of the loudest, no
+                extra package, equal on clean audio but trims nothing over a noise floor of -50 dBFS or louder
+                (BENCHMARKS.md, "Reward fidelity 2").
+            silence_threshold_db: for vad="energy": a 30 ms window is voiced within this many dB of the loudest.
             max_partials_per_batch: 1.6 s partials per LSTM call; bounds activation memory on long batches.
         """
         super().__init__()
         if silence_threshold_db <= 0 or max_partials_per_batch < 1:
             raise ValueError("--silence_threshold_db must be > 0 and --max_partials_per_batch >= 1")
+        if vad not in ("webrtc", "energy"):
+            raise ValueError(f"--vad={vad!r} must be 'webrtc' or 'energy'")
         self.lstm = nn.LSTM(N_MELS, 256, 3, batch_first=True)
         self.linear = nn.Linear(256, 256)
         path = Path(weights).expanduser() if weights else resemblyzer_weights()
@@ -173,6 +209,7 @@ class GE2EEncoder(nn.Module):
         self.register_buffer("mel_basis", slaney_mel_filterbank(), persistent=False)
         self.register_buffer("window", torch.hann_window(N_FFT, periodic=True), persistent=False)
         self.trim_silence = trim_silence
+        self.vad = vad
         self.silence_threshold_db = silence_threshold_db
         self.max_partials_per_batch = max_partials_per_batch
         self.requires_grad_(False).eval().to(device)
@@ -184,7 +221,7 @@ class GE2EEncoder(nn.Module):
     def preprocess(self, wav: torch.Tensor) -> torch.Tensor:
         """Volume normalisation, then silence trimming: what resemblyzer's preprocess_wav does at 16 kHz."""
         wav = normalize_volume(wav.float())
-        return trim_long_silences(wav, self.silence_threshold_db) if self.trim_silence else wav
+        return trim_long_silences(wav, self.vad, self.silence_threshold_db) if self.trim_silence else wav
 
     def mel(self, wav: torch.Tensor) -> torch.Tensor:
         """1-D waveform -> (frames, 40) power mel spectrogram (librosa.feature.melspectrogram's defaults)."""

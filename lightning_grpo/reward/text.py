@@ -17,8 +17,10 @@ sides to one canonical form first. The rules, one function per language, all in 
               "6월" -> "유월"), native before counting words ("20살" -> "스무살", "3시" -> "세시",
               "2개" -> "두개", "1번째" -> "첫번째"), "%" -> "퍼센트"; then punctuation and all whitespace
               removed. Digits -> Hangul (not the reverse) because Hangul numeral syllables (이, 사, 오,
-              일, 만, ...) are also ordinary syllables and particles. Counters with two readings follow
-              the commoner one (번: native; 대: native, but Sino for decades such as 20대).
+              일, 만, ...) are also ordinary syllables and particles. `normalize` gives the usual reading;
+              `cer` also accepts the others where a number has several: 번/대/장/권 native or Sino
+              (5번 했다 -> 다섯 번, 5번 출구 -> 오 번; a following word settles 번 where it can), codes of
+              3+ digits digit by digit (305호 -> 삼백오 or 삼공오 호), 0 in codes as 공 or 영.
   ja, th, ... Whisper's BasicTextNormalizer (case, punctuation, symbols), whitespace removed: word
               spacing in these scripts is absent or inconsistent.
   others      BasicTextNormalizer, whitespace collapsed to single spaces.
@@ -42,7 +44,7 @@ import string
 import unicodedata
 import warnings
 from functools import lru_cache
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import cn2an
 import jiwer
@@ -114,7 +116,19 @@ _KO_NATIVE_COUNTERS = (
 # Sino-Korean counters with an irregular reading (유월, 시월), and Sino-Korean words that begin like a
 # native counter, listed so that the longest match wins (3개월 is 삼 개월, not 세 개월).
 _KO_SINO_COUNTERS = ("월", "개월", "개국", "개년", "번지", "번호", "대대", "시즌", "장관")
+# Counters whose number is read either way by meaning; `cer` accepts both readings (usual one first):
+# 번 times / a number (다섯 번 했다, 오 번 출구), 대 vehicles / decades and ratios (두 대, 이십 대, 이 대 일),
+# 장 sheets / chapters, 권 books / volumes.
+_KO_EITHER_COUNTERS = ("번", "대", "장", "권")
+# Words after 번 that settle its reading: a numbered thing (Sino) or a counting particle (native).
+_KO_NAMED_BY_NUMBER = ("출구", "버스", "게이트", "좌석", "자리", "선수", "타자", "트랙", "채널", "문제", "승강장", "국도", "레인")
+_KO_COUNTING_AFTER = ("씩", "이나", "정도", "쯤", "만에", "이상", "이하", "밖에", "마다", "더", "연속")
 _KO_COUNTER = "|".join(sorted(_KO_NATIVE_COUNTERS + _KO_SINO_COUNTERS, key=len, reverse=True))
+# `cer` tries the readings of at most this many numbers per text (the rest keep the usual reading): each costs
+# one CER evaluation per extra reading, so a text full of numbers stays cheap.
+KO_MAX_CHOICES = 16
+_KO_SLOT = "\ue000"  # slot i of `korean_readings` is chr(0xE000 + i), a private-use character
+_KO_SLOTS = re.compile(f"[\ue000-{chr(0xE000 + KO_MAX_CHOICES - 1)}]")
 _KO_NUMBER = re.compile(r"(\d+(?:\.\d+)?)(천|백)?(만|억|조)?(\s*)(" + _KO_COUNTER + ")?")
 _KO_SMALL_UNITS = {"천": 1_000, "백": 100}
 _KO_BIG_UNITS = {"만": 10**4, "억": 10**8, "조": 10**12}
@@ -176,37 +190,90 @@ def _ko_integer(n: int, counter: str) -> str:
     return sino_korean(n)
 
 
-def _ko_digit_by_digit(digits: str) -> str:
-    return "".join("공" if d == "0" else _KO_DIGITS[int(d)] for d in digits)
+def _ko_digit_by_digit(digits: str, zero: str = "공") -> str:
+    return "".join(zero if d == "0" else _KO_DIGITS[int(d)] for d in digits)
 
 
-def _ko_number(m: re.Match) -> str:
+def _ko_code_readings(digits: str) -> tuple[str, ...]:
+    """A code read digit by digit: 0 is 공 or 영 (공일공, 영일영)."""
+    return _ko_digit_by_digit(digits), _ko_digit_by_digit(digits, "영")
+
+
+def _ko_integer_readings(n: int, digits: str, counter: str, after: str) -> tuple[str, ...]:
+    """The readings of the whole number `n` (written `digits`) before `counter`, the usual one first; `after` is
+    the text that follows the counter (or the number)."""
+    readings = [_ko_integer(n, counter)]
+    if counter in _KO_EITHER_COUNTERS and 1 <= n <= 99:
+        native, sino = native_korean(n), sino_korean(n)
+        if counter == "번" and after.startswith(_KO_NAMED_BY_NUMBER):
+            return (sino,)
+        if counter == "번" and after.startswith(_KO_COUNTING_AFTER):
+            return (native,)
+        readings.append(sino if readings[0] == native else native)
+    # room, bus and phone numbers: 305호 is 삼백오 호 or 삼공오 호
+    if len(digits) >= 3 and counter in ("", "번") and (counter or not re.match(r"[가-힣]", after) or after[:1] == "호"):
+        readings += _ko_code_readings(digits)
+    return tuple(readings)
+
+
+def _ko_number(m: re.Match, place: Callable[[tuple[str, ...]], str]) -> str:
     number, small, big, space, counter = m.groups()
     units, counter = (small or "") + (big or ""), counter or ""
     if len(number) > 1 and number.startswith("0") and "." not in number:  # 010, 007
-        return _ko_digit_by_digit(number) + units + space + counter
+        return place(_ko_code_readings(number)) + units + space + counter
     whole, _, frac = number.partition(".")
     if frac:  # read as written: 3.5 -> 삼점오, 3.5만 -> 삼점오만
-        return sino_korean(int(whole)) + "점" + _ko_digit_by_digit(frac).replace("공", "영") + units + space + counter
+        return sino_korean(int(whole)) + "점" + _ko_digit_by_digit(frac, "영") + units + space + counter
     value = int(whole) * _KO_SMALL_UNITS.get(small, 1) * _KO_BIG_UNITS.get(big, 1)  # 5천만 -> 오천만
-    return _ko_integer(value, counter) + space + counter
+    digits = whole if not units else ""
+    return place(_ko_integer_readings(value, digits, counter, m.string[m.end() :].lstrip())) + space + counter
 
 
-def korean_reading(text: str) -> str:
-    """Replace the numbers written in digits in Korean `text` by their Hangul reading.
+def korean_readings(text: str) -> tuple[str, list[tuple[str, ...]]]:
+    """Korean `text` with its numbers in Hangul, where a number with several readings is one slot character
+    (U+E000 + i) and `choices[i]` lists its readings, the usual one first. Only the first `KO_MAX_CHOICES` such
+    numbers get a slot (the rest keep their usual reading), which bounds the cost of `cer`."""
+    text = _KO_SLOTS.sub("", text)  # slot characters are ours
+    choices: list[tuple[str, ...]] = []
 
-    "오후 3시 20분" -> "오후 세시 이십분"; "1,000원" -> "천원"; "50%" -> "오십퍼센트"; "010-1234" -> "공일공-일이삼사".
-    """
+    def place(readings: tuple[str, ...]) -> str:
+        readings = tuple(dict.fromkeys(readings))
+        if len(readings) == 1 or len(choices) >= KO_MAX_CHOICES:
+            return readings[0]
+        choices.append(readings)
+        return chr(ord(_KO_SLOT) + len(choices) - 1)
+
     text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # thousands separators
     text = re.sub(r"(\d)\s*%", r"\1퍼센트", text)
     # digit groups joined by hyphens (phone numbers) are read digit by digit
-    text = re.sub(r"\d+(?:-\d+)+", lambda m: "-".join(map(_ko_digit_by_digit, m.group(0).split("-"))), text)
-    return _KO_NUMBER.sub(_ko_number, text)
+    text = re.sub(r"\d+(?:-\d+)+", lambda m: "-".join(place(_ko_code_readings(g)) for g in m.group(0).split("-")), text)
+    return _KO_NUMBER.sub(lambda m: _ko_number(m, place), text), choices
+
+
+def fill_readings(template: str, choices: list[tuple[str, ...]], picked: Sequence[int] | None = None) -> str:
+    """`template` with slot i replaced by `choices[i][picked[i]]` (the usual readings when `picked` is None)."""
+    if not choices:
+        return template
+    picked = picked or [0] * len(choices)
+    return template.translate({ord(_KO_SLOT) + i: c[p] for i, (c, p) in enumerate(zip(choices, picked))})
+
+
+def korean_reading(text: str) -> str:
+    """Replace the numbers written in digits in Korean `text` by their usual Hangul reading.
+
+    "오후 3시 20분" -> "오후 세시 이십분"; "1,000원" -> "천원"; "50%" -> "오십퍼센트"; "010-1234" -> "공일공-일이삼사".
+    """
+    return fill_readings(*korean_readings(text))
+
+
+def _korean_template(text: str) -> tuple[str, list[tuple[str, ...]]]:
+    """Normalised Korean with its slots (see `korean_readings`); the slot characters survive the normaliser."""
+    template, choices = korean_readings(unicodedata.normalize("NFKC", text))
+    return re.sub(r"\s+", "", _basic()(template)), choices
 
 
 def _normalize_korean(text: str) -> str:
-    text = korean_reading(unicodedata.normalize("NFKC", text))
-    return re.sub(r"\s+", "", _basic()(text))
+    return fill_readings(*_korean_template(text))
 
 
 # --------------------------------------------------------------------------------------------- Seed-TTS
@@ -274,19 +341,59 @@ def normalize(text: str, language: str | None, normalization: Normalization = "f
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _readings(
+    text: str, language: str | None, normalization: Normalization, hypothesis: bool
+) -> tuple[str, list[tuple[str, ...]]]:
+    """`text` normalised, with a slot for each number that has several readings, and those readings (Korean's
+    "full" rules; elsewhere no slots)."""
+    if normalization == "full" and base_language(language) == "ko":
+        return _korean_template(text)
+    return normalize(text, language, normalization, hypothesis), []
+
+
+def best_reading_cer(
+    ref: str, ref_choices: list[tuple[str, ...]], hyp: str, hyp_choices: list[tuple[str, ...]]
+) -> float:
+    """CER of `hyp` against `ref`, each slot filled with the reading that lowers it most.
+
+    Greedy, one slot at a time in text order (the reference's, then the hypothesis's), each kept at its best
+    reading given the slots before it: 1 + sum(readings - 1) CER evaluations instead of the product of the
+    readings. Exact when the numbers are apart in the text (their alignments do not interact), the usual case;
+    without slots it is jiwer's CER.
+    """
+    n = len(ref_choices)
+    picked = [0] * (n + len(hyp_choices))
+
+    def error(p: list[int]) -> float:
+        return float(jiwer.cer(fill_readings(ref, ref_choices, p[:n]), fill_readings(hyp, hyp_choices, p[n:])))
+
+    best = error(picked)
+    for i, readings in enumerate(ref_choices + hyp_choices):
+        for j in range(1, len(readings)):
+            if best == 0.0:
+                return best
+            trial = picked[:i] + [j] + picked[i + 1 :]
+            e = error(trial)
+            if e < best:
+                best, picked = e, trial
+    return best
+
+
 def cer(reference: str, hypothesis: str, language: str | None, normalization: Normalization = "full") -> float:
     """Character error rate of `hypothesis` against `reference` after normalisation: (S + D + I) / len(ref).
 
+    Where a Korean number has several readings (`korean_readings`), the reading of either side that matches
+    the other best counts, so no correct reading is charged (`best_reading_cer`).
     >= 0 and unbounded above (a looping transcript can score 9); callers that log a mean cap it at 1.
     Raises ValueError when the reference is empty after normalisation: a data error, not a sample's.
     """
-    ref = normalize(reference, language, normalization)
+    ref, ref_choices = _readings(reference, language, normalization, hypothesis=False)
     if not ref.strip():
         raise ValueError(
             f"reference text {reference!r} is empty after {language or 'basic'} normalisation; "
             "fix the data set row (a ground-truth text must contain speakable characters)"
         )
-    hyp = normalize(hypothesis, language, normalization, hypothesis=True)
+    hyp, hyp_choices = _readings(hypothesis, language, normalization, hypothesis=True)
     if not hyp.strip():
         return 1.0
-    return float(jiwer.cer(ref, hyp))
+    return best_reading_cer(ref, ref_choices, hyp, hyp_choices)
