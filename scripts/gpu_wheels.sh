@@ -36,6 +36,7 @@ WHEELS=(
   fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2 uvicorn==0.54.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
+  webrtcvad-wheels==2.0.14.post1
   typing-extensions==4.16.0
 )
 # No wheel on PyPI (sdist only): built here; all three are pure Python (checked below).
