@@ -54,7 +54,7 @@ def load_wav(path: str | Path, sample_rate: int = 16_000) -> torch.Tensor:
     """A 1-D float32 waveform at `sample_rate` from an audio file soundfile reads (wav, flac, ogg); channels averaged."""
     import soundfile as sf
 
-    path = Path(path).expanduser()
+    path = Path(path)  # no `~` expansion: a scoring server passes client-named paths through request_references
     if not path.is_file():
         raise FileNotFoundError(f"reference audio {path} does not exist (column prompt_wav); fix the path or drop it")
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
