@@ -20,7 +20,7 @@ import csv
 import json
 import numbers
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import lightning as L
 import numpy as np
@@ -28,27 +28,70 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .llasa import check_reference
+from .reward.audio import reference_problem
 
 ASSETS = Path(__file__).parent / "assets"
 
 
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+
+
 def _rows_from_file(path: Path) -> list[dict[str, Any]]:
+    """The rows of a data file; a file that does not parse, is not UTF-8 or holds other than objects (one per
+    row) is a ValueError naming the file and the line or row."""
     suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise ValueError(f"prompt file {path} has suffix {suffix!r}; use .parquet, .jsonl, .json, .csv or .txt")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    if suffix in (".jsonl", ".json"):
+    try:
         text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text (line {line}: byte {e.object[e.start]:#04x}); save it as UTF-8") from None
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".txt":
-        return [{"text": line.rstrip("\n")} for line in path.read_text(encoding="utf-8").splitlines()]
-    raise ValueError(f"prompt file {path} has suffix {suffix!r}; use .parquet, .jsonl, .json, .csv or .txt")
+        rows: list[Any] = list(csv.DictReader(text.splitlines()))
+    elif suffix == ".txt":
+        rows = [{"text": line} for line in text.splitlines()]
+    elif suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    else:  # JSON lines
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}: line {n}, column {e.colno}: not valid JSON ({e.msg}); each line must be one object "
+                        'like {"text": "..."}'
+                    ) from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}: row {i} is a {type(row).__name__} ({str(row)[:40]!r}), not an object; write rows like "
+                '{"text": "..."}, or put plain sentences in a .txt file, one per line'
+            )
+    return rows
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a data source that is no local file was meant as one rather than a HF datasets id (owner/name)."""
+    first = source.split("/", 1)[0]
+    return (source.lower().endswith(DATA_SUFFIXES) or source.startswith(("/", ".", "~")) or source.count("/") > 1
+            or ("/" in source and Path(first).is_dir()))
+
+
+def missing_path_error(source: str, flag: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{flag} {source!r}: no such file or directory ({Path(source).expanduser().absolute()}); fix the path "
+        "(a HF datasets id looks like owner/name)"
+    )
 
 
 def _text_of(row: dict[str, Any], text_column: str) -> Any:
@@ -100,9 +143,11 @@ def _code(c: Any) -> int:
     return int(c)  # a string: int() refuses "1.5" and "x"
 
 
-def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
+def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None,
+                     readable: dict[Path, str | None] | None = None) -> dict[str, Any]:
     """The voice-cloning columns a row gives (none for a plain row), checked: transcript and codes together,
-    a wav path that exists (relative paths resolved against `base_dir`)."""
+    a wav path to a recording soundfile reads to its end, at most MAX_REFERENCE_SECONDS long (relative paths
+    resolved against `base_dir`). `readable` remembers the recordings already checked (rows share them)."""
     out: dict[str, Any] = {}
     prompt_text = row.get("prompt_text")
     if prompt_text is not None and not isinstance(prompt_text, str):
@@ -122,6 +167,11 @@ def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None) -> 
             path = base_dir / path
         if not path.is_file():
             raise ValueError(f"{where}: prompt_wav {wav!r} is not a file ({path}); fix the path or leave the column empty")
+        problem = readable[path] if readable is not None and path in readable else reference_problem(path)
+        if readable is not None:
+            readable[path] = problem
+        if problem:
+            raise ValueError(f"{where}: prompt_wav {wav!r} ({path}) {problem}")
         out["prompt_wav"] = str(path)
     elif wav is not None and not isinstance(wav, str):
         raise ValueError(f"{where}: prompt_wav must be a path string, got {type(wav).__name__}")
@@ -149,12 +199,15 @@ def load_prompts(
     elif Path(source).expanduser().is_file():
         raw = _rows_from_file(Path(source).expanduser())
         base_dir = Path(source).expanduser().parent
+    elif looks_like_path(source):
+        raise missing_path_error(source, "prompt data")
     else:
         import datasets
 
         raw = list(datasets.load_dataset(source, split=split))
         base_dir = None
     rows = []
+    readable: dict[Path, str | None] = {}  # reference recordings already checked -> why not readable
     for i, row in enumerate(raw):
         text = _text_of(row, text_column)
         if not isinstance(text, str) or not text.strip():
@@ -164,7 +217,7 @@ def load_prompts(
             )
         where = f"row {i} of {source!r} (split {split!r})"
         rows.append({"text": text.strip(), "language": row.get(language_column) or default_language,
-                     **reference_fields(row, where, base_dir)})
+                     **reference_fields(row, where, base_dir, readable)})
     if not rows:
         raise ValueError(f"{source!r} (split {split!r}) has no rows")
     return rows
@@ -339,6 +392,18 @@ class PromptDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict)
+
+    def check_rows(self, check: Callable[[dict[str, Any]], Any]) -> None:
+        """Run `check` on every loaded row, training and validation (the rollout encodes each prompt, so a prompt
+        over --rollout.max_prompt_length stops the run at its start, not at the step that draws it); a ValueError
+        it raises names the data source and the row."""
+        for source, split, rows in ((self.train_data, self.train_split, self.train_rows),
+                                    (self.val_data, self.val_split, self.val_rows)):
+            for i, row in enumerate(rows):
+                try:
+                    check(row)
+                except ValueError as e:
+                    raise ValueError(f"row {i} of {source!r} (split {split!r}): {e}") from None
 
     def topup_prompts(self, count: int, step: int, start: int, exclude: Collection[str] = ()) -> dict[str, list]:
         """A batch of `count` further training prompts for training rollout `step` on this rank
