@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..llasa import TOKENS_PER_SECOND
+from .audio import MAX_REFERENCE_SECONDS
 
-DEFAULT_MAX_REFERENCE_SECONDS = 30.0  # speaker embeddings need seconds; minutes only cost the single worker
+DEFAULT_MAX_REFERENCE_SECONDS = MAX_REFERENCE_SECONDS
 DEFAULT_MAX_REQUEST_REFERENCE_SECONDS = 600.0  # e.g. 20 distinct 30 s references in one body
 
 
@@ -57,8 +58,8 @@ class RequestReferences:
 
     def __init__(self, reference_dir: str | Path | None = None,
                  max_reference_seconds: float = DEFAULT_MAX_REFERENCE_SECONDS) -> None:
-        if not max_reference_seconds > 0:
-            raise ValueError(f"--max-reference-seconds={max_reference_seconds} must be > 0")
+        if not 0 < max_reference_seconds <= MAX_REFERENCE_SECONDS:  # the rewards read no longer recording
+            raise ValueError(f"--max-reference-seconds={max_reference_seconds} must be in (0, {MAX_REFERENCE_SECONDS:g}]")
         self.max_reference_seconds = max_reference_seconds
         self.reference_dir: Path | None = None
         if reference_dir is not None:
