@@ -17,13 +17,15 @@ has them, so data without references gives the batches it always did.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import numbers
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Literal
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -309,6 +311,7 @@ class PromptDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
         num_workers: int = 0,
+        on_data_change: Literal["error", "warn"] = "error",
     ) -> None:
         """
         Args:
@@ -323,6 +326,9 @@ class PromptDataModule(L.LightningDataModule):
                 `extra_info.text` (the original recipe's parquet) are read when text_column is absent.
             default_language: language for rows without one (None: the reward's default).
             max_train_samples / max_val_samples: keep only the first n rows.
+            on_data_change: a checkpoint keeps a fingerprint of the training rows; resuming on other rows (an
+                edited file, another max_train_samples) would silently draw another order from the same seed.
+                "error" stops the resume naming both fingerprints; "warn" resumes anyway.
         """
         super().__init__()
         if prompts_per_step < 1:
@@ -337,6 +343,10 @@ class PromptDataModule(L.LightningDataModule):
         self.default_language = default_language
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
         self.num_workers = num_workers
+        if on_data_change not in ("error", "warn"):
+            raise ValueError(f"--data.on_data_change={on_data_change!r} must be error or warn")
+        self.on_data_change = on_data_change
+        self._fingerprint: str | None = None
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
         self._resume: dict[str, int] = {}
@@ -382,16 +392,36 @@ class PromptDataModule(L.LightningDataModule):
             collate_fn=collate_prompts, num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
         )
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the training data stands (epoch, its seed, batches used in it), saved in every checkpoint."""
+    def fingerprint(self) -> str:
+        """A hash of the training rows in order (texts, languages, references): what a checkpoint's data position
+        and seed refer to."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for row in self.train_rows:
+                digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
+            self._fingerprint = f"{len(self.train_rows)} rows, sha256 {digest.hexdigest()[:16]}"
+        return self._fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data stands (epoch, its seed, batches used in it, the rows' fingerprint), saved in
+        every checkpoint."""
         t = self.trainer
         if t is None or t.state.fn != "fit" or self._order is None:
             return {}
         return {"epoch": t.current_epoch, "seed": self._order.seed,
-                "batches": t.fit_loop.epoch_loop.batch_progress.current.processed}
+                "batches": t.fit_loop.epoch_loop.batch_progress.current.processed, "fingerprint": self.fingerprint()}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = dict(state_dict)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("fingerprint")
+        if saved is not None and self.train_rows and saved != self.fingerprint():
+            message = (
+                f"--data.train_data {self.train_data!r} is not the data this checkpoint trained on (checkpoint: "
+                f"{saved}; now: {self.fingerprint()}): resuming would draw another order of prompts from the same seed"
+            )
+            if self.on_data_change == "error":
+                raise ValueError(f"{message}. Restore the data, or pass --data.on_data_change warn to resume anyway")
+            rank_zero_warn(message)
+        self._resume = {k: v for k, v in state_dict.items() if k != "fingerprint"}
 
     def check_rows(self, check: Callable[[dict[str, Any]], Any]) -> None:
         """Run `check` on every loaded row, training and validation (the rollout encodes each prompt, so a prompt
