@@ -146,3 +146,31 @@ def test_serve_with_a_reward_that_cannot_load_exits_naming_why(tmp_path):
     )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "building the reward failed: FileNotFoundError" in done.stderr and "missing.yaml" in done.stderr
+
+
+def test_cli_reads_no_client_paths_by_default():
+    from lightning_grpo.reward.server import build_parser
+
+    args = build_parser().parse_args([])
+    assert args.reference_dir is None and args.max_reference_seconds == 30.0
+    assert build_parser().parse_args(["--reference-dir", "/srv/refs"]).reference_dir == "/srv/refs"
+    with pytest.raises(ValueError, match=r"--max-reference-seconds=60 must be in \(0, 30\]"):
+        create_app(ReferenceSeconds(), max_reference_seconds=60)
+
+
+def test_served_from_the_command_line_with_a_reference_dir(files):
+    """`python -m lightning_grpo serve --reference-dir DIR` as an operator starts it; the bearer token still applies."""
+    import httpx
+    from test_server import running_server
+
+    with running_server(files, "--reference-dir", str(files / "refs"), "--token", "t0k",
+                        reward_config={"class_path": "test_server_references.ReferenceSeconds"},
+                        entry=("lightning_grpo", "serve")) as (url, _):
+        with httpx.Client(trust_env=False, timeout=30, headers={"Authorization": "Bearer t0k"}) as c:
+            assert c.post(url + "/score", json=sample(prompt_wav="ok.wav")).json()["reward"] == 1.5
+            outside = c.post(url + "/score", json=sample(prompt_wav=str(files / "secret.wav")))
+            assert outside.status_code == 422 and "--reference-dir" in outside.json()["detail"]
+            audio = base64.b64encode(wav_bytes(0.5)).decode()
+            assert c.post(url + "/score", json=sample(prompt_audio=audio)).json()["reward"] == 0.5
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            assert c.post(url + "/score", json=sample(prompt_wav="ok.wav")).status_code == 401
