@@ -193,7 +193,7 @@ def test_scoring_server_body_carries_the_reference(tmp_path):
     """Client serialisation -> server parsing gives back the same samples (the reference included; `group`
     stays in the trainer), and the server names a reference code outside the codebook."""
     from lightning_grpo.reward.client import _sample_json
-    from lightning_grpo.reward.request_references import RequestReferences
+    from lightning_grpo.reward.request import RequestReferences
     from lightning_grpo.reward.server import BadRequest, parse_body
 
     wav = tmp_path / "ref.wav"

@@ -87,7 +87,7 @@ def load_wav(path: str | Path, sample_rate: int = 16_000, max_seconds: float = M
     A recording longer than `max_seconds` is a ValueError (read nothing of it)."""
     import soundfile as sf
 
-    path = Path(path)  # no `~` expansion: a scoring server passes client-named paths through request_references
+    path = Path(path)  # no `~` expansion: a scoring server passes client-named paths through request
     if not path.is_file():
         raise FileNotFoundError(f"reference audio {path} does not exist (column prompt_wav); fix the path or drop it")
     info = sf.info(str(path))

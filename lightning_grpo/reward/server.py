@@ -16,7 +16,7 @@ Endpoints:
 "tokens" are codec codes 0..codebook_size-1 (X-codec2: 65,536), not LLaSA vocabulary ids. Metrics that
 were not measured for a sample (NaN in `RewardResult`) are null in JSON. A voice-cloning reference comes as
 codes, as the recording itself (base64 `prompt_audio`), or as a file name under the operator's
-`--reference-dir`; the server opens no other path a client names (reward/request_references.py).
+`--reference-dir`; the server opens no other path a client names (reward/request.py).
 
 In the original single-sample body `"nll"` is always finite, for the original client's `float(resp["nll"])`:
 the measured NLL capped at `original_nll_cap` (100 nats/token), the cap itself where nothing was measured
@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import hmac
 import importlib
-import json
 import logging
 import math
 import os
@@ -46,16 +45,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from ..llasa import XCODEC2_CODEBOOK_SIZE, check_reference
+from ..llasa import XCODEC2_CODEBOOK_SIZE
 from .base import Reward, RewardResult, SpeechSample
-from .request_references import (
-    DEFAULT_MAX_REFERENCE_SECONDS, DEFAULT_MAX_REQUEST_REFERENCE_SECONDS, ReferenceRejected, RequestReferences, codes_seconds,
+from .request import (
+    DEFAULT_MAX_REFERENCE_SECONDS, DEFAULT_MAX_REQUEST_REFERENCE_SECONDS, BadRequest, RequestReferences, parse_body,
 )
 
 log = logging.getLogger(__name__)
@@ -65,156 +63,6 @@ DEFAULT_PORT = 8001  # WHISPER_SERVER=http://127.0.0.1:8001 (the original README
 TOKEN_ENV = "WHISPER_SERVER_TOKEN"
 
 RewardFactory = Callable[[], Reward]
-
-
-# ----------------------------------------------------------------------------------------------- schemas
-
-
-class SampleIn(BaseModel):
-    """One sample of a request body; the original server's body is exactly {"tokens", "text"}."""
-
-    model_config = ConfigDict(extra="forbid")
-    tokens: list[StrictInt]  # at least one unless the app allows empty ones (parse_body)
-    text: StrictStr = Field(min_length=1)
-    language: StrictStr | None = None
-    stopped: StrictBool = True
-    truncated: StrictBool = False
-    num_invalid: StrictInt = Field(0, ge=0)
-    # voice cloning (SpeechSample): the reference clip's transcript and codes, and its recording: base64 file
-    # bytes, or a file name under --reference-dir (request_references.py)
-    prompt_text: StrictStr | None = None
-    prompt_codes: list[StrictInt] | None = None
-    prompt_audio: StrictStr | None = None
-    prompt_wav: StrictStr | None = None
-
-
-class BatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    samples: list[SampleIn] = Field(min_length=1)
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-def _outside_codebook(codes: Sequence[int], codebook_size: int) -> tuple[int, int] | None:
-    """(index, code) of the first code outside [0, codebook_size), or None (min/max first: the common case is fast)."""
-    if min(codes, default=0) >= 0 and max(codes, default=0) < codebook_size:
-        return None
-    return next((j, c) for j, c in enumerate(codes) if not 0 <= c < codebook_size)
-
-
-def _field_name(loc: Sequence[Union[str, int]]) -> str:
-    """('samples', 0, 'tokens', 3) -> 'samples[0].tokens[3]'."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
-
-
-@dataclass
-class ParsedBody:
-    samples: list[SpeechSample]
-    batched: bool  # the {"samples": [...]} form
-    uploads: list[str] = field(default_factory=list)  # stored prompt_audio files, released once answered
-
-
-def parse_body(raw: bytes, codebook_size: int, max_samples: int, allow_empty: bool = False,
-               references: RequestReferences | None = None,
-               max_request_reference_seconds: float = float("inf")) -> ParsedBody:
-    """Validate a /score body. Empty token lists are an error unless `allow_empty` (a reward owner: the reward
-    itself gives them reason empty_speech). `references` checks and stores the reference recordings; without it
-    a body that carries one (prompt_audio, prompt_wav) is refused. The distinct references of one body may
-    last `max_request_reference_seconds` together.
-
-    Raises BadRequest (400 malformed JSON, 422 schema, 413 too many samples or too long references) naming the field.
-    """
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise BadRequest(400, f"body is not valid JSON ({e}); send {{\"tokens\": [...], \"text\": \"...\"}}")
-    batched = isinstance(body, dict) and "samples" in body
-    if batched and isinstance(body["samples"], list) and len(body["samples"]) > max_samples:
-        raise BadRequest(
-            413, f"samples has {len(body['samples'])} entries, more than --max-batch-samples={max_samples}; "
-            "split the request"
-        )
-    try:
-        items = BatchIn.model_validate(body).samples if batched else [SampleIn.model_validate(body)]
-    except ValidationError as e:
-        msgs = [f"{_field_name(err['loc'])}: {err['msg']}" for err in e.errors()[:10]]
-        raise BadRequest(422, "invalid request body: " + "; ".join(msgs))
-    parsed = ParsedBody([], batched)
-    reference_seconds: dict[Any, float] = {}  # distinct reference -> its duration
-    try:
-        for i, item in enumerate(items):
-            where = f"samples[{i}]." if batched else ""
-            sample, key, seconds = _sample(item, where, codebook_size, allow_empty, references, parsed.uploads)
-            parsed.samples.append(sample)
-            if key is not None:
-                reference_seconds[key] = seconds
-                if sum(reference_seconds.values()) > max_request_reference_seconds:
-                    raise BadRequest(
-                        413, f"the distinct references of this body last more than --max-request-reference-seconds="
-                        f"{max_request_reference_seconds:g} together (at {where or 'the sample'}); split the request"
-                    )
-    except BaseException:
-        if references is not None:
-            references.release(parsed.uploads)
-        raise
-    return parsed
-
-
-def _sample(item: SampleIn, where: str, codebook_size: int, allow_empty: bool, references: RequestReferences | None,
-            uploads: list[str]) -> tuple[SpeechSample, Any, float]:
-    """One checked sample, the key of its reference (None without one) and the reference's duration in seconds;
-    a stored upload's path is appended to `uploads`."""
-    if not item.text.strip():
-        raise BadRequest(422, f"invalid request body: {where}text is blank; send the ground-truth text")
-    if not item.tokens and not allow_empty:
-        raise BadRequest(422, f"invalid request body: {where}tokens is empty; send at least one codec code")
-    bad = _outside_codebook(item.tokens, codebook_size)
-    if bad is not None:
-        raise BadRequest(
-            422, f"invalid request body: {where}tokens[{bad[0]}] = {bad[1]} is outside the codebook "
-            f"0..{codebook_size - 1}; send codec codes (speech token id minus the id of <|s_0|>), not vocabulary ids"
-        )
-    bad = _outside_codebook(item.prompt_codes or [], codebook_size)
-    if bad is not None:
-        raise BadRequest(
-            422, f"invalid request body: {where}prompt_codes[{bad[0]}] = {bad[1]} is outside "
-            f"the codebook 0..{codebook_size - 1}"
-        )
-    try:
-        check_reference(item.prompt_text, item.prompt_codes)  # the data loader's rule: both or neither
-    except ValueError as e:
-        raise BadRequest(422, f"invalid request body: {where}{e}") from None
-    if item.prompt_audio is not None and item.prompt_wav is not None:
-        raise BadRequest(422, f"invalid request body: {where}give the recording as prompt_audio or prompt_wav, not both")
-    wav, key, seconds = None, None, 0.0
-    try:
-        if (item.prompt_audio is not None or item.prompt_wav is not None) and references is None:
-            raise ReferenceRejected(422, f"{where}prompt_audio / prompt_wav: this endpoint takes references as prompt_codes only")
-        if item.prompt_codes:
-            if references is not None:
-                references.check_codes(item.prompt_codes, where)
-            key, seconds = tuple(item.prompt_codes), codes_seconds(item.prompt_codes)
-        if item.prompt_audio is not None:  # the reward uses the recording rather than the codes
-            wav, seconds = references.store_upload(item.prompt_audio, where)
-            uploads.append(wav)
-        elif item.prompt_wav is not None:
-            wav, seconds = references.resolve_path(item.prompt_wav, where)
-        key = wav or key
-    except ReferenceRejected as e:
-        raise BadRequest(e.status, f"invalid request body: {e}") from None
-    sample = SpeechSample(
-        text=item.text, codes=list(item.tokens), stopped=item.stopped, truncated=item.truncated,
-        num_invalid=item.num_invalid, language=item.language, prompt_text=item.prompt_text,
-        prompt_codes=list(item.prompt_codes) if item.prompt_codes else None, prompt_wav=wav,
-    )
-    return sample, key, seconds
 
 
 def _finite_or_none(x: float) -> float | None:
