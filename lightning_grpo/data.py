@@ -393,11 +393,13 @@ class PromptDataModule(L.LightningDataModule):
         )
 
     def fingerprint(self) -> str:
-        """A hash of the training rows in order (texts, languages, references): what a checkpoint's data position
-        and seed refer to."""
+        """A hash of the training rows in order (texts, languages, references; a recording by its file name, so a
+        moved data directory is the same data): what a checkpoint's data position and seed refer to."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
             for row in self.train_rows:
+                if row.get("prompt_wav"):
+                    row = {**row, "prompt_wav": Path(row["prompt_wav"]).name}
                 digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
             self._fingerprint = f"{len(self.train_rows)} rows, sha256 {digest.hexdigest()[:16]}"
         return self._fingerprint

@@ -75,3 +75,18 @@ def test_resuming_on_changed_data_stops_naming_both_fingerprints(tmp_path):
     with pytest.warns(UserWarning, match="is not the data this checkpoint trained on"):
         cli = cli_fit(tmp_path, "--trainer.max_steps=3", "--ckpt_path=last", "--data.on_data_change=warn", *common)
     assert cli.trainer.global_step == 3
+
+
+def test_the_fingerprint_follows_the_rows_not_where_the_recordings_live(tmp_path):
+    from lightning_grpo.data import PromptDataModule
+
+    def fingerprint(rows):
+        dm = PromptDataModule()
+        dm.train_rows = rows
+        return dm.fingerprint()
+
+    rows = [{"text": "One.", "language": "en", "prompt_wav": "/data/a/ref.wav"}, {"text": "Two.", "language": "en"}]
+    moved = [{**rows[0], "prompt_wav": "/mnt/b/ref.wav"}, rows[1]]
+    assert fingerprint(rows) == fingerprint(moved)
+    assert fingerprint(rows) != fingerprint(rows[::-1]) != fingerprint(rows[:1])
+    assert fingerprint(rows) != fingerprint([{**rows[0], "text": "One!"}, rows[1]])
