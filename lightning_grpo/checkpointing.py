@@ -15,7 +15,7 @@ the two would otherwise resume from an older `last.ckpt`, or from scratch before
 A file checkpoint is written atomically on its own filesystem (`atomic_save`: a temporary file in the same
 directory, fsync, rename), so a full disk or a kill mid-write leaves the previous file and no partial one;
 Lightning's own writer stages the file under /tmp and copies it across filesystems, which a full disk cuts
-short. `--ckpt_path last` also skips, naming them, files that are not readable checkpoints (truncated by an
+short; a temporary file a killed run left is removed when the next run starts. `--ckpt_path last` also skips, naming them, files that are not readable checkpoints (truncated by an
 earlier writer, or by hand) and resumes from the newest intact one.
 
 Under ModelParallelStrategy (FSDP2) a checkpoint is a directory (`last.ckpt/`, `step=N.ckpt/`): every rank
@@ -125,6 +125,9 @@ class StepCheckpoint(ModelCheckpoint):
         self._default_dirpath(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a writer the user configured stays
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero and Path(self.dirpath).is_dir():  # a run killed mid-write left its temporary file
+            for stale in Path(self.dirpath).glob(f".*{self.FILE_EXTENSION}.*.tmp"):
+                stale.unlink(missing_ok=True)
         super().setup(trainer, pl_module, stage)
 
     def _find_last_checkpoints(self, trainer) -> set[str]:  # `ckpt_path="last"` asks before setup

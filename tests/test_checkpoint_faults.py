@@ -66,8 +66,10 @@ def test_a_full_disk_during_training_leaves_a_resumable_directory(tmp_path, monk
     ckpt = tmp_path / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     assert all(checkpoint_problem(p) is None for p in ckpt.iterdir())
+    (ckpt / ".last.ckpt.x1y2.tmp").write_bytes(b"PK cut")  # what a SIGKILL mid-write leaves
     trainer, _, _ = run(tmp_path, 4, 2, ckpt_path="last")
     assert logged_steps(tmp_path) == [2, 3] and trainer.global_step == 4
+    assert not list(ckpt.glob("*.tmp"))  # removed at the start of the resumed run
 
 
 def test_resume_last_skips_a_truncated_newest_checkpoint_and_names_it(tmp_path):
