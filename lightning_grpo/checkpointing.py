@@ -15,8 +15,9 @@ the two would otherwise resume from an older `last.ckpt`, or from scratch before
 A file checkpoint is written atomically on its own filesystem (`atomic_save`: a temporary file in the same
 directory, fsync, rename), so a full disk or a kill mid-write leaves the previous file and no partial one;
 Lightning's own writer stages the file under /tmp and copies it across filesystems, which a full disk cuts
-short; a temporary file a killed run left is removed when the next run starts. `--ckpt_path last` also skips, naming them, files that are not readable checkpoints (truncated by an
-earlier writer, or by hand) and resumes from the newest intact one.
+short. A temporary file a killed run left is removed when the next run starts. `--ckpt_path last` also skips,
+naming them, files that are not readable checkpoints (truncated by an earlier writer, or by hand) and resumes
+from the newest intact one.
 
 Under ModelParallelStrategy (FSDP2) a checkpoint is a directory (`last.ckpt/`, `step=N.ckpt/`): every rank
 writes its shards with torch.distributed.checkpoint, then rank 0 writes `meta.pt` (the step, loops,
