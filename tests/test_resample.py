@@ -42,3 +42,14 @@ def test_a_reference_over_the_cap_is_refused_before_it_is_read(tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"long.wav \(column prompt_wav\) is 31.0 s long, more than the 30 s a reference may last"):
         audio.load_wav(path)
     assert audio.reference_problem(path).startswith("is 31.0 s long")
+
+
+def test_the_benchmark_runs(tmp_path):
+    import json
+
+    import bench_resample_memory
+
+    text = bench_resample_memory.main(["--smoke", "--json", str(tmp_path / "r.json")])
+    results = {r["variant"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert set(results) == {"gather-all", "blocks", "load_wav"} and results["load_wav"]["outcome"] == "read"
+    assert "| blocks |" in text and all(v < 1e-4 for v in json.loads((tmp_path / "r.json").read_text())["agreement"].values())
