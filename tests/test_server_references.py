@@ -71,7 +71,8 @@ def test_prompt_wav_outside_the_reference_dir_is_refused_alike_whether_it_exists
     reward = ReferenceSeconds()
     refs = files / "refs"
     probes = ["/etc/shadow", "/etc/passwd", "/root/.ssh/id_rsa", "/no/such/file.wav", str(files / "secret.wav"),
-              "../secret.wav", "link.wav", "~/secret.wav", "missing.wav", "notes.txt", "ok.wav/../../secret.wav"]
+              "../secret.wav", "link.wav", "~/secret.wav", "missing.wav", "notes.txt", "ok.wav/../../secret.wav",
+              "", ".", "a\x00b", "x" * 5000]
     with client(reward, reference_dir=str(refs)) as c:
         details = set()
         for name in probes:

@@ -101,11 +101,12 @@ class RequestReferences:
                 422, f"{where}prompt_wav: this server reads no files for clients (it was started without "
                 "--reference-dir); send the recording in prompt_audio (base64 WAV) or its codes in prompt_codes"
             )
-        if not name or "\x00" in name:
-            raise refused
-        real = Path(os.path.realpath(self.reference_dir / name))  # an absolute `name` replaces the directory
-        if not real.is_relative_to(self.reference_dir) or not real.is_file():
-            raise refused
+        try:
+            real = Path(os.path.realpath(self.reference_dir / name))  # an absolute `name` replaces the directory
+            if not name or not real.is_relative_to(self.reference_dir) or not real.is_file():
+                raise refused
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            raise refused from None
         import soundfile as sf
 
         try:

@@ -12,7 +12,8 @@ Endpoints:
                                 "prompt_text"?, "prompt_codes"?, "prompt_audio"?, "prompt_wav"?}, ...]}
                                                                  -> {"results": [one answer per sample, in order]}
     GET  /healthz /readyz   200 {"status": "ok"} when the models are loaded, 503 {"status": "loading"} before,
-                            503 {"status": "failed", "detail"} when loading failed.
+                            503 {"status": "failed", "detail"} when loading failed (`serve` then exits with
+                            code 1 and the reason, for a supervisor to restart it).
 "tokens" are codec codes 0..codebook_size-1 (X-codec2: 65,536), not LLaSA vocabulary ids. Metrics that
 were not measured for a sample (NaN in `RewardResult`) are null in JSON. A voice-cloning reference comes as
 codes, as the recording itself (base64 `prompt_audio`), or as a file name under the operator's
