@@ -29,8 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .llasa import check_reference
-from .reward.audio import reference_problem
+from .llasa import MAX_REFERENCE_SECONDS, check_reference
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -143,6 +142,32 @@ def _code(c: Any) -> int:
             raise ValueError(f"{c!r} is not an integer")
         return int(c)
     return int(c)  # a string: int() refuses "1.5" and "x"
+
+
+def reference_problem(path: str | Path, max_seconds: float = MAX_REFERENCE_SECONDS) -> str | None:
+    """Why the recording at `path` cannot serve as a reference (unreadable, truncated, empty, too long), else
+    None. Reads the header and the last frame only."""
+    import soundfile as sf
+
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError by file kind
+        return f"is not audio soundfile reads ({type(e).__name__}: {e}); re-export it as WAV or FLAC"
+    with f:
+        frames, rate = f.frames, f.samplerate
+        try:
+            if frames > 0:
+                f.seek(frames - 1)  # a compressed file cut short fails here (libsndfile shortens a cut WAV itself)
+                if len(f.read(1)) != 1:
+                    raise EOFError("no last frame")
+        except Exception as e:
+            return f"is truncated or corrupt: its header promises {frames} frames ({type(e).__name__}: {e}); re-export it"
+    if frames == 0:
+        return "holds no audio"
+    if frames / rate > max_seconds:
+        return (f"is {frames / rate:.1f} s long, more than the {max_seconds:g} s a reference may last (a speaker "
+                "embedding needs seconds); cut a shorter clip")
+    return None
 
 
 def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None,

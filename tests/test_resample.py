@@ -41,7 +41,9 @@ def test_a_reference_over_the_cap_is_refused_before_it_is_read(tmp_path, monkeyp
     monkeypatch.setattr(sf, "read", lambda *a, **k: pytest.fail("the samples were read"))
     with pytest.raises(ValueError, match=r"long.wav \(column prompt_wav\) is 31.0 s long, more than the 30 s a reference may last"):
         audio.load_wav(path)
-    assert audio.reference_problem(path).startswith("is 31.0 s long")
+    from lightning_grpo.data import reference_problem
+
+    assert reference_problem(path).startswith("is 31.0 s long")
 
 
 def test_the_benchmark_runs(tmp_path):

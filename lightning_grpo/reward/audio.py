@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MAX_REFERENCE_SECONDS = 30.0  # a speaker embedding needs seconds of speech; minutes only cost memory and time
+from ..llasa import MAX_REFERENCE_SECONDS
+
 RESAMPLE_BLOCK = 16_384  # output samples per filter block: (block, 2W+1) floats, 6.8 MB at 48 -> 16 kHz
 
 
@@ -54,32 +55,6 @@ def resample(wav: torch.Tensor, orig_sr: int, target_sr: int, zeros: int = 16, r
             frames = windows[k * down + int(base[p, 0])]  # (block, 2W+1)
             of_phase[k0 : k0 + k.numel()] = frames @ kernel[p]
     return out
-
-
-def reference_problem(path: str | Path, max_seconds: float = MAX_REFERENCE_SECONDS) -> str | None:
-    """Why the recording at `path` cannot serve as a reference (unreadable, truncated, empty, too long), else
-    None. Reads the header and the last frame only."""
-    import soundfile as sf
-
-    try:
-        f = sf.SoundFile(str(path))
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError by file kind
-        return f"is not audio soundfile reads ({type(e).__name__}: {e}); re-export it as WAV or FLAC"
-    with f:
-        frames, rate = f.frames, f.samplerate
-        try:
-            if frames > 0:
-                f.seek(frames - 1)  # a compressed file cut short fails here (libsndfile shortens a cut WAV itself)
-                if len(f.read(1)) != 1:
-                    raise EOFError("no last frame")
-        except Exception as e:
-            return f"is truncated or corrupt: its header promises {frames} frames ({type(e).__name__}: {e}); re-export it"
-    if frames == 0:
-        return "holds no audio"
-    if frames / rate > max_seconds:
-        return (f"is {frames / rate:.1f} s long, more than the {max_seconds:g} s a reference may last (a speaker "
-                "embedding needs seconds); cut a shorter clip")
-    return None
 
 
 def load_wav(path: str | Path, sample_rate: int = 16_000, max_seconds: float = MAX_REFERENCE_SECONDS) -> torch.Tensor:

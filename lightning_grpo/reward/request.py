@@ -36,8 +36,7 @@ from typing import Any, Iterable, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from ..llasa import TOKENS_PER_SECOND, check_reference
-from .audio import MAX_REFERENCE_SECONDS
+from ..llasa import MAX_REFERENCE_SECONDS, TOKENS_PER_SECOND, check_reference
 from .base import SpeechSample
 
 DEFAULT_MAX_REFERENCE_SECONDS = MAX_REFERENCE_SECONDS
