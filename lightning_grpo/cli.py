@@ -119,7 +119,14 @@ def check_removed_keys(args: list[str]) -> None:
 
 def _check_config_file(path: Path) -> None:
     try:
-        config = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"--config {path} is not a YAML text file (byte {e.object[e.start]:#04x} at offset {e.start} is not "
+            "UTF-8); pass a YAML config such as configs/tiny_cpu.yaml"
+        ) from None
+    try:
+        config = yaml.safe_load(text)
     except yaml.YAMLError:
         return  # the parser reports it
     if not isinstance(config, dict):

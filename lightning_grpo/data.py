@@ -17,38 +17,82 @@ has them, so data without references gives the batches it always did.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import numbers
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection, Literal
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .llasa import check_reference
+from .llasa import MAX_REFERENCE_SECONDS, check_reference
 
 ASSETS = Path(__file__).parent / "assets"
 
 
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+
+
 def _rows_from_file(path: Path) -> list[dict[str, Any]]:
+    """The rows of a data file; a file that does not parse, is not UTF-8 or holds other than objects (one per
+    row) is a ValueError naming the file and the line or row."""
     suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise ValueError(f"prompt file {path} has suffix {suffix!r}; use .parquet, .jsonl, .json, .csv or .txt")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    if suffix in (".jsonl", ".json"):
+    try:
         text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text (line {line}: byte {e.object[e.start]:#04x}); save it as UTF-8") from None
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".txt":
-        return [{"text": line.rstrip("\n")} for line in path.read_text(encoding="utf-8").splitlines()]
-    raise ValueError(f"prompt file {path} has suffix {suffix!r}; use .parquet, .jsonl, .json, .csv or .txt")
+        rows: list[Any] = list(csv.DictReader(text.splitlines()))
+    elif suffix == ".txt":
+        rows = [{"text": line} for line in text.splitlines()]
+    elif suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    else:  # JSON lines
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}: line {n}, column {e.colno}: not valid JSON ({e.msg}); each line must be one object "
+                        'like {"text": "..."}'
+                    ) from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}: row {i} is a {type(row).__name__} ({str(row)[:40]!r}), not an object; write rows like "
+                '{"text": "..."}, or put plain sentences in a .txt file, one per line'
+            )
+    return rows
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a data source that is no local file was meant as one rather than a HF datasets id (owner/name)."""
+    first = source.split("/", 1)[0]
+    return (source.lower().endswith(DATA_SUFFIXES) or source.startswith(("/", ".", "~")) or source.count("/") > 1
+            or ("/" in source and Path(first).is_dir()))
+
+
+def missing_path_error(source: str, flag: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{flag} {source!r}: no such file or directory ({Path(source).expanduser().absolute()}); fix the path "
+        "(a HF datasets id looks like owner/name)"
+    )
 
 
 def _text_of(row: dict[str, Any], text_column: str) -> Any:
@@ -100,9 +144,37 @@ def _code(c: Any) -> int:
     return int(c)  # a string: int() refuses "1.5" and "x"
 
 
-def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
+def reference_problem(path: str | Path, max_seconds: float = MAX_REFERENCE_SECONDS) -> str | None:
+    """Why the recording at `path` cannot serve as a reference (unreadable, truncated, empty, too long), else
+    None. Reads the header and the last frame only."""
+    import soundfile as sf
+
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError by file kind
+        return f"is not audio soundfile reads ({type(e).__name__}: {e}); re-export it as WAV or FLAC"
+    with f:
+        frames, rate = f.frames, f.samplerate
+        try:
+            if frames > 0:
+                f.seek(frames - 1)  # a compressed file cut short fails here (libsndfile shortens a cut WAV itself)
+                if len(f.read(1)) != 1:
+                    raise EOFError("no last frame")
+        except Exception as e:
+            return f"is truncated or corrupt: its header promises {frames} frames ({type(e).__name__}: {e}); re-export it"
+    if frames == 0:
+        return "holds no audio"
+    if frames / rate > max_seconds:
+        return (f"is {frames / rate:.1f} s long, more than the {max_seconds:g} s a reference may last (a speaker "
+                "embedding needs seconds); cut a shorter clip")
+    return None
+
+
+def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None,
+                     readable: dict[Path, str | None] | None = None) -> dict[str, Any]:
     """The voice-cloning columns a row gives (none for a plain row), checked: transcript and codes together,
-    a wav path that exists (relative paths resolved against `base_dir`)."""
+    a wav path to a recording soundfile reads to its end, at most MAX_REFERENCE_SECONDS long (relative paths
+    resolved against `base_dir`). `readable` remembers the recordings already checked (rows share them)."""
     out: dict[str, Any] = {}
     prompt_text = row.get("prompt_text")
     if prompt_text is not None and not isinstance(prompt_text, str):
@@ -122,6 +194,11 @@ def reference_fields(row: dict[str, Any], where: str, base_dir: Path | None) -> 
             path = base_dir / path
         if not path.is_file():
             raise ValueError(f"{where}: prompt_wav {wav!r} is not a file ({path}); fix the path or leave the column empty")
+        problem = readable[path] if readable is not None and path in readable else reference_problem(path)
+        if readable is not None:
+            readable[path] = problem
+        if problem:
+            raise ValueError(f"{where}: prompt_wav {wav!r} ({path}) {problem}")
         out["prompt_wav"] = str(path)
     elif wav is not None and not isinstance(wav, str):
         raise ValueError(f"{where}: prompt_wav must be a path string, got {type(wav).__name__}")
@@ -149,12 +226,15 @@ def load_prompts(
     elif Path(source).expanduser().is_file():
         raw = _rows_from_file(Path(source).expanduser())
         base_dir = Path(source).expanduser().parent
+    elif looks_like_path(source):
+        raise missing_path_error(source, "prompt data")
     else:
         import datasets
 
         raw = list(datasets.load_dataset(source, split=split))
         base_dir = None
     rows = []
+    readable: dict[Path, str | None] = {}  # reference recordings already checked -> why not readable
     for i, row in enumerate(raw):
         text = _text_of(row, text_column)
         if not isinstance(text, str) or not text.strip():
@@ -164,7 +244,7 @@ def load_prompts(
             )
         where = f"row {i} of {source!r} (split {split!r})"
         rows.append({"text": text.strip(), "language": row.get(language_column) or default_language,
-                     **reference_fields(row, where, base_dir)})
+                     **reference_fields(row, where, base_dir, readable)})
     if not rows:
         raise ValueError(f"{source!r} (split {split!r}) has no rows")
     return rows
@@ -256,6 +336,7 @@ class PromptDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
         num_workers: int = 0,
+        on_data_change: Literal["error", "warn"] = "error",
     ) -> None:
         """
         Args:
@@ -270,6 +351,9 @@ class PromptDataModule(L.LightningDataModule):
                 `extra_info.text` (the original recipe's parquet) are read when text_column is absent.
             default_language: language for rows without one (None: the reward's default).
             max_train_samples / max_val_samples: keep only the first n rows.
+            on_data_change: a checkpoint keeps a fingerprint of the training rows; resuming on other rows (an
+                edited file, another max_train_samples) would silently draw another order from the same seed.
+                "error" stops the resume naming both fingerprints; "warn" resumes anyway.
         """
         super().__init__()
         if prompts_per_step < 1:
@@ -284,6 +368,10 @@ class PromptDataModule(L.LightningDataModule):
         self.default_language = default_language
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
         self.num_workers = num_workers
+        if on_data_change not in ("error", "warn"):
+            raise ValueError(f"--data.on_data_change={on_data_change!r} must be error or warn")
+        self.on_data_change = on_data_change
+        self._fingerprint: str | None = None
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
         self._resume: dict[str, int] = {}
@@ -329,16 +417,50 @@ class PromptDataModule(L.LightningDataModule):
             collate_fn=collate_prompts, num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
         )
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the training data stands (epoch, its seed, batches used in it), saved in every checkpoint."""
+    def fingerprint(self) -> str:
+        """A hash of the training rows in order (texts, languages, references; a recording by its file name, so a
+        moved data directory is the same data): what a checkpoint's data position and seed refer to."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for row in self.train_rows:
+                if row.get("prompt_wav"):
+                    row = {**row, "prompt_wav": Path(row["prompt_wav"]).name}
+                digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
+            self._fingerprint = f"{len(self.train_rows)} rows, sha256 {digest.hexdigest()[:16]}"
+        return self._fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data stands (epoch, its seed, batches used in it, the rows' fingerprint), saved in
+        every checkpoint."""
         t = self.trainer
         if t is None or t.state.fn != "fit" or self._order is None:
             return {}
         return {"epoch": t.current_epoch, "seed": self._order.seed,
-                "batches": t.fit_loop.epoch_loop.batch_progress.current.processed}
+                "batches": t.fit_loop.epoch_loop.batch_progress.current.processed, "fingerprint": self.fingerprint()}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = dict(state_dict)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("fingerprint")
+        if saved is not None and self.train_rows and saved != self.fingerprint():
+            message = (
+                f"--data.train_data {self.train_data!r} is not the data this checkpoint trained on (checkpoint: "
+                f"{saved}; now: {self.fingerprint()}): resuming would draw another order of prompts from the same seed"
+            )
+            if self.on_data_change == "error":
+                raise ValueError(f"{message}. Restore the data, or pass --data.on_data_change warn to resume anyway")
+            rank_zero_warn(message)
+        self._resume = {k: v for k, v in state_dict.items() if k != "fingerprint"}
+
+    def check_rows(self, check: Callable[[dict[str, Any]], Any]) -> None:
+        """Run `check` on every loaded row, training and validation (the rollout encodes each prompt, so a prompt
+        over --rollout.max_prompt_length stops the run at its start, not at the step that draws it); a ValueError
+        it raises names the data source and the row."""
+        for source, split, rows in ((self.train_data, self.train_split, self.train_rows),
+                                    (self.val_data, self.val_split, self.val_rows)):
+            for i, row in enumerate(rows):
+                try:
+                    check(row)
+                except ValueError as e:
+                    raise ValueError(f"row {i} of {source!r} (split {split!r}): {e}") from None
 
     def topup_prompts(self, count: int, step: int, start: int, exclude: Collection[str] = ()) -> dict[str, list]:
         """A batch of `count` further training prompts for training rollout `step` on this rank

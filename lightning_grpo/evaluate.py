@@ -36,6 +36,7 @@ has none, e.g. RemoteReward). A reward that already scores SIM is left as it is.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,16 @@ def default_out_dir(ckpt_path: str | None) -> str:
     return f"runs/eval/{run}-{path.stem}" if run else f"runs/eval/{path.stem}"
 
 
+def check_writable(out_dir: str | Path) -> None:
+    """Create `out_dir` and write a file into it, or raise naming --out_dir."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--out_dir {out_dir} is not writable ({type(e).__name__}: {e}); choose a directory you can write") from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """`evaluate [--ckpt_path P] [--out_dir D] --config fit.yaml [fit overrides...]` or `evaluate --compare A B`."""
     import argparse
@@ -260,13 +271,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         ckpt = None
     elif ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
         raise FileNotFoundError(f"--ckpt_path={ckpt} is neither a .ckpt file nor an exported HF directory")
+    elif ckpt:
+        from .export import check_checkpoint
+
+        check_checkpoint(ckpt)
+    out_dir = args.out_dir or default_out_dir(args.ckpt_path)
+    check_writable(out_dir)  # before the evaluation, which a report that cannot be written would lose
     # overrides after the user's --config and arguments, except model weights the user chose explicitly
     cli = build_cli([*rest, *overrides], run=False)
     if not cli.datamodule.val_data:
         raise ValueError("--data.val_data is None: evaluate needs a test split (e.g. --data.val_data ~/data/llasa-tts-rl-grpo)")
     meta = {"ckpt_path": args.ckpt_path, "model": cli.model.hparams.model_name_or_path,
             "global_step": trained_steps(args.ckpt_path), "val_data": cli.datamodule.val_data}
-    report = ValidationReport(out_dir=args.out_dir or default_out_dir(args.ckpt_path), meta=meta, seed_tts=args.seed_tts)
+    report = ValidationReport(out_dir=out_dir, meta=meta, seed_tts=args.seed_tts)
     if args.sim:
         from .rollout import GRPORollout
 

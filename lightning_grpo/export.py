@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from .checkpointing import SHARDED_METADATA, is_sharded_checkpoint
+from .checkpointing import SHARDED_METADATA, checkpoint_problem, is_sharded_checkpoint
 from .lora import export_lora
 from .policy import GRPOPolicy
 
@@ -43,12 +43,33 @@ def checkpoint_meta(ckpt_path: str) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: no second copy in RAM
 
 
+def check_checkpoint(ckpt_path: str) -> dict:
+    """`checkpoint_meta` of a checkpoint `fit` wrote; anything else is an error naming --ckpt_path and what it is
+    instead of torch's unpickling message."""
+    fix = "pass a checkpoint fit wrote (e.g. checkpoints/last.ckpt)"
+    problem = checkpoint_problem(ckpt_path)
+    if problem == "no such file":
+        raise FileNotFoundError(f"--ckpt_path={ckpt_path}: no such file or directory; {fix}")
+    if problem is not None:
+        raise ValueError(f"--ckpt_path={ckpt_path} is {problem}; {fix}")
+    try:
+        meta = checkpoint_meta(ckpt_path)
+    except Exception as e:
+        raise ValueError(f"--ckpt_path={ckpt_path} does not load as a checkpoint ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(meta, dict) or "hyper_parameters" not in meta:
+        got = f"a dict of {sorted(meta)[:5]}" if isinstance(meta, dict) else f"a {type(meta).__name__}"
+        raise ValueError(f"--ckpt_path={ckpt_path} holds {got}, not a Lightning checkpoint of GRPOPolicy; {fix}")
+    return meta
+
+
 def load_policy(ckpt_path: str, map_location: str = "cpu") -> GRPOPolicy:
     """The GRPOPolicy of a Lightning checkpoint (a .ckpt file, or a sharded directory written under
     ModelParallelStrategy), without building the KL reference, in one process."""
     path = Path(ckpt_path)
     # beta=0 skips the reference copy: exporting needs the policy only; the weights are built here, not on rank 0
     overrides = {"beta": 0.0, "load_on_rank0": False}
+    if path.is_file() or not path.exists():
+        check_checkpoint(ckpt_path)
     if path.is_file():
         return GRPOPolicy.load_from_checkpoint(ckpt_path, map_location=map_location, **overrides)
     if not is_sharded_checkpoint(path):

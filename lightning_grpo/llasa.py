@@ -34,6 +34,7 @@ LLAMA3_VOCAB_SIZE = 128_256
 XCODEC2_CODEBOOK_SIZE = 65_536
 TOKENS_PER_SECOND = 50  # X-codec2 frame rate at 16 kHz
 SAMPLE_RATE = 16_000
+MAX_REFERENCE_SECONDS = 30.0  # a voice-cloning reference clip: a speaker embedding needs seconds, not minutes
 USER_INSTRUCTION = "Convert the text to speech:"
 
 

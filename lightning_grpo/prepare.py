@@ -34,7 +34,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .data import _rows_from_file, _text_of, reference_fields
+from .data import _rows_from_file, _text_of, looks_like_path, missing_path_error, reference_fields
 from .llasa import encode_prompt, prompt_messages
 
 ABILITY = "text-to-speech"
@@ -48,6 +48,8 @@ def read_rows(data_source: str, split: str = "train") -> list[dict[str, Any]]:
         return _rows_from_file(path)
     if path.is_dir():
         raise ValueError(f"--data_source={data_source} is a directory; pass one csv/jsonl/json/txt/parquet file")
+    if looks_like_path(data_source):
+        raise missing_path_error(data_source, "--data_source")
     import datasets
 
     return list(datasets.load_dataset(data_source, split=split))
@@ -63,11 +65,13 @@ def clean_texts(
 ) -> tuple[list[dict[str, Any]], int]:
     """[{"text", "language", voice-cloning fields if any}] with whitespace stripped, and the number of empty rows
     dropped. An empty or missing text raises a ValueError naming the row, unless `drop_empty`; a bad reference
-    (transcript without codes or the reverse, codes that are not integers, a missing wav) always does.
+    (transcript without codes or the reverse, codes that are not integers, a missing, unreadable or too long
+    wav) always does.
     """
     path = Path(data_source).expanduser()
     base_dir = path.parent if path.is_file() else None
     out, dropped = [], 0
+    readable: dict[Path, str | None] = {}  # reference recordings already checked
     for i, row in enumerate(rows):
         text = _text_of(row, text_column)
         if not isinstance(text, str) or not text.strip():
@@ -78,7 +82,7 @@ def clean_texts(
                 f"row {i} of {data_source!r} has no text in column {text_column!r} (got {text!r}); "
                 "fix the row, name the column with --text_column, or pass --drop_empty to skip such rows"
             )
-        reference = reference_fields(row, f"row {i} of {data_source!r}", base_dir)
+        reference = reference_fields(row, f"row {i} of {data_source!r}", base_dir, readable)
         if "prompt_text" in reference:
             reference["prompt_text"] = " ".join(reference["prompt_text"].split())
         out.append({"text": " ".join(text.split()), "language": row.get(language_column) or language, **reference})

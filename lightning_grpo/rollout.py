@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import dynamic_sampling, timing
 from .batch import Rollout
-from .data import REFERENCE_COLUMNS
+from .data import REFERENCE_COLUMNS, collate_prompts
 from .distributed import gather_from_ranks
 from .dynamic_sampling import reduce_stats, zero_spread
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
@@ -233,6 +233,9 @@ class GRPORollout(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.vocab = LlasaVocab.from_tokenizer(pl_module.tokenizer)
+        check_rows = getattr(trainer.datamodule, "check_rows", None) if trainer is not None else None
+        if callable(check_rows):  # every prompt fits max_prompt_length, checked before the first step
+            check_rows(lambda row: self.encode_prompts(pl_module, collate_prompts([row])))
         if self.dynamic_sampling and stage == "fit" and trainer is not None:
             self._topup_source(trainer)  # fail before the first rollout
         start = getattr(self.reward, "start", None)

@@ -46,7 +46,7 @@ class Record(L.Callback):
         self.samples.append(batch["rollout"].completion_ids)
 
 
-def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=None, val_every=None):
+def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=None, val_every=None, ckpt_dir=None):
     L.seed_everything(0)
     record = Record()
     trainer = L.Trainer(
@@ -55,7 +55,7 @@ def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=
         val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1, num_sanity_val_steps=0,
         callbacks=[KillAt(kill_at), GRPORollout(HFSampler(max_new_tokens=8), RuleReward(codes_per_char=0.3, band=(0, 16)),
                                                 group_size=2, truncation="keep"), record,
-                   StepCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=every)],
+                   StepCheckpoint(dirpath=str(ckpt_dir or root / "ckpt"), every_n_train_steps=every)],
     )
     policy = GRPOPolicy(learning_rate=1e-2, micro_batch_size=8)
     dm = PromptDataModule(prompts_per_step=2, val_data="builtin:en" if val_every else None, val_prompts_per_step=2,

@@ -189,19 +189,22 @@ def test_prepare_writes_cloning_rows_that_train(tmp_path):
         assert key in metrics and metrics[key] == metrics[key], key
 
 
-def test_scoring_server_body_carries_the_reference():
+def test_scoring_server_body_carries_the_reference(tmp_path):
     """Client serialisation -> server parsing gives back the same samples (the reference included; `group`
     stays in the trainer), and the server names a reference code outside the codebook."""
     from lightning_grpo.reward.client import _sample_json
+    from lightning_grpo.reward.request import RequestReferences
     from lightning_grpo.reward.server import BadRequest, parse_body
 
+    wav = tmp_path / "ref.wav"
+    sf.write(wav, np.zeros(1600, dtype=np.float32), 16_000)
     sent = [SpeechSample(text=TARGET, codes=[1, 2], language="en", prompt_text=REF_TEXT, prompt_codes=REF_CODES,
-                          prompt_wav="/data/ref.wav", group=3),
+                          prompt_wav=str(wav), group=3),
             SpeechSample(text="Plain.", codes=[4], truncated=True, group=3)]
     body = json.dumps({"samples": [_sample_json(s) for s in sent]}).encode()
     assert "prompt_codes" not in json.loads(body)["samples"][1]  # plain samples keep the earlier body
-    got, batched = parse_body(body, codebook_size=64, max_samples=8)
-    assert batched and got == [replace(s, group=None) for s in sent]
+    got = parse_body(body, codebook_size=64, max_samples=8, references=RequestReferences(tmp_path))
+    assert got.batched and got.samples == [replace(s, group=None) for s in sent]
     bad = json.dumps({"samples": [{**_sample_json(sent[0]), "prompt_codes": [1, 99]}]}).encode()
     with pytest.raises(BadRequest, match=r"samples\[0\].prompt_codes\[1\] = 99 is outside the codebook 0..63"):
         parse_body(bad, codebook_size=64, max_samples=8)

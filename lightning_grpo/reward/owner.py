@@ -204,7 +204,9 @@ class SharedReward:
             cmd = [sys.executable, "-m", "lightning_grpo.reward.server", "--reward-factory", str(factory_file),
                    "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(self.max_batch_size),
                    "--max-wait-ms", str(self.max_wait_ms), "--max-batch-samples", str(self.max_samples_per_request),
-                   "--exit-with-parent", str(os.getpid()), "--allow-empty-tokens", "--log-level", "info"]
+                   "--exit-with-parent", str(os.getpid()), "--allow-empty-tokens", "--log-level", "info",
+                   # its one client is this trainer (loopback, random token), sending its own data rows' paths
+                   "--reference-dir", "/"]
             with open(log_path, "ab") as out:
                 out.write(f"\n==== reward owner of node {node}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                           f"{' '.join(cmd)}\n".encode())

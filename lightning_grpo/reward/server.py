@@ -9,12 +9,15 @@ process and the trainers score through `lightning_grpo.reward.client.RemoteRewar
 Endpoints:
     POST /score   {"tokens": [codes], "text": str}               -> {"nll", "transcript", "cer", "reward", "reason", "metrics"}
                   {"samples": [{"tokens", "text", "language"?, "stopped"?, "truncated"?, "num_invalid"?,
-                                "prompt_text"?, "prompt_codes"?, "prompt_wav"?}, ...]}
+                                "prompt_text"?, "prompt_codes"?, "prompt_audio"?, "prompt_wav"?}, ...]}
                                                                  -> {"results": [one answer per sample, in order]}
     GET  /healthz /readyz   200 {"status": "ok"} when the models are loaded, 503 {"status": "loading"} before,
-                            503 {"status": "failed", "detail"} when loading failed.
+                            503 {"status": "failed", "detail"} when loading failed (`serve` then exits with
+                            code 1 and the reason, for a supervisor to restart it).
 "tokens" are codec codes 0..codebook_size-1 (X-codec2: 65,536), not LLaSA vocabulary ids. Metrics that
-were not measured for a sample (NaN in `RewardResult`) are null in JSON.
+were not measured for a sample (NaN in `RewardResult`) are null in JSON. A voice-cloning reference comes as
+codes, as the recording itself (base64 `prompt_audio`), or as a file name under the operator's
+`--reference-dir`; the server opens no other path a client names (reward/request.py).
 
 In the original single-sample body `"nll"` is always finite, for the original client's `float(resp["nll"])`:
 the measured NLL capped at `original_nll_cap` (100 nats/token), the cap itself where nothing was measured
@@ -36,7 +39,6 @@ import argparse
 import asyncio
 import hmac
 import importlib
-import json
 import logging
 import math
 import os
@@ -44,14 +46,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from ..llasa import XCODEC2_CODEBOOK_SIZE, check_reference
+from ..llasa import XCODEC2_CODEBOOK_SIZE
 from .base import Reward, RewardResult, SpeechSample
+from .request import (
+    DEFAULT_MAX_REFERENCE_SECONDS, DEFAULT_MAX_REQUEST_REFERENCE_SECONDS, BadRequest, RequestReferences, parse_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,104 +64,6 @@ DEFAULT_PORT = 8001  # WHISPER_SERVER=http://127.0.0.1:8001 (the original README
 TOKEN_ENV = "WHISPER_SERVER_TOKEN"
 
 RewardFactory = Callable[[], Reward]
-
-
-# ----------------------------------------------------------------------------------------------- schemas
-
-
-class SampleIn(BaseModel):
-    """One sample of a request body; the original server's body is exactly {"tokens", "text"}."""
-
-    model_config = ConfigDict(extra="forbid")
-    tokens: list[StrictInt]  # at least one unless the app allows empty ones (parse_body)
-    text: StrictStr = Field(min_length=1)
-    language: StrictStr | None = None
-    stopped: StrictBool = True
-    truncated: StrictBool = False
-    num_invalid: StrictInt = Field(0, ge=0)
-    # voice cloning (SpeechSample): the reference clip's transcript and codes, and its recording's path on
-    # the server's file system
-    prompt_text: StrictStr | None = None
-    prompt_codes: list[StrictInt] | None = None
-    prompt_wav: StrictStr | None = None
-
-
-class BatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    samples: list[SampleIn] = Field(min_length=1)
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-def _outside_codebook(codes: Sequence[int], codebook_size: int) -> tuple[int, int] | None:
-    """(index, code) of the first code outside [0, codebook_size), or None (min/max first: the common case is fast)."""
-    if min(codes, default=0) >= 0 and max(codes, default=0) < codebook_size:
-        return None
-    return next((j, c) for j, c in enumerate(codes) if not 0 <= c < codebook_size)
-
-
-def _field_name(loc: Sequence[Union[str, int]]) -> str:
-    """('samples', 0, 'tokens', 3) -> 'samples[0].tokens[3]'."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
-
-
-def parse_body(raw: bytes, codebook_size: int, max_samples: int, allow_empty: bool = False) -> tuple[list[SpeechSample], bool]:
-    """Validate a /score body; returns the samples and whether it was the batched form. Empty token lists are
-    an error unless `allow_empty` (a reward owner: the reward itself gives them reason empty_speech).
-
-    Raises BadRequest (400 malformed JSON, 422 schema, 413 too many samples) naming the field.
-    """
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise BadRequest(400, f"body is not valid JSON ({e}); send {{\"tokens\": [...], \"text\": \"...\"}}")
-    batched = isinstance(body, dict) and "samples" in body
-    if batched and isinstance(body["samples"], list) and len(body["samples"]) > max_samples:
-        raise BadRequest(
-            413, f"samples has {len(body['samples'])} entries, more than --max-batch-samples={max_samples}; "
-            "split the request"
-        )
-    try:
-        items = BatchIn.model_validate(body).samples if batched else [SampleIn.model_validate(body)]
-    except ValidationError as e:
-        msgs = [f"{_field_name(err['loc'])}: {err['msg']}" for err in e.errors()[:10]]
-        raise BadRequest(422, "invalid request body: " + "; ".join(msgs))
-    samples = []
-    for i, item in enumerate(items):
-        where = f"samples[{i}]." if batched else ""
-        if not item.text.strip():
-            raise BadRequest(422, f"invalid request body: {where}text is blank; send the ground-truth text")
-        if not item.tokens and not allow_empty:
-            raise BadRequest(422, f"invalid request body: {where}tokens is empty; send at least one codec code")
-        bad = _outside_codebook(item.tokens, codebook_size)
-        if bad is not None:
-            raise BadRequest(
-                422, f"invalid request body: {where}tokens[{bad[0]}] = {bad[1]} is outside the codebook "
-                f"0..{codebook_size - 1}; send codec codes (speech token id minus the id of <|s_0|>), not vocabulary ids"
-            )
-        bad = _outside_codebook(item.prompt_codes or [], codebook_size)
-        if bad is not None:
-            raise BadRequest(
-                422, f"invalid request body: {where}prompt_codes[{bad[0]}] = {bad[1]} is outside "
-                f"the codebook 0..{codebook_size - 1}"
-            )
-        try:
-            check_reference(item.prompt_text, item.prompt_codes)  # the data loader's rule: both or neither
-        except ValueError as e:
-            raise BadRequest(422, f"invalid request body: {where}{e}") from None
-        samples.append(SpeechSample(
-            text=item.text, codes=list(item.tokens), stopped=item.stopped, truncated=item.truncated,
-            num_invalid=item.num_invalid, language=item.language, prompt_text=item.prompt_text,
-            prompt_codes=list(item.prompt_codes) if item.prompt_codes else None, prompt_wav=item.prompt_wav,
-        ))
-    return samples, batched
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -344,6 +250,10 @@ def create_app(
     codebook_size: int = XCODEC2_CODEBOOK_SIZE,
     original_nll_cap: float = ORIGINAL_NLL_CAP,
     allow_empty_tokens: bool = False,
+    reference_dir: str | None = None,
+    max_reference_seconds: float = DEFAULT_MAX_REFERENCE_SECONDS,
+    max_request_reference_seconds: float = DEFAULT_MAX_REQUEST_REFERENCE_SECONDS,
+    on_load_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The scoring app.
 
@@ -360,9 +270,17 @@ def create_app(
             unmeasured ones (null elsewhere) answer it, so the original client never meets null or inf.
         allow_empty_tokens: pass samples without codes to the reward (a trainer's reward owner sends every
             sample); otherwise they answer 422, as the original server's clients expect.
+        reference_dir: the only directory whose files a sample's `prompt_wav` may name (None: no paths).
+        max_reference_seconds: longest reference (codes, upload or file) of one sample; longer ones answer 413.
+        max_request_reference_seconds: the distinct references of one body together; more answer 413.
+        on_load_failure: called with the reason when building the reward fails (`serve` stops the process).
     """
     if max_request_bytes < 1 or max_request_samples < 1 or codebook_size < 1:
         raise ValueError("--max-request-bytes, --max-batch-samples and --codebook-size must be >= 1")
+    if not max_request_reference_seconds >= max_reference_seconds:
+        raise ValueError(f"--max-request-reference-seconds={max_request_reference_seconds} must be >= "
+                         f"--max-reference-seconds={max_reference_seconds}")
+    references = RequestReferences(reference_dir, max_reference_seconds)
     if not 0 < original_nll_cap < 700:  # exp(-cap / tau) must not underflow for the usual tau >= 1
         raise ValueError(f"--original-nll-cap={original_nll_cap} must be in (0, 700); the default is {ORIGINAL_NLL_CAP}")
     is_factory = isinstance(reward, type) or not hasattr(reward, "score")  # a class is a factory too
@@ -379,6 +297,8 @@ def create_app(
         except BaseException as e:  # report, don't die: /healthz says why, clients fail loudly
             log.exception("loading the reward failed")
             state["status"], state["detail"] = "failed", f"{type(e).__name__}: {e}"
+            if on_load_failure is not None:
+                on_load_failure(state["detail"])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -392,8 +312,10 @@ def create_app(
             yield
         finally:
             await batcher.stop()
+            references.close()
 
     app = FastAPI(title="lightning_grpo scoring server", lifespan=lifespan)
+    app.state.load = state
 
     def health() -> JSONResponse:
         code = 200 if state["status"] == "ok" else 503
@@ -420,18 +342,21 @@ def create_app(
                 raw += chunk
                 if len(raw) > max_request_bytes:
                     raise BadRequest(413, f"body exceeds --max-request-bytes={max_request_bytes}")
-            samples, batched = parse_body(bytes(raw), codebook_size, max_request_samples, allow_empty_tokens)
             if state["status"] != "ok":
                 raise BadRequest(503, f"reward is {state['status']}: {state['detail'] or 'retry later'}")
+            body = parse_body(bytes(raw), codebook_size, max_request_samples, allow_empty_tokens, references,
+                              max_request_reference_seconds)
             try:
-                result = await batcher_box["b"].score(samples)
+                result = await batcher_box["b"].score(body.samples)
             except Exception as e:
                 raise BadRequest(500, f"reward failed: {type(e).__name__}: {e}")
+            finally:
+                references.release(body.uploads)
         except BadRequest as e:
             headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
             return JSONResponse({"detail": e.detail}, status_code=e.status, headers=headers)
         answers = result_to_json(result)
-        return JSONResponse({"results": answers} if batched else original_body(answers[0], original_nll_cap))
+        return JSONResponse({"results": answers} if body.batched else original_body(answers[0], original_nll_cap))
 
     return app
 
@@ -444,8 +369,16 @@ def serve(reward: Reward | RewardFactory, host: str = DEFAULT_HOST, port: int = 
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the scoring server is reachable from other machines%s", host,
                     "" if app_kwargs.get("token") else " and has no --token")
-    uvicorn.run(create_app(reward, **app_kwargs), host=host, port=port, log_level=log_level,
-                access_log=False, timeout_keep_alive=30)
+
+    def stop(reason: str) -> None:  # a supervisor restarts a process that exits, not one that answers 503 forever
+        server.should_exit = True
+
+    app = create_app(reward, on_load_failure=stop, **app_kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                           timeout_keep_alive=30))
+    server.run()
+    if app.state.load["status"] == "failed":
+        raise SystemExit(f"scoring server: building the reward failed: {app.state.load['detail']}")
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -528,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original-nll-cap", type=float, default=ORIGINAL_NLL_CAP,
                    help="'nll' of the original single-sample body: measured values capped here, unmeasured ones answer it")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--reference-dir", default=None,
+                   help="directory whose recordings a sample's prompt_wav may name (default: none; clients send "
+                   "prompt_audio or prompt_codes); no path outside it is opened, symlinks and '..' included")
+    p.add_argument("--max-reference-seconds", type=float, default=DEFAULT_MAX_REFERENCE_SECONDS,
+                   help="longest reference clip of one sample (codes, prompt_audio or prompt_wav); longer: 413")
+    p.add_argument("--max-request-reference-seconds", type=float, default=DEFAULT_MAX_REQUEST_REFERENCE_SECONDS,
+                   help="the distinct reference clips of one body together; more: 413")
     p.add_argument("--allow-empty-tokens", action="store_true",
                    help="score samples without codes with the reward itself instead of answering 422 (reward owners)")
     p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
@@ -582,7 +522,9 @@ def main(argv: list[str] | None = None) -> None:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_request_bytes=args.max_request_bytes, max_request_samples=args.max_batch_samples,
         codebook_size=args.codebook_size, original_nll_cap=args.original_nll_cap,
-        allow_empty_tokens=args.allow_empty_tokens,
+        allow_empty_tokens=args.allow_empty_tokens, reference_dir=args.reference_dir,
+        max_reference_seconds=args.max_reference_seconds,
+        max_request_reference_seconds=args.max_request_reference_seconds,
     )
 
 
