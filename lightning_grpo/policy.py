@@ -323,6 +323,9 @@ class GRPOPolicy(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._reference_to_device()
+        for model in (self.policy, self.reference):  # before Lightning restores AdamW's state (sharding.py)
+            if model is not None:
+                sharding.finish_lazy_init(model)
         ddp = self.trainer.strategy.model
         if isinstance(ddp, DistributedDataParallel):
             self._grads_in_buckets = ddp.gradient_as_bucket_view

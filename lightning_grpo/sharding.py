@@ -30,6 +30,8 @@ shards to the GPU before its all-gather and its reduce-scattered gradient back t
 runs on the CPU. The shards are pinned on CUDA (asynchronous copies, overlapped with compute), and FSDP re-pins them
 in host RAM after any `module.to(...)` or `to_empty(...)` (FSDPParam.reset_sharded_param): Lightning moving the
 module to the GPU after `configure_model` costs one round trip of the shards at setup and leaves them on the host.
+`GRPOPolicy.on_fit_start` then runs FSDP's lazy initialisation (`finish_lazy_init`), which would otherwise wait for the
+first forward, so that a resume creates and loads AdamW's state beside shards already where training keeps them.
 Gathering a shard for vLLM (`full_weight`) moves it to the mesh's device first, as torch's own state-dict gathering
 does. On a CPU mesh (the tests) the copies are no-ops.
 """
@@ -136,6 +138,17 @@ def offload_policy_for(offload: str, device: torch.device) -> OffloadPolicy:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def finish_lazy_init(model: torch.nn.Module) -> None:
+    """Run FSDP2's lazy initialisation of a sharded model now rather than at its first forward (a no-op if it has run,
+    or for a model that is not sharded). It makes `model` the root, and with CPU offload it (re)places every shard in
+    (pinned) host RAM and checks that it is there. Lightning restores a checkpoint's AdamW state after `on_fit_start`
+    and before any forward: torch's `get_optimizer_state_dict` creates the state with a zero step where the parameters
+    are, so the restore must see them where training keeps them, or 8B's state (~34 GB a rank) would land on the GPU
+    and the fused CPU step would mix devices."""
+    if isinstance(model, FSDPModule):
+        model._get_fsdp_state()._lazy_init()  # torch has no public call; idempotent (returns once the root is set)
 
 
 def _head_and_tied(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
