@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import grpo, lora as lora_lib, sharding, timing
 from .batch import Rollout
-from .distributed import concat_from_ranks, sum_over_ranks
+from .distributed import concat_from_ranks, gather_by_name, sum_over_ranks
 
 BUILTIN_TINY = "builtin:tiny-llasa"
 
@@ -615,7 +615,9 @@ class GRPOPolicy(L.LightningModule):
         }
         for name, value in sorted(r.reward_result.metrics.items()):
             per_sample[name] = value.float().to(self.device)
-        gathered = {k: self.all_gather(v).reshape(-1) for k, v in per_sample.items()}  # (world*N,)
+        # the union of every rank's names (the ranks may score with different metrics); what a rank lacks is NaN,
+        # left out of the statistics below
+        gathered = gather_by_name(per_sample, r.rewards.numel(), self.device)  # {name: (world*N,)}
         stats = {}
         for name, v in gathered.items():
             finite = v[torch.isfinite(v)]

@@ -84,6 +84,7 @@ class SharedReward:
         max_retries: int = 3,
         backoff_s: float = 1.0,
         log_dir: str | None = None,
+        give_up_after_s: float = 600.0,
     ) -> None:
         """
         Args:
@@ -106,6 +107,8 @@ class SharedReward:
             backoff_s: wait before the first retry, doubled at each retry.
             log_dir: where the owner's log and the pickled reward factory go; default
                 `<trainer.default_root_dir>/reward_owner`.
+            give_up_after_s: the most one rank's scoring call waits on the owner, retries included, before it
+                raises (RemoteReward's; twice it must stay under the process group's timeout, checked at start).
         """
         if mode not in ("auto", "process", "in_process"):
             raise ValueError(f"--rollout.reward.mode={mode!r} must be auto, process or in_process")
@@ -124,6 +127,7 @@ class SharedReward:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.give_up_after_s = give_up_after_s
         self.log_dir = log_dir
         self.local: Reward | None = None  # in_process: the reward itself
         self.client: _OwnerClient | None = None  # process: this rank's connection to its node's owner
@@ -150,8 +154,10 @@ class SharedReward:
                 log.warning("SharedReward(mode=process) used outside a Trainer: building the reward in this process")
             self.local = self.reward()
             return
-        from ..distributed import gather_from_ranks
+        from ..distributed import gather_from_ranks, raise_on_every_rank
+        from .client import check_retry_budget
 
+        check_retry_budget(self.give_up_after_s, trainer, "give_up_after_s")
         node, local_rank = int(trainer.node_rank), int(trainer.local_rank)
         log_dir = Path(self.log_dir or Path(trainer.default_root_dir) / "reward_owner").expanduser().resolve()
         mine = None
@@ -171,9 +177,15 @@ class SharedReward:
         self.client = _OwnerClient(self.owner, self._proc, token=self.owner["token"], timeout_s=self.timeout_s,
                                    max_retries=self.max_retries, backoff_s=self.backoff_s,
                                    max_samples_per_request=self.max_samples_per_request,
-                                   ready_timeout_s=self.ready_timeout_s, max_concurrent_calls=self.concurrent_requests)
+                                   ready_timeout_s=self.ready_timeout_s, max_concurrent_calls=self.concurrent_requests,
+                                   give_up_after_s=self.give_up_after_s)
         self.client.check_pid_visible()
-        self.client._ensure_ready()  # the reward is built: model-loading errors stop training here, on every rank
+        error = None
+        try:
+            self.client._ensure_ready()  # the reward is built: model-loading errors stop training here
+        except Exception as e:  # on the ranks of one node: every rank of every node stops together
+            error = e
+        raise_on_every_rank(error, "the reward owner")
 
     def _spawn(self, log_dir: Path, node: int) -> dict[str, Any]:
         """Local rank 0: start this node's owner and wait until it has bound its port."""
