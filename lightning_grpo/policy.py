@@ -109,6 +109,18 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", at
     return model, tokenizer
 
 
+def fetch_weights(model_name_or_path: str) -> None:
+    """Download a hub id's weights, configs and tokenizer into the Hugging Face cache (nothing for a local directory,
+    the builtin model, or files already cached): what `load_model_and_tokenizer` then reads without waiting."""
+    from pathlib import Path
+
+    if model_name_or_path == BUILTIN_TINY or Path(model_name_or_path).expanduser().exists():
+        return
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(model_name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+
+
 def low_precision_training_error(what: str, dtype: str, learning_rate: float) -> ValueError:
     """The error for trainable weights below fp32, which AdamW cannot move at RL learning rates."""
     return ValueError(
@@ -319,7 +331,7 @@ class GRPOPolicy(L.LightningModule):
         them from rank 0 (sharding.configure); a no-op otherwise. Lightning calls it before every fit / validate."""
         hp = self.hparams
         sharding.configure(self, lambda: load_model_and_tokenizer(hp.model_name_or_path, hp.dtype, hp.attn_implementation)[0],
-                           hp.fsdp_offload)
+                           hp.fsdp_offload, fetch=lambda: fetch_weights(hp.model_name_or_path))
 
     def on_fit_start(self) -> None:
         self._reference_to_device()

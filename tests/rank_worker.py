@@ -9,6 +9,9 @@ Scenarios:
                 check fails while rank 0's passes. Then the next collective (a barrier).
   scoring_stall one rollout's scoring (RewardScoring) on each rank; rank 1's RemoteReward talks to a server that
                 accepts connections and never answers (timeout_s 300, give_up_after_s 2). Then a barrier.
+  cold_cache    sharding.fetch_on_rank0 under a process-group timeout of 5 s: rank 0's download (a fake one) takes
+                8 s, rank 1 waits for it, then both meet in a barrier of the default group.
+  failed_fetch  the same, rank 0's download raises: both ranks stop with its error.
   metrics       distributed.gather_by_name of per-sample metrics: rank 0 has {reward, cer}, rank 1 has
                 {reward, cer, nll, similarity}; writes what each rank gathered.
 """
@@ -63,6 +66,18 @@ def scoring_stall(rank: int) -> None:
     scoring.result()
 
 
+def cold_cache(rank: int, out: Path, fails: bool = False) -> None:
+    from lightning_grpo.sharding import fetch_on_rank0
+
+    def download():
+        (out / f"fetched_by_rank{rank}").touch()
+        time.sleep(1 if fails else 8)
+        if fails:
+            raise OSError("HTTP 503 from huggingface.co while fetching model-00001-of-00004.safetensors")
+
+    fetch_on_rank0(download, timeout_s=60)
+
+
 def metrics(rank: int, out: Path) -> None:
     mine = {"reward": torch.tensor([1.0, 2.0]) + 10 * rank, "cer": torch.tensor([0.5, 0.25])}
     if rank == 1:
@@ -74,13 +89,16 @@ def metrics(rank: int, out: Path) -> None:
 def main() -> None:
     out, scenario = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    short = scenario in ("cold_cache", "failed_fetch")  # a group that gives up sooner than the download takes
+    dist.init_process_group("gloo", timeout=timedelta(seconds=5 if short else 120))
     rank = dist.get_rank()
     t0 = time.monotonic()
     record: dict = {"error": None}
     try:
         if scenario == "metrics":
             metrics(rank, out)
+        elif short:
+            cold_cache(rank, out, fails=scenario == "failed_fetch")
         else:
             {"sync_check": sync_check, "scoring_stall": scoring_stall}[scenario](rank)
         dist.barrier()  # the next collective a healthy rank would enter

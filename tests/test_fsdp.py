@@ -450,3 +450,18 @@ def test_offloaded_step_and_sync_on_gpus(tmp_path):
     # CUDA's attention backward may sum in another order from run to run: equal to rounding, not bit for bit
     a, b = torch.load(tmp_path / "full_offload" / "weights.pt"), torch.load(tmp_path / "rest_offload" / "weights.pt")
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=OFFLOAD_ATOL) for k in a)
+
+
+def test_load_on_rank0_fetches_a_hub_id_before_loading(monkeypatch, tmp_path):
+    """What rank 0 downloads before load_from_rank0 (sharding.fetch_on_rank0): a hub id's weights, configs and
+    tokenizer; nothing for a local directory or the builtin model."""
+    import huggingface_hub
+
+    from lightning_grpo.policy import fetch_weights
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)))
+    fetch_weights("HKUSTAudio/Llasa-8B")
+    fetch_weights(str(tmp_path))
+    fetch_weights("builtin:tiny-llasa")
+    assert calls == [("HKUSTAudio/Llasa-8B", {"allow_patterns": ["*.json", "*.safetensors", "*.model", "*.txt"]})]

@@ -59,6 +59,22 @@ def test_a_scoring_server_that_never_answers_stops_both_within_give_up_after_s(t
     assert records[1]["seconds"] < 30
 
 
+def test_rank0_downloads_while_the_others_wait_past_the_group_timeout(tmp_path):
+    """load_on_rank0 on a cold cache: rank 0 alone fetches the weights (8 s here) while rank 1 waits longer than the
+    process group's timeout (5 s here, 30 min by default) allows, in a group of its own; then both go on."""
+    records = run_ranks(tmp_path, "cold_cache")
+    assert [r["error"] for r in records] == [None, None], records
+    assert [p.name for p in tmp_path.glob("fetched_by_rank*")] == ["fetched_by_rank0"]
+    assert all(r["seconds"] > 7 for r in records)
+
+
+def test_a_failed_download_stops_every_rank_with_its_error(tmp_path):
+    records = run_ranks(tmp_path, "failed_fetch")
+    assert "HTTP 503 from huggingface.co" in records[0]["error"]
+    assert records[1]["error"].startswith("RuntimeError: fetching the model's weights failed on rank 0, so every rank")
+    assert "HTTP 503 from huggingface.co" in records[1]["error"]
+
+
 def test_metric_names_are_the_union_over_ranks(tmp_path):
     """Rank 0 scored {reward, cer}, rank 1 also {nll, similarity}: both gather every name, in rank order, rank 0's
     missing rows as NaN (left out of the statistics, which use finite values), the same on both ranks."""
