@@ -58,5 +58,8 @@ class EnvRecordingReward(RuleReward):
 
     def __init__(self, record_dir: str, device: str = "cpu", **kwargs) -> None:
         super().__init__(**kwargs)
-        record = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": device, "pid": os.getpid()}
+        import torch
+
+        record = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": device, "pid": os.getpid(),
+                  "cuda_devices": torch.cuda.device_count()}
         (Path(record_dir) / "env.json").write_text(json.dumps(record))

@@ -77,3 +77,21 @@ def test_one_device_view_of_a_reward_configured_in_yaml(tmp_path):
     assert visible == "1"
     view()
     assert json.loads((tmp_path / "env.json").read_text())["device"] == "cuda:0"
+
+
+@pytest.mark.gpu
+def test_on_gpus_the_owner_sees_one_gpu(tmp_path):
+    """On CUDA: a reward on the last visible GPU is built in an owner that sees exactly one GPU, as its cuda:0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    last = torch.cuda.device_count() - 1
+    reward = SharedReward(functools.partial(EnvRecordingReward, str(tmp_path), device=f"cuda:{last}"), mode="process")
+    trainer = types.SimpleNamespace(num_devices=1, node_rank=0, local_rank=0, default_root_dir=str(tmp_path))
+    try:
+        reward.start(trainer)
+        seen = json.loads((tmp_path / "env.json").read_text())
+    finally:
+        reward.close()
+    assert seen["cuda_devices"] == 1 and seen["device"] == "cuda:0"
