@@ -6,7 +6,7 @@ says nothing, NCCL waits until its watchdog kills the job (the process group's t
 check that can fail on some ranks only therefore reports its error to `raise_on_every_rank`, which every rank calls
 at the same point, and every rank raises the same message:
 - the reward of a rollout (`scoring.RewardScoring.result`): a failed piece, an owner that died or never answered;
-- the vLLM weight-sync check (`vllm_sampler.VLLMSampler`), which compares each rank's own engine and completion;
+- the vLLM weight-sync check and the engine's placement (`vllm_sampler.VLLMSampler`): each rank has its own engine;
 - the reward owner's readiness at setup (`reward.owner.SharedReward.start`): each node has its own owner.
 A check that waits (a scoring request's retries) must also give up well within the process group's timeout, or the
 waiting ranks are killed before its error arrives (`process_group_timeout_s`; reward/client.py).

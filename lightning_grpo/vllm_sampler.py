@@ -312,11 +312,13 @@ class VLLMSampler:
             info = self.engine.info()
         self.build_seconds = time.perf_counter() - t0
         self.engine_info = info
+        misplaced = None
         if torch.device(info["device"]) != cfg.device:
-            raise RuntimeError(
+            misplaced = RuntimeError(
                 f"the vLLM engine landed on {info['device']} but the policy is on {cfg.device}: the engine must share "
                 "the policy's GPU (weights are synced in place). Check --trainer.devices and CUDA_VISIBLE_DEVICES."
             )
+        raise_on_every_rank(misplaced, "placing the vLLM engine")  # each rank builds its own: agree before going on
         self._synced = False  # even a model_path checkpoint may differ from the policy: sync first
         if self.enable_sleep_mode:
             with isolated_global_state():
