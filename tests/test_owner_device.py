@@ -19,6 +19,17 @@ from owner_rewards import EnvRecordingReward
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def owner_sees(root: Path, device: str) -> dict:
+    """What EnvRecordingReward(device=device) recorded when an owner process (mode=process) built it."""
+    reward = SharedReward(functools.partial(EnvRecordingReward, str(root), device=device), mode="process")
+    trainer = types.SimpleNamespace(num_devices=1, node_rank=0, local_rank=0, default_root_dir=str(root))
+    try:
+        reward.start(trainer)
+        return json.loads((root / "env.json").read_text())
+    finally:
+        reward.close()
+
+
 def test_one_device_view_maps_the_rewards_gpus():
     factory = functools.partial(EnvRecordingReward, "/x", device="cuda:2")
     view, visible = one_device_view(factory, None)
@@ -44,13 +55,7 @@ def test_the_owner_process_sees_only_the_reward_gpu(tmp_path, monkeypatch):
     """A reward on cuda:2 of a trainer that sees GPUs 4,5,6: the owner is started with CUDA_VISIBLE_DEVICES=6 and
     builds the reward on cuda:0 (on this CPU machine only the environment and the argument can be seen)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
-    reward = SharedReward(functools.partial(EnvRecordingReward, str(tmp_path), device="cuda:2"), mode="process")
-    trainer = types.SimpleNamespace(num_devices=1, node_rank=0, local_rank=0, default_root_dir=str(tmp_path))
-    try:
-        reward.start(trainer)
-        seen = json.loads((tmp_path / "env.json").read_text())
-    finally:
-        reward.close()
+    seen = owner_sees(tmp_path, "cuda:2")
     assert seen["pid"] != os.getpid()
     assert seen["CUDA_VISIBLE_DEVICES"] == "6" and seen["device"] == "cuda:0"
 
@@ -86,12 +91,5 @@ def test_on_gpus_the_owner_sees_one_gpu(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    last = torch.cuda.device_count() - 1
-    reward = SharedReward(functools.partial(EnvRecordingReward, str(tmp_path), device=f"cuda:{last}"), mode="process")
-    trainer = types.SimpleNamespace(num_devices=1, node_rank=0, local_rank=0, default_root_dir=str(tmp_path))
-    try:
-        reward.start(trainer)
-        seen = json.loads((tmp_path / "env.json").read_text())
-    finally:
-        reward.close()
+    seen = owner_sees(tmp_path, f"cuda:{torch.cuda.device_count() - 1}")
     assert seen["cuda_devices"] == 1 and seen["device"] == "cuda:0"
