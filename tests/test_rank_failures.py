@@ -106,7 +106,8 @@ class _Trainer:
         from datetime import timedelta
 
         self.world_size = world_size
-        self.strategy = type("Strategy", (), {"_timeout": None if timeout_s is None else timedelta(seconds=timeout_s)})()
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        self.strategy = type("Strategy", (), {"_timeout": timeout})()
 
 
 def test_a_retry_budget_past_the_process_group_timeout_is_refused_at_start():
@@ -118,7 +119,8 @@ def test_a_retry_budget_past_the_process_group_timeout_is_refused_at_start():
 
     RemoteReward(url="http://127.0.0.1:1").start(_Trainer(2, 1800))  # the defaults: 2 x 600 s < 30 min
     RemoteReward(url="http://127.0.0.1:1", give_up_after_s=5000).start(_Trainer(1, None))
-    match = r"--rollout.reward.give_up_after_s=900: .* \(1800 s\).* below 900 or raise --trainer.strategy.init_args.timeout"
+    match = (r"--rollout.reward.give_up_after_s=900: .* \(1800 s\).* below 900 or raise "
+             r"--trainer.strategy.init_args.timeout")
     with pytest.raises(ValueError, match=match):
         RemoteReward(url="http://127.0.0.1:1", give_up_after_s=900).start(_Trainer(2, 1800))
     with pytest.raises(ValueError, match=match):  # before any owner process starts

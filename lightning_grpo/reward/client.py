@@ -5,7 +5,8 @@ environment variable as in the original recipe, e.g. http://127.0.0.1:8001). Unl
 a server that cannot be reached or keeps failing is never turned into a silent zero reward: requests are
 retried with exponential backoff on connection errors, timeouts and 5xx answers, and then `score` raises
 a RuntimeError that names the URL, within `give_up_after_s` (kept under the process group's timeout, so the
-other ranks of a run get the error instead of being killed while they wait). A 4xx answer (a bug in what we send) raises at once.
+other ranks of a run get the error instead of being killed while they wait). A 4xx answer (a bug in what we
+send) raises at once.
 
 Samples with no speech codes are scored here, not sent (the server rejects empty token lists): reward 0,
 reason "invalid_token" when the span held non-speech ids, else "empty_speech" (the same reasons the reward
