@@ -125,3 +125,12 @@ def test_a_retry_budget_past_the_process_group_timeout_is_refused_at_start():
         RemoteReward(url="http://127.0.0.1:1", give_up_after_s=900).start(_Trainer(2, 1800))
     with pytest.raises(ValueError, match=match):  # before any owner process starts
         SharedReward(RuleReward, mode="process", give_up_after_s=900).start(_Trainer(2, 1800))
+
+
+def test_give_up_after_s_is_a_config_key():
+    """`--rollout.reward.give_up_after_s` is a key of the shipped server config's reward, on the command line."""
+    from test_configs import ROOT, parse
+
+    cfg = parse(ROOT / "configs" / "llasa1b_server.yaml", "--rollout.reward.give_up_after_s", "240")
+    assert cfg.rollout.reward.init_args.give_up_after_s == 240.0
+    assert parse(ROOT / "configs" / "llasa1b_original.yaml").rollout.reward.init_args.give_up_after_s == 600.0
