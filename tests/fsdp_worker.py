@@ -80,7 +80,8 @@ def _spy_on_optimizer_state_init() -> None:
             policy = RUNNING[-1].policy
             RESTORE_SAW.update(root_initialised=policy._get_fsdp_state()._is_root is True,
                                devices=sorted({str(p.to_local().device) for p in policy.parameters()}),
-                               pinned=all(p.to_local().is_pinned() for p in policy.parameters()))
+                               pinned=all(p.to_local().is_pinned() or p.to_local().numel() == 0
+                                          for p in policy.parameters()))  # an empty shard has no storage to pin
         init(optim)
 
     dcp_state._init_optim_state = spy
