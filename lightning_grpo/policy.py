@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import grpo, lora as lora_lib, sharding, timing
 from .batch import Rollout
-from .distributed import concat_from_ranks, sum_over_ranks
+from .distributed import concat_from_ranks, gather_by_name, sum_over_ranks
 
 BUILTIN_TINY = "builtin:tiny-llasa"
 
@@ -107,6 +107,18 @@ def load_model_and_tokenizer(model_name_or_path: str, dtype: str = "float32", at
             f"({type(err).__name__}: {str(err).splitlines()[0]}); expected {MODEL_SOURCES}"
         ) from err
     return model, tokenizer
+
+
+def fetch_weights(model_name_or_path: str) -> None:
+    """Download a hub id's weights, configs and tokenizer into the Hugging Face cache (nothing for a local directory,
+    the builtin model, or files already cached): what `load_model_and_tokenizer` then reads without waiting."""
+    from pathlib import Path
+
+    if model_name_or_path == BUILTIN_TINY or Path(model_name_or_path).expanduser().exists():
+        return
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(model_name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
 
 
 def low_precision_training_error(what: str, dtype: str, learning_rate: float) -> ValueError:
@@ -319,10 +331,13 @@ class GRPOPolicy(L.LightningModule):
         them from rank 0 (sharding.configure); a no-op otherwise. Lightning calls it before every fit / validate."""
         hp = self.hparams
         sharding.configure(self, lambda: load_model_and_tokenizer(hp.model_name_or_path, hp.dtype, hp.attn_implementation)[0],
-                           hp.fsdp_offload)
+                           hp.fsdp_offload, fetch=lambda: fetch_weights(hp.model_name_or_path))
 
     def on_fit_start(self) -> None:
         self._reference_to_device()
+        for model in (self.policy, self.reference):  # before Lightning restores AdamW's state (sharding.py)
+            if model is not None:
+                sharding.finish_lazy_init(model)
         ddp = self.trainer.strategy.model
         if isinstance(ddp, DistributedDataParallel):
             self._grads_in_buckets = ddp.gradient_as_bucket_view
@@ -612,7 +627,9 @@ class GRPOPolicy(L.LightningModule):
         }
         for name, value in sorted(r.reward_result.metrics.items()):
             per_sample[name] = value.float().to(self.device)
-        gathered = {k: self.all_gather(v).reshape(-1) for k, v in per_sample.items()}  # (world*N,)
+        # the union of every rank's names (the ranks may score with different metrics); what a rank lacks is NaN,
+        # left out of the statistics below
+        gathered = gather_by_name(per_sample, r.rewards.numel(), self.device)  # {name: (world*N,)}
         stats = {}
         for name, v in gathered.items():
             finite = v[torch.isfinite(v)]

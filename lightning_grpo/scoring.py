@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .distributed import gather_from_ranks
+from .distributed import raise_on_every_rank
 from .reward.base import Reward, RewardResult, SpeechSample
 
 
@@ -72,13 +72,11 @@ def stop_if_any_rank_failed(error: BaseException | None) -> None:
     """Raise on every rank if the reward failed on any (this rank's own error, else the first failing rank's
     message). A collective: each rank calls it once per scored round, a rank that scored nothing this round
     (dynamic sampling's generate-only round) with None."""
-    errors = gather_from_ranks(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
-    if failed:
-        rank, msg = failed[0]
-        raise RuntimeError(f"the reward failed on rank {rank}, so every rank stops: {msg}")
+    raise_on_every_rank(error, "the reward")
+
+
+class _NotScored(Exception):
+    """A piece skipped because an earlier piece of the rollout failed (that failure is what result() raises)."""
 
 
 class RewardScoring:
@@ -106,19 +104,28 @@ class RewardScoring:
         self.wait_s = 0.0  # the caller's time blocked on scoring: inline calls, or waiting for workers
         self.error: BaseException | None = None  # the first failure; later pieces are not scored
         self._stopped: BaseException | None = None  # what result() raised after the ranks agreed to stop
+        self._failed = threading.Event()  # a piece failed: pieces that start later are not scored
 
     def _score(self, samples: list[SpeechSample]) -> RewardResult:
+        if self._failed.is_set():
+            # a piece queued behind a failed one: the step is lost, and waiting on the reward again (a request's
+            # whole retry budget) would keep the other ranks in their collective that much longer
+            raise _NotScored()
         start = time.perf_counter()
         try:
             with torch.no_grad():  # grad mode is per thread; the sequential path scored under no_grad too
                 result = self.reward.score(samples)
+            if result.rewards.shape != (len(samples),):
+                raise RuntimeError(
+                    f"{type(self.reward).__name__}.score returned {tuple(result.rewards.shape)} rewards for "
+                    f"{len(samples)} samples"
+                )
+        except Exception:
+            self._failed.set()
+            raise
         finally:
             with self._lock:
                 self._intervals.append((start, time.perf_counter()))
-        if result.rewards.shape != (len(samples),):
-            raise RuntimeError(
-                f"{type(self.reward).__name__}.score returned {tuple(result.rewards.shape)} rewards for {len(samples)} samples"
-            )
         return result
 
     def submit(self, rows: list[int], samples: list[SpeechSample]) -> None:
@@ -128,7 +135,8 @@ class RewardScoring:
         if not samples:
             return
         for _, piece in self._pieces:
-            if self.error is None and isinstance(piece, Future) and piece.done() and piece.exception() is not None:
+            if (self.error is None and isinstance(piece, Future) and piece.done()
+                    and piece.exception() is not None and not isinstance(piece.exception(), _NotScored)):
                 self.error = piece.exception()
         if self.error is not None:
             return  # the step is lost: no more scoring (result() raises)
@@ -152,6 +160,8 @@ class RewardScoring:
         for _, piece in self._pieces:
             try:
                 parts.append(piece if isinstance(piece, RewardResult) else piece.result())
+            except _NotScored:
+                pass
             except Exception as e:
                 self.error = self.error or e
         if self.executor is not None:

@@ -23,6 +23,8 @@ exit; after a backward FSDP frees them itself.
 Loading (`configure`, from `GRPOPolicy.configure_model`): by default every rank has loaded the whole fp32
 model in `__init__` and `fully_shard` keeps its shard. With `--model.load_on_rank0` the model is built on the
 meta device, sharded, and filled by rank 0 alone (`load_from_rank0`); the reference copies the policy's shards.
+Rank 0 first downloads a hub id's weights into the Hugging Face cache while the others wait under a timeout of hours
+(`fetch_on_rank0`), so a cold cache is not read inside a broadcast that the process group's timeout would abort.
 
 CPU offload (`--model.fsdp_offload cpu`): every unit of the policy and the reference gets FSDP2's own
 `CPUOffloadPolicy`. The sharded parameters and gradients, hence AdamW's state, live in host RAM; FSDP copies a unit's
@@ -30,6 +32,8 @@ shards to the GPU before its all-gather and its reduce-scattered gradient back t
 runs on the CPU. The shards are pinned on CUDA (asynchronous copies, overlapped with compute), and FSDP re-pins them
 in host RAM after any `module.to(...)` or `to_empty(...)` (FSDPParam.reset_sharded_param): Lightning moving the
 module to the GPU after `configure_model` costs one round trip of the shards at setup and leaves them on the host.
+`GRPOPolicy.on_fit_start` then runs FSDP's lazy initialisation (`finish_lazy_init`), which would otherwise wait for the
+first forward, so that a resume creates and loads AdamW's state beside shards already where training keeps them.
 Gathering a shard for vLLM (`full_weight`) moves it to the mesh's device first, as torch's own state-dict gathering
 does. On a CPU mesh (the tests) the copies are no-ops.
 """
@@ -48,11 +52,13 @@ ROOT_METHOD = "lightning_grpo_forward"  # FSDP forward methods of the root and t
 HEAD_METHOD = "lightning_grpo_call_with_weight"
 
 
-def configure(module, load_full: Callable[[], torch.nn.Module], offload: str = "none") -> None:
+def configure(module, load_full: Callable[[], torch.nn.Module], offload: str = "none",
+              fetch: Callable[[], Any] | None = None) -> None:
     """GRPOPolicy.configure_model: under ModelParallelStrategy shard `module.policy` and `module.reference` (if any),
     with their shards in host RAM if `offload` is "cpu"; with `load_on_rank0` (the policy on the meta device) fill
-    them from `load_full()`, which rank 0 alone calls. A policy already sharded (fit, then validate) is left as it is;
-    other strategies leave everything as it is (and refuse `offload`)."""
+    them from `load_full()`, which rank 0 alone calls, after rank 0 has run `fetch()` (the weights' download into the
+    Hugging Face cache) while the others wait (`fetch_on_rank0`). A policy already sharded (fit, then validate) is
+    left as it is; other strategies leave everything as it is (and refuse `offload`)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     trainer = module._trainer
@@ -75,6 +81,8 @@ def configure(module, load_full: Callable[[], torch.nn.Module], offload: str = "
     if is_sharded(module.policy):
         return
     mesh = data_parallel_mesh(strategy)
+    if on_meta and fetch is not None:
+        fetch_on_rank0(fetch)
     param_dtype = param_dtype_for(trainer.precision)
     offload_policy = offload_policy_for(offload, strategy.root_device)
     for model in (module.policy, module.reference):
@@ -136,6 +144,17 @@ def offload_policy_for(offload: str, device: torch.device) -> OffloadPolicy:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def finish_lazy_init(model: torch.nn.Module) -> None:
+    """Run FSDP2's lazy initialisation of a sharded model now rather than at its first forward (a no-op if it has run,
+    or for a model that is not sharded). It makes `model` the root, and with CPU offload it (re)places every shard in
+    (pinned) host RAM and checks that it is there. Lightning restores a checkpoint's AdamW state after `on_fit_start`
+    and before any forward: torch's `get_optimizer_state_dict` creates the state with a zero step where the parameters
+    are, so the restore must see them where training keeps them, or 8B's state (~34 GB a rank) would land on the GPU
+    and the fused CPU step would mix devices."""
+    if isinstance(model, FSDPModule):
+        model._get_fsdp_state()._lazy_init()  # torch has no public call; idempotent (returns once the root is set)
 
 
 def _head_and_tied(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
@@ -234,6 +253,36 @@ def copy_shards(src: torch.nn.Module, dst: torch.nn.Module) -> None:
                 raise ValueError(f"copy_shards: shapes differ ({tuple(s.shape)} vs {tuple(d.shape)})")
             local = d.to_local() if isinstance(d, DTensor) else d
             local.copy_(s.to_local() if isinstance(s, DTensor) else s)
+
+
+FETCH_TIMEOUT_S = 6 * 3600.0  # LLaSA-8B is 16 GB in bf16 safetensors: hours on a slow link, never 30 minutes
+
+
+def fetch_on_rank0(fetch: Callable[[], Any], timeout_s: float = FETCH_TIMEOUT_S) -> None:
+    """Rank 0 runs `fetch()` (downloads the weights `load_from_rank0` will read) while every other rank waits in a
+    gloo group of its own whose timeout is `timeout_s`, not the process group's (30 minutes by default, after which
+    NCCL's watchdog would kill the ranks waiting in `load_from_rank0`'s first broadcast while a cold cache downloads
+    LLaSA-8B). A download that fails stops every rank with rank 0's error. Every rank must call it (it creates the
+    group); without a process group it just runs `fetch()`."""
+    from datetime import timedelta
+
+    from .distributed import raise_on_every_rank
+
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        fetch()
+        return
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fetch()
+        except Exception as e:  # every rank stops with it, rather than waiting in the broadcast
+            error = e
+    try:
+        raise_on_every_rank(error, "fetching the model's weights", group=group)  # the waiting ranks' barrier
+    finally:
+        dist.destroy_process_group(group)
 
 
 def load_from_rank0(model: torch.nn.Module, load_full: Callable[[], torch.nn.Module], device: torch.device) -> None:

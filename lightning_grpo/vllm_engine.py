@@ -125,11 +125,14 @@ def id_ranges(ids: Iterable[int]) -> tuple[tuple[int, int], ...]:
     return tuple((lo, hi) for lo, hi in runs)
 
 
-def sampling_kwargs(request: SampleRequest, seed: int | None = None) -> dict:
+def sampling_kwargs(request: SampleRequest, seed: int | None = None,
+                    ranges: tuple[tuple[int, int], ...] | None = None) -> dict:
     """`vllm.SamplingParams` keyword arguments for one prompt of `request` (pure; no vllm import).
 
     Never passes `allowed_token_ids` (the V2 runner rejects more than 1,024): the allowed set travels as
-    id ranges in `extra_args` for `vllm_allowed.AllowedTokenRanges`.
+    id ranges in `extra_args` for `vllm_allowed.AllowedTokenRanges`. `ranges`: `id_ranges` of the request's
+    allowed ids, computed once by a caller that builds the parameters of many prompts (sorting LLaSA's 65,537 ids
+    takes ~10 ms); computed here if None.
     """
     kw = dict(
         n=request.n,
@@ -145,7 +148,7 @@ def sampling_kwargs(request: SampleRequest, seed: int | None = None) -> dict:
         seed=seed,
     )
     if request.allowed_token_ids is not None:
-        kw["extra_args"] = {ALLOWED_RANGES_ARG: id_ranges(request.allowed_token_ids)}
+        kw["extra_args"] = {ALLOWED_RANGES_ARG: ranges or id_ranges(request.allowed_token_ids)}
     return kw
 
 
@@ -272,16 +275,30 @@ def _engine_info(worker) -> dict:  # runs inside the vLLM worker (collective_rpc
     }
 
 
+def check_in_process(environ) -> None:
+    """ValueError if `environ` asks vLLM for an engine core in another process (VLLM_ENABLE_V1_MULTIPROCESSING set to
+    anything but 0): every sync would pickle the whole gathered model across to it."""
+    value = environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if value is not None and value.strip() != "0":
+        raise ValueError(
+            f"VLLM_ENABLE_V1_MULTIPROCESSING={value}: VLLMSampler runs vLLM's engine in the training process, so that "
+            "a weight sync copies tensors GPU to GPU; an engine core in another process would receive the whole "
+            "model, pickled, at every sync. Unset it or set it to 0"
+        )
+
+
 class VLLMEngine:
     """The real engine: vLLM 0.32 `LLM` (V1 engine), run in this process.
 
     In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, or `external_launcher` under DDP) so that
     `collective_rpc` calls the worker directly and weight tensors are copied GPU-to-GPU without
-    serialisation or IPC handles.
+    serialisation or IPC handles. A user's `VLLM_ENABLE_V1_MULTIPROCESSING=1` is refused: its engine core in
+    another process would receive the whole gathered model, pickled, at every sync.
     """
 
     def __init__(self, cfg: EngineConfig) -> None:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        check_in_process(os.environ)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM  # deferred: vllm is an optional extra (requirements-gpu.txt)
 
         kwargs = dict(
@@ -325,7 +342,8 @@ class VLLMEngine:
         seeds = request.seeds or (None,) * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: pass one seed per prompt")
-        return [SamplingParams(**sampling_kwargs(request, s)) for s in seeds]
+        ranges = None if request.allowed_token_ids is None else id_ranges(request.allowed_token_ids)  # once a call
+        return [SamplingParams(**sampling_kwargs(request, s, ranges)) for s in seeds]
 
     @staticmethod
     def _group(out) -> list[RawCompletion]:
@@ -378,16 +396,9 @@ class VLLMEngine:
         # The worker's in-place reload (vLLM >= 0.2x): loads HF-format tensors through the model's own
         # weight loaders, then redoes the post-load processing (fused qkv / gate_up, CPU repacking)
         # layer by layer. Plain `model.load_weights` skips that processing and fails on repacked layers.
-        # In process (this class's mode) the worker consumes the iterator itself, so a tensor made for the sync
-        # (a merged LoRA layer) is freed before the next is made; a list would hold them all at once. Only an
-        # engine core in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1) needs them pickled as a list.
-        import vllm.envs
-
-        in_process = not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
-        self.llm.collective_rpc(
-            "reload_weights",
-            kwargs={"weights_iterator": weights if in_process else list(weights), "is_checkpoint_format": True},
-        )
+        # In process (this class's only mode) the worker consumes the iterator itself, so a tensor made for the
+        # sync (a merged LoRA layer, a gathered shard) is freed before the next is made.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
 
     def reset_prefix_cache(self):
         self.llm.reset_prefix_cache()

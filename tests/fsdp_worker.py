@@ -64,7 +64,37 @@ def count_comms(model: torch.nn.Module, label: str) -> None:
             m.set_custom_reduce_scatter(_counting(DefaultReduceScatter, f"{label}/{unit}/reduce_scatter"))
 
 
+RESTORE_SAW: dict = {}  # where the policy's shards were when a resume created AdamW's state to load into
+RUNNING: list[GRPOPolicy] = []  # the policy of the current fit
+
+
+def _spy_on_optimizer_state_init() -> None:
+    """Record what torch's `_init_optim_state` sees when it creates AdamW's state (with a zero step, where the
+    parameters are) for Lightning's restore (`get_optimizer_state_dict`); later calls find the state and return."""
+    import torch.distributed.checkpoint.state_dict as dcp_state
+
+    init = dcp_state._init_optim_state
+
+    def spy(optim):
+        if not optim.state and RUNNING:
+            policy = RUNNING[-1].policy
+            RESTORE_SAW.update(root_initialised=policy._get_fsdp_state()._is_root is True,
+                               devices=sorted({str(p.to_local().device) for p in policy.parameters()}),
+                               pinned=all(p.to_local().is_pinned() or p.to_local().numel() == 0
+                                          for p in policy.parameters()))  # an empty shard has no storage to pin
+        init(optim)
+
+    dcp_state._init_optim_state = spy
+
+
+_spy_on_optimizer_state_init()
+
+
 class CountedPolicy(GRPOPolicy):
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        RUNNING.append(self)
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         count_comms(self.policy, "policy")
@@ -182,6 +212,7 @@ class Record(L.Callback):
             "optimizer_devices": sorted({str(v.device) for s in self.optimizer.state.values() for v in s.values()
                                          if torch.is_tensor(v) and v.dim() > 0}),
             "fused": self.optimizer.param_groups[0]["fused"],
+            "restore_saw": dict(RESTORE_SAW),
         }
         sampler = getattr(trainer.callbacks[0], "sampler", None)
         if isinstance(sampler, VLLMSampler):
@@ -203,6 +234,7 @@ def offload_policies(model: torch.nn.Module) -> list[str]:
 def fit(out: Path, phase: str, tied_dir: str | None, accelerator: str = "cpu", devices: int = 2) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
+    RESTORE_SAW.clear()
     offload = phase.endswith("_offload")
     phase = phase.removesuffix("_offload")
     ckpt_dir = out / "ckpt"

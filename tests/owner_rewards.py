@@ -51,3 +51,15 @@ class SlowRuleReward(RuleReward):
     def score(self, samples: Sequence[SpeechSample]) -> RewardResult:
         time.sleep(self.fixed_s + self.per_sample_s * len(samples))
         return super().score(samples)
+
+
+class EnvRecordingReward(RuleReward):
+    """The rule reward, recording at construction the GPUs its process sees and the device it was given."""
+
+    def __init__(self, record_dir: str, device: str = "cpu", **kwargs) -> None:
+        super().__init__(**kwargs)
+        import torch
+
+        record = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": device, "pid": os.getpid(),
+                  "cuda_devices": torch.cuda.device_count()}
+        (Path(record_dir) / "env.json").write_text(json.dumps(record))

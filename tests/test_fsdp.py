@@ -306,6 +306,17 @@ def test_resume_from_an_offloaded_sharded_checkpoint_equals_the_uninterrupted_ru
     assert all(not torch.equal(a[k], first[k]) for k in a)  # step 2 trained every tensor
 
 
+def test_resume_restores_adamw_after_fsdp_placed_the_offloaded_shards(sharded):
+    """Lightning restores AdamW's state (torch creates it where the parameters are, then loads into it) before any
+    forward: FSDP2's lazy initialisation, which places offloaded shards in host RAM, has already run then
+    (GRPOPolicy.on_fit_start), so the state is created beside shards where training keeps them. On a CPU mesh host and
+    device are one; test_offloaded_step_and_sync_on_gpus checks the devices on CUDA."""
+    out, _ = sharded
+    for r in ranks(out / "rest_offload"):
+        assert r["restore_saw"] == {"root_initialised": True, "devices": ["cpu"], "pinned": False}
+    assert all(r["restore_saw"] == {} for r in ranks(out / "step_ref_offload"))  # no resume, no restore
+
+
 def test_offload_refused_without_fsdp2_and_with_lora():
     """--model.fsdp_offload offloads FSDP2's shards: under another strategy (one CPU device here) configure_model stops
     naming the flag and the fix; with LoRA (no FSDP2 there) the constructor stops."""
@@ -418,7 +429,7 @@ def test_offloaded_step_and_sync_on_gpus(tmp_path):
     """On every visible GPU with CPU offload (NCCL + gloo): the shards (pinned) and AdamW's state stay in host RAM
     after Lightning moved the module to the GPU, the buffers are on the GPU, AdamW is the fused CPU kernel, clipping
     works on the host-resident gradients; the vLLM sync hands the engine tensors on the GPU, and its check passes;
-    a resume from the offloaded checkpoint equals the uninterrupted run."""
+    a resume from the offloaded checkpoint restores AdamW's state in host RAM and equals the uninterrupted run."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     world = torch.cuda.device_count()
@@ -433,6 +444,24 @@ def test_offloaded_step_and_sync_on_gpus(tmp_path):
     for r in ranks(tmp_path / "sync_offload", world):
         assert r["steps"][0]["sampler"]["sync/ok"] == 1.0 and r["engine_most_alive"] == 1
         assert all(d.startswith("cuda") for d in r["engine_received_on"])
+    for r in ranks(tmp_path / "rest_offload", world):  # the resume created AdamW's state beside pinned host shards
+        assert r["restore_saw"] == {"root_initialised": True, "devices": ["cpu"], "pinned": True}
+        assert r["optimizer_devices"] == ["cpu"] and math.isfinite(r["steps"][0]["loss"])
     # CUDA's attention backward may sum in another order from run to run: equal to rounding, not bit for bit
     a, b = torch.load(tmp_path / "full_offload" / "weights.pt"), torch.load(tmp_path / "rest_offload" / "weights.pt")
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=OFFLOAD_ATOL) for k in a)
+
+
+def test_load_on_rank0_fetches_a_hub_id_before_loading(monkeypatch, tmp_path):
+    """What rank 0 downloads before load_from_rank0 (sharding.fetch_on_rank0): a hub id's weights, configs and
+    tokenizer; nothing for a local directory or the builtin model."""
+    import huggingface_hub
+
+    from lightning_grpo.policy import fetch_weights
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)))
+    fetch_weights("HKUSTAudio/Llasa-8B")
+    fetch_weights(str(tmp_path))
+    fetch_weights("builtin:tiny-llasa")
+    assert calls == [("HKUSTAudio/Llasa-8B", {"allow_patterns": ["*.json", "*.safetensors", "*.model", "*.txt"]})]

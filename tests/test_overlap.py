@@ -20,7 +20,7 @@ from lightning_grpo.reward.base import RewardResult, SpeechSample
 from lightning_grpo.reward.rule import RuleReward
 from lightning_grpo.rollout import GRPORollout
 from lightning_grpo.sampling import HFSampler
-from lightning_grpo import scoring
+from lightning_grpo import distributed
 from lightning_grpo.scoring import RewardScoring, busy_seconds, reorder
 from lightning_grpo.timing import PHASES, reduce_step
 from lightning_grpo.vllm_engine import RawCompletion
@@ -160,7 +160,7 @@ def test_a_failed_result_read_again_raises_again_without_a_second_collective(mon
             raise RuntimeError("the owner died")
 
     gathers = []
-    monkeypatch.setattr(scoring, "gather_from_ranks", lambda obj: gathers.append(obj) or [obj])
+    monkeypatch.setattr(distributed, "gather_from_ranks", lambda obj, group=None: gathers.append(obj) or [obj])
     executor = ThreadPoolExecutor(workers) if workers else None
     pending = RewardScoring(Broken(), executor, finalize=lambda result: result.rewards)
     sample = SpeechSample(text="a", codes=[1, 2], stopped=True, truncated=False, num_invalid=0, language=None)
@@ -171,6 +171,32 @@ def test_a_failed_result_read_again_raises_again_without_a_second_collective(mon
     assert gathers == ["RuntimeError: the owner died"]
     if executor is not None:
         executor.shutdown()
+
+
+def test_pieces_queued_behind_a_failed_one_are_not_scored():
+    """One worker: the first piece fails, the two queued behind it are never sent to the reward (each could wait a
+    whole retry budget while the other ranks wait in their collective); result() raises the first piece's error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+
+    class FailsFirst(RuleReward):
+        def score(self, samples):
+            calls.append(len(samples))
+            raise RuntimeError("the server stopped answering")
+
+    executor = ThreadPoolExecutor(1)
+    pending = RewardScoring(FailsFirst(), executor, finalize=lambda result: result.rewards)
+    sample = SpeechSample(text="a", codes=[1, 2], stopped=True)
+    gate = threading.Event()
+    executor.submit(gate.wait)  # hold the worker until every piece is queued
+    for row in range(3):
+        pending.submit([row], [sample])
+    gate.set()
+    with pytest.raises(RuntimeError, match="the server stopped answering"):
+        pending.result()
+    assert calls == [1]
+    executor.shutdown()
 
 
 @pytest.mark.parametrize("overlap", [True, False])

@@ -52,9 +52,11 @@ class FakeEngine:
     the others stop after j % 3 + 1 tokens. Logprob of position p: -0.1 * (p + 1).
     """
 
-    def __init__(self, cfg: EngineConfig, log: list, model_seed: int = 1, apply_sync: bool = True):
+    def __init__(self, cfg: EngineConfig, log: list, model_seed: int = 1, apply_sync: bool = True,
+                 logprob_shift: float = 0.0):
         self.cfg = cfg
         self.log = log
+        self.logprob_shift = logprob_shift  # added to every prompt log-prob: the check's gap after a correct sync
         self.model, _ = build_tiny_llasa(seed=model_seed)  # different weights from the policy (seed 0)
         self.apply_sync = apply_sync
         self.loaded: dict[str, torch.Tensor] = {}
@@ -77,7 +79,7 @@ class FakeEngine:
 
     def prompt_logprobs(self, ids, start):
         self.log.append(("prompt_logprobs",))
-        return policy_logprobs(self.model, ids, start)
+        return [lp - self.logprob_shift for lp in policy_logprobs(self.model, ids, start)]
 
     def load_weights(self, weights):
         self.loaded = {k: v.clone() for k, v in weights}
@@ -252,14 +254,19 @@ def test_verify_matches_after_sync_and_differs_before():
 
 
 def test_failed_verification_raises_or_warns(caplog):
-    # an engine that drops the sync (its random tiny model is close to the policy's: a tight tolerance)
+    # an engine that drops the sync (its random tiny model is close to the policy's: a tight tolerance); the run's
+    # first check only warns (the gap is not gross), the next one raises
     s, policy, _ = make(verify_every=1, verify_tolerance=0.01, engine_kw={"apply_sync": False})
+    s.sample(policy, [[1, 2]], 2, STOP, 0)
+    assert s.metrics["sync/ok"] == 0.0
     with pytest.raises(RuntimeError, match="weight sync check failed"):
-        s.sample(policy, [[1, 2]], 2, STOP, 0)
+        s.sample(policy, [[1, 2]], 2, STOP, 1)
     s, policy, _ = make(verify_every=1, verify_tolerance=0.01, on_verify_fail="warn", engine_kw={"apply_sync": False})
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
-        s.sample(policy, [[1, 2]], 2, STOP, 0)
-    assert "weight sync check failed" in caplog.text and s.metrics["sync/ok"] == 0.0
+        for step in range(2):
+            s.sample(policy, [[1, 2]], 2, STOP, step)
+    assert caplog.text.count("weight sync check failed") == 2 and s.metrics["sync/ok"] == 0.0
     s, policy, log = make(verify_every=2)  # verifies after syncs 1, 3, ...: steps 0 and 2
     for step in range(4):
         s.sample(policy, [[1, 2]], 2, STOP, step)
@@ -317,6 +324,37 @@ def test_never_hand_vllm_more_than_1024_allowed_ids():
     assert id_ranges([9, 3, 4, 5, 7, 4]) == ((3, 6), (7, 8), (9, 10))
     with pytest.raises(ValueError, match="negative"):
         id_ranges([-1])
+
+
+def test_allowed_id_ranges_are_computed_once_per_call(monkeypatch):
+    """LLaSA's 65,537 allowed ids take ~10 ms to sort into ranges: once per generate call, not once per prompt."""
+    from lightning_grpo import vllm_engine
+    from lightning_grpo.vllm_engine import ALLOWED_RANGES_ARG, VLLMEngine
+
+    sorted_sets = []
+    real = vllm_engine.id_ranges
+    monkeypatch.setattr(vllm_engine, "id_ranges", lambda ids: sorted_sets.append(len(ids)) or real(ids))
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    allowed = (LLASA_STOP, *range(LLASA_S0, LLASA_VOCAB))
+    request = SampleRequest(2, 1.0, 1.0, 0, 8, LLASA_STOP, allowed_token_ids=allowed, seeds=tuple(range(16)))
+    params = VLLMEngine._params([[1, 2]] * 16, request)
+    assert sorted_sets == [65_537] and [p["seed"] for p in params] == list(range(16))
+    assert all(p["extra_args"][ALLOWED_RANGES_ARG] == ((LLASA_STOP, LLASA_STOP + 1), (LLASA_S0, LLASA_VOCAB))
+               for p in params)
+
+
+@pytest.mark.parametrize("value", ["1", "true", " 2"])
+def test_a_multiprocess_engine_core_is_refused(monkeypatch, value):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=1 would pickle the whole gathered model to another process at every sync:
+    refused before vLLM is imported, naming the variable; unset or 0, the engine is built in process (set to 0)."""
+    from lightning_grpo.vllm_engine import VLLMEngine, check_in_process
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", value)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # an import would fail differently
+    with pytest.raises(ValueError, match=rf"VLLM_ENABLE_V1_MULTIPROCESSING={value}: .*Unset it or set it to 0"):
+        VLLMEngine(None)  # refused before the config is read
+    check_in_process({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    check_in_process({})
 
 
 class NoisyEngine(FakeEngine):
@@ -401,11 +439,44 @@ def test_engine_on_another_device_than_the_policy_fails_fast():
 
 
 def test_default_sync_tolerance_follows_the_engine_dtype():
+    """2 x unit roundoff x 32 nats of logit (the derivation in vllm_sampler.py): bf16 2^-8, fp16 and fp32 under
+    TF32 2^-11; `auto` takes LLaSA's bf16."""
     from lightning_grpo.vllm_sampler import VERIFY_TOLERANCE_BF16, VERIFY_TOLERANCE_FP32
 
-    assert VLLMSampler(dtype="float32").verify_tolerance == VERIFY_TOLERANCE_FP32
-    assert VLLMSampler(dtype="bfloat16").verify_tolerance == VERIFY_TOLERANCE_BF16 > VERIFY_TOLERANCE_FP32
+    assert VLLMSampler(dtype="float32").verify_tolerance == VERIFY_TOLERANCE_FP32 == 2 * 2**-11 * 32
+    assert VLLMSampler(dtype="float16").verify_tolerance == 2 * 2**-11 * 32
+    assert VLLMSampler(dtype="bfloat16").verify_tolerance == VERIFY_TOLERANCE_BF16 == 0.25
+    assert VLLMSampler(dtype="auto").verify_tolerance == 0.25
     assert VLLMSampler(verify_tolerance=0.3).verify_tolerance == 0.3
+
+
+@pytest.mark.parametrize("shift, first_raises", [(0.5, False), (0.9, False), (1.5, True), (math.nan, True)])
+def test_first_sync_check_warns_unless_the_gap_is_gross(caplog, shift, first_raises):
+    """The first check of a run (bf16: tolerance 0.25, gross above 1 nat) warns about a gap between them and raises
+    above; every later check raises above the tolerance. The gap is the engine's log-probs shifted by `shift`."""
+    s, policy, _ = make(verify_every=1, dtype="bfloat16", engine_kw={"logprob_shift": shift})
+    if first_raises:
+        with pytest.raises(RuntimeError, match=r"weight sync check failed: mean \|engine - policy\| log-prob = "
+                                                r"(1.5000|nan) > --verify_tolerance=0.25"):
+            s.sample(policy, [[1, 2]], 2, STOP, 0)
+        return
+    with caplog.at_level(logging.WARNING):
+        s.sample(policy, [[1, 2]], 2, STOP, 0)
+    assert "on the run's first check: a warning" in caplog.text and s.metrics["sync/ok"] == 0.0
+    assert s.metrics["sync/logprob_mean_abs_diff"] == pytest.approx(shift, abs=1e-5)
+    with pytest.raises(RuntimeError, match="weight sync check failed"):
+        s.sample(policy, [[1, 2]], 2, STOP, 1)
+
+
+def test_every_sync_check_logs_its_gap(caplog):
+    s, policy, _ = make(verify_every=1, dtype="bfloat16", engine_kw={"logprob_shift": 0.125})
+    with caplog.at_level(logging.INFO, logger="lightning_grpo.vllm_sampler"):
+        for step in range(3):
+            s.sample(policy, [[1, 2]], 2, STOP, step)
+    logged = [r.getMessage() for r in caplog.records if "vLLM sync check" in r.getMessage()]
+    assert [m.split(":")[0] for m in logged] == ["vLLM sync check 1", "vLLM sync check 2", "vLLM sync check 3"]
+    assert all("log-prob 0.1250 nats" in m and "tolerance 0.25" in m for m in logged)
+    assert s.metrics["sync/ok"] == 1.0
 
 
 @pytest.mark.parametrize("world", [1, 2])

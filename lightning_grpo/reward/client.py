@@ -4,7 +4,9 @@ Used by the training loop when a server URL is configured (the `url` argument, o
 environment variable as in the original recipe, e.g. http://127.0.0.1:8001). Unlike the original client,
 a server that cannot be reached or keeps failing is never turned into a silent zero reward: requests are
 retried with exponential backoff on connection errors, timeouts and 5xx answers, and then `score` raises
-a RuntimeError that names the URL. A 4xx answer (a bug in what we send) raises at once.
+a RuntimeError that names the URL, within `give_up_after_s` (kept under the process group's timeout, so the
+other ranks of a run get the error instead of being killed while they wait). A 4xx answer (a bug in what we
+send) raises at once.
 
 Samples with no speech codes are scored here, not sent (the server rejects empty token lists): reward 0,
 reason "invalid_token" when the span held non-speech ids, else "empty_speech" (the same reasons the reward
@@ -47,6 +49,7 @@ class RemoteReward:
         max_samples_per_request: int = 64,
         ready_timeout_s: float = 900.0,
         max_concurrent_calls: int = 4,
+        give_up_after_s: float = 600.0,
     ) -> None:
         """
         Args:
@@ -64,6 +67,11 @@ class RemoteReward:
             max_concurrent_calls: `score` calls the rollout may have in flight at once while it overlaps
                 scoring with generation (`--rollout.overlap_reward`); the server batches them together. The
                 client is thread-safe (httpx's Client is).
+            give_up_after_s: the most one `score` call waits, every request, retry and backoff included, before it
+                raises: a request is cut short and no retry starts past it. Under DDP the other ranks wait for the
+                failing one in their next collective, which the process group aborts after its timeout (30 min by
+                default): a scoring request already in flight when another failed may run its own course, so
+                `start` requires twice this to stay under `--trainer.strategy.init_args.timeout`.
         """
         url = url or os.environ.get(URL_ENV)
         if not url:
@@ -75,6 +83,8 @@ class RemoteReward:
             raise ValueError(f"scoring server URL {url!r} must start with http:// or https://")
         if max_retries < 0 or backoff_s < 0 or max_samples_per_request < 1 or max_concurrent_calls < 1:
             raise ValueError("max_retries and backoff_s must be >= 0, max_samples_per_request and max_concurrent_calls >= 1")
+        if not give_up_after_s > 0:
+            raise ValueError(f"give_up_after_s={give_up_after_s} must be > 0 (seconds one score call may wait)")
         self.url = url.rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.timeout_s = timeout_s
@@ -85,6 +95,7 @@ class RemoteReward:
         self.max_samples_per_request = max_samples_per_request
         self.ready_timeout_s = ready_timeout_s
         self.max_concurrent_calls = max_concurrent_calls
+        self.give_up_after_s = give_up_after_s
         self._client: httpx.Client | None = None
         self._ready = False
         self._lock = threading.Lock()
@@ -109,6 +120,11 @@ class RemoteReward:
                 timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
             )
         return self._client
+
+    def start(self, trainer: Any = None) -> None:
+        """Called by the rollout callback's setup on every rank: refuse a retry budget that outlasts the process
+        group's timeout (then the other ranks would be killed before this rank's error reached them)."""
+        check_retry_budget(self.give_up_after_s, trainer, "give_up_after_s")
 
     def close(self) -> None:
         if self._client is not None:
@@ -147,18 +163,26 @@ class RemoteReward:
                 return gone
             time.sleep(min(poll_s, left))
 
-    def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        """One request with retries; returns the first answer that is not retryable."""
+    def _request(self, method: str, path: str, body: Any = None, deadline: float | None = None) -> httpx.Response:
+        """One request with retries; returns the first answer that is not retryable. With a `deadline`
+        (time.monotonic()) no request outlasts it and no retry starts that would."""
         err = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise self._fail(f"{method} {path} failed", f"{err}; gave up after "
+                                     f"give_up_after_s={self.give_up_after_s}", attempt)
                 log.warning("scoring server %s: %s; retry %d/%d in %.1fs", self.url, err, attempt, self.max_retries, delay)
                 gone = self._sleep_unless_gone(delay)
                 if gone:
                     raise self._fail(f"{method} {path} failed", f"{err}; {gone}", attempt)
+            timeout = httpx.USE_CLIENT_DEFAULT
+            if deadline is not None:
+                left = max(0.001, deadline - time.monotonic())
+                timeout = httpx.Timeout(min(self.timeout_s, left), connect=min(self.connect_timeout_s, left))
             try:
-                response = self.client.request(method, path, json=body)
+                response = self.client.request(method, path, json=body, timeout=timeout)
             except httpx.TransportError as e:  # connect / read / write errors and timeouts
                 err = f"{type(e).__name__}: {e}"
                 continue
@@ -194,9 +218,9 @@ class RemoteReward:
                 if gone:
                     raise RuntimeError(f"scoring server {self.url} stopped while loading: {gone}. {self._advice()}")
 
-    def _score_remote(self, samples: Sequence[SpeechSample]) -> list[dict[str, Any]]:
+    def _score_remote(self, samples: Sequence[SpeechSample], deadline: float | None = None) -> list[dict[str, Any]]:
         body = {"samples": [_sample_json(s) for s in samples]}
-        response = self._request("POST", "/score", body)
+        response = self._request("POST", "/score", body, deadline)
         if response.status_code != 200:
             raise RuntimeError(
                 f"scoring server {self.url} rejected a batch of {len(samples)} samples: "
@@ -222,11 +246,27 @@ class RemoteReward:
                               "metrics": {"cer": 1.0, "cer_raw": 1.0, "nll": None}}
         if remote:
             self._ensure_ready()
+        deadline = time.monotonic() + self.give_up_after_s
         for start in range(0, len(remote), self.max_samples_per_request):
             chunk = remote[start:start + self.max_samples_per_request]
-            for i, answer in zip(chunk, self._score_remote([samples[i] for i in chunk])):
+            for i, answer in zip(chunk, self._score_remote([samples[i] for i in chunk], deadline)):
                 answers[i] = answer
         return _to_result(answers)  # type: ignore[arg-type]
+
+
+def check_retry_budget(give_up_after_s: float, trainer: Any, flag: str) -> None:
+    """ValueError if a rank that fails to score could raise later than the process group lets the others wait:
+    `give_up_after_s` for its own request, and as long again for one already in flight beside it."""
+    from ..distributed import process_group_timeout_s
+
+    limit = process_group_timeout_s(trainer)
+    if limit is not None and 2 * give_up_after_s >= limit:
+        raise ValueError(
+            f"--rollout.reward.{flag}={give_up_after_s:g}: a rank whose scoring fails may raise up to twice that "
+            f"late, past the process group's timeout ({limit:g} s), so the other ranks would be killed in their "
+            f"collective before its error reached them. Lower --rollout.reward.{flag} below {limit / 2:g} or raise "
+            "--trainer.strategy.init_args.timeout"
+        )
 
 
 def _sample_json(s: SpeechSample) -> dict[str, Any]:

@@ -35,12 +35,14 @@ the client's retry budget, naming it and quoting its last lines. Never a silent 
 training ends, fails, or its parent process disappears.
 
 Multi-node: one owner per node (local rank 0 starts it; ranks pick their node's through the all_gather), so
-`device: cuda:2` is the third GPU of every node.
+`device: cuda:2` is the third GPU of every node. The owner sees only the GPUs its reward names (CUDA_VISIBLE_DEVICES,
+`one_device_view`; `cuda:2` is its `cuda:0`), so nothing it creates on a bare `cuda` lands on training GPU 0.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import pickle
@@ -84,6 +86,7 @@ class SharedReward:
         max_retries: int = 3,
         backoff_s: float = 1.0,
         log_dir: str | None = None,
+        give_up_after_s: float = 600.0,
     ) -> None:
         """
         Args:
@@ -106,6 +109,8 @@ class SharedReward:
             backoff_s: wait before the first retry, doubled at each retry.
             log_dir: where the owner's log and the pickled reward factory go; default
                 `<trainer.default_root_dir>/reward_owner`.
+            give_up_after_s: the most one rank's scoring call waits on the owner, retries included, before it
+                raises (RemoteReward's; twice it must stay under the process group's timeout, checked at start).
         """
         if mode not in ("auto", "process", "in_process"):
             raise ValueError(f"--rollout.reward.mode={mode!r} must be auto, process or in_process")
@@ -124,6 +129,7 @@ class SharedReward:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.give_up_after_s = give_up_after_s
         self.log_dir = log_dir
         self.local: Reward | None = None  # in_process: the reward itself
         self.client: _OwnerClient | None = None  # process: this rank's connection to its node's owner
@@ -150,8 +156,10 @@ class SharedReward:
                 log.warning("SharedReward(mode=process) used outside a Trainer: building the reward in this process")
             self.local = self.reward()
             return
-        from ..distributed import gather_from_ranks
+        from ..distributed import gather_from_ranks, raise_on_every_rank
+        from .client import check_retry_budget
 
+        check_retry_budget(self.give_up_after_s, trainer, "give_up_after_s")
         node, local_rank = int(trainer.node_rank), int(trainer.local_rank)
         log_dir = Path(self.log_dir or Path(trainer.default_root_dir) / "reward_owner").expanduser().resolve()
         mine = None
@@ -171,17 +179,24 @@ class SharedReward:
         self.client = _OwnerClient(self.owner, self._proc, token=self.owner["token"], timeout_s=self.timeout_s,
                                    max_retries=self.max_retries, backoff_s=self.backoff_s,
                                    max_samples_per_request=self.max_samples_per_request,
-                                   ready_timeout_s=self.ready_timeout_s, max_concurrent_calls=self.concurrent_requests)
+                                   ready_timeout_s=self.ready_timeout_s, max_concurrent_calls=self.concurrent_requests,
+                                   give_up_after_s=self.give_up_after_s)
         self.client.check_pid_visible()
-        self.client._ensure_ready()  # the reward is built: model-loading errors stop training here, on every rank
+        error = None
+        try:
+            self.client._ensure_ready()  # the reward is built: model-loading errors stop training here
+        except Exception as e:  # on the ranks of one node: every rank of every node stops together
+            error = e
+        raise_on_every_rank(error, "the reward owner")
 
     def _spawn(self, log_dir: Path, node: int) -> dict[str, Any]:
         """Local rank 0: start this node's owner and wait until it has bound its port."""
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"node{node}.log"
         factory_file = log_dir / f"node{node}_reward_factory.pkl"
+        factory, visible = one_device_view(self.reward, os.environ.get("CUDA_VISIBLE_DEVICES"))
         try:
-            payload = pickle.dumps(self.reward)
+            payload = pickle.dumps(factory)
         except Exception as e:
             raise TypeError(
                 f"SharedReward cannot send its reward ({self.reward!r}) to the owner process: it does not pickle "
@@ -195,6 +210,8 @@ class SharedReward:
         token = secrets.token_urlsafe(32)
         env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV and not k.startswith("TORCHELASTIC_")}
         env["WHISPER_SERVER_TOKEN"] = token  # not on the command line, where `ps` shows it
+        if visible is not None:  # the owner sees only its reward's GPU(s): nothing it creates lands on a training GPU
+            env["CUDA_VISIBLE_DEVICES"] = visible
         # the classes the trainer imported (e.g. from examples/ or a user's package) must import in the owner too
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([p for p in sys.path if p] + env.get("PYTHONPATH", "").split(os.pathsep)))
         for attempt in range(3):  # a free port can be taken between choosing it and binding it
@@ -295,6 +312,52 @@ class _OwnerClient(RemoteReward):
         path = self.owner["log"]
         return (f"The reward owner of node {self.owner['node']} (lightning_grpo.reward.owner.SharedReward, pid "
                 f"{self.owner['pid']}) logs to {path}; its last lines:\n{tail(Path(path))}")
+
+
+def one_device_view(factory: Callable[[], Reward], visible: str | None) -> tuple[Callable[[], Reward], str | None]:
+    """The reward factory as the owner process sees it when only the GPUs its reward names are visible, and that
+    CUDA_VISIBLE_DEVICES (None: leave the owner's GPUs as they are).
+
+    `device` arguments of `cuda:N` (the factory's and those of rewards nested in it, e.g. a composite's) name GPUs of
+    the trainer's view (`visible`, the trainer's CUDA_VISIBLE_DEVICES, or every GPU); in the owner they become
+    `cuda:0`, `cuda:1`, ... in order of N. A reward that names no indexed GPU (`cpu`, or a bare `cuda`, the
+    trainer's current GPU) is left as it is."""
+    found: list[str] = []
+    _map_devices(factory, lambda d: found.append(d) or d)
+    indices = sorted({i for i in map(_cuda_index, found) if i is not None})
+    if not indices or any(d.startswith("cuda") and _cuda_index(d) is None for d in found):
+        return factory, None
+    physical = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(max(indices) + 1)]
+    if max(indices) >= len(physical):
+        raise ValueError(f"the reward's device cuda:{max(indices)} is not one of the {len(physical)} GPUs this process "
+                         f"sees (CUDA_VISIBLE_DEVICES={visible}): set --rollout.reward.reward.device to one of them")
+    local = {n: i for i, n in enumerate(indices)}
+
+    def remap(device: str) -> str:
+        index = _cuda_index(device)
+        return device if index is None else f"cuda:{local[index]}"
+
+    return _map_devices(factory, remap), ",".join(physical[i] for i in indices)
+
+
+def _cuda_index(device: Any) -> int | None:
+    """N of a "cuda:N" device string; None for every other device (cpu, a bare cuda)."""
+    text = str(device)
+    return int(text.split(":", 1)[1]) if text.startswith("cuda:") and text.split(":", 1)[1].isdigit() else None
+
+
+def _map_devices(obj: Any, fn: Callable[[str], str]) -> Any:
+    """`obj` rebuilt with fn(value) for every `device` string in it: a partial's keywords (what jsonargparse builds
+    from class_path + init_args), dicts, lists, tuples and Namespaces; anything else as it is."""
+    if isinstance(obj, functools.partial):
+        return functools.partial(obj.func, *_map_devices(list(obj.args), fn), **_map_devices(obj.keywords, fn))
+    if isinstance(obj, dict):
+        return {k: fn(v) if k == "device" and isinstance(v, str) else _map_devices(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_devices(v, fn) for v in obj)
+    if type(obj).__name__ == "Namespace" and hasattr(obj, "__dict__"):  # jsonargparse's nested class_path/init_args
+        return type(obj)(**_map_devices(dict(vars(obj)), fn))
+    return obj
 
 
 def _exit_status(code: int) -> str:
