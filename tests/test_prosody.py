@@ -7,7 +7,7 @@ import torch
 
 from lightning_grpo.reward import SpeechSample
 from lightning_grpo.reward.module import WhisperReward
-from lightning_grpo.reward.prosody import REASONS, STATS, group_spread, prosody_metrics, prosody_stats
+from lightning_grpo.reward.prosody import REASONS, STATS, add_group_spreads, group_spread, prosody_metrics, prosody_stats
 from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak, espeak_ng
 
 pytest.importorskip("parselmouth", reason="prosody statistics need praat-parselmouth (requirements.txt)")
@@ -66,7 +66,7 @@ def test_bad_inputs_get_a_reason_and_no_nan_in_logged_means():
     noise = {k: v[4].item() for k, v in stats.values.items()}
     assert math.isnan(noise["f0_std_st"]) and noise["voiced_fraction"] < 0.05 and math.isfinite(noise["energy_std_db"])
     assert all(math.isfinite(v[5].item()) for v in stats.values.values())  # clipped speech is measured
-    for name, value in prosody_metrics(stats, [0] * len(cases)).items():
+    for name, value in prosody_metrics(stats).items():
         assert not torch.isinf(value).any(), name  # NaN = not measured (skipped by the logged means); inf never
 
 
@@ -76,6 +76,16 @@ def test_group_spread_is_each_groups_std_over_measured_members():
     assert spread[:3].tolist() == pytest.approx([math.sqrt(2)] * 3)
     assert spread[3:5].tolist() == [0.0, 0.0]
     assert math.isnan(spread[5])  # no group
+
+
+def test_group_spreads_are_added_beside_every_prosody_statistic_in_row_order():
+    x = torch.tensor([1.0, 3.0, 5.0, 5.0])
+    metrics = {"prosody/f0_std_st": x, "whisper/prosody/speaking_rate": x, "prosody/reason_silent": x, "cer": x}
+    add_group_spreads(metrics, group_size=2)
+    assert metrics["prosody/f0_std_st_group_std"].tolist() == pytest.approx([math.sqrt(2)] * 2 + [0.0] * 2)
+    assert "whisper/prosody/speaking_rate_group_std" in metrics
+    assert set(metrics) == {"prosody/f0_std_st", "whisper/prosody/speaking_rate", "prosody/reason_silent", "cer",
+                            "prosody/f0_std_st_group_std", "whisper/prosody/speaking_rate_group_std"}
 
 
 class CountingDecoder(StoredAudioDecoder):
@@ -110,9 +120,6 @@ def test_whisper_reward_reports_the_statistics_of_the_audio_it_decoded_once(whis
         torch.testing.assert_close(got[:5], expected.values[name], equal_nan=True)
         assert math.isnan(got[5])
     assert result.metrics["prosody/f0_std_st"][1] > result.metrics["prosody/f0_std_st"][2]
-    spread = result.metrics["prosody/f0_std_st_group_std"]
-    assert spread[0].item() == pytest.approx(expected.values["f0_std_st"][:3].std().item())
-    assert math.isnan(spread[3])  # group 1 has one measured member
     assert result.metrics["prosody/reason_nonfinite"].tolist()[:5] == [0, 0, 0, 0, 1]
     assert math.isnan(result.metrics["prosody/reason_nonfinite"][5])
     assert reward.timings["prosody"] > 0

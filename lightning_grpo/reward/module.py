@@ -25,9 +25,10 @@ Samples given a fixed reward before transcription report CER 1 (nothing intellig
 (not measured). An empty transcript always counts as CER 1.
 
 Prosody: with `prosody` on (default), every decoded waveform also gets the statistics of reward/prosody.py
-(F0 spread and range in semitones, voiced fraction, energy spread, speaking rate, pause fraction, and each one's
-spread within the prompt's group) as metrics `prosody/<stat>`, from the audio already decoded for Whisper, so the
-trainer logs `train/prosody/<stat>_mean` and `val/prosody/<stat>_mean`. They never change the reward.
+(F0 spread and range in semitones, voiced fraction, energy spread, speaking rate, pause fraction) as metrics
+`prosody/<stat>`, from the audio already decoded for Whisper, so the trainer logs `train/prosody/<stat>_mean` and
+`val/prosody/<stat>_mean` (and the rollout adds each one's spread within the prompt's group, `<stat>_group_std`).
+They never change the reward.
 
 Metrics: `cer` is capped at 1, so one looping transcript (raw CER 9) cannot dominate the logged
 `cer_mean`; `cer_raw` keeps the uncapped value per sample and is what the reward uses. `dtype` runs
@@ -212,7 +213,7 @@ class WhisperReward(lightning.LightningModule):
         scored = torch.tensor([r in (OK, "clipping", "repetition") for r in out.reasons])
         rewards = torch.where(scored, rewards, torch.zeros_like(rewards))
         rewards = torch.where(out.clipped, rewards * self.clipping_scale, rewards)
-        prosody = prosody_metrics(out.prosody, [s.group for s in samples]) if self.prosody else {}
+        prosody = prosody_metrics(out.prosody) if self.prosody else {}
         return RewardResult(
             rewards=rewards.float(),
             metrics=prosody | {

@@ -9,9 +9,9 @@
     speaking_rate    non-space characters of the target text per second of speech (active span minus pauses)
     pause_fraction   share of the active span in pauses: quiet runs of at least `min_pause_s`
 
-`group_spread(values, groups)` gives each sample the std of a statistic over the measured members of its
-prompt's group, so `<stat>_group_std` logged as a mean says how varied a prompt's G renderings are; GRPO's
-advantage is blind to a spread that collapses while every sample still reads well.
+`add_group_spreads` (called by the rollout, which knows the groups) gives each sample the std of a statistic over
+the measured members of its prompt's group, so `<stat>_group_std` logged as a mean says how varied a prompt's G
+renderings are; GRPO's advantage is blind to a spread that collapses while every sample still reads well.
 
 Bad input gets a reason and NaN statistics (NaN is "not measured" in RewardResult.metrics: excluded from
 logged means, never part of a reward):
@@ -147,13 +147,19 @@ def group_spread(values: torch.Tensor, groups: Sequence[int | None]) -> torch.Te
     return out
 
 
-def prosody_metrics(stats: ProsodyStats, groups: Sequence[int | None], prefix: str = "prosody/") -> dict[str, torch.Tensor]:
-    """RewardResult metrics: each statistic, its group spread (`<stat>_group_std`), and one 0/1 indicator per
-    reason (`reason_<r>`, so its logged mean is the share of samples with that reason)."""
-    out = {}
-    for name, value in stats.values.items():
-        out[prefix + name] = value.float()
-        out[prefix + name + "_group_std"] = group_spread(value, groups).float()
+def prosody_metrics(stats: ProsodyStats, prefix: str = "prosody/") -> dict[str, torch.Tensor]:
+    """RewardResult metrics: each statistic and one 0/1 indicator per reason (`reason_<r>`, so its logged mean is
+    the share of samples with that reason; NaN for samples not looked at)."""
+    out = {prefix + name: value.float() for name, value in stats.values.items()}
     for reason in REASONS:
         out[prefix + "reason_" + reason] = torch.tensor([math.nan if r is None else float(r == reason) for r in stats.reasons])
     return out
+
+
+def add_group_spreads(metrics: dict[str, torch.Tensor], group_size: int) -> None:
+    """Add `<key>_group_std` beside every prosody statistic in `metrics` (under any component prefix, e.g.
+    `whisper/prosody/f0_std_st`), for rows in group order (row // group_size = prompt). The rollout calls it,
+    not the reward: behind a reward owner or a server the reward never sees which samples share a prompt."""
+    for key in [k for k in metrics if any(k == f"prosody/{s}" or k.endswith(f"/prosody/{s}") for s in STATS)]:
+        n = metrics[key].shape[0]
+        metrics[key + "_group_std"] = group_spread(metrics[key].float().cpu(), [i // group_size for i in range(n)])

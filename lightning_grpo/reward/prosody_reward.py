@@ -120,12 +120,12 @@ class ProsodyFloorReward(torch.nn.Module):
 
     def _learn(self, samples: Sequence[SpeechSample], spread: torch.Tensor) -> None:
         first: dict[str, list[float]] = defaultdict(list)
-        group_of: dict[str, object] = {}
+        group_of: dict[str, int | None] = {}
         for s, value in zip(samples, spread.tolist()):
             if s.text in self.floors or not math.isfinite(value):
                 continue
-            key = s.group if s.group is not None else id(s)
-            if group_of.setdefault(s.text, key) == key:  # only the first group of a text in this call
+            # the first group of a text in this call; behind a reward owner groups are None: all its samples here
+            if group_of.setdefault(s.text, s.group) == s.group:
                 first[s.text].append(value)
         for text, values in first.items():
             self.floors[text] = self.floor_scale * statistics.median(values)
