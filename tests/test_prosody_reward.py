@@ -97,3 +97,12 @@ def test_composes_with_another_reward_under_normalize_then_sum(decoder):
     assert raw[0] < raw[1] == raw[2] == 1.0
     assert result.rewards[0] < 0 < result.rewards[1] == result.rewards[2]  # the flat sample loses within its group
     assert abs(result.rewards.sum()) < 1e-5
+
+
+def test_configuration_errors_name_the_flag():
+    with pytest.raises(ValueError, match="--floor_st"):
+        ProsodyFloorReward(floor_st=0.0)
+    with pytest.raises(ValueError, match="--min_strength"):
+        ProsodyFloorReward(min_strength=1.5)
+    with pytest.raises(RuntimeError, match="no codec"):
+        ProsodyFloorReward().score([SpeechSample(TEXT, [1, 2, 3])])

@@ -134,9 +134,9 @@ class WhisperReward(lightning.LightningModule):
                 comparison with published tables) or "raw" (none, as the original recipe).
             dtype: "float32", or "float16" / "bfloat16" for Whisper and the codec on CUDA (about half
                 the memory and time; scores move by rounding, see BENCHMARKS.md). bfloat16 works on CPU.
-            prosody: also report the prosody statistics of each decoded sample (`prosody/*` metrics; a few
-                milliseconds per second of audio on CPU, see BENCHMARKS.md "Prosody statistics"); no effect on
-                the reward.
+            prosody: also report the prosody statistics of each decoded sample (`prosody/*` metrics; about 1% of
+                Whisper tiny.en's time per sample on CPU, see BENCHMARKS.md "Prosody statistics and naturalness:
+                pitch tracker, cost, MOS models"); no effect on the reward.
         """
         super().__init__()
         if batch_size < 1:
@@ -237,7 +237,8 @@ class WhisperReward(lightning.LightningModule):
         t1 = time.perf_counter()
         self.timings["decode"] += t1 - t0
         if self.prosody:
-            found = prosody_stats(audios, [samples[i].text for i in idx], self.codec.sample_rate, silence_rms=self.silence_rms)
+            targets = [samples[i].text for i in idx]
+            found = prosody_stats(audios, targets, self.codec.sample_rate, silence_rms=self.silence_rms)
             out.prosody.put(idx, found)
             self.timings["prosody"] += time.perf_counter() - t1
             t1 = time.perf_counter()

@@ -9,9 +9,10 @@ speechmos's own: audio shorter than 9.01 s is tiled until it is that long, longe
 windows every second and the scores averaged, raw scores mapped through DNSMOS's polynomial calibration. Here
 every window of every sample goes through the model in one batched call per `batch_size` samples.
 
-Chosen by measurement over DistillMOS and DNSMOS P.808 (`benchmarks/bench_mos.py`, BENCHMARKS.md "Naturalness:
-MOS models on degraded espeak-ng speech"): it ordered clean > band-limited > noisy > clipped espeak-ng speech
-best of the candidates (Kendall tau 0.67, DistillMOS 0.42) and needs only onnxruntime.
+Chosen by measurement over DistillMOS and DNSMOS P.808 (`benchmarks/bench_mos.py`; BENCHMARKS.md "Prosody
+statistics and naturalness: pitch tracker, cost, MOS models"): it ordered clean > band-limited > noisy > clipped
+espeak-ng speech best of the candidates (Kendall tau 0.67, DistillMOS 0.42; P.808 tied but needs librosa) and
+needs only onnxruntime.
 
 Limits, measured there and worth knowing before weighting it:
 - It judges signal quality (noise, distortion, band-limiting), not prosody: on average no candidate rated

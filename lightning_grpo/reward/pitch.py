@@ -1,9 +1,10 @@
 """Pitch tracking for the prosody statistics: N waveforms -> per-frame F0, voicing strength and loudness.
 
 The tracker is Praat's autocorrelation method (Boersma 1993) through praat-parselmouth, chosen by measurement
-over a batched torch YIN, pyworld (Harvest, DIO) and torchcrepe (`benchmarks/bench_pitch.py`, BENCHMARKS.md
-"Pitch tracker for the prosody statistics"): on synthetic vowels with exactly known contours it had the lowest
-median error and the fewest gross errors clean and at 10 dB SNR, and it was the cheapest per second of audio.
+over a batched torch YIN, pyworld (Harvest, DIO) and torchcrepe (`benchmarks/bench_pitch.py`; BENCHMARKS.md
+"Prosody statistics and naturalness: pitch tracker, cost, MOS models"): on synthetic vowels with exactly known
+contours it had the lowest median error and the fewest gross errors clean and at 10 dB SNR, at about the cost of
+the batched YIN.
 Praat is also what speech-science papers report F0 with, so figures compare. It runs per waveform on the CPU
 (C++; about 5 ms per second of audio), which is batch enough: the reward's codec and Whisper dominate.
 
@@ -40,7 +41,8 @@ class PitchTrack:
     """Per-frame tracks of one waveform, frames every HOP_S; every tensor is (F,).
 
     f0: Hz, 0 where unvoiced; strength: Praat's voicing strength in [0, 1] (1 = perfectly periodic, 0 where
-    Praat's path is unvoiced); voiced: bool; rms_db: RMS in dBFS over RMS_WINDOW_S around the frame (>= -100); times: frame centres in seconds.
+    Praat's path is unvoiced); voiced: bool; rms_db: RMS in dBFS over RMS_WINDOW_S around the frame (>= -100);
+    times: frame centres in seconds.
     """
 
     times: torch.Tensor
@@ -93,6 +95,6 @@ def track_pitch(
         db = torch.from_numpy(_frame_rms_db(x, times, sample_rate)).float()
         loud = db.quantile(0.95) if db.numel() else torch.tensor(0.0)
         voiced = (f0 > 0) & (strength >= min_strength) & (db > loud - voicing_db)
-        out.append(PitchTrack(times=torch.from_numpy(times.copy()).float(), f0=torch.where(voiced, f0, torch.zeros_like(f0)),
+        out.append(PitchTrack(times=torch.from_numpy(times.copy()).float(), f0=torch.where(voiced, f0, 0.0),
                               strength=torch.where(f0 > 0, strength, 0.0), voiced=voiced, rms_db=db))
     return out

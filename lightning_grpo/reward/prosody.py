@@ -66,7 +66,9 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def _measure(track: PitchTrack, text: str, voicing_db: float, min_pause_s: float, min_voiced_frames: int) -> dict[str, float]:
+def _measure(
+    track: PitchTrack, text: str, voicing_db: float, min_pause_s: float, min_voiced_frames: int
+) -> dict[str, float]:
     db = track.rms_db
     active = db > db.quantile(0.95) - voicing_db
     span = active.nonzero().flatten()
@@ -105,8 +107,10 @@ def prosody_stats(
     min_voiced_frames: int = 10,
     min_pause_s: float = 0.15,
     voicing_db: float = 35.0,
+    min_strength: float = 0.45,
 ) -> ProsodyStats:
-    """Statistics (module docstring) of N 1-D waveforms at `sample_rate` speaking `texts`; one batched pitch track."""
+    """Statistics (module docstring) of N 1-D waveforms at `sample_rate` speaking `texts`; one pitch-tracking pass.
+    min_strength: Praat voicing strength a frame needs to count as voiced (reward/pitch.py)."""
     if len(wavs) != len(texts):
         raise ValueError(f"prosody_stats got {len(wavs)} waveforms but {len(texts)} texts")
     n = len(wavs)
@@ -123,7 +127,8 @@ def prosody_stats(
             todo.append(i)
     out = ProsodyStats.empty(n)
     out.reasons = reasons
-    found = track_pitch([wavs[i].clamp(-1.0, 1.0) for i in todo], sample_rate, voicing_db=voicing_db) if todo else []
+    clamped = [wavs[i].clamp(-1.0, 1.0) for i in todo]
+    found = track_pitch(clamped, sample_rate, min_strength=min_strength, voicing_db=voicing_db) if todo else []
     for i, track in zip(todo, found):
         out.tracks[i] = track
         for name, value in _measure(track, texts[i], voicing_db, min_pause_s, min_voiced_frames).items():
@@ -152,7 +157,8 @@ def prosody_metrics(stats: ProsodyStats, prefix: str = "prosody/") -> dict[str, 
     the share of samples with that reason; NaN for samples not looked at)."""
     out = {prefix + name: value.float() for name, value in stats.values.items()}
     for reason in REASONS:
-        out[prefix + "reason_" + reason] = torch.tensor([math.nan if r is None else float(r == reason) for r in stats.reasons])
+        flags = [math.nan if r is None else float(r == reason) for r in stats.reasons]
+        out[prefix + "reason_" + reason] = torch.tensor(flags)
     return out
 
 

@@ -76,6 +76,7 @@ class ProsodyFloorReward(torch.nn.Module):
         floor_st: float = 1.0,
         floor_scale: float = 0.8,
         min_voiced_fraction: float = 0.2,
+        min_strength: float = 0.45,
         batch_size: int = 32,
         codebook_size: int = XCODEC2_CODEBOOK_SIZE,
     ) -> None:
@@ -90,21 +91,24 @@ class ProsodyFloorReward(torch.nn.Module):
                 measures about 0.35, its default reading about 1.4.
             floor_scale: a floor is this fraction of the reference's median spread (0.8: a 20% drop costs).
             min_voiced_fraction: below this share of voiced frames in the active span a sample is `unvoiced`.
+            min_strength: the tracker's confidence (Praat voicing strength, 0..1) a frame needs to count; raise it
+                to trust fewer, cleaner frames.
             batch_size: samples decoded per codec call.
             codebook_size: codes must be in [0, codebook_size) (X-codec2: 65,536).
         """
         super().__init__()
         if floor_st <= 0 or not 0 < floor_scale <= 2:
             raise ValueError(f"--floor_st={floor_st} must be > 0 and --floor_scale={floor_scale} in (0, 2]")
-        if not 0 <= min_voiced_fraction < 1 or batch_size < 1:
-            raise ValueError(f"--min_voiced_fraction={min_voiced_fraction} must be in [0, 1) and --batch_size >= 1")
+        if not 0 <= min_voiced_fraction < 1 or not 0 <= min_strength < 1 or batch_size < 1:
+            raise ValueError(f"--min_voiced_fraction={min_voiced_fraction} and --min_strength={min_strength} must be in "
+                             f"[0, 1), --batch_size={batch_size} >= 1")
         self.codec = XCodec2Decoder(codec, device=device) if isinstance(codec, str) else codec
         if self.codec is not None and not isinstance(self.codec, SpeechDecoder):
             raise TypeError(f"--codec must be a SpeechDecoder, a checkpoint string or null, got {type(codec)}")
         self.floors: dict[str, float] = read_floors(reference_samples, floor_scale) if reference_samples else {}
         self.learn_floors = learn_floors
         self.floor_st, self.floor_scale = floor_st, floor_scale
-        self.min_voiced_fraction = min_voiced_fraction
+        self.min_voiced_fraction, self.min_strength = min_voiced_fraction, min_strength
         self.batch_size = batch_size
         self.codebook_size = codebook_size
         self.timings: dict[str, float] = defaultdict(float)
@@ -140,7 +144,8 @@ class ProsodyFloorReward(torch.nn.Module):
             t0 = time.perf_counter()
             audios = self._decode([list(samples[i].codes) for i in todo])
             t1 = time.perf_counter()
-            stats = prosody_stats(audios, [samples[i].text for i in todo], self.codec.sample_rate)
+            stats = prosody_stats(audios, [samples[i].text for i in todo], self.codec.sample_rate,
+                                  min_strength=self.min_strength)
             self.timings["decode"] += t1 - t0
             self.timings["prosody"] += time.perf_counter() - t1
             for j, i in enumerate(todo):
