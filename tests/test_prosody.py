@@ -140,3 +140,14 @@ def test_prosody_off_reports_no_prosody_metrics(whisper_case):
         reward.prosody = True
     assert not any(k.startswith("prosody/") for k in result.metrics)
     assert set(REASONS) == {"nonfinite", "too_short", "silent", "unvoiced"}
+
+
+def test_pitch_benchmark_smoke_runs_the_shipped_tracker():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_pitch
+
+    table = bench_pitch.main(["--smoke"])
+    assert "| parselmouth (shipped) | 0.0 |" in table  # exact on the known contour, as the published table says
