@@ -151,3 +151,9 @@ def test_pitch_benchmark_smoke_runs_the_shipped_tracker():
 
     table = bench_pitch.main(["--smoke"])
     assert "| parselmouth (shipped) | 0.0 |" in table  # exact on the known contour, as the published table says
+
+
+def test_audio_shorter_than_the_pitch_window_is_too_short_even_when_allowed():
+    tone = 0.3 * torch.sin(2 * math.pi * 150 * torch.arange(400) / 16_000)  # 25 ms: under Praat's 50 ms window
+    stats = prosody_stats([tone], [TEXT], min_duration_s=0.0)
+    assert stats.reasons == ["too_short"] and all(math.isnan(v[0]) for v in stats.values.values())

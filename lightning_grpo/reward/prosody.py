@@ -130,6 +130,9 @@ def prosody_stats(
     clamped = [wavs[i].clamp(-1.0, 1.0) for i in todo]
     found = track_pitch(clamped, sample_rate, min_strength=min_strength, voicing_db=voicing_db) if todo else []
     for i, track in zip(todo, found):
+        if not track.f0.numel():  # shorter than the tracker's window (only with min_duration_s below 0.05 s)
+            reasons[i] = "too_short"
+            continue
         out.tracks[i] = track
         for name, value in _measure(track, texts[i], voicing_db, min_pause_s, min_voiced_frames).items():
             out.values[name][i] = value
