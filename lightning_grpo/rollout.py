@@ -38,6 +38,7 @@ from .distributed import gather_from_ranks
 from .dynamic_sampling import reduce_stats, zero_spread
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
+from .reward.prosody import add_group_spreads
 from .sampling import ChunkRows, Sampler, check_sampler, sample_stream
 from .scoring import RewardScoring, max_concurrent_calls
 
@@ -379,6 +380,7 @@ class GRPORollout(L.Callback):
         device = pl_module.device
 
         def finalize(result: RewardResult) -> torch.Tensor:
+            add_group_spreads(result.metrics, group_size)  # prosody/<stat>_group_std: rows are in group order here
             rewards = result.rewards.float().clone()
             if self.truncation == "penalize":
                 rewards[torch.tensor(placed.truncated, dtype=torch.bool)] = self.truncation_reward

@@ -25,13 +25,19 @@ SENTENCES = (
 @functools.lru_cache(maxsize=None)
 def espeak(text: str, voice: str = "en-us", speed: int = 130) -> torch.Tensor:
     """16 kHz mono float32 speech of `text` from espeak-ng (resampled from 22.05 kHz by sox)."""
+    return espeak_ng(text, voice, speed)
+
+
+@functools.lru_cache(maxsize=None)
+def espeak_ng(text: str, voice: str = "en-us", speed: int = 130, extra: tuple[str, ...] = ()) -> torch.Tensor:
+    """`espeak` with extra espeak-ng arguments: ("-p", "80") sets the pitch, ("-m",) reads `text` as SSML."""
     import soundfile as sf  # here, not at import: the GPU run collects these tests without it
 
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is missing: `apt-get install -y espeak-ng sox` (.ci/run does this)")
     wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], check=True, capture_output=True
+        ["espeak-ng", "-v", voice, "-s", str(speed), *extra, "--stdout", text], check=True, capture_output=True
     ).stdout
     out = subprocess.run(
         ["sox", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-t", "wav", "-"],

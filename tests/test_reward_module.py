@@ -145,7 +145,7 @@ def test_original_prefix_switch_changes_only_the_nll(reward, cases, scored):
 
 
 def test_time_breakdown_is_recorded(reward, scored):
-    assert set(reward.timings) == {"decode", "encoder", "decoding", "nll"}
+    assert set(reward.timings) == {"decode", "prosody", "encoder", "decoding", "nll"}
     assert all(t > 0 for t in reward.timings.values())
 
 

@@ -1,4 +1,5 @@
-"""Several rewards as one: intelligibility + speaker similarity + duration, weighted, optionally GDPO-normalised.
+"""Several rewards as one: intelligibility + speaker similarity + duration + prosody floor + naturalness (DNSMOS),
+weighted, optionally GDPO-normalised.
 
     sum                 reward = sum_k w_k * r_k
     normalize_then_sum  reward = sum_k w_k * z_k,  z_k = (r_k - mean_group(r_k)) / std_group(r_k)

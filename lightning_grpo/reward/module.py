@@ -8,6 +8,7 @@ Guards (a bad sample never raises; it gets a fixed reward and a reason that the 
     invalid_token  non-speech ids inside the speech span, or codes outside the codebook  -> 0
     empty_speech   no codes                                                               -> 0
     too_long       longer than Whisper's 30 s window (the tail would be silently cut)    -> 0
+    nonfinite      the decoded waveform holds NaN or inf                                  -> 0
     silent         RMS below `silence_rms` (near-silent audio)                            -> 0
     clipping       more than `clip_fraction` of samples at |x| >= 1: scored normally on the
                    audio clipped to [-1, 1] (what a saved file holds), reward times
@@ -22,6 +23,12 @@ Guards (a bad sample never raises; it gets a fixed reward and a reason that the 
                    loop showed, instead of the ~0 of a transcript run to the cap.
 Samples given a fixed reward before transcription report CER 1 (nothing intelligible was said) and NLL NaN
 (not measured). An empty transcript always counts as CER 1.
+
+Prosody: with `prosody` on (default), every decoded waveform also gets the statistics of reward/prosody.py
+(F0 spread and range in semitones, voiced fraction, energy spread, speaking rate, pause fraction) as metrics
+`prosody/<stat>`, from the audio already decoded for Whisper, so the trainer logs `train/prosody/<stat>_mean` and
+`val/prosody/<stat>_mean` (and the rollout adds each one's spread within the prompt's group, `<stat>_group_std`).
+They never change the reward.
 
 Metrics: `cer` is capped at 1, so one looping transcript (raw CER 9) cannot dominate the logged
 `cer_mean`; `cer_raw` keeps the uncapped value per sample and is what the reward uses. `dtype` runs
@@ -45,6 +52,7 @@ from ..llasa import XCODEC2_CODEBOOK_SIZE
 from . import asr
 from .base import OK, RewardResult, SpeechSample, code_reason
 from .codec import SpeechDecoder, XCodec2Decoder
+from .prosody import ProsodyStats, prosody_metrics, prosody_stats
 from .shaping import harmonic_reward, u_cer, u_nll
 from .text import NORMALIZATIONS, Normalization
 from .text import cer as char_error_rate
@@ -91,6 +99,7 @@ class WhisperReward(lightning.LightningModule):
         compression_ratio_threshold: float | None = 2.4,
         cer_normalization: Normalization = "full",
         dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        prosody: bool = True,
     ) -> None:
         """
         Args:
@@ -125,6 +134,9 @@ class WhisperReward(lightning.LightningModule):
                 comparison with published tables) or "raw" (none, as the original recipe).
             dtype: "float32", or "float16" / "bfloat16" for Whisper and the codec on CUDA (about half
                 the memory and time; scores move by rounding, see BENCHMARKS.md). bfloat16 works on CPU.
+            prosody: also report the prosody statistics of each decoded sample (`prosody/*` metrics; about 1% of
+                Whisper tiny.en's time per sample on CPU, see BENCHMARKS.md "Prosody statistics and naturalness:
+                pitch tracker, cost, MOS models"); no effect on the reward.
         """
         super().__init__()
         if batch_size < 1:
@@ -165,6 +177,7 @@ class WhisperReward(lightning.LightningModule):
         self.max_transcript_tokens = max_transcript_tokens
         self.compression_ratio_threshold = compression_ratio_threshold
         self.cer_normalization = cer_normalization
+        self.prosody = prosody
         self.decoder_steps = 0  # greedy decoding steps run (one per token position per batch), summed over calls
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
         self.eval().to(device)
@@ -176,6 +189,8 @@ class WhisperReward(lightning.LightningModule):
         return reason
 
     def _guard_audio(self, audio: torch.Tensor) -> str:
+        if not torch.isfinite(audio).all():
+            return "nonfinite"
         if audio.numel() > WHISPER_WINDOW_S * self.codec.sample_rate:
             return "too_long"
         if audio.numel() == 0 or audio.square().mean().sqrt().item() < self.silence_rms:
@@ -198,9 +213,10 @@ class WhisperReward(lightning.LightningModule):
         scored = torch.tensor([r in (OK, "clipping", "repetition") for r in out.reasons])
         rewards = torch.where(scored, rewards, torch.zeros_like(rewards))
         rewards = torch.where(out.clipped, rewards * self.clipping_scale, rewards)
+        prosody = prosody_metrics(out.prosody) if self.prosody else {}
         return RewardResult(
             rewards=rewards.float(),
-            metrics={
+            metrics=prosody | {
                 "cer": cer.clamp(max=1.0).float(),  # the logged mean stays a rate
                 "cer_raw": cer.float(),
                 "nll": nll.float(),
@@ -220,6 +236,12 @@ class WhisperReward(lightning.LightningModule):
             audios = self.codec.decode([samples[i].codes for i in idx])
         t1 = time.perf_counter()
         self.timings["decode"] += t1 - t0
+        if self.prosody:
+            targets = [samples[i].text for i in idx]
+            found = prosody_stats(audios, targets, self.codec.sample_rate, silence_rms=self.silence_rms)
+            out.prosody.put(idx, found)
+            self.timings["prosody"] += time.perf_counter() - t1
+            t1 = time.perf_counter()
         keep, keep_audio = [], []
         for i, audio in zip(idx, audios):
             out.reasons[i] = self._guard_audio(audio)
@@ -282,8 +304,9 @@ class _Scores:
     clipped: torch.Tensor  # bool: the audio clipped (reward times clipping_scale)
     reasons: list[str]
     transcripts: list[str]
+    prosody: ProsodyStats  # NaN statistics and reason None where not decoded
 
     @staticmethod
     def empty(n: int) -> "_Scores":
         return _Scores(torch.ones(n), torch.full((n,), math.nan), torch.full((n,), math.nan),
-                       torch.zeros(n, dtype=torch.bool), [OK] * n, [""] * n)
+                       torch.zeros(n, dtype=torch.bool), [OK] * n, [""] * n, ProsodyStats.empty(n))
