@@ -2,7 +2,7 @@
 # The wheels the GPU acceptance run (scripts/gpu_check.sh) needs that the GPU machine's image lacks, downloaded
 # HERE (the GPU machine has no network) into .gpu_wheels/ (git-ignored), for Python 3.12 manylinux x86-64, each
 # with --no-deps from an explicit pinned list. Carry the folder: device `run` with carry [".gpu_wheels"].
-#   bash scripts/gpu_wheels.sh        # ~15 MB; prints the wheels' and the working tree's size against 64 MiB
+#   bash scripts/gpu_wheels.sh        # ~26 MB; prints the wheels' and the working tree's size against 64 MiB
 #
 # The image (KINDS.md, 2026-11) has python 3.12, torch 2.11 (CUDA 13), transformers 5.17, lightning 2.6.6,
 # numpy, numba, tiktoken, tqdm, einops, pandas, pyarrow, huggingface-hub, anyio, h11, httpx, click, pyyaml,
@@ -36,7 +36,7 @@ WHEELS=(
   fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2 uvicorn==0.54.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
-  webrtcvad-wheels==2.0.14.post1
+  webrtcvad-wheels==2.0.14.post1 praat-parselmouth==0.4.7
   typing-extensions==4.16.0
 )
 # No wheel on PyPI (sdist only): built here; all three are pure Python (checked below).

@@ -20,6 +20,7 @@ STAGES = ("setup", "tests", "reward", "step", "server")
 NOT_CARRIED = {  # requirements.txt entries the GPU run does without, and why
     "soundfile": "only tests that need espeak-ng speech import it (lazily); they skip there",
     "wandb": "the run logs nothing; lightning imports it only for a WandbLogger",
+    "speechmos": "only DNSMOSReward reads its weights (lazily); the GPU run scores with Whisper",
 }
 
 
