@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .data import PromptDataModule
 from .policy import GRPOPolicy
+from .progress_bar import step_progress_bar
 from .rollout import GRPORollout
 
 EXTRA_COMMANDS = {
@@ -150,6 +151,11 @@ class GRPOCLI(LightningCLI):
         # A Callback class added as a group is instantiated from `rollout:` and appended to the
         # trainer's callbacks by LightningCLI (its `callback_keys`), wherever trainer.callbacks lists others.
         parser.add_lightning_class_args(GRPORollout, "rollout")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        step_progress_bar(trainer.callbacks)  # Lightning's default bar reads `Epoch 8/-2` in a max_steps run
+        return trainer
 
     def parse_arguments(self, parser, args) -> None:
         if args is None or isinstance(args, list):
