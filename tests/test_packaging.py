@@ -3,6 +3,7 @@ and `pip install -r requirements.txt` install the same set, and scripts/setup.sh
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -40,9 +41,13 @@ def test_the_declared_set_resolves_in_the_test_environment():
     """pip's resolver accepts the core set and the dev and bench extras against what is installed here (no index:
     nothing is downloaded), so the pins agree with each other and with the environment the tests run in."""
     args = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation", "--quiet",
-            f"{ROOT}[dev,bench]"]
+            "--report", "-", f"{ROOT}[dev,bench]"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the built package's metadata carries the declarations: what `pip install .[gpu]` acts on
+    item = next(i for i in json.loads(proc.stdout)["install"] if i["metadata"]["name"] == "lightning_grpo")
+    requires = set(item["metadata"]["requires_dist"])
+    assert {"torch==2.13.0", "lightning==2.6.6", 'vllm==0.32.0; extra == "gpu"', 'pytest>=8; extra == "dev"'} <= requires
 
 
 def test_setup_script_installs_the_package_with_its_extras():
