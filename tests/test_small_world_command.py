@@ -43,7 +43,14 @@ def test_main_command_trains_with_whisper_and_prints_held_out_cer_before_and_aft
     assert 0 <= float(before) <= 1 and 0 <= float(after) <= 1  # capped CER of real Whisper transcripts
     relative = 100 * (float(after) - float(before)) / float(before)
     assert float(change) == pytest.approx(relative, abs=0.6)  # computed before rounding to 3 decimals
-    assert "/-2" not in output
+    assert "Epoch 0 of max_steps 2" in output and "/-2" not in output  # the rich bar, as rendered off a terminal
+
+
+def test_held_out_cer_without_validation_warns_with_the_flags_to_set():
+    from lightning_grpo.held_out_cer import HeldOutCER
+
+    with pytest.warns(UserWarning, match="num_sanity_val_steps -1"):
+        HeldOutCER().on_fit_end(None, None)
 
 
 def test_shipped_warm_start_is_what_warm_start_py_makes():
