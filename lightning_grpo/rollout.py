@@ -17,8 +17,9 @@ generated; pieces and samples are the same either way. The callback also starts 
 owns a process (`reward/owner.py`: one reward per node for every rank) and logs the step's timings
 (`timing.py`) and what its sampling did (`train/frac_reward_zero_std`, `train/samples_generated`, ...).
 
-Dynamic sampling (`dynamic_sampling`, off by default; dynamic_sampling.py) waits for each round's rewards in the
-callback, drops groups whose rewards are all equal and tops the step up with further rounds of prompts.
+Dynamic sampling (`dynamic_sampling`, off by default; `dynamic_rollout`) waits for each round's rewards in the
+callback, drops groups whose rewards are all equal and tops the step up with further rounds of prompts; its
+decisions are dynamic_sampling.py's pure functions.
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from . import dynamic_sampling, timing
-from .batch import Rollout
+from . import timing
+from .batch import Rollout, pad_right, pad_rows, select_groups
 from .data import REFERENCE_COLUMNS, collate_prompts
 from .distributed import gather_from_ranks
-from .dynamic_sampling import reduce_stats, zero_spread
+from .dynamic_sampling import TopUp, pick_groups, reduce_stats, topup_size, zero_spread
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
 from .reward.prosody import add_group_spreads
 from .sampling import ChunkRows, Sampler, check_sampler, sample_stream
-from .scoring import RewardScoring, max_concurrent_calls
+from .scoring import RewardScoring, max_concurrent_calls, stop_if_any_rank_failed
 
 TruncationPolicy = Literal["penalize", "mask", "keep"]
 
@@ -350,7 +351,7 @@ class GRPORollout(L.Callback):
             for t, pt, pc in zip(texts, ref_texts, ref_codes)
         ]
 
-    def _topup_source(self, trainer: L.Trainer) -> dynamic_sampling.TopUp:
+    def _topup_source(self, trainer: L.Trainer) -> TopUp:
         draw = getattr(trainer.datamodule, "topup_prompts", None)
         if not callable(draw):
             raise ValueError(
@@ -360,11 +361,66 @@ class GRPORollout(L.Callback):
             )
         return draw
 
-    def dynamic_rollout(
-        self, pl_module: L.LightningModule, batch: dict, step: int, topup: dynamic_sampling.TopUp
-    ) -> tuple[Rollout, dict[str, int]]:
-        """The step's Rollout under dynamic sampling and this rank's counts (`dynamic_sampling.dynamic_rollout`)."""
-        return dynamic_sampling.dynamic_rollout(self, pl_module, batch, step, topup)
+    @torch.no_grad()
+    def dynamic_rollout(self, pl_module: L.LightningModule, batch: dict, step: int, topup: TopUp
+                        ) -> tuple[Rollout, dict[str, int]]:
+        """The batch's round, then extra rounds of `topup(count, step, start, exclude)` prompts while any rank is
+        short of informative groups, at most `max_extra_rounds`; returns the Rollout of this rank's
+        len(batch["text"]) groups, its rewards waited for, and this rank's counts for `reduce_stats`. Every rank
+        must call it: the rounds are agreed with one all_gather each, and each round's scoring ends in a collective."""
+        g, tol, target = self.group_size, self.zero_std_tol, len(batch["text"])
+        rollout = self.make_rollout(pl_module, batch, g, step)  # a reward failing on any rank stops every rank here
+        first_zero = zero_spread(rollout.rewards, g, tol)
+        rounds, flags = [rollout], [(~first_zero).tolist()]  # the rounds this rank scored; informative per group
+        samples, tokens = len(rollout.completion_ids), sum(len(c) for c in rollout.completion_ids)
+        unscored: dict[str, float] = {}  # timings of rounds this rank generated only
+        drawn, extra, exclude = 0, 0, set()
+        while True:
+            informative, scored = sum(map(sum, flags)), sum(map(len, flags))
+            short = max(0, target - informative)
+            ranks = gather_from_ranks({"short": short, "informative": informative, "scored": scored,
+                                       "texts": list(batch["text"]) if extra == 0 else None})
+            if extra == 0:  # top-ups leave out the step's prompts on every rank
+                exclude = {t for r in ranks for t in r["texts"]}
+            if extra == self.max_extra_rounds or not any(r["short"] for r in ranks):
+                break
+            count = topup_size([r["short"] for r in ranks], sum(r["informative"] for r in ranks),
+                               sum(r["scored"] for r in ranks), cap=target)
+            more = topup(count, step, drawn, exclude)
+            drawn, extra = drawn + count, extra + 1
+            if short:
+                rollout = self.make_rollout(pl_module, more, g, step)
+                rounds.append(rollout)
+                flags.append((~zero_spread(rollout.rewards, g, tol)).tolist())
+                samples += len(rollout.completion_ids)
+                tokens += sum(len(c) for c in rollout.completion_ids)
+            else:  # this rank is full: it generates with the others (FSDP2 / tensor-parallel vLLM), then discards
+                seconds, n, t = self._generate_unscored(pl_module, more, g, step)
+                for key, value in seconds.items():
+                    unscored[key] = unscored.get(key, 0.0) + value
+                samples, tokens = samples + n, tokens + t
+        picks = pick_groups(flags, target)
+        out = select_groups(rounds, picks, self.vocab.pad_id)
+        for key, value in unscored.items():
+            out.timings[key] = out.timings.get(key, 0.0) + value
+        self.last_rollout = out
+        counts = {"first_groups": target, "first_zero_std": int(first_zero.sum()), "samples": samples,
+                  "tokens": tokens, "extra_rounds": extra, "prompts_drawn": drawn, "groups_generated": target + drawn,
+                  "groups_trained": target, "informative_trained": sum(flags[k][b] for k, b in picks)}
+        return out, counts
+
+    def _generate_unscored(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int
+                           ) -> tuple[dict[str, float], int, int]:
+        """Generate a round this rank does not need: its timings, completions and tokens (nothing is scored)."""
+        prompts, device = self.encode_prompts(pl_module, batch), pl_module.device
+        start, samples, tokens = time.perf_counter(), 0, 0
+        for chunk in sample_stream(self.sampler, pl_module.policy, prompts, group_size, self.vocab.speech_gen_end_id,
+                                   step, self.allowed_token_ids()):
+            samples += len(chunk.completions.ids)
+            tokens += sum(len(c) for c in chunk.completions.ids)
+        seconds = timing.sampling_timings(timing.elapsed(start, device), dict(getattr(self.sampler, "metrics", {}) or {}))
+        stop_if_any_rank_failed(None)  # the collective the other ranks reach when they wait for this round's rewards
+        return seconds, samples, tokens
 
     @torch.no_grad()
     def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
@@ -415,20 +471,10 @@ class GRPORollout(L.Callback):
         timings = timing.sampling_timings(sampling_s, sampler_metrics)
         truncated = torch.tensor(comps.truncated, dtype=torch.bool)
 
-        width = max(len(p) for p in prompts)
-        clen = max(1, max(len(c) for c in ids))
-        input_ids = torch.full((n, width + clen), v.pad_id, dtype=torch.long)  # (B*G, P+C)
-        attention_mask = torch.zeros_like(input_ids)
-        completion_mask = torch.zeros(n, clen, dtype=torch.float32)  # (B*G, C)
-        sampler_logprobs = torch.zeros(n, clen) if row_logprobs is not None else None
-        for i, row_ids in enumerate(ids):
-            p = prompts[i // group_size]
-            input_ids[i, width - len(p) : width] = torch.tensor(p)
-            input_ids[i, width : width + len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            attention_mask[i, width - len(p) : width + len(row_ids)] = 1
-            completion_mask[i, : len(row_ids)] = 1.0
-            if sampler_logprobs is not None:
-                sampler_logprobs[i, : len(row_ids)] = torch.tensor(row_logprobs[i])
+        input_ids, attention_mask, width = pad_rows([prompts[i // group_size] for i in range(n)], ids, v.pad_id)  # (B*G, P+C)
+        clen = input_ids.shape[1] - width
+        completion_mask = pad_right([[1.0] * len(c) for c in ids], clen)  # (B*G, C)
+        sampler_logprobs = pad_right(row_logprobs, clen) if row_logprobs is not None else None
         if self.truncation == "mask":
             completion_mask[truncated] = 0.0
 
