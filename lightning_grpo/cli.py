@@ -157,8 +157,8 @@ class GRPOCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
-    return GRPOCLI(
+def build_cli(args: list[str] | None = None, run: bool = True, cli: type[GRPOCLI] = GRPOCLI) -> GRPOCLI:
+    return cli(
         GRPOPolicy,
         PromptDataModule,
         args=args,
