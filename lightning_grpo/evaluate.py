@@ -15,7 +15,9 @@ directory. The command builds the fit config's trainer, model and data, adds the
 
 `--ckpt_path` takes a Lightning checkpoint (.ckpt, or the directory of shards an FSDP2 run writes: evaluate it
 with that run's config) or an HF directory from `export`; any other argument
-is a fit-config override (`--data.val_data ~/data/llasa-tts-rl-grpo`, `--data.max_val_samples 100`).
+is a fit-config override (`--data.val_data ~/data/llasa-tts-rl-grpo`, `--data.max_val_samples 100`). One parser
+(LightningCLI's) reads both, so a second `--config` file may keep an evaluation's settings, its own keys
+(`ckpt_path`, `out_dir`, `seed_tts`, `sim`, `sim_codec`) beside fit keys (`data: {val_data: ...}`).
 Samples per prompt are the rollout's `val_group_size`; sampling settings are the config's sampler's.
 
 `--seed_tts` adds Seed-TTS-eval's scores, the convention of LLaSA's and most TTS papers' tables, next to the

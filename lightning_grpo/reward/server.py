@@ -122,7 +122,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--exit-with-parent", type=Optional[int], default=None, metavar="PID",
                    help="stop when process PID is gone (a trainer's reward owner must not outlive the trainer)")
     p.add_argument("--reward", type=Optional[Reward], default=None,
-                   help="the reward to serve instead of Whisper: class_path and init_args (in a --config file, or a YAML file name)")
+                   help="the reward to serve instead of Whisper: class_path and init_args (a --config file's `reward:`, or JSON)")
     p.add_argument("--reward-config", type=Optional[str], default=None,
                    help="YAML file {class_path, init_args} of the reward to serve instead of Whisper, read when the server starts")
     p.add_argument("--reward-factory", type=Optional[str], default=None,
