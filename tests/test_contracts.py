@@ -200,3 +200,14 @@ def test_no_two_package_modules_import_each_other():
     graph = import_graph(ROOT / "lightning_grpo")
     assert "lightning_grpo.dynamic_sampling" in graph["lightning_grpo.rollout"]  # the graph sees the imports
     assert import_cycles(graph) == []
+
+
+def test_reward_results_are_sliced_by_one_row_selection():
+    """RewardResult.rows serves the server's batch routing, scoring's reorder and dynamic sampling's group pick."""
+    result = RewardResult(rewards=torch.tensor([0.1, 0.2, 0.3]), metrics={"cer": torch.tensor([0.0, float("nan"), 1.0])},
+                          reasons=["ok", "empty_speech", "ok"], transcripts=["a", "", "c"])
+    picked = result.rows([2, 0, 2])
+    assert picked.rewards.tolist() == pytest.approx([0.3, 0.1, 0.3]) and picked.metrics["cer"].tolist() == [1.0, 0.0, 1.0]
+    assert picked.reasons == ["ok", "ok", "ok"] and picked.transcripts == ["c", "a", "c"]
+    silent = RewardResult(rewards=torch.zeros(2))
+    assert silent.rows([1]).transcripts == [] and RewardResult.cat([silent, silent]).transcripts == []  # none transcribes
