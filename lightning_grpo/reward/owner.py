@@ -16,7 +16,8 @@ that trains on one rank scores in that rank's process, as the plain reward would
 
 How: local rank 0 of each node starts the scoring server (`python -m lightning_grpo serve`, reward/server.py)
 as the *owner process*, on the loopback interface, a free port and a random bearer token, with the reward's
-factory (the parsed `reward:`) pickled into the run's directory. The owner binds, then builds the reward on
+description (the parsed `reward:` as plain `class_path` + `init_args`, reward/spec.py: never the built reward or the
+config library's factory, which holds the Trainer) written into the run's directory. The owner binds, then builds the reward on
 its device while /healthz answers "loading"; every rank learns the port and token through one all_gather and
 waits until the owner is ready. Each rank scores through `RemoteReward` (reward/client.py), several pieces in
 flight at once (`max_concurrent_calls`), and the owner's micro-batcher merges the requests of all ranks into
@@ -57,6 +58,7 @@ import httpx
 
 from .base import Reward, RewardResult, SpeechSample
 from .client import RemoteReward
+from .spec import RewardSpec, describe
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class SharedReward:
 
     def __init__(
         self,
-        reward: Callable[[], Reward],
+        reward: Callable[[], Reward] | RewardSpec,
         mode: OwnerMode = "auto",
         max_batch_size: int = 256,
         max_wait_ms: float = 10.0,
@@ -87,7 +89,9 @@ class SharedReward:
     ) -> None:
         """
         Args:
-            reward: the real reward (`class_path` + `init_args` in YAML), built once per node, in the owner.
+            reward: the real reward (`class_path` + `init_args` in YAML), built once per node, in the owner, from
+                its description (plain values: weights, tensors and built objects are refused). In Python: a
+                RewardSpec, a class, or `functools.partial(Class, plain arguments)`.
             mode: `auto` (default): an owner process when more than one rank trains on the node, else the reward
                 in this process (the plain reward's behaviour); `process`: an owner even for one rank (its own
                 process: no GIL or CPU time taken from generation); `in_process`: every rank builds its own.
@@ -111,9 +115,7 @@ class SharedReward:
             raise ValueError(f"--rollout.reward.mode={mode!r} must be auto, process or in_process")
         if max_batch_size < 1 or max_concurrent_calls < 1 or max_samples_per_request < 1:
             raise ValueError("--rollout.reward.max_batch_size, max_concurrent_calls and max_samples_per_request must be >= 1")
-        if not callable(reward):
-            raise TypeError(f"SharedReward(reward=...) needs a callable that builds the reward, got {type(reward).__name__}")
-        self.reward = reward
+        self.reward = describe(reward)
         self.mode = mode
         self.max_batch_size = max_batch_size
         self.max_wait_ms = max_wait_ms
@@ -180,13 +182,7 @@ class SharedReward:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"node{node}.log"
         factory_file = log_dir / f"node{node}_reward_factory.pkl"
-        try:
-            payload = pickle.dumps(self.reward)
-        except Exception as e:
-            raise TypeError(
-                f"SharedReward cannot send its reward ({self.reward!r}) to the owner process: it does not pickle "
-                f"({type(e).__name__}: {e}); build it from YAML (class_path + init_args) or a module-level class"
-            ) from e
+        payload = pickle.dumps(self.reward)  # a RewardSpec: plain data, built by the owner
         fd = os.open(factory_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the owner unpickles it: ours only
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -207,7 +203,7 @@ class SharedReward:
                    "--exit-with-parent", str(os.getpid()), "--allow-empty-tokens", "--log-level", "info"]
             with open(log_path, "ab") as out:
                 out.write(f"\n==== reward owner of node {node}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                          f"{' '.join(cmd)}\n".encode())
+                          f"{' '.join(cmd)}\nits reward:\n{self.reward.to_yaml()}".encode())
                 out.flush()
                 self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
             threading.Thread(target=self._proc.wait, name="reward-owner-reaper", daemon=True).start()
