@@ -38,6 +38,7 @@ from .distributed import gather_from_ranks
 from .dynamic_sampling import reduce_stats, zero_spread
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
+from .reward.owner import check_reward_devices
 from .sampling import ChunkRows, Sampler, check_sampler, sample_stream
 from .scoring import RewardScoring, max_concurrent_calls
 
@@ -235,6 +236,8 @@ class GRPORollout(L.Callback):
         self.vocab = LlasaVocab.from_tokenizer(pl_module.tokenizer)
         if self.dynamic_sampling and stage == "fit" and trainer is not None:
             self._topup_source(trainer)  # fail before the first rollout
+        if trainer is not None:
+            check_reward_devices(self.reward, trainer)
         start = getattr(self.reward, "start", None)
         if callable(start):  # a reward that owns a process or a connection (reward/owner.py: every rank calls it)
             start(trainer)  # None outside a Trainer (tests, scripts)

@@ -208,3 +208,49 @@ def test_the_whole_config_reaches_tensorboard_and_csv_hparams(tmp_path):
         assert logged["rollout.reward.beta_c"] == 2.0 and logged["rollout.reward.codec.class_path"] == "small_world.unit_codec.UnitCodec"
         assert logged["rollout.sampler.max_new_tokens"] == 8 and logged["model.num_iterations"] == 2
         assert logged["trainer.callbacks.CappedCER.class_path"] == "lightning_grpo.reward.capped_cer.CappedCER"
+
+
+def test_a_plain_model_parallel_strategy_is_data_parallel_over_every_rank(tmp_path):
+    """`tensor_parallel_size: auto` (the strategy's default) on 2 CPU ranks through the CLI: FSDP2 over both ranks,
+    each rank scoring its own prompts (a tensor-parallel pair would repeat the same data on both)."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_grpo", "fit", "--config", "configs/tiny_cpu.yaml",
+         "--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy", "--trainer.devices=2",
+         "--trainer.max_steps=1", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+         f"--trainer.logger.init_args.save_dir={tmp_path}", "--rollout.reward=owner_rewards.CountingRuleReward",
+         f"--rollout.reward.record_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data parallel over all 2 ranks" in proc.stdout + proc.stderr
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    texts = {}
+    for call in calls:
+        texts.setdefault(call["pid"], set()).update(call["texts"])
+    assert len(texts) == 2 and not set.intersection(*texts.values())  # two ranks, different prompts
+
+
+def test_a_reward_on_a_training_gpu_stops_at_start_naming_both():
+    """llasa1b_original.yaml's Whisper is on cuda:2: fine beside 2 training GPUs, an error beside 4."""
+    import types
+
+    import torch
+
+    from lightning_grpo.reward.owner import SharedReward, check_reward_devices
+
+    raw = yaml.safe_load((ROOT / "configs" / "llasa1b_original.yaml").read_text())
+    shared = SharedReward(raw["rollout"]["reward"]["init_args"]["reward"])
+
+    def trainer(n: int):
+        return types.SimpleNamespace(strategy=types.SimpleNamespace(parallel_devices=[torch.device(f"cuda:{i}") for i in range(n)]))
+
+    check_reward_devices(shared, trainer(2))
+    with pytest.raises(ValueError, match=r"rollout\.reward\.reward\.device=cuda:2 is the GPU of training rank 2 "
+                                         r"\(trainer\.devices=4 .*cuda:0, cuda:1, cuda:2, cuda:3\).*cuda:4"):
+        check_reward_devices(shared, trainer(4))
+    cpu = types.SimpleNamespace(strategy=types.SimpleNamespace(parallel_devices=[torch.device("cpu")] * 2))
+    check_reward_devices(SharedReward({"class_path": "x.Y", "init_args": {"device": "cpu"}}), cpu)  # CPU is shared

@@ -291,6 +291,45 @@ class _OwnerClient(RemoteReward):
                 f"{self.owner['pid']}) logs to {path}; its last lines:\n{tail(Path(path))}")
 
 
+def check_reward_devices(reward: Any, trainer: Any) -> None:
+    """Raise when a reward is placed on a GPU that a training rank of this node uses (with vLLM beside the policy it
+    has no room for Whisper): the reward's device as its config names it, and the rank's. CPU is shared freely."""
+    strategy = getattr(trainer, "strategy", None)
+    devices = list(getattr(strategy, "parallel_devices", None) or [getattr(strategy, "root_device", None)])
+    training = {str(d): rank for rank, d in enumerate(devices) if d is not None and str(d).startswith("cuda")}
+    for where, device in _reward_devices(reward, "rollout.reward"):
+        name = "cuda:0" if device == "cuda" else device
+        if name in training:
+            raise ValueError(
+                f"{where}={device} is the GPU of training rank {training[name]} (trainer.devices={len(devices)} trains "
+                f"on {', '.join(training)}): put the reward on a GPU no rank trains on, e.g. cuda:{len(devices)}, or "
+                "train on fewer devices"
+            )
+
+
+def _reward_devices(reward: Any, where: str) -> list[tuple[str, str]]:
+    """(config key, device) of every placed part of a reward: a description's `device` keys, a module's parameters."""
+    if isinstance(reward, SharedReward):
+        reward = reward.reward
+    if isinstance(reward, RewardSpec):
+        found: list[tuple[str, str]] = []
+
+        def walk(node: Any, key: str) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k == "device" and isinstance(v, str):
+                        found.append((key + ".device", v))
+                    walk(v, key if k == "init_args" else f"{key}.{k}")
+
+        walk(reward.config.get("init_args") or {}, f"{where}.reward")
+        return found
+    if isinstance(getattr(reward, "rewards", None), dict):  # a composite's components
+        return [d for name, r in reward.rewards.items() for d in _reward_devices(r, f"{where}.rewards.{name}")]
+    if hasattr(reward, "parameters"):
+        return [(f"{where}.device", d) for d in sorted({str(p.device) for p in reward.parameters()})]
+    return []
+
+
 def _exit_status(code: int) -> str:
     return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
