@@ -254,3 +254,48 @@ def test_a_reward_on_a_training_gpu_stops_at_start_naming_both():
         check_reward_devices(shared, trainer(4))
     cpu = types.SimpleNamespace(strategy=types.SimpleNamespace(parallel_devices=[torch.device("cpu")] * 2))
     check_reward_devices(SharedReward({"class_path": "x.Y", "init_args": {"device": "cpu"}}), cpu)  # CPU is shared
+
+
+def rewards_built_per_rank(node, inside_owner=False, key="rollout.reward"):
+    """Config keys of the model-holding rewards (torch modules) that every rank would build: not inside a SharedReward
+    that runs an owner process."""
+    import importlib
+
+    import torch
+
+    if not isinstance(node, dict):
+        return []
+    found = []
+    if isinstance(node.get("class_path"), str):
+        module, _, name = node["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        init = node.get("init_args") or {}
+        if cls.__name__ == "SharedReward":
+            inside_owner = init.get("mode", "auto") != "in_process"
+        elif isinstance(cls, type) and issubclass(cls, torch.nn.Module) and not inside_owner:
+            found.append(key)
+        node = init
+    for k, v in node.items():
+        found += rewards_built_per_rank(v, inside_owner, f"{key}.{k}")
+    return found
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_multi_rank_config_builds_its_model_rewards_once_per_node(path):
+    """One Whisper (or speaker encoder) per node, in a SharedReward owner or behind a server: never one per rank."""
+    raw = yaml.safe_load(path.read_text())
+    ranks = int(raw["trainer"].get("devices", 1)) * int(raw["trainer"].get("num_nodes", 1))
+    per_rank = rewards_built_per_rank(raw["rollout"]["reward"])
+    assert ranks == 1 or not per_rank, f"{path.name} trains on {ranks} ranks and builds {per_rank} in each"
+
+
+def test_the_per_rank_check_sees_a_plain_and_a_composed_model_reward():
+    whisper = {"class_path": "lightning_grpo.reward.module.WhisperReward", "init_args": {"device": "cuda:2"}}
+    assert rewards_built_per_rank(whisper) == ["rollout.reward"]
+    composite = {"class_path": "lightning_grpo.reward.composite.CompositeReward",
+                 "init_args": {"rewards": {"whisper": whisper, "d": {"class_path": "lightning_grpo.reward.duration.DurationReward"}}}}
+    assert rewards_built_per_rank(composite) == ["rollout.reward.rewards.whisper"]
+    shared = {"class_path": "lightning_grpo.reward.owner.SharedReward", "init_args": {"reward": composite}}
+    assert rewards_built_per_rank(shared) == []
+    shared["init_args"]["mode"] = "in_process"
+    assert rewards_built_per_rank(shared) == ["rollout.reward.reward.rewards.whisper"]

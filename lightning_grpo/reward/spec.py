@@ -92,27 +92,34 @@ def owner_rewards_described(parser: Any, config: Any) -> Iterator[None]:
     from .owner import SharedReward
 
     plain = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False))
-    parsed = {}
-    for key, node in _class_nodes(plain, ""):
+    parsed = []  # (the parsed node holding `reward`, its parsed value)
+    for path, node in _class_nodes(plain, ()):
         reward = (node.get("init_args") or {}).get("reward")
         if isinstance(reward, dict) and _imports_subclass(node["class_path"], SharedReward):
-            parsed[f"{key}.init_args.reward"] = config[f"{key}.init_args.reward"]
-            config[f"{key}.init_args.reward"] = RewardSpec(reward)
+            holder = config
+            for part in (*path, "init_args"):
+                holder = holder[part]
+            parsed.append((holder, holder["reward"]))
+            holder["reward"] = RewardSpec(reward)
     try:
         with warnings.catch_warnings():  # Lightning dumps the config for the model's hparams meanwhile
             warnings.filterwarnings("ignore", "(?s).*Unable to serialize instance RewardSpec")
             yield
     finally:
-        for key, value in parsed.items():
-            config[key] = value
+        for holder, value in parsed:
+            holder["reward"] = value
 
 
-def _class_nodes(node: Any, key: str):
+def _class_nodes(node: Any, path: tuple):
+    """(keys from the root, node) of every `{class_path: ...}` mapping in a plain config."""
     if isinstance(node, dict):
         if isinstance(node.get("class_path"), str):
-            yield key, node
+            yield path, node
         for k, v in node.items():
-            yield from _class_nodes(v, f"{key}.{k}" if key else k)
+            yield from _class_nodes(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _class_nodes(v, (*path, i))
 
 
 def _imports_subclass(class_path: str, base: type) -> bool:
