@@ -33,6 +33,7 @@ EXTRA_COMMANDS = {
     "prepare": ("lightning_grpo.prepare", "main"),
     "evaluate": ("lightning_grpo.evaluate", "main"),
     "export": ("lightning_grpo.export", "main"),
+    "rehearse": ("lightning_grpo.rehearse", "main"),
 }
 
 ROLLOUT_ARGS = frozenset(inspect.signature(GRPORollout.__init__).parameters) - {"self"}

@@ -63,7 +63,7 @@ class AudioSampleLogger(L.Callback):
         log_validation: bool = True,
         write_files: bool | None = None,
         out_dir: str | None = None,
-        codec: Callable[[], SpeechDecoder] | SpeechDecoder | str | None = None,
+        codec: str | Callable[[], SpeechDecoder] | SpeechDecoder | None = None,
         codec_device: str = "cpu",
     ) -> None:
         """
