@@ -22,12 +22,14 @@ processes; the per-node parts, an owner per node, are the same on every node).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -250,8 +252,10 @@ def parsed_config(args: list[str]) -> dict:
         def instantiate_classes(self) -> None:
             pass
 
-    cli = ParseOnly(GRPOPolicy, PromptDataModule, args=args, run=False, parser_kwargs={"parser_mode": "omegaconf"},
-                    seed_everything_default=0, auto_configure_optimizers=False)
+    with warnings.catch_warnings():  # the rehearsal's own argv is not the config's
+        warnings.filterwarnings("ignore", ".*not recommended to provide both args and command line arguments")
+        cli = ParseOnly(GRPOPolicy, PromptDataModule, args=args, run=False, parser_kwargs={"parser_mode": "omegaconf"},
+                        seed_everything_default=0, auto_configure_optimizers=False)
     plain = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     plain.pop("config", None)
     return plain
@@ -344,29 +348,29 @@ def launch(args: list[str], out: Path, name: str) -> tuple[int, float, list[str]
 
 
 def warnings_in(text: str) -> list[str]:
-    """The distinct warnings of a run's output (Python warnings with their message line, logged warnings)."""
-    found: list[str] = []
+    """The distinct warnings of a run's output: Python warnings (`file.py:N: [Category: ]message`) once per source
+    line with their count (every rank prints its own), and logged `WARNING` lines."""
+    found: dict[str, list] = {}  # source -> [message, count]
     lines = text.splitlines()
     for i, line in enumerate(lines):
-        m = re.search(r"(\w*Warning): ?(.*)$", line)
-        if m:
-            message = m.group(2).strip() or (lines[i + 1].strip() if i + 1 < len(lines) else "")
-            item = f"{m.group(1)}: {message}"
+        line = re.sub(r"^\[rank\d+\]:\s*", "", line)
+        m = re.search(r"(\S+\.py:\d+): (?:(\w*Warning): ?)?(.*)$", line)
+        if m and (m.group(2) or not line.lstrip().startswith("File ")):
+            message = m.group(3).strip() or (lines[i + 1].strip() if i + 1 < len(lines) else "")
+            source, message = m.group(1), f"{m.group(2) + ': ' if m.group(2) else ''}{message}"[:300]
         elif re.search(r"\bWARNING\b", line):
-            item = line.strip()
+            source = message = line.strip()[:300]
         else:
             continue
-        item = re.sub(r"^\[rank\d+\]:\s*", "", item)[:300]
-        if item not in found:
-            found.append(item)
-    return found
+        found.setdefault(Path(source).name if m else source, [message, 0])[1] += 1
+    return [f"{message}{f' (x{count})' if count > 1 else ''}" for message, count in found.values()]
 
 
 def rehearse(fit_args: list[str], out: Path, max_processes: int = 2) -> int:
     """Rehearse the run of `fit_args` (--config and overrides) in `out`; prints the report; the exit status."""
     out.mkdir(parents=True, exist_ok=True)
     real = parsed_config(fit_args)
-    config = yaml.safe_load(yaml.safe_dump(real))
+    config = copy.deepcopy(real)
     subs = Substitutions(config, out, max_processes)
     subs.apply()
     print(f"rehearsal of {' '.join(fit_args)} in {out}; substituted:")
