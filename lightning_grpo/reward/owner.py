@@ -16,9 +16,9 @@ that trains on one rank scores in that rank's process, as the plain reward would
 
 How: local rank 0 of each node starts the scoring server (`python -m lightning_grpo serve`, reward/server.py)
 as the *owner process*, on the loopback interface, a free port and a random bearer token, with the reward's
-description (the parsed `reward:` as plain `class_path` + `init_args`, reward/spec.py: never the built reward or the
-config library's factory, which holds the Trainer) written into the run's directory. The owner binds, then builds the reward on
-its device while /healthz answers "loading"; every rank learns the port and token through one all_gather and
+description (the parsed `reward:` as plain `class_path` + `init_args`, reward/spec.py: never the built reward or
+the config library's factory, which holds the Trainer) written into the run's directory. The owner binds, then
+builds the reward on its device while /healthz answers "loading"; every rank learns the port and token through one all_gather and
 waits until the owner is ready. Each rank scores through `RemoteReward` (reward/client.py), several pieces in
 flight at once (`max_concurrent_calls`), and the owner's micro-batcher merges the requests of all ranks into
 shared `Reward.score` calls (at most `max_batch_size` samples, `max_wait_ms` to gather company). The reward
@@ -108,7 +108,7 @@ class SharedReward:
             timeout_s: read timeout of one scoring request (a request waits behind other ranks' batches).
             max_retries: retries of a failed request; a dead owner is detected at once, not retried.
             backoff_s: wait before the first retry, doubled at each retry.
-            log_dir: where the owner's log and the pickled reward factory go; default
+            log_dir: where the owner's log and its reward's description (a pickled RewardSpec) go; default
                 `<trainer.default_root_dir>/reward_owner`.
         """
         if mode not in ("auto", "process", "in_process"):
