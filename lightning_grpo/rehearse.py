@@ -285,7 +285,7 @@ def memory_plan(config: dict) -> list[str]:
         from bench_lora_memory import llasa8b_budget
 
         plans = {gpu: llasa8b_budget(gpu_gb=gpu, engine_fraction=fraction)[1]["totals"] for gpu in (48.0, 80.0)}
-        what = f"{name} LoRA on 1 GPU, vLLM at {fraction:g}"
+        what = f"{name} LoRA on 1 GPU, vLLM at {fraction:g} of the card (benchmarks/bench_lora_memory.py"
     else:
         strategy = trainer.get("strategy") or {}
         world = int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1)
@@ -298,8 +298,9 @@ def memory_plan(config: dict) -> list[str]:
         plans = {gpu: budget(s, Layout(gpu_gb=gpu, engine_fraction=fraction, fsdp=world if sharded else 0,
                                        offload=offload), layer)["totals"] for gpu in (48.0, 80.0)}
         what = (f"{name}, {'FSDP2 over ' + str(world) + ' GPUs' if sharded else 'DDP'}{' with CPU offload' if offload else ''}, "
-                f"micro-batch {s.rows} x ({s.prompt} + {s.completion}), vLLM at {fraction:g} of the card")
-    lines = [f"{what} (benchmarks/bench_step_memory.py, per training GPU):"]
+                f"micro-batch {s.rows} x ({s.prompt} + {s.completion}), vLLM at {fraction:g} of the card "
+                "(benchmarks/bench_step_memory.py")
+    lines = [f"{what}, per training GPU):"]
     for gpu, totals in plans.items():
         peaks = ", ".join(f"{phase} {totals[phase] / GB:.1f} GB" for phase in ("rollout", "update"))
         verdict = "fits" if max(totals["rollout"], totals["update"]) < gpu * GB else "DOES NOT FIT"
