@@ -393,8 +393,6 @@ def rehearse(fit_args: list[str], out: Path, max_processes: int = 2) -> int:
         if _checkpoints(config):
             runs.append(("resume", ["fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", str(STEPS + 1)],
                          f"resume from the step-{STEPS} checkpoint (--ckpt_path last) for one more step"))
-        else:
-            ran.append("resume: not rehearsed (the config writes no checkpoints)")
         for name, args, what in runs:
             code, seconds, warned = launch(args, out, name)
             ran.append(f"{what}: {'ok' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s (log {out / name}.log)")
@@ -402,6 +400,8 @@ def rehearse(fit_args: list[str], out: Path, max_processes: int = 2) -> int:
             if code:
                 failed = code
                 break
+        if len(runs) == 1 and not failed:
+            ran.append("resume: not rehearsed (the config writes no checkpoints)")
     finally:
         if server is not None:
             server.terminate()
