@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .data import PromptDataModule
 from .policy import GRPOPolicy
+from .reward.spec import owner_rewards_described
 from .rollout import GRPORollout
 
 EXTRA_COMMANDS = {
@@ -32,6 +33,7 @@ EXTRA_COMMANDS = {
     "prepare": ("lightning_grpo.prepare", "main"),
     "evaluate": ("lightning_grpo.evaluate", "main"),
     "export": ("lightning_grpo.export", "main"),
+    "rehearse": ("lightning_grpo.rehearse", "main"),
 }
 
 ROLLOUT_ARGS = frozenset(inspect.signature(GRPORollout.__init__).parameters) - {"self"}
@@ -150,6 +152,11 @@ class GRPOCLI(LightningCLI):
         # A Callback class added as a group is instantiated from `rollout:` and appended to the
         # trainer's callbacks by LightningCLI (its `callback_keys`), wherever trainer.callbacks lists others.
         parser.add_lightning_class_args(GRPORollout, "rollout")
+
+    def instantiate_classes(self) -> None:
+        # a reward owner gets its reward as the parsed description, built in the owner and in no training rank
+        with owner_rewards_described(self.parser, self.config):
+            super().instantiate_classes()
 
     def parse_arguments(self, parser, args) -> None:
         if args is None or isinstance(args, list):

@@ -39,6 +39,7 @@ from .distributed import gather_from_ranks
 from .dynamic_sampling import TopUp, pick_groups, reduce_stats, topup_size, zero_spread
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
+from .reward.owner import check_reward_devices
 from .reward.prosody import add_group_spreads
 from .sampling import ChunkRows, Sampler, check_sampler, sample_stream
 from .scoring import RewardScoring, max_concurrent_calls, stop_if_any_rank_failed
@@ -240,6 +241,8 @@ class GRPORollout(L.Callback):
             check_rows(lambda row: self.encode_prompts(pl_module, collate_prompts([row])))
         if self.dynamic_sampling and stage == "fit" and trainer is not None:
             self._topup_source(trainer)  # fail before the first rollout
+        if trainer is not None:
+            check_reward_devices(self.reward, trainer)
         start = getattr(self.reward, "start", None)
         if callable(start):  # a reward that owns a process or a connection (reward/owner.py: every rank calls it)
             start(trainer)  # None outside a Trainer (tests, scripts)
