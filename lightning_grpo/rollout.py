@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import dynamic_sampling, timing
+from .async_rollout import RolloutAhead
 from .batch import Rollout
 from .data import REFERENCE_COLUMNS
 from .distributed import gather_from_ranks
@@ -103,6 +104,7 @@ class GRPORollout(L.Callback):
         max_extra_rounds: int = 3,
         zero_std_tol: float = 1e-6,
         max_samples: int | None = None,
+        async_steps: int = 0,
     ) -> None:
         """
         Args:
@@ -153,6 +155,13 @@ class GRPORollout(L.Callback):
                 discarded ones included, counted across resumes: `train/samples_generated_total`), at the end of
                 the step that reaches it; None: no budget. Compares runs at equal sample budgets, e.g. dynamic
                 sampling against a baseline, with `--trainer.max_steps` set high enough.
+            async_steps: how many updates the weights that generate a step's samples may lag the weights that train
+                on them. 0: generate, then train (on-policy). 1: one-step-off (lightning_grpo/async_rollout.py): the
+                next step's rollout is generated on a thread from a copy of the weights while this step trains, so
+                generation and update overlap; every sample is one update stale (`rollout/staleness`), which
+                `--model.importance_correction` weighs out when the sampler reports log-probs. Costs one more copy
+                of the policy's weights; needs the datamodule's train_batch() (PromptDataModule) to know the next
+                batch; not with dynamic_sampling.
         """
         super().__init__()
         if group_size < 2:
@@ -173,7 +182,16 @@ class GRPORollout(L.Callback):
                 "reward's aggregation normalize_then_sum centres rewards on each group's mean, where that is no "
                 "penalty; use --rollout.truncation mask (drop them from the loss) or keep, or aggregation sum"
             )
+        if async_steps not in (0, 1):
+            raise ValueError(f"--rollout.async_steps={async_steps} must be 0 (synchronous) or 1 (one-step-off)")
+        if async_steps and dynamic_sampling:
+            raise ValueError(
+                "--rollout.async_steps 1 with --rollout.dynamic_sampling true: dynamic sampling's top-up rounds decide "
+                "on the rewards inside the step; use one of them"
+            )
         check_sampler(sampler)
+        self.async_steps = async_steps
+        self._ahead = RolloutAhead(self._start_train_rollout) if async_steps else None
         self.sampler = sampler
         self.reward = reward
         self.group_size = group_size
@@ -204,16 +222,21 @@ class GRPORollout(L.Callback):
         torch/CUDA generators), so resuming from a checkpoint continues the same random stream.
         Under DDP (Lightning saves rank 0's state only) every rank's RNG state is gathered into
         `rank_rng`, since ranks that generate different lengths consume their streams differently."""
+        in_flight = self._ahead.state_dict() if self._ahead is not None else None  # first: it waits for the generator
         own = _rng_state()
         state = {"train_rollouts": self.train_rollouts, "samples_generated": self.samples_generated, **own}
         gathered = gather_from_ranks(own)  # Lightning calls state_dict on every rank
         if len(gathered) > 1:
             state["rank_rng"] = gathered
+        if in_flight is not None:
+            state["in_flight"] = in_flight
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_rollouts = state_dict.get("train_rollouts", 0)
         self.samples_generated = state_dict.get("samples_generated", 0)
+        if self._ahead is not None:
+            self._ahead.load_state_dict(state_dict.get("in_flight"))
         # applied at the first training batch: creating the data iterator in between draws from the RNG
         self._pending_rng = state_dict if "torch_rng" in state_dict else None
 
@@ -235,6 +258,8 @@ class GRPORollout(L.Callback):
         self.vocab = LlasaVocab.from_tokenizer(pl_module.tokenizer)
         if self.dynamic_sampling and stage == "fit" and trainer is not None:
             self._topup_source(trainer)  # fail before the first rollout
+        if self._ahead is not None and stage == "fit" and trainer is not None:
+            self._next_batch_source(trainer)
         start = getattr(self.reward, "start", None)
         if callable(start):  # a reward that owns a process or a connection (reward/owner.py: every rank calls it)
             start(trainer)  # None outside a Trainer (tests, scripts)
@@ -251,7 +276,13 @@ class GRPORollout(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._shutdown()  # Lightning skips teardown on an exception: the reward's owner process must stop anyway
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._ahead is not None:
+            self._ahead.finish()  # validation samples from the RNG the generator thread holds while it runs
+
     def _shutdown(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -275,6 +306,9 @@ class GRPORollout(L.Callback):
         if self.dynamic_sampling:
             batch["rollout"], self.step_counts = self.dynamic_rollout(
                 pl_module, batch, self.train_rollouts, self._topup_source(trainer))
+        elif self._ahead is not None:
+            batch["rollout"], self.step_counts = self._ahead.rollout_for(
+                trainer, pl_module, batch, batch_idx, self.train_rollouts, self._next_batch_source(trainer)), None
         else:
             batch["rollout"], self.step_counts = self.start_rollout(pl_module, batch, self.group_size, self.train_rollouts), None
         self.train_rollouts += 1
@@ -356,6 +390,19 @@ class GRPORollout(L.Callback):
             )
         return draw
 
+    def _next_batch_source(self, trainer: L.Trainer):
+        draw = getattr(trainer.datamodule, "train_batch", None)
+        if not callable(draw):
+            raise ValueError(
+                "--rollout.async_steps 1 generates the next step's prompts ahead, through the datamodule's "
+                f"train_batch(); {type(trainer.datamodule).__name__} has none: use the `data:` group "
+                "(lightning_grpo.data.PromptDataModule), or --rollout.async_steps 0"
+            )
+        return draw
+
+    def _start_train_rollout(self, pl_module: L.LightningModule, batch: dict, step: int, model: torch.nn.Module) -> Rollout:
+        return self.start_rollout(pl_module, batch, self.group_size, step, model)
+
     def dynamic_rollout(
         self, pl_module: L.LightningModule, batch: dict, step: int, topup: dynamic_sampling.TopUp
     ) -> tuple[Rollout, dict[str, int]]:
@@ -363,9 +410,10 @@ class GRPORollout(L.Callback):
         return dynamic_sampling.dynamic_rollout(self, pl_module, batch, step, topup)
 
     @torch.no_grad()
-    def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
-        """Sample one rollout, scoring its pieces as the sampler finishes them; with `overlap_reward` the
-        returned Rollout may still be scoring (reading its rewards waits)."""
+    def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int,
+                      model: torch.nn.Module | None = None) -> Rollout:
+        """Sample one rollout from `model` (default: the policy), scoring its pieces as the sampler finishes them;
+        with `overlap_reward` the returned Rollout may still be scoring (reading its rewards waits)."""
         v = self.vocab
         texts, languages = batch["text"], batch.get("language") or [None] * len(batch["text"])
         ref_texts, ref_codes, ref_wavs = (batch.get(k) or [None] * len(texts) for k in REFERENCE_COLUMNS)
@@ -382,7 +430,7 @@ class GRPORollout(L.Callback):
             return rewards.to(device)
 
         scoring = RewardScoring(self.reward, self._scoring_executor(), finalize)
-        stream = sample_stream(self.sampler, pl_module.policy, prompts, group_size, v.speech_gen_end_id, step, allowed)
+        stream = sample_stream(self.sampler, pl_module.policy if model is None else model, prompts, group_size, v.speech_gen_end_id, step, allowed)
         sampling_s = 0.0
         while True:
             start = time.perf_counter()
