@@ -12,7 +12,9 @@ AsyncGRPO do.
 
 Where the parts come from:
 - the weights: a copy of the policy on its device (one more copy of the weights), refreshed in place before each
-  launch. A policy sharded by FSDP2 has no whole copy on a rank: refused.
+  launch; a policy sharded by FSDP2 has no whole copy on a rank and is refused. A sampler that keeps its own copy
+  elsewhere (`generator.GeneratorProcess`) is sent the weights at the launch instead (`push_weights`, on every rank
+  together: FSDP2 gathers them tensor by tensor), and no copy is made.
 - the prompts of step t+1: the datamodule's `train_batch(epoch, index)`, the training loader's own order known in
   advance (`PromptDataModule`). When the loader then delivers another batch (a custom loader, a limit on batches),
   the rollout is dropped and the step generates in place, on every rank together.
@@ -67,8 +69,10 @@ class InFlight:
 class RolloutAhead:
     """Keeps one rollout in flight: `rollout_for` hands out this step's and launches the next one."""
 
-    def __init__(self, make: MakeRollout) -> None:
-        self.make = make
+    def __init__(self, make: MakeRollout, push_weights: Callable[[torch.nn.Module], None] | None = None) -> None:
+        """make: builds a rollout from a model; push_weights: sends the policy's weights to a sampler that keeps its
+        own copy, which then samples from them whatever model `make` hands it."""
+        self.make, self.push_weights = make, push_weights
         self._executor: ThreadPoolExecutor | None = None
         self._snapshot: torch.nn.Module | None = None
         self._in_flight: InFlight | None = None
@@ -106,7 +110,11 @@ class RolloutAhead:
         return rollout
 
     def _launch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, step: int) -> None:
-        snapshot = self._refresh_snapshot(pl_module.policy)
+        if self.push_weights is not None:
+            self.push_weights(pl_module.policy)
+            snapshot = pl_module.policy  # not read: the sampler holds the pushed weights
+        else:
+            snapshot = self._refresh_snapshot(pl_module.policy)
         seed = _draw_seed()  # in this thread, before the worker owns the generator
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix=THREAD_NAME)

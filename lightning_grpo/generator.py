@@ -65,6 +65,7 @@ class GeneratorProcess:
         device: str = "cpu",
         devices: list[str] | None = None,
         transfer_dtype: str | None = None,
+        model_dtype: str | None = None,
         log_dir: str | None = None,
         start_timeout_s: float = 600.0,
     ) -> None:
@@ -77,6 +78,8 @@ class GeneratorProcess:
                 [cuda:2, cuda:3]); overrides `device`.
             transfer_dtype: cast the weights to this dtype before sending (`bfloat16` halves the transfer for a bf16
                 engine); None sends the policy's own dtype.
+            model_dtype: the dtype of the generator's copy of the policy (`bfloat16`: half the memory of fp32, and
+                what a bf16 vLLM engine syncs from); None: the policy's `--model.dtype`.
             log_dir: where the generator writes its log; default `<default_root_dir>/generator`.
             start_timeout_s: how long the generator may take to build its model and sampler.
         """
@@ -88,7 +91,7 @@ class GeneratorProcess:
                 raise ValueError(f"--rollout.sampler.device={d!r} must be cpu or cuda:N")
         self.inner, self.device, self.devices = sampler, device, devices
         self.transfer_dtype = getattr(torch, transfer_dtype) if transfer_dtype else None
-        self.log_dir, self.start_timeout_s = log_dir, start_timeout_s
+        self.log_dir, self.start_timeout_s, self.model_dtype = log_dir, start_timeout_s, model_dtype
         for name in ("temperature", "top_p", "top_k", "max_new_tokens"):  # the trainer scores with the same settings
             setattr(self, name, getattr(sampler, name))
         self.metrics: dict[str, float] = {}
@@ -97,6 +100,7 @@ class GeneratorProcess:
         self._conn: Any = None
         self._group: Any = None
         self._backend = "gloo"
+        self._weights_sent, self._sync_s = False, 0.0
 
     # -- the process ------------------------------------------------------------------------------------------
     def setup(self, pl_module) -> None:
@@ -115,7 +119,7 @@ class GeneratorProcess:
         store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=self.start_timeout_s),
                               wait_for_workers=False)
         hp = pl_module.hparams
-        spec = {"model": hp.model_name_or_path, "dtype": hp.dtype, "device": device, "port": store.port,
+        spec = {"model": hp.model_name_or_path, "dtype": self.model_dtype or hp.dtype, "device": device, "port": store.port,
                 "backend": self._backend, "log": str(self.log_path), "timeout_s": self.start_timeout_s}
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
@@ -140,6 +144,13 @@ class GeneratorProcess:
         if self.process.is_alive():
             self.process.kill()
         self.process = None
+
+    def _send(self, kind: str, payload: Any = None) -> None:
+        try:
+            self._conn.send((kind, payload))
+        except OSError:  # its end of the pipe closed: it died
+            self.process.join(timeout=5)
+            raise self._failure(f"died with exit code {self.process.exitcode}") from None
 
     def _receive(self, expected: str, timeout_s: float | None = None) -> Any:
         """The generator's next reply; an error naming the process and its log if it died or raised."""
@@ -171,17 +182,19 @@ class GeneratorProcess:
     # -- the Sampler Protocol ---------------------------------------------------------------------------------
     @torch.no_grad()
     def send_weights(self, model: torch.nn.Module) -> None:
-        """Send `model`'s weights to the generator and check what it received."""
+        """Send `model`'s weights to the generator and check what it received; the next `sample()` uses them
+        whatever model it is given (one-step-off: sent at the launch, sampled from on the generator thread)."""
+        start = time.perf_counter()
         names, sums = [], []
-        self._conn.send(("weights", None))
+        self._send("weights")
         for name, tensor in hf_weights(model, self.transfer_dtype):
             t = tensor.to(self.transfer_dtype) if self.transfer_dtype is not None else tensor
             t = t.contiguous() if self._backend == "nccl" else t.detach().cpu().contiguous()
-            self._conn.send(("tensor", (name, tuple(t.shape), str(t.dtype).removeprefix("torch."))))
+            self._send("tensor", (name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
             _broadcast(self._group, t)
             names.append(name)
             sums.append(float(t.double().sum()))
-        self._conn.send(("end", None))
+        self._send("end")
         received = self._receive("synced")
         bad = [n for n, a, b in zip(names, sums, received) if a != b]
         if len(received) != len(sums) or bad:
@@ -190,18 +203,25 @@ class GeneratorProcess:
                 f"the generator process {self.process.name} is not sampling from the policy"
             )
         self.metrics["sync/transferred_tensors"] = float(len(names))
+        self._sync_s = time.perf_counter() - start
+        self._weights_sent = True
 
     def sample(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int, stop_token_id: int, step: int,
                allowed_token_ids: Sequence[int] | None = None) -> Completions:
-        """Send `model`'s weights, then have the generator sample n completions per prompt from them."""
+        """Send `model`'s weights (unless `send_weights` just did), then have the generator sample n completions per
+        prompt from them."""
         if self.process is None:
             raise RuntimeError("GeneratorProcess.setup(pl_module) must run before sample() (the rollout callback calls it)")
         seed = int(torch.randint(0, 2**62, ()).item())  # the trainer's stream: a resumed run draws the same
-        start = time.perf_counter()
-        self.send_weights(model)
-        self.metrics["timing/weight_sync"] = time.perf_counter() - start
+        pushed = self._weights_sent
+        if not pushed:
+            self.send_weights(model)
+        self._weights_sent = False
+        # a sync inside this call is part of its time (timing/weight_sync); one pushed at the launch is not
+        self.metrics["timing/weight_sync"] = 0.0 if pushed else self._sync_s
+        self.metrics["timing/weight_push"] = self._sync_s if pushed else 0.0
         allowed = None if allowed_token_ids is None else [int(t) for t in allowed_token_ids]
-        self._conn.send(("sample", ([list(p) for p in prompts], n, stop_token_id, step, allowed, seed)))
+        self._send("sample", ([list(p) for p in prompts], n, stop_token_id, step, allowed, seed))
         comps, inner_metrics = self._receive("sampled")
         self.metrics.update(inner_metrics)
         return comps
@@ -234,7 +254,11 @@ def _generator_main(conn: Any, sampler: Any, spec: dict[str, Any]) -> None:
         from .policy import load_model_and_tokenizer
 
         device = torch.device(spec["device"])
-        if device.type == "cuda":
+        if device.type == "cuda":  # this process sees only its GPU, so an engine it builds lands there
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            index = device.index or 0
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
+            device = torch.device("cuda:0")
             torch.cuda.set_device(device)
         group = _pair_group(spec["backend"], dist.TCPStore("127.0.0.1", spec["port"], 2, False,
                                                            timeout=datetime.timedelta(seconds=spec["timeout_s"])),

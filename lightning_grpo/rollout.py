@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import dynamic_sampling, timing
 from .async_rollout import RolloutAhead
+from .generator import GeneratorProcess
 from .batch import Rollout
 from .data import REFERENCE_COLUMNS
 from .distributed import gather_from_ranks
@@ -191,7 +192,8 @@ class GRPORollout(L.Callback):
             )
         check_sampler(sampler)
         self.async_steps = async_steps
-        self._ahead = RolloutAhead(self._start_train_rollout) if async_steps else None
+        push = sampler.send_weights if isinstance(sampler, GeneratorProcess) else None  # it keeps its own copy
+        self._ahead = RolloutAhead(self._start_train_rollout, push) if async_steps else None
         self.sampler = sampler
         self.reward = reward
         self.group_size = group_size
