@@ -109,3 +109,23 @@ def test_cli_disaggregated_one_step_off_trains_from_the_generator_process(tmp_pa
     assert all(float(r["timing/weight_push"]) > 0 and float(r["timing/weight_sync"]) == 0 for r in rows[1:])
     assert next(c for c in cli.trainer.callbacks if isinstance(c, GRPORollout))._ahead._snapshot is None
     assert "generator ready on cpu (gloo)" in (tmp_path / "generator" / "generator_rank0.log").read_text()
+
+
+@pytest.mark.parametrize("name, trainers, generators, reward", [
+    ("llasa1b_disaggregated.yaml", [0], ["cuda:1"], "cuda:2"),
+    ("llasa1b_disaggregated_fsdp.yaml", [0, 1], ["cuda:2", "cuda:3"], "cuda:3"),
+])
+def test_disaggregated_configs_put_training_and_generation_on_different_gpus(name, trainers, generators, reward):
+    from test_configs import ROOT, parse
+
+    cfg = parse(ROOT / "configs" / name)
+    gen = cfg.rollout.sampler
+    assert cfg.rollout.async_steps == 1 and gen.class_path == "lightning_grpo.generator.GeneratorProcess"
+    assert cfg.model.importance_correction  # the lag is weighed out
+    assert (gen.init_args.devices or [gen.init_args.device]) == generators
+    assert list(cfg.trainer.devices) == trainers
+    assert not {f"cuda:{d}" for d in trainers} & set(generators)
+    assert gen.init_args.sampler.init_args.enable_sleep_mode is False  # the engine keeps its own GPU
+    assert cfg.rollout.reward.init_args.reward.init_args.device == reward
+    header = (ROOT / "configs" / name).read_text().split("seed_everything")[0]
+    assert "Memory plan per GPU, computed" in header and all(g in header for g in generators)
