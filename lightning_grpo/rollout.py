@@ -285,6 +285,9 @@ class GRPORollout(L.Callback):
     def _shutdown(self) -> None:
         if self._ahead is not None:
             self._ahead.close()
+        if isinstance(self.sampler, GeneratorProcess):
+            self.sampler.close()  # its process, like the reward's owner, ends with training
+            self._sampler_ready = False  # a later fit or validate starts another
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
