@@ -88,6 +88,17 @@ def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
         )
 
 
+def _datamodule_method(trainer: L.Trainer, name: str, what: str, off: str):
+    """The datamodule's method `name`, which `what` needs; an error naming the flag that turns it off."""
+    method = getattr(trainer.datamodule, name, None)
+    if not callable(method):
+        raise ValueError(
+            f"{what}, through the datamodule's {name}(); {type(trainer.datamodule).__name__} has none: use the `data:` "
+            f"group (lightning_grpo.data.PromptDataModule), or {off}"
+        )
+    return method
+
+
 class GRPORollout(L.Callback):
     def __init__(
         self,
@@ -386,24 +397,12 @@ class GRPORollout(L.Callback):
         ]
 
     def _topup_source(self, trainer: L.Trainer) -> dynamic_sampling.TopUp:
-        draw = getattr(trainer.datamodule, "topup_prompts", None)
-        if not callable(draw):
-            raise ValueError(
-                "--rollout.dynamic_sampling draws further prompts from the training data, through the datamodule's "
-                f"topup_prompts(); {type(trainer.datamodule).__name__} has none: use the `data:` group "
-                "(lightning_grpo.data.PromptDataModule), or --rollout.dynamic_sampling false"
-            )
-        return draw
+        return _datamodule_method(trainer, "topup_prompts", "--rollout.dynamic_sampling draws further prompts from the "
+                                  "training data", "--rollout.dynamic_sampling false")
 
     def _next_batch_source(self, trainer: L.Trainer):
-        draw = getattr(trainer.datamodule, "train_batch", None)
-        if not callable(draw):
-            raise ValueError(
-                "--rollout.async_steps 1 generates the next step's prompts ahead, through the datamodule's "
-                f"train_batch(); {type(trainer.datamodule).__name__} has none: use the `data:` group "
-                "(lightning_grpo.data.PromptDataModule), or --rollout.async_steps 0"
-            )
-        return draw
+        return _datamodule_method(trainer, "train_batch", "--rollout.async_steps 1 generates the next step's prompts "
+                                  "ahead", "--rollout.async_steps 0")
 
     def _start_train_rollout(self, pl_module: L.LightningModule, batch: dict, step: int, model: torch.nn.Module) -> Rollout:
         return self.start_rollout(pl_module, batch, self.group_size, step, model)

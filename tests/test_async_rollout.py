@@ -176,3 +176,15 @@ def test_cli_one_step_off_trains_and_logs_staleness(tmp_path):
 def test_bad_settings_name_the_flag(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GRPORollout(HFSampler(), RuleReward(), **kwargs)
+
+
+def test_a_datamodule_that_cannot_tell_the_next_batch_is_refused_before_the_first_step():
+    class NoTrainBatch(L.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader([{"text": "Hi."}] * 2, batch_size=2)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False,
+                        callbacks=[GRPORollout(HFSampler(max_new_tokens=4), RuleReward(), group_size=2, async_steps=1)])
+    with pytest.raises(ValueError, match=r"async_steps 1 .*train_batch\(\); NoTrainBatch has none.*--rollout.async_steps 0"):
+        trainer.fit(GRPOPolicy(), NoTrainBatch())
