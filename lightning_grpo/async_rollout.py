@@ -102,7 +102,8 @@ class RolloutAhead:
         if usable:
             rollout, weights_step = ahead.rollout, ahead.weights_step
         else:
-            rollout, weights_step = _seeded(self.make, pl_module, batch, step, pl_module.policy, _draw_seed()), trainer.global_step
+            rollout = _seeded(self.make, pl_module, batch, step, pl_module.policy, _draw_seed())
+            weights_step = trainer.global_step
         if trainer.max_steps < 0 or trainer.global_step + 1 < trainer.max_steps:
             self._launch(trainer, pl_module, next_batch(trainer.current_epoch, batch_idx + 1), step + 1)
         rollout.sampler_metrics["rollout/staleness"] = float(trainer.global_step - weights_step)

@@ -17,6 +17,9 @@ generated; pieces and samples are the same either way. The callback also starts 
 owns a process (`reward/owner.py`: one reward per node for every rank) and logs the step's timings
 (`timing.py`) and what its sampling did (`train/frac_reward_zero_std`, `train/samples_generated`, ...).
 
+One-step-off (`async_steps: 1`, async_rollout.py) hands each step the rollout generated while the step before it
+trained, and launches the next one.
+
 Dynamic sampling (`dynamic_sampling`, off by default; dynamic_sampling.py) waits for each round's rewards in the
 callback, drops groups whose rewards are all equal and tops the step up with further rounds of prompts.
 """
@@ -33,11 +36,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import dynamic_sampling, timing
 from .async_rollout import RolloutAhead
-from .generator import GeneratorProcess
 from .batch import Rollout
 from .data import REFERENCE_COLUMNS
 from .distributed import gather_from_ranks
 from .dynamic_sampling import reduce_stats, zero_spread
+from .generator import GeneratorProcess
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
 from .sampling import ChunkRows, Sampler, check_sampler, sample_stream
@@ -172,8 +175,9 @@ class GRPORollout(L.Callback):
                 next step's rollout is generated on a thread from a copy of the weights while this step trains, so
                 generation and update overlap; every sample is one update stale (`rollout/staleness`), which
                 `--model.importance_correction` weighs out when the sampler reports log-probs. Costs one more copy
-                of the policy's weights; needs the datamodule's train_batch() (PromptDataModule) to know the next
-                batch; not with dynamic_sampling.
+                of the policy's weights, except with a sampler in its own process (lightning_grpo.generator.
+                GeneratorProcess, sent the weights instead); needs the datamodule's train_batch() (PromptDataModule)
+                to know the next batch; not with dynamic_sampling.
         """
         super().__init__()
         if group_size < 2:
@@ -434,7 +438,8 @@ class GRPORollout(L.Callback):
             return rewards.to(device)
 
         scoring = RewardScoring(self.reward, self._scoring_executor(), finalize)
-        stream = sample_stream(self.sampler, pl_module.policy if model is None else model, prompts, group_size, v.speech_gen_end_id, step, allowed)
+        model = pl_module.policy if model is None else model
+        stream = sample_stream(self.sampler, model, prompts, group_size, v.speech_gen_end_id, step, allowed)
         sampling_s = 0.0
         while True:
             start = time.perf_counter()

@@ -27,7 +27,8 @@ def fake_module():
 @pytest.fixture(scope="module")
 def started(tmp_path_factory):
     """A generator process for the builtin tiny LLaSA, and a trained-looking policy (its weights moved)."""
-    gen = GeneratorProcess(HFSampler(max_new_tokens=6, temperature=1.0, return_logprobs=True), log_dir=str(tmp_path_factory.mktemp("generator")))
+    gen = GeneratorProcess(HFSampler(max_new_tokens=6, temperature=1.0, return_logprobs=True),
+                           log_dir=str(tmp_path_factory.mktemp("generator")))
     gen.setup(fake_module())
     model, tok = load_model_and_tokenizer(BUILTIN_TINY)
     with torch.no_grad():
@@ -72,7 +73,8 @@ def test_a_killed_generator_stops_training_naming_it_and_its_log(started):
     gen, model, tok = started
     os.kill(gen.process.pid, signal.SIGKILL)
     gen.process.join(timeout=10)
-    with pytest.raises(RuntimeError, match=r"generator process generator-rank0 \(pid \d+.*died with exit code -9; its log: .*generator_rank0.log"):
+    died = r"generator process generator-rank0 \(pid \d+.*died with exit code -9; its log: .*generator_rank0.log"
+    with pytest.raises(RuntimeError, match=died):
         gen.sample(model, [[1, 2]], 2, 3, 0)
 
 
