@@ -17,6 +17,9 @@ generated; pieces and samples are the same either way. The callback also starts 
 owns a process (`reward/owner.py`: one reward per node for every rank) and logs the step's timings
 (`timing.py`) and what its sampling did (`train/frac_reward_zero_std`, `train/samples_generated`, ...).
 
+One-step-off (`async_steps: 1`, async_rollout.py) hands each step the rollout generated while the step before it
+trained, and launches the next one.
+
 Dynamic sampling (`dynamic_sampling`, off by default; `dynamic_rollout`) waits for each round's rewards in the
 callback, drops groups whose rewards are all equal and tops the step up with further rounds of prompts; its
 decisions are dynamic_sampling.py's pure functions.
@@ -33,10 +36,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import timing
+from .async_rollout import RolloutAhead
 from .batch import Rollout, pad_right, pad_rows, select_groups
 from .data import REFERENCE_COLUMNS, collate_prompts
 from .distributed import gather_from_ranks
 from .dynamic_sampling import TopUp, pick_groups, reduce_stats, topup_size, zero_spread
+from .generator import GeneratorProcess
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
 from .reward.owner import check_reward_devices
@@ -89,6 +94,17 @@ def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
         )
 
 
+def _datamodule_method(trainer: L.Trainer, name: str, what: str, off: str):
+    """The datamodule's method `name`, which `what` needs; an error naming the flag that turns it off."""
+    method = getattr(trainer.datamodule, name, None)
+    if not callable(method):
+        raise ValueError(
+            f"{what}, through the datamodule's {name}(); {type(trainer.datamodule).__name__} has none: use the `data:` "
+            f"group (lightning_grpo.data.PromptDataModule), or {off}"
+        )
+    return method
+
+
 class GRPORollout(L.Callback):
     def __init__(
         self,
@@ -106,6 +122,7 @@ class GRPORollout(L.Callback):
         max_extra_rounds: int = 3,
         zero_std_tol: float = 1e-6,
         max_samples: int | None = None,
+        async_steps: int = 0,
     ) -> None:
         """
         Args:
@@ -156,6 +173,14 @@ class GRPORollout(L.Callback):
                 discarded ones included, counted across resumes: `train/samples_generated_total`), at the end of
                 the step that reaches it; None: no budget. Compares runs at equal sample budgets, e.g. dynamic
                 sampling against a baseline, with `--trainer.max_steps` set high enough.
+            async_steps: how many updates the weights that generate a step's samples may lag the weights that train
+                on them. 0: generate, then train (on-policy). 1: one-step-off (lightning_grpo/async_rollout.py): the
+                next step's rollout is generated on a thread from a copy of the weights while this step trains, so
+                generation and update overlap; every sample is one update stale (`rollout/staleness`), which
+                `--model.importance_correction` weighs out when the sampler reports log-probs. Costs one more copy
+                of the policy's weights, except with a sampler in its own process (lightning_grpo.generator.
+                GeneratorProcess, sent the weights instead); needs the datamodule's train_batch() (PromptDataModule)
+                to know the next batch; not with dynamic_sampling.
         """
         super().__init__()
         if group_size < 2:
@@ -176,7 +201,17 @@ class GRPORollout(L.Callback):
                 "reward's aggregation normalize_then_sum centres rewards on each group's mean, where that is no "
                 "penalty; use --rollout.truncation mask (drop them from the loss) or keep, or aggregation sum"
             )
+        if async_steps not in (0, 1):
+            raise ValueError(f"--rollout.async_steps={async_steps} must be 0 (synchronous) or 1 (one-step-off)")
+        if async_steps and dynamic_sampling:
+            raise ValueError(
+                "--rollout.async_steps 1 with --rollout.dynamic_sampling true: dynamic sampling's top-up rounds decide "
+                "on the rewards inside the step; use one of them"
+            )
         check_sampler(sampler)
+        self.async_steps = async_steps
+        push = sampler.send_weights if isinstance(sampler, GeneratorProcess) else None  # it keeps its own copy
+        self._ahead = RolloutAhead(self._start_train_rollout, push) if async_steps else None
         self.sampler = sampler
         self.reward = reward
         self.group_size = group_size
@@ -207,16 +242,21 @@ class GRPORollout(L.Callback):
         torch/CUDA generators), so resuming from a checkpoint continues the same random stream.
         Under DDP (Lightning saves rank 0's state only) every rank's RNG state is gathered into
         `rank_rng`, since ranks that generate different lengths consume their streams differently."""
+        in_flight = self._ahead.state_dict() if self._ahead is not None else None  # first: it waits for the generator
         own = _rng_state()
         state = {"train_rollouts": self.train_rollouts, "samples_generated": self.samples_generated, **own}
         gathered = gather_from_ranks(own)  # Lightning calls state_dict on every rank
         if len(gathered) > 1:
             state["rank_rng"] = gathered
+        if in_flight is not None:
+            state["in_flight"] = in_flight
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_rollouts = state_dict.get("train_rollouts", 0)
         self.samples_generated = state_dict.get("samples_generated", 0)
+        if self._ahead is not None:
+            self._ahead.load_state_dict(state_dict.get("in_flight"))
         # applied at the first training batch: creating the data iterator in between draws from the RNG
         self._pending_rng = state_dict if "torch_rng" in state_dict else None
 
@@ -243,6 +283,8 @@ class GRPORollout(L.Callback):
             self._topup_source(trainer)  # fail before the first rollout
         if trainer is not None:
             check_reward_devices(self.reward, trainer)
+        if self._ahead is not None and stage == "fit" and trainer is not None:
+            self._next_batch_source(trainer)
         start = getattr(self.reward, "start", None)
         if callable(start):  # a reward that owns a process or a connection (reward/owner.py: every rank calls it)
             start(trainer)  # None outside a Trainer (tests, scripts)
@@ -259,7 +301,16 @@ class GRPORollout(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._shutdown()  # Lightning skips teardown on an exception: the reward's owner process must stop anyway
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._ahead is not None:
+            self._ahead.finish()  # validation samples from the RNG the generator thread holds while it runs
+
     def _shutdown(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+        if isinstance(self.sampler, GeneratorProcess):
+            self.sampler.close()  # its process, like the reward's owner, ends with training
+            self._sampler_ready = False  # a later fit or validate starts another
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -283,6 +334,9 @@ class GRPORollout(L.Callback):
         if self.dynamic_sampling:
             batch["rollout"], self.step_counts = self.dynamic_rollout(
                 pl_module, batch, self.train_rollouts, self._topup_source(trainer))
+        elif self._ahead is not None:
+            batch["rollout"], self.step_counts = self._ahead.rollout_for(
+                trainer, pl_module, batch, batch_idx, self.train_rollouts, self._next_batch_source(trainer)), None
         else:
             batch["rollout"], self.step_counts = self.start_rollout(pl_module, batch, self.group_size, self.train_rollouts), None
         self.train_rollouts += 1
@@ -355,14 +409,15 @@ class GRPORollout(L.Callback):
         ]
 
     def _topup_source(self, trainer: L.Trainer) -> TopUp:
-        draw = getattr(trainer.datamodule, "topup_prompts", None)
-        if not callable(draw):
-            raise ValueError(
-                "--rollout.dynamic_sampling draws further prompts from the training data, through the datamodule's "
-                f"topup_prompts(); {type(trainer.datamodule).__name__} has none: use the `data:` group "
-                "(lightning_grpo.data.PromptDataModule), or --rollout.dynamic_sampling false"
-            )
-        return draw
+        return _datamodule_method(trainer, "topup_prompts", "--rollout.dynamic_sampling draws further prompts from the "
+                                  "training data", "--rollout.dynamic_sampling false")
+
+    def _next_batch_source(self, trainer: L.Trainer):
+        return _datamodule_method(trainer, "train_batch", "--rollout.async_steps 1 generates the next step's prompts "
+                                  "ahead", "--rollout.async_steps 0")
+
+    def _start_train_rollout(self, pl_module: L.LightningModule, batch: dict, step: int, model: torch.nn.Module) -> Rollout:
+        return self.start_rollout(pl_module, batch, self.group_size, step, model)
 
     @torch.no_grad()
     def dynamic_rollout(self, pl_module: L.LightningModule, batch: dict, step: int, topup: TopUp
@@ -426,9 +481,10 @@ class GRPORollout(L.Callback):
         return seconds, samples, tokens
 
     @torch.no_grad()
-    def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
-        """Sample one rollout, scoring its pieces as the sampler finishes them; with `overlap_reward` the
-        returned Rollout may still be scoring (reading its rewards waits)."""
+    def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int,
+                      model: torch.nn.Module | None = None) -> Rollout:
+        """Sample one rollout from `model` (default: the policy), scoring its pieces as the sampler finishes them;
+        with `overlap_reward` the returned Rollout may still be scoring (reading its rewards waits)."""
         v = self.vocab
         texts, languages = batch["text"], batch.get("language") or [None] * len(batch["text"])
         ref_texts, ref_codes, ref_wavs = (batch.get(k) or [None] * len(texts) for k in REFERENCE_COLUMNS)
@@ -446,7 +502,8 @@ class GRPORollout(L.Callback):
             return rewards.to(device)
 
         scoring = RewardScoring(self.reward, self._scoring_executor(), finalize)
-        stream = sample_stream(self.sampler, pl_module.policy, prompts, group_size, v.speech_gen_end_id, step, allowed)
+        model = pl_module.policy if model is None else model
+        stream = sample_stream(self.sampler, model, prompts, group_size, v.speech_gen_end_id, step, allowed)
         sampling_s = 0.0
         while True:
             start = time.perf_counter()
