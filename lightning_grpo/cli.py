@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .data import PromptDataModule
 from .policy import GRPOPolicy
+from .reward.owner import SharedReward
 from .reward.spec import owner_rewards_described
 from .rollout import GRPORollout
 
@@ -155,7 +156,7 @@ class GRPOCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         # a reward owner gets its reward as the parsed description, built in the owner and in no training rank
-        with owner_rewards_described(self.parser, self.config):
+        with owner_rewards_described(self.parser, self.config, SharedReward):
             super().instantiate_classes()
 
     def parse_arguments(self, parser, args) -> None:

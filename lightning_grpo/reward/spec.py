@@ -85,17 +85,15 @@ def describe(reward: Any) -> RewardSpec:
 
 
 @contextmanager
-def owner_rewards_described(parser: Any, config: Any) -> Iterator[None]:
-    """While the config library instantiates a parsed config, the `reward:` of every SharedReward in it is its
-    RewardSpec (else the library would build the nested rewards here, in every rank, into a factory holding the
-    whole command line); the parsed values are back afterwards, for the saved and logged config."""
-    from .owner import SharedReward
-
+def owner_rewards_described(parser: Any, config: Any, owner: type) -> Iterator[None]:
+    """While the config library instantiates a parsed config, the `reward:` of every `owner` class in it
+    (SharedReward) is its RewardSpec (else the library would build the nested rewards here, in every rank, into a
+    factory holding the whole command line); the parsed values are back afterwards, for the saved and logged config."""
     plain = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False))
     parsed = []  # (the parsed node holding `reward`, its parsed value)
     for path, node in _class_nodes(plain, ()):
         reward = (node.get("init_args") or {}).get("reward")
-        if isinstance(reward, dict) and _imports_subclass(node["class_path"], SharedReward):
+        if isinstance(reward, dict) and _imports_subclass(node["class_path"], owner):
             holder = config
             for part in (*path, "init_args"):
                 holder = holder[part]
