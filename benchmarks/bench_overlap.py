@@ -65,17 +65,14 @@ def fit_worker(a: argparse.Namespace) -> None:
     from lightning_grpo.reward.owner import SharedReward
     from lightning_grpo.rollout import GRPORollout
     from lightning_grpo.sampling import HFSampler
-    from overlap_rewards import ModuloUnitCodec, SleepReward
+    from overlap_rewards import SleepReward
 
     torch.set_num_threads(a.threads)
     L.seed_everything(0)
     if a.reward == "sleep":
         factory = functools.partial(SleepReward, fixed_s=a.fixed_s, per_sample_s=a.per_sample_s, codes_per_char=0.3)
     else:
-        from lightning_grpo.reward.module import WhisperReward
-
-        factory = functools.partial(WhisperReward, whisper_model="tiny.en-ct2", codec=ModuloUnitCodec(), codebook_size=64,
-                                    language="en", batch_size=16, max_transcript_tokens=24)
+        factory = whisper_spec()
     reward = SharedReward(factory, mode="process", max_wait_ms=2) if a.owner else factory()
     steps: list[dict] = []
 
@@ -94,6 +91,15 @@ def fit_worker(a: argparse.Namespace) -> None:
             PromptDataModule(prompts_per_step=a.prompts, val_data=None))
     kept = steps[a.warmup:]
     emit({key: statistics.median(s[key] for s in kept) for key in kept[0]} | {"steps": len(kept)})
+
+
+def whisper_spec():
+    """tiny.en-ct2 over the unit codec, as a description: an owner builds it from plain values, so does this process."""
+    from lightning_grpo.reward.spec import RewardSpec
+
+    return RewardSpec({"class_path": "lightning_grpo.reward.module.WhisperReward", "init_args": {
+        "whisper_model": "tiny.en-ct2", "codec": {"class_path": "overlap_rewards.ModuloUnitCodec"}, "codebook_size": 64,
+        "language": "en", "batch_size": 16, "max_transcript_tokens": 24}})
 
 
 def http_worker(a: argparse.Namespace) -> None:
@@ -130,16 +136,13 @@ def control_worker(a: argparse.Namespace) -> None:
     """The same samples scored by WhisperReward in this process and through an owner process, alternated."""
     import torch
 
-    from lightning_grpo.reward.module import WhisperReward
     from lightning_grpo.reward.owner import SharedReward
-    from overlap_rewards import ModuloUnitCodec
 
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     samples = _payload(a.samples, 0)
     samples = [type(s)(s.text, torch.randint(0, 64, (a.codes,), generator=g).tolist()) for s in samples]
-    factory = functools.partial(WhisperReward, whisper_model="tiny.en-ct2", codec=ModuloUnitCodec(), codebook_size=64,
-                                language="en", batch_size=16, max_transcript_tokens=24)
+    factory = whisper_spec()
     local, owner = factory(), SharedReward(factory, mode="process", max_wait_ms=2)
     with tempfile.TemporaryDirectory() as root:
         owner.start(types.SimpleNamespace(num_devices=1, node_rank=0, local_rank=0, default_root_dir=root))

@@ -133,6 +133,31 @@ def rollout_records(rollout: Rollout, languages: list[str | None] | None = None,
     return records
 
 
+def pad_rows(prompts: Sequence[Sequence[int] | torch.Tensor], completions: Sequence[Sequence[int] | torch.Tensor],
+             pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The loss's layout of N rows: (input_ids, attention_mask, P), both (N, P + C), each prompt left-padded to
+    the widest (P) and its completion right-padded to the longest (C, at least 1), on the rows' device."""
+    prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    completions = [torch.as_tensor(c, dtype=torch.long) for c in completions]
+    width, clen = max(len(p) for p in prompts), max(1, max(len(c) for c in completions))
+    device = prompts[0].device
+    input_ids = torch.full((len(prompts), width + clen), pad_id, dtype=torch.long, device=device)  # (N, P+C)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[row, width - len(p) : width + len(c)] = torch.cat([p, c])
+        attention_mask[row, width - len(p) : width + len(c)] = 1
+    return input_ids, attention_mask, width
+
+
+def pad_right(rows: Sequence[Sequence[float] | torch.Tensor], width: int) -> torch.Tensor:
+    """(N, width) float32: row k's values first, zeros after (completion masks and per-token log-probs)."""
+    rows = [torch.as_tensor(r, dtype=torch.float32) for r in rows]
+    out = torch.zeros(len(rows), width, device=rows[0].device if rows else None)
+    for k, r in enumerate(rows):
+        out[k, : len(r)] = r
+    return out
+
+
 def select_groups(rollouts: Sequence[Rollout], picks: Sequence[tuple[int, int]], pad_id: int) -> Rollout:
     """One Rollout of the groups `picks` ((rollout index, group index) pairs, in that order) of scored rollouts,
     re-padded to the widest kept prompt and the longest kept completion (dynamic sampling: rounds whose prompt
@@ -155,36 +180,23 @@ def select_groups(rollouts: Sequence[Rollout], picks: Sequence[tuple[int, int]],
     rows = [(k, b * g + j) for k, b in picks for j in range(g)]
     prompt_lens = [int(rollouts[k].attention_mask[i, : rollouts[k].prompt_width].sum()) for k, i in rows]
     comp_lens = [len(rollouts[k].completion_ids[i]) for k, i in rows]
-    width, clen = max(prompt_lens), max(1, max(comp_lens))
-    n, device = len(rows), first.input_ids.device
-    input_ids = torch.full((n, width + clen), pad_id, dtype=torch.long, device=device)  # (N, P+C)
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros(n, clen, dtype=first.completion_mask.dtype, device=device)  # (N, C)
-    sampler_logprobs = None if first.sampler_logprobs is None else torch.zeros(n, clen, device=device)
-    for out, ((k, i), p, c) in enumerate(zip(rows, prompt_lens, comp_lens)):
-        r, w = rollouts[k], rollouts[k].prompt_width
-        input_ids[out, width - p : width + c] = r.input_ids[i, w - p : w + c]
-        attention_mask[out, width - p : width + c] = r.attention_mask[i, w - p : w + c]
-        completion_mask[out, :c] = r.completion_mask[i, :c]
-        if sampler_logprobs is not None:
-            sampler_logprobs[out, :c] = r.sampler_logprobs[i, :c]
-    results = [rollouts[k].reward_result for k, _ in rows]
-    metric_names = sorted({name for r in rollouts for name in r.reward_result.metrics})
+    spans = [(rollouts[k], i, rollouts[k].prompt_width, p, c) for (k, i), p, c in zip(rows, prompt_lens, comp_lens)]
+    input_ids, attention_mask, width = pad_rows([r.input_ids[i, w - p : w] for r, i, w, p, _ in spans],
+                                                [r.input_ids[i, w : w + c] for r, i, w, _, c in spans], pad_id)
+    clen = input_ids.shape[1] - width
+    completion_mask = pad_right([r.completion_mask[i, :c] for r, i, _, _, c in spans], clen)
+    sampler_logprobs = None if first.sampler_logprobs is None else pad_right(
+        [r.sampler_logprobs[i, :c] for r, i, _, _, c in spans], clen)
+    offsets = [0]
+    for r in rollouts:
+        offsets.append(offsets[-1] + len(r.texts))
+    result = RewardResult.cat([r.reward_result for r in rollouts]).rows([offsets[k] + i for k, i in rows])
     timings: dict[str, float] = {}
     sampler_metrics: dict[str, float] = {}
     for r in rollouts:
         for key, value in r.timings.items():
             timings[key] = timings.get(key, 0.0) + value
         sampler_metrics.update(r.sampler_metrics)
-    nan = torch.tensor(math.nan)
-    result = RewardResult(
-        rewards=torch.stack([res.rewards[i] for res, (_, i) in zip(results, rows)]),
-        metrics={name: torch.stack([res.metrics[name][i] if name in res.metrics else nan for res, (_, i) in zip(results, rows)])
-                 for name in metric_names},
-        reasons=[res.reasons[i] for res, (_, i) in zip(results, rows)],
-        transcripts=[res.transcripts[i] if res.transcripts else "" for res, (_, i) in zip(results, rows)]
-        if any(r.reward_result.transcripts for r in rollouts) else [],
-    )
     return Rollout(
         input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask, prompt_width=width,
         truncated=torch.stack([rollouts[k].truncated[i] for k, i in rows]), group_size=g,

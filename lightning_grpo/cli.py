@@ -26,6 +26,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from .data import PromptDataModule
 from .policy import GRPOPolicy
 from .progress_bar import step_progress_bar
+from .reward.owner import SharedReward
+from .reward.spec import owner_rewards_described
 from .rollout import GRPORollout
 
 EXTRA_COMMANDS = {
@@ -33,6 +35,7 @@ EXTRA_COMMANDS = {
     "prepare": ("lightning_grpo.prepare", "main"),
     "evaluate": ("lightning_grpo.evaluate", "main"),
     "export": ("lightning_grpo.export", "main"),
+    "rehearse": ("lightning_grpo.rehearse", "main"),
 }
 
 ROLLOUT_ARGS = frozenset(inspect.signature(GRPORollout.__init__).parameters) - {"self"}
@@ -152,6 +155,11 @@ class GRPOCLI(LightningCLI):
         # trainer's callbacks by LightningCLI (its `callback_keys`), wherever trainer.callbacks lists others.
         parser.add_lightning_class_args(GRPORollout, "rollout")
 
+    def instantiate_classes(self) -> None:
+        # a reward owner gets its reward as the parsed description, built in the owner and in no training rank
+        with owner_rewards_described(self.parser, self.config, SharedReward):
+            super().instantiate_classes()
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         step_progress_bar(trainer.callbacks)  # Lightning's default bar reads `Epoch 8/-2` in a max_steps run
@@ -163,8 +171,8 @@ class GRPOCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
-    return GRPOCLI(
+def build_cli(args: list[str] | None = None, run: bool = True, cli: type[GRPOCLI] = GRPOCLI) -> GRPOCLI:
+    return cli(
         GRPOPolicy,
         PromptDataModule,
         args=args,

@@ -281,9 +281,12 @@ class EpochPermutation(DistributedSampler):
             self._seed_shared = True
         skip = self.skip if self.epoch == self.resume_epoch else 0
         self.resume_epoch = None
-        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        shard = order[: len(self) * self.num_replicas][self.rank :: self.num_replicas]
-        yield from shard[skip:]
+        yield from self.shard(self.epoch)[skip:]
+
+    def shard(self, epoch: int) -> list[int]:
+        """This rank's rows of `epoch`, in order (the whole epoch, whatever a resume skips)."""
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return order[: len(self) * self.num_replicas][self.rank :: self.num_replicas]
 
 
 def topup_rows(num_rows: int, seed: int, step: int, rank: int, world: int, start: int, count: int,
@@ -461,6 +464,18 @@ class PromptDataModule(L.LightningDataModule):
                     check(row)
                 except ValueError as e:
                     raise ValueError(f"row {i} of {source!r} (split {split!r}): {e}") from None
+
+    def train_batch(self, epoch: int, index: int) -> dict[str, list]:
+        """The batch the training loader yields as the `index`-th of `epoch` on this rank (counted from the epoch's
+        start; an index past its end is the next epoch's), without touching the loader: what a one-step-off rollout
+        (`--rollout.async_steps 1`) generates from while the step before it trains."""
+        if self._order is None:
+            raise RuntimeError("train_batch reads the training data's order: call train_dataloader() first")
+        size = self.per_rank_batch_size()
+        per_epoch = len(self._order) // size
+        epoch, index = epoch + index // per_epoch, index % per_epoch
+        rows = self._order.shard(epoch)[index * size : (index + 1) * size]
+        return collate_prompts([self.train_rows[i] for i in rows])
 
     def topup_prompts(self, count: int, step: int, start: int, exclude: Collection[str] = ()) -> dict[str, list]:
         """A batch of `count` further training prompts for training rollout `step` on this rank

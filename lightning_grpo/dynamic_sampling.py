@@ -3,8 +3,8 @@
 Under group-relative advantages a group whose G rewards are all equal gets advantage 0 on every row: it adds no
 policy gradient, only tokens to the loss's denominator (token-mean) and, with beta > 0, a KL term. As a policy
 improves, more groups are all-correct (or, early on, all-wrong), so a fixed batch trains on fewer prompts.
-With `--rollout.dynamic_sampling true` the rollout callback (rollout.py) drops those groups and generates
-further rounds of prompts until this rank holds its `prompts_per_step / world_size` informative groups.
+With `--rollout.dynamic_sampling true` the rollout callback drops those groups and generates further rounds of
+prompts until this rank holds its `prompts_per_step / world_size` informative groups.
 
 How it departs from DAPO, which keeps generating whole batches until the buffer is full:
 - rounds are bounded (`--rollout.max_extra_rounds`); each draws, on every rank alike, the largest shortfall of
@@ -18,26 +18,15 @@ How it departs from DAPO, which keeps generating whole batches until the buffer 
   in every forward: ranks with different numbers of micro-batches would wait for each other forever).
 
 The decisions are pure functions of lists and tensors (`zero_spread`, `topup_size`, `pick_groups`,
-`reduce_stats`); `dynamic_rollout` runs the rounds with the rollout callback's sampler and reward and agrees on
-them over ranks.
+`reduce_stats`); the rollout callback runs the rounds with its sampler and reward and agrees on them over ranks.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
-
-from . import timing
-from .batch import Rollout, select_groups
-from .distributed import gather_from_ranks
-from .sampling import sample_stream
-from .scoring import stop_if_any_rank_failed
-
-if TYPE_CHECKING:
-    from .rollout import GRPORollout
 
 TopUp = Callable[[int, int, int, set], dict]  # (count, step, start, exclude texts) -> a prompt batch (data.py)
 
@@ -94,67 +83,3 @@ def reduce_stats(ranks: Sequence[dict], dynamic: bool) -> dict[str, float]:
             "train/frac_groups_informative": total("informative_trained") / max(trained, 1),
         })
     return out
-
-
-@torch.no_grad()
-def dynamic_rollout(cb: "GRPORollout", pl_module: Any, batch: dict, step: int, topup: TopUp) -> tuple[Rollout, dict[str, int]]:
-    """The batch's round, then extra rounds of `topup(count, step, start, exclude)` prompts while any rank is
-    short of informative groups, at most `cb.max_extra_rounds`; returns the Rollout of this rank's
-    len(batch["text"]) groups, its rewards waited for, and this rank's counts for `reduce_stats`. Every rank must
-    call it: the rounds are agreed with one all_gather each, and each round's scoring ends in a collective."""
-    g, tol, target = cb.group_size, cb.zero_std_tol, len(batch["text"])
-    rollout = cb.start_rollout(pl_module, batch, g, step)
-    rollout.wait_for_rewards()  # a collective (scoring.py): a reward failing on any rank stops every rank here
-    first_zero = zero_spread(rollout.rewards, g, tol)
-    rounds, flags = [rollout], [(~first_zero).tolist()]  # the rounds this rank scored; informative per group
-    samples, tokens = len(rollout.completion_ids), sum(len(c) for c in rollout.completion_ids)
-    unscored: dict[str, float] = {}  # timings of rounds this rank generated only
-    drawn, extra, exclude = 0, 0, set()
-    while True:
-        informative, scored = sum(map(sum, flags)), sum(map(len, flags))
-        short = max(0, target - informative)
-        ranks = gather_from_ranks({"short": short, "informative": informative, "scored": scored,
-                                   "texts": list(batch["text"]) if extra == 0 else None})
-        if extra == 0:  # top-ups leave out the step's prompts on every rank
-            exclude = {t for r in ranks for t in r["texts"]}
-        if extra == cb.max_extra_rounds or not any(r["short"] for r in ranks):
-            break
-        count = topup_size([r["short"] for r in ranks], sum(r["informative"] for r in ranks),
-                           sum(r["scored"] for r in ranks), cap=target)
-        more = topup(count, step, drawn, exclude)
-        drawn, extra = drawn + count, extra + 1
-        if short:
-            rollout = cb.start_rollout(pl_module, more, g, step)
-            rollout.wait_for_rewards()
-            rounds.append(rollout)
-            flags.append((~zero_spread(rollout.rewards, g, tol)).tolist())
-            samples += len(rollout.completion_ids)
-            tokens += sum(len(c) for c in rollout.completion_ids)
-        else:  # this rank is full: it generates with the others (FSDP2 / tensor-parallel vLLM), then discards
-            seconds, n, t = generate_unscored(cb, pl_module, more, g, step)
-            for key, value in seconds.items():
-                unscored[key] = unscored.get(key, 0.0) + value
-            samples, tokens = samples + n, tokens + t
-    picks = pick_groups(flags, target)
-    out = select_groups(rounds, picks, cb.vocab.pad_id)
-    for key, value in unscored.items():
-        out.timings[key] = out.timings.get(key, 0.0) + value
-    cb.last_rollout = out
-    counts = {"first_groups": target, "first_zero_std": int(first_zero.sum()), "samples": samples, "tokens": tokens,
-              "extra_rounds": extra, "prompts_drawn": drawn, "groups_generated": target + drawn,
-              "groups_trained": target, "informative_trained": sum(flags[k][b] for k, b in picks)}
-    return out, counts
-
-
-def generate_unscored(cb: "GRPORollout", pl_module: Any, batch: dict, group_size: int, step: int
-                      ) -> tuple[dict[str, float], int, int]:
-    """Generate a round this rank does not need: its timings, completions and tokens (nothing is scored)."""
-    prompts, device = cb.encode_prompts(pl_module, batch), pl_module.device
-    start, samples, tokens = time.perf_counter(), 0, 0
-    for chunk in sample_stream(cb.sampler, pl_module.policy, prompts, group_size, cb.vocab.speech_gen_end_id, step,
-                               cb.allowed_token_ids()):
-        samples += len(chunk.completions.ids)
-        tokens += sum(len(c) for c in chunk.completions.ids)
-    seconds = timing.sampling_timings(timing.elapsed(start, device), dict(getattr(cb.sampler, "metrics", {}) or {}))
-    stop_if_any_rank_failed(None)  # the collective the other ranks reach when they wait for this round's rewards
-    return seconds, samples, tokens

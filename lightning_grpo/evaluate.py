@@ -15,7 +15,9 @@ directory. The command builds the fit config's trainer, model and data, adds the
 
 `--ckpt_path` takes a Lightning checkpoint (.ckpt, or the directory of shards an FSDP2 run writes: evaluate it
 with that run's config) or an HF directory from `export`; any other argument
-is a fit-config override (`--data.val_data ~/data/llasa-tts-rl-grpo`, `--data.max_val_samples 100`).
+is a fit-config override (`--data.val_data ~/data/llasa-tts-rl-grpo`, `--data.max_val_samples 100`). One parser
+(LightningCLI's) reads both, so a second `--config` file may keep an evaluation's settings, its own keys
+(`ckpt_path`, `out_dir`, `seed_tts`, `sim`, `sim_codec`) beside fit keys (`data: {val_data: ...}`).
 Samples per prompt are the rollout's `val_group_size`; sampling settings are the config's sampler's.
 
 `--seed_tts` adds Seed-TTS-eval's scores, the convention of LLaSA's and most TTS papers' tables, next to the
@@ -36,16 +38,19 @@ has none, e.g. RemoteReward). A reward that already scores SIM is left as it is.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 
 from .batch import rollout_records
 from .checkpointing import is_sharded_checkpoint
+from .cli import GRPOCLI, build_cli
 from .distributed import concat_from_ranks
+from .rollout import GRPORollout
 
 # columns shown first in the table when present; other reward metrics follow alphabetically
 TABLE_FIRST = ("reward", "cer", "nll", "sim")
@@ -243,53 +248,61 @@ def check_writable(out_dir: str | Path) -> None:
         raise PermissionError(f"--out_dir {out_dir} is not writable ({type(e).__name__}: {e}); choose a directory you can write") from None
 
 
+class EvaluateCLI(GRPOCLI):
+    """The fit config's parser with evaluate's own arguments beside model/data/rollout/trainer (so a --config file
+    may set them too); it checks the checkpoint and the report directory before building anything."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="Lightning .ckpt or HF dir (export); default: the config's model")
+        parser.add_argument("--out_dir", type=Optional[str], default=None,
+                            help="report directory (default runs/eval/<run>-<checkpoint name>)")
+        parser.add_argument("--seed_tts", action="store_true",
+                            help="also report Seed-TTS-eval's WER (en) / CER (zh) of the transcripts, as published tables do")
+        parser.add_argument("--sim", action="store_true",
+                            help="also report speaker similarity (sim) of rows with a voice-cloning reference (GE2E encoder)")
+        parser.add_argument("--sim_codec", type=Optional[str], default=None,
+                            help="X-codec2 checkpoint for --sim when the config's reward has no codec (RemoteReward)")
+
+    def before_instantiate_classes(self) -> None:
+        ckpt = self.lightning_ckpt = self.config.ckpt_path
+        if ckpt and Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # an exported HF dir is a model
+            self.config.model.model_name_or_path, self.lightning_ckpt = ckpt, None
+        elif ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
+            raise FileNotFoundError(f"--ckpt_path={ckpt} is neither a .ckpt file nor an exported HF directory")
+        elif ckpt:
+            from .export import check_checkpoint
+
+            check_checkpoint(ckpt)
+        self.config.out_dir = self.config.out_dir or default_out_dir(ckpt)
+        check_writable(self.config.out_dir)  # before the evaluation, which a report that cannot be written would lose
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """`evaluate [--ckpt_path P] [--out_dir D] --config fit.yaml [fit overrides...]` or `evaluate --compare A B`."""
-    import argparse
+    from jsonargparse import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="python -m lightning_grpo evaluate", description=__doc__.split("\n\n")[0],
-                                     epilog="Other arguments are fit-config overrides (--config, --data.val_data ...).")
-    parser.add_argument("--ckpt_path", default=None, help="Lightning .ckpt or HF dir (export); default: the config's model")
-    parser.add_argument("--out_dir", default=None, help="report directory (default runs/eval/<run>-<checkpoint name>)")
-    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print a before/after table and exit")
-    parser.add_argument("--seed_tts", action="store_true",
-                        help="also report Seed-TTS-eval's WER (en) / CER (zh) of the transcripts, as published tables do")
-    parser.add_argument("--sim", action="store_true",
-                        help="also report speaker similarity (sim) of rows with a voice-cloning reference (GE2E encoder)")
-    parser.add_argument("--sim_codec", default=None,
-                        help="X-codec2 checkpoint for --sim when the config's reward has no codec (RemoteReward)")
-    args, rest = parser.parse_known_args(argv)
-    if args.compare:
-        print(compare(*args.compare))
+    words = sys.argv[1:] if argv is None else list(argv)
+    if "--compare" in words:
+        parser = ArgumentParser(prog="python -m lightning_grpo evaluate", description="Print a before/after table.")
+        parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), required=True,
+                            help="two report directories (or metrics.json files) of evaluate")
+        print(compare(*parser.parse_args(words).compare))
         return None
-    from .cli import build_cli
-
-    overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.beta=0"]
-    ckpt = args.ckpt_path
-    if ckpt and Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # an exported HF dir is a model
-        overrides.append(f"--model.model_name_or_path={ckpt}")
-        ckpt = None
-    elif ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
-        raise FileNotFoundError(f"--ckpt_path={ckpt} is neither a .ckpt file nor an exported HF directory")
-    elif ckpt:
-        from .export import check_checkpoint
-
-        check_checkpoint(ckpt)
-    out_dir = args.out_dir or default_out_dir(args.ckpt_path)
-    check_writable(out_dir)  # before the evaluation, which a report that cannot be written would lose
-    # overrides after the user's --config and arguments, except model weights the user chose explicitly
-    cli = build_cli([*rest, *overrides], run=False)
+    # after the user's --config and arguments, so they override those
+    cli = build_cli([*words, "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.beta=0"],
+                    run=False, cli=EvaluateCLI)
+    args = cli.config
     if not cli.datamodule.val_data:
         raise ValueError("--data.val_data is None: evaluate needs a test split (e.g. --data.val_data ~/data/llasa-tts-rl-grpo)")
     meta = {"ckpt_path": args.ckpt_path, "model": cli.model.hparams.model_name_or_path,
             "global_step": trained_steps(args.ckpt_path), "val_data": cli.datamodule.val_data}
-    report = ValidationReport(out_dir=out_dir, meta=meta, seed_tts=args.seed_tts)
+    report = ValidationReport(out_dir=args.out_dir, meta=meta, seed_tts=args.seed_tts)
     if args.sim:
-        from .rollout import GRPORollout
-
         add_sim(next(c for c in cli.trainer.callbacks if isinstance(c, GRPORollout)), args.sim_codec)
     cli.trainer.callbacks.append(report)
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.lightning_ckpt)
     if report.summary is None:
         raise RuntimeError("validation produced no samples: check --data.val_data and --trainer.limit_val_batches")
     print(markdown_table(report.summary))

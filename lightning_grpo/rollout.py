@@ -17,8 +17,12 @@ generated; pieces and samples are the same either way. The callback also starts 
 owns a process (`reward/owner.py`: one reward per node for every rank) and logs the step's timings
 (`timing.py`) and what its sampling did (`train/frac_reward_zero_std`, `train/samples_generated`, ...).
 
-Dynamic sampling (`dynamic_sampling`, off by default; dynamic_sampling.py) waits for each round's rewards in the
-callback, drops groups whose rewards are all equal and tops the step up with further rounds of prompts.
+One-step-off (`async_steps: 1`, async_rollout.py) hands each step the rollout generated while the step before it
+trained, and launches the next one.
+
+Dynamic sampling (`dynamic_sampling`, off by default; `dynamic_rollout`) waits for each round's rewards in the
+callback, drops groups whose rewards are all equal and tops the step up with further rounds of prompts; its
+decisions are dynamic_sampling.py's pure functions.
 """
 
 from __future__ import annotations
@@ -31,16 +35,19 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from . import dynamic_sampling, timing
-from .batch import Rollout
+from . import timing
+from .async_rollout import RolloutAhead
+from .batch import Rollout, pad_right, pad_rows, select_groups
 from .data import REFERENCE_COLUMNS, collate_prompts
 from .distributed import gather_from_ranks
-from .dynamic_sampling import reduce_stats, zero_spread
+from .dynamic_sampling import TopUp, pick_groups, reduce_stats, topup_size, zero_spread
+from .generator import GeneratorProcess
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
 from .reward.base import Reward, RewardResult, SpeechSample
+from .reward.owner import check_reward_devices
 from .reward.prosody import add_group_spreads
 from .sampling import ChunkRows, Sampler, check_sampler, sample_stream
-from .scoring import RewardScoring, max_concurrent_calls
+from .scoring import RewardScoring, max_concurrent_calls, stop_if_any_rank_failed
 
 TruncationPolicy = Literal["penalize", "mask", "keep"]
 
@@ -87,6 +94,17 @@ def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
         )
 
 
+def _datamodule_method(trainer: L.Trainer, name: str, what: str, off: str):
+    """The datamodule's method `name`, which `what` needs; an error naming the flag that turns it off."""
+    method = getattr(trainer.datamodule, name, None)
+    if not callable(method):
+        raise ValueError(
+            f"{what}, through the datamodule's {name}(); {type(trainer.datamodule).__name__} has none: use the `data:` "
+            f"group (lightning_grpo.data.PromptDataModule), or {off}"
+        )
+    return method
+
+
 class GRPORollout(L.Callback):
     def __init__(
         self,
@@ -104,6 +122,7 @@ class GRPORollout(L.Callback):
         max_extra_rounds: int = 3,
         zero_std_tol: float = 1e-6,
         max_samples: int | None = None,
+        async_steps: int = 0,
     ) -> None:
         """
         Args:
@@ -154,6 +173,14 @@ class GRPORollout(L.Callback):
                 discarded ones included, counted across resumes: `train/samples_generated_total`), at the end of
                 the step that reaches it; None: no budget. Compares runs at equal sample budgets, e.g. dynamic
                 sampling against a baseline, with `--trainer.max_steps` set high enough.
+            async_steps: how many updates the weights that generate a step's samples may lag the weights that train
+                on them. 0: generate, then train (on-policy). 1: one-step-off (lightning_grpo/async_rollout.py): the
+                next step's rollout is generated on a thread from a copy of the weights while this step trains, so
+                generation and update overlap; every sample is one update stale (`rollout/staleness`), which
+                `--model.importance_correction` weighs out when the sampler reports log-probs. Costs one more copy
+                of the policy's weights, except with a sampler in its own process (lightning_grpo.generator.
+                GeneratorProcess, sent the weights instead); needs the datamodule's train_batch() (PromptDataModule)
+                to know the next batch; not with dynamic_sampling.
         """
         super().__init__()
         if group_size < 2:
@@ -174,7 +201,17 @@ class GRPORollout(L.Callback):
                 "reward's aggregation normalize_then_sum centres rewards on each group's mean, where that is no "
                 "penalty; use --rollout.truncation mask (drop them from the loss) or keep, or aggregation sum"
             )
+        if async_steps not in (0, 1):
+            raise ValueError(f"--rollout.async_steps={async_steps} must be 0 (synchronous) or 1 (one-step-off)")
+        if async_steps and dynamic_sampling:
+            raise ValueError(
+                "--rollout.async_steps 1 with --rollout.dynamic_sampling true: dynamic sampling's top-up rounds decide "
+                "on the rewards inside the step; use one of them"
+            )
         check_sampler(sampler)
+        self.async_steps = async_steps
+        push = sampler.send_weights if isinstance(sampler, GeneratorProcess) else None  # it keeps its own copy
+        self._ahead = RolloutAhead(self._start_train_rollout, push) if async_steps else None
         self.sampler = sampler
         self.reward = reward
         self.group_size = group_size
@@ -205,16 +242,21 @@ class GRPORollout(L.Callback):
         torch/CUDA generators), so resuming from a checkpoint continues the same random stream.
         Under DDP (Lightning saves rank 0's state only) every rank's RNG state is gathered into
         `rank_rng`, since ranks that generate different lengths consume their streams differently."""
+        in_flight = self._ahead.state_dict() if self._ahead is not None else None  # first: it waits for the generator
         own = _rng_state()
         state = {"train_rollouts": self.train_rollouts, "samples_generated": self.samples_generated, **own}
         gathered = gather_from_ranks(own)  # Lightning calls state_dict on every rank
         if len(gathered) > 1:
             state["rank_rng"] = gathered
+        if in_flight is not None:
+            state["in_flight"] = in_flight
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_rollouts = state_dict.get("train_rollouts", 0)
         self.samples_generated = state_dict.get("samples_generated", 0)
+        if self._ahead is not None:
+            self._ahead.load_state_dict(state_dict.get("in_flight"))
         # applied at the first training batch: creating the data iterator in between draws from the RNG
         self._pending_rng = state_dict if "torch_rng" in state_dict else None
 
@@ -239,6 +281,10 @@ class GRPORollout(L.Callback):
             check_rows(lambda row: self.encode_prompts(pl_module, collate_prompts([row])))
         if self.dynamic_sampling and stage == "fit" and trainer is not None:
             self._topup_source(trainer)  # fail before the first rollout
+        if trainer is not None:
+            check_reward_devices(self.reward, trainer)
+        if self._ahead is not None and stage == "fit" and trainer is not None:
+            self._next_batch_source(trainer)
         start = getattr(self.reward, "start", None)
         if callable(start):  # a reward that owns a process or a connection (reward/owner.py: every rank calls it)
             start(trainer)  # None outside a Trainer (tests, scripts)
@@ -255,7 +301,16 @@ class GRPORollout(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._shutdown()  # Lightning skips teardown on an exception: the reward's owner process must stop anyway
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._ahead is not None:
+            self._ahead.finish()  # validation samples from the RNG the generator thread holds while it runs
+
     def _shutdown(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+        if isinstance(self.sampler, GeneratorProcess):
+            self.sampler.close()  # its process, like the reward's owner, ends with training
+            self._sampler_ready = False  # a later fit or validate starts another
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -279,6 +334,9 @@ class GRPORollout(L.Callback):
         if self.dynamic_sampling:
             batch["rollout"], self.step_counts = self.dynamic_rollout(
                 pl_module, batch, self.train_rollouts, self._topup_source(trainer))
+        elif self._ahead is not None:
+            batch["rollout"], self.step_counts = self._ahead.rollout_for(
+                trainer, pl_module, batch, batch_idx, self.train_rollouts, self._next_batch_source(trainer)), None
         else:
             batch["rollout"], self.step_counts = self.start_rollout(pl_module, batch, self.group_size, self.train_rollouts), None
         self.train_rollouts += 1
@@ -350,26 +408,83 @@ class GRPORollout(L.Callback):
             for t, pt, pc in zip(texts, ref_texts, ref_codes)
         ]
 
-    def _topup_source(self, trainer: L.Trainer) -> dynamic_sampling.TopUp:
-        draw = getattr(trainer.datamodule, "topup_prompts", None)
-        if not callable(draw):
-            raise ValueError(
-                "--rollout.dynamic_sampling draws further prompts from the training data, through the datamodule's "
-                f"topup_prompts(); {type(trainer.datamodule).__name__} has none: use the `data:` group "
-                "(lightning_grpo.data.PromptDataModule), or --rollout.dynamic_sampling false"
-            )
-        return draw
+    def _topup_source(self, trainer: L.Trainer) -> TopUp:
+        return _datamodule_method(trainer, "topup_prompts", "--rollout.dynamic_sampling draws further prompts from the "
+                                  "training data", "--rollout.dynamic_sampling false")
 
-    def dynamic_rollout(
-        self, pl_module: L.LightningModule, batch: dict, step: int, topup: dynamic_sampling.TopUp
-    ) -> tuple[Rollout, dict[str, int]]:
-        """The step's Rollout under dynamic sampling and this rank's counts (`dynamic_sampling.dynamic_rollout`)."""
-        return dynamic_sampling.dynamic_rollout(self, pl_module, batch, step, topup)
+    def _next_batch_source(self, trainer: L.Trainer):
+        return _datamodule_method(trainer, "train_batch", "--rollout.async_steps 1 generates the next step's prompts "
+                                  "ahead", "--rollout.async_steps 0")
+
+    def _start_train_rollout(self, pl_module: L.LightningModule, batch: dict, step: int, model: torch.nn.Module) -> Rollout:
+        return self.start_rollout(pl_module, batch, self.group_size, step, model)
 
     @torch.no_grad()
-    def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:
-        """Sample one rollout, scoring its pieces as the sampler finishes them; with `overlap_reward` the
-        returned Rollout may still be scoring (reading its rewards waits)."""
+    def dynamic_rollout(self, pl_module: L.LightningModule, batch: dict, step: int, topup: TopUp
+                        ) -> tuple[Rollout, dict[str, int]]:
+        """The batch's round, then extra rounds of `topup(count, step, start, exclude)` prompts while any rank is
+        short of informative groups, at most `max_extra_rounds`; returns the Rollout of this rank's
+        len(batch["text"]) groups, its rewards waited for, and this rank's counts for `reduce_stats`. Every rank
+        must call it: the rounds are agreed with one all_gather each, and each round's scoring ends in a collective."""
+        g, tol, target = self.group_size, self.zero_std_tol, len(batch["text"])
+        rollout = self.make_rollout(pl_module, batch, g, step)  # a reward failing on any rank stops every rank here
+        first_zero = zero_spread(rollout.rewards, g, tol)
+        rounds, flags = [rollout], [(~first_zero).tolist()]  # the rounds this rank scored; informative per group
+        samples, tokens = len(rollout.completion_ids), sum(len(c) for c in rollout.completion_ids)
+        unscored: dict[str, float] = {}  # timings of rounds this rank generated only
+        drawn, extra, exclude = 0, 0, set()
+        while True:
+            informative, scored = sum(map(sum, flags)), sum(map(len, flags))
+            short = max(0, target - informative)
+            ranks = gather_from_ranks({"short": short, "informative": informative, "scored": scored,
+                                       "texts": list(batch["text"]) if extra == 0 else None})
+            if extra == 0:  # top-ups leave out the step's prompts on every rank
+                exclude = {t for r in ranks for t in r["texts"]}
+            if extra == self.max_extra_rounds or not any(r["short"] for r in ranks):
+                break
+            count = topup_size([r["short"] for r in ranks], sum(r["informative"] for r in ranks),
+                               sum(r["scored"] for r in ranks), cap=target)
+            more = topup(count, step, drawn, exclude)
+            drawn, extra = drawn + count, extra + 1
+            if short:
+                rollout = self.make_rollout(pl_module, more, g, step)
+                rounds.append(rollout)
+                flags.append((~zero_spread(rollout.rewards, g, tol)).tolist())
+                samples += len(rollout.completion_ids)
+                tokens += sum(len(c) for c in rollout.completion_ids)
+            else:  # this rank is full: it generates with the others (FSDP2 / tensor-parallel vLLM), then discards
+                seconds, n, t = self._generate_unscored(pl_module, more, g, step)
+                for key, value in seconds.items():
+                    unscored[key] = unscored.get(key, 0.0) + value
+                samples, tokens = samples + n, tokens + t
+        picks = pick_groups(flags, target)
+        out = select_groups(rounds, picks, self.vocab.pad_id)
+        for key, value in unscored.items():
+            out.timings[key] = out.timings.get(key, 0.0) + value
+        self.last_rollout = out
+        counts = {"first_groups": target, "first_zero_std": int(first_zero.sum()), "samples": samples,
+                  "tokens": tokens, "extra_rounds": extra, "prompts_drawn": drawn, "groups_generated": target + drawn,
+                  "groups_trained": target, "informative_trained": sum(flags[k][b] for k, b in picks)}
+        return out, counts
+
+    def _generate_unscored(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int
+                           ) -> tuple[dict[str, float], int, int]:
+        """Generate a round this rank does not need: its timings, completions and tokens (nothing is scored)."""
+        prompts, device = self.encode_prompts(pl_module, batch), pl_module.device
+        start, samples, tokens = time.perf_counter(), 0, 0
+        for chunk in sample_stream(self.sampler, pl_module.policy, prompts, group_size, self.vocab.speech_gen_end_id,
+                                   step, self.allowed_token_ids()):
+            samples += len(chunk.completions.ids)
+            tokens += sum(len(c) for c in chunk.completions.ids)
+        seconds = timing.sampling_timings(timing.elapsed(start, device), dict(getattr(self.sampler, "metrics", {}) or {}))
+        stop_if_any_rank_failed(None)  # the collective the other ranks reach when they wait for this round's rewards
+        return seconds, samples, tokens
+
+    @torch.no_grad()
+    def start_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int,
+                      model: torch.nn.Module | None = None) -> Rollout:
+        """Sample one rollout from `model` (default: the policy), scoring its pieces as the sampler finishes them;
+        with `overlap_reward` the returned Rollout may still be scoring (reading its rewards waits)."""
         v = self.vocab
         texts, languages = batch["text"], batch.get("language") or [None] * len(batch["text"])
         ref_texts, ref_codes, ref_wavs = (batch.get(k) or [None] * len(texts) for k in REFERENCE_COLUMNS)
@@ -387,7 +502,8 @@ class GRPORollout(L.Callback):
             return rewards.to(device)
 
         scoring = RewardScoring(self.reward, self._scoring_executor(), finalize)
-        stream = sample_stream(self.sampler, pl_module.policy, prompts, group_size, v.speech_gen_end_id, step, allowed)
+        model = pl_module.policy if model is None else model
+        stream = sample_stream(self.sampler, model, prompts, group_size, v.speech_gen_end_id, step, allowed)
         sampling_s = 0.0
         while True:
             start = time.perf_counter()
@@ -415,20 +531,10 @@ class GRPORollout(L.Callback):
         timings = timing.sampling_timings(sampling_s, sampler_metrics)
         truncated = torch.tensor(comps.truncated, dtype=torch.bool)
 
-        width = max(len(p) for p in prompts)
-        clen = max(1, max(len(c) for c in ids))
-        input_ids = torch.full((n, width + clen), v.pad_id, dtype=torch.long)  # (B*G, P+C)
-        attention_mask = torch.zeros_like(input_ids)
-        completion_mask = torch.zeros(n, clen, dtype=torch.float32)  # (B*G, C)
-        sampler_logprobs = torch.zeros(n, clen) if row_logprobs is not None else None
-        for i, row_ids in enumerate(ids):
-            p = prompts[i // group_size]
-            input_ids[i, width - len(p) : width] = torch.tensor(p)
-            input_ids[i, width : width + len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            attention_mask[i, width - len(p) : width + len(row_ids)] = 1
-            completion_mask[i, : len(row_ids)] = 1.0
-            if sampler_logprobs is not None:
-                sampler_logprobs[i, : len(row_ids)] = torch.tensor(row_logprobs[i])
+        input_ids, attention_mask, width = pad_rows([prompts[i // group_size] for i in range(n)], ids, v.pad_id)  # (B*G, P+C)
+        clen = input_ids.shape[1] - width
+        completion_mask = pad_right([[1.0] * len(c) for c in ids], clen)  # (B*G, C)
+        sampler_logprobs = pad_right(row_logprobs, clen) if row_logprobs is not None else None
         if self.truncation == "mask":
             completion_mask[truncated] = 0.0
 

@@ -2,14 +2,17 @@
 
 TRL logs completions as text only; a TTS run needs to be heard. `AudioSampleLogger` takes the rollout
 the GRPO callback just scored, picks the best and the worst completion of each prompt, decodes their
-codes to audio with the reward's own codec (`reward.codec.decode`, e.g. X-codec2 inside
-`WhisperReward`), and logs one table per step with text, transcript, CER, NLL, reward and reason:
+codes to audio with its own decoder (`codec:`, built on the logging rank at the first logged step) or, when that
+is null, the codec of a reward that scores in this process (`WhisperReward.codec`), and logs one table per step
+with text, transcript, CER, NLL, reward and reason:
 
     W&B (WandbLogger, also WANDB_MODE=offline)   a wandb.Table with wandb.Audio cells under `samples/train`
     TensorBoard (TensorBoardLogger)              add_audio per sample and the table as markdown text
     files (CSVLogger, no logger, or always)      <log_dir>/samples/<split>/step_<N>/<j>.wav, index.csv, index.md
 
-A reward without a codec (the rule reward, the HTTP client) gives the same table without audio.
+A reward in an owner process or behind a server (SharedReward, RemoteReward) has no codec in the trainer: give
+the logger `codec: HKUSTAudio/xcodec2` for audio (X-codec2's decoder half on `codec_device`, CPU by default: the
+training GPUs have no room for it). Without any codec the table has no audio, and the logger says so once.
 Add it with `--trainer.callbacks+=lightning_grpo.sample_logging.AudioSampleLogger` or in YAML.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -26,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .batch import rollout_records
 from .llasa import parse_completion
+from .reward.codec import SpeechDecoder, XCodec2Decoder
 
 FIXED_COLUMNS = ("step", "sample", "text", "transcript", "reward", "reason", "completion_length", "truncated")
 
@@ -59,6 +63,8 @@ class AudioSampleLogger(L.Callback):
         log_validation: bool = True,
         write_files: bool | None = None,
         out_dir: str | None = None,
+        codec: str | Callable[[], SpeechDecoder] | SpeechDecoder | None = None,
+        codec_device: str = "cpu",
     ) -> None:
         """
         Args:
@@ -67,6 +73,10 @@ class AudioSampleLogger(L.Callback):
             log_validation: also log the first validation batch of each validation run.
             write_files: write wav files and index.csv / index.md; None = only when no W&B logger is used.
             out_dir: where files go; default `<logger log_dir or default_root_dir>/samples`.
+            codec: the decoder of the logged audio, built on the logging rank only, at the first logged step:
+                an X-codec2 checkpoint (HF id or directory) for XCodec2Decoder on `codec_device`, or a
+                SpeechDecoder (`class_path` in YAML). None: the reward's codec if it scores in this process.
+            codec_device: where an X-codec2 checkpoint named by `codec` decodes.
         """
         super().__init__()
         if every_n_steps < 1 or max_samples < 1:
@@ -76,6 +86,9 @@ class AudioSampleLogger(L.Callback):
         self.log_validation = log_validation
         self.write_files = write_files
         self.out_dir = out_dir
+        self.codec = codec
+        self.codec_device = codec_device
+        self._decoder: SpeechDecoder | None = None
         self.batches_seen = 0  # training batches, in the checkpoint so a resumed run keeps the cadence
         self._warned = False
 
@@ -105,7 +118,7 @@ class AudioSampleLogger(L.Callback):
     def sample_rows(self, trainer, rollout) -> tuple[list[dict[str, Any]], list[torch.Tensor | None], int]:
         """(table rows, waveforms or None per row, sample rate) of the picked rows of a rollout."""
         cb = self._rollout_callback(trainer)
-        codec = getattr(getattr(cb, "reward", None), "codec", None)
+        codec = self.decoder(getattr(cb, "reward", None))
         picked = pick_rows(rollout.rewards.detach().cpu(), rollout.group_size, self.max_samples)
         rows = [{"sample": j, **rec} for j, rec in enumerate(rollout_records(rollout, rows=picked))]
         for row in rows:
@@ -113,14 +126,37 @@ class AudioSampleLogger(L.Callback):
             row["transcript"] = row["transcript"] or ""
         audio: list[torch.Tensor | None] = [None] * len(rows)
         sample_rate = int(getattr(codec, "sample_rate", 16_000))
-        if codec is not None and hasattr(codec, "decode") and cb is not None and rollout.completion_ids:
+        if codec is not None and cb is not None and rollout.completion_ids:
             try:
                 audio = decode_rows(codec, rollout.completion_ids, cb.vocab, picked)
             except Exception as err:  # a logging aid must not stop training; say so once
                 if not self._warned:
-                    rank_zero_warn(f"AudioSampleLogger: the reward's codec failed to decode samples ({err!r}); logging text only")
+                    rank_zero_warn(f"AudioSampleLogger: the codec failed to decode samples ({err!r}); logging text only")
                     self._warned = True
         return rows, audio, sample_rate
+
+    def decoder(self, reward: Any) -> SpeechDecoder | None:
+        """This logger's decoder, built at its first use; else the codec of a reward scoring in this process."""
+        if self._decoder is None and self.codec is not None:
+            try:
+                if isinstance(self.codec, str):
+                    self._decoder = XCodec2Decoder(self.codec, device=self.codec_device)
+                else:
+                    self._decoder = self.codec if isinstance(self.codec, SpeechDecoder) else self.codec()
+            except Exception as err:
+                raise RuntimeError(f"AudioSampleLogger(codec={self.codec!r}) could not build its decoder: {err}") from err
+        if self._decoder is not None:
+            return self._decoder
+        codec = getattr(reward, "codec", None)
+        if isinstance(codec, SpeechDecoder):
+            return codec
+        if not self._warned:
+            rank_zero_warn(
+                f"AudioSampleLogger: the reward ({type(reward).__name__}) has no codec in the trainer process (an owner "
+                "process or a server scores it); logging text only. Set the logger's `codec:` (e.g. HKUSTAudio/xcodec2)"
+            )
+            self._warned = True
+        return None
 
     def log_rollout(self, trainer, rollout, split: str, step: int) -> None:
         if not trainer.is_global_zero:

@@ -48,13 +48,7 @@ def reorder(result: RewardResult, rows: Sequence[int]) -> RewardResult:
         raise RuntimeError(f"scored rows {sorted(rows)[:8]}... are not each sample exactly once (0..{n - 1})")
     inverse = torch.empty(n, dtype=torch.long)
     inverse[torch.tensor(list(rows), dtype=torch.long)] = torch.arange(n)
-    order = inverse.tolist()
-    return RewardResult(
-        rewards=result.rewards[inverse],
-        metrics={k: v[inverse] for k, v in result.metrics.items()},
-        reasons=[result.reasons[i] for i in order],
-        transcripts=[result.transcripts[i] for i in order] if result.transcripts else [],
-    )
+    return result.rows(inverse.tolist())
 
 
 def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:

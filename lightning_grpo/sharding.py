@@ -96,8 +96,21 @@ def configure(module, load_full: Callable[[], torch.nn.Module], offload: str = "
 
 
 def data_parallel_mesh(strategy) -> Any:
-    """The 1-D mesh to shard over: Lightning's `data_parallel` dimension, which must span every rank."""
+    """The 1-D mesh to shard over: Lightning's `data_parallel` dimension, which must span every rank.
+
+    ModelParallelStrategy's defaults (`tensor_parallel_size: auto`) make the ranks of a node one tensor-parallel
+    group; with FSDP2 only, "auto" means data parallel over every rank, so that layout is re-meshed here (before
+    the data loaders read the mesh for their samplers). Tensor-parallel sizes of another layout are refused."""
     mesh = strategy.device_mesh
+    tp = mesh["tensor_parallel"].size()
+    if tp > 1 and tp == strategy.num_processes and mesh["data_parallel"].size() == strategy.num_nodes:
+        from lightning.fabric.strategies.model_parallel import _setup_device_mesh
+        from lightning.pytorch.utilities import rank_zero_info
+
+        strategy._data_parallel_size, strategy._tensor_parallel_size = strategy.world_size, 1
+        mesh = strategy._device_mesh = _setup_device_mesh(strategy.world_size, 1, strategy.world_size, strategy.root_device)
+        strategy.lightning_module._device_mesh = mesh
+        rank_zero_info(f"ModelParallelStrategy's tensor_parallel_size auto: FSDP2 data parallel over all {strategy.world_size} ranks")
     if mesh["tensor_parallel"].size() != 1:
         raise ValueError(
             f"ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()}: lightning_grpo shards "

@@ -25,7 +25,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -86,6 +86,7 @@ class RawCompletion:
     finish_reason: str | None
 
 
+@runtime_checkable  # the config library checks an `engine_factory:` class_path against it
 class Engine(Protocol):
     """The only surface of vLLM the sampler uses."""
 

@@ -10,6 +10,8 @@ CountingRuleReward, recording its loads and calls under OUT); --kill_owner_at S 
 at the start of step S (both ranks then wait at a barrier, so neither scores before the kill), and each rank
 writes the error it stopped with to rank{r}_error.txt. --no_overlap scores sequentially. --fail_rank1_at S: rank 1's
 in-process reward raises at step S (rank 0's does not); errors are written as with --kill_owner_at.
+--async_steps N: one-step-off rollouts (N=1); --fail_generator_rank1_at S: rank 1's sampler raises from training
+rollout S on (inside the generator thread under --async_steps 1); errors are written as with --kill_owner_at.
 --dynamic: dynamic sampling on (3 extra rounds at most) with a reward that is constant, on rank 1 only, for prompts
 of even length, and truncated completions scored as they are: rank 1 needs top-ups where rank 0 does not.
 The strategy is DDP with gradient_as_bucket_view and a communication hook that records every gradient
@@ -117,6 +119,19 @@ class FailsOnRank1(RuleReward):
         return super().score(samples)
 
 
+class GeneratorFailsOnRank1(HFSampler):
+    """Raises on rank 1 from training rollout `at` on (a generator crashing on one rank)."""
+
+    def __init__(self, at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.at = at
+
+    def stream(self, model, prompts, n, stop_token_id, step, allowed_token_ids=None):
+        if torch.distributed.get_rank() == 1 and step >= self.at:
+            raise RuntimeError("CUDA error: out of memory (rank 1's generator)")
+        yield from super().stream(model, prompts, n, stop_token_id, step, allowed_token_ids)
+
+
 class ConstantOnRank1(RuleReward):
     """The rule reward; on rank 1, 0.5 for every sample of a prompt of even length (a group without spread)."""
 
@@ -148,6 +163,7 @@ class Record(L.Callback):
             "logged_rollout": {k: float(v) for k, v in trainer.callback_metrics.items()
                                if k.startswith(("train/dynamic", "train/frac_", "train/samples_generated"))},
             "logged_reward_mean": float(trainer.callback_metrics["train/reward_mean"]),
+            "staleness": r.sampler_metrics.get("rollout/staleness"),
             "timings": dict(r.timings),  # this rank's own
             "logged_timings": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("timing/", "perf/"))},
         })
@@ -180,6 +196,8 @@ def main() -> None:
     p.add_argument("--no_overlap", action="store_true")
     p.add_argument("--fail_rank1_at", type=int)
     p.add_argument("--dynamic", action="store_true")
+    p.add_argument("--async_steps", type=int, default=0)
+    p.add_argument("--fail_generator_rank1_at", type=int)
     args = p.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -193,9 +211,12 @@ def main() -> None:
     if args.dynamic:
         reward = ConstantOnRank1(codes_per_char=0.3, band=(0, 16))
     sampler = HFSampler(max_new_tokens=8, prompts_per_chunk=1 if args.shared_reward else 0)
+    if args.fail_generator_rank1_at is not None:
+        sampler = GeneratorFailsOnRank1(args.fail_generator_rank1_at, max_new_tokens=8)
     cb = GRPORollout(sampler, reward, group_size=4, overlap_reward=not args.no_overlap,
                      dynamic_sampling=args.dynamic, max_extra_rounds=3,
-                     truncation="keep" if args.dynamic else "penalize")  # keep: rank 0's groups all have spread
+                     truncation="keep" if args.dynamic else "penalize",  # keep: rank 0's groups all have spread
+                     async_steps=args.async_steps)
     callbacks = [cb, Record(out_dir, args.save_weights), UnevenRandomness()]
     if args.kill_owner_at is not None:
         callbacks.insert(0, KillOwner(reward, args.kill_owner_at))
@@ -216,7 +237,7 @@ def main() -> None:
             ckpt_path="last" if args.resume else None,
         )
     except RuntimeError as e:
-        if args.kill_owner_at is None and args.fail_rank1_at is None:
+        if args.kill_owner_at is None and args.fail_rank1_at is None and args.fail_generator_rank1_at is None:
             raise
         (out_dir / f"rank{trainer.global_rank}_error.txt").write_text(str(e))
         if trainer.global_rank == 0:  # the launcher: wait for rank 1 (its child) to stop on its own error

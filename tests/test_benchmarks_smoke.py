@@ -186,3 +186,14 @@ def test_bench_overlap_all_parts_smoke(tmp_path):
     assert set(raw["whisper"]["runs"]) == {"in-process, sequential", "owner, sequential", "owner, overlapped"}
     assert all(r["timing/reward"] > 0 for r in raw["whisper"]["runs"].values())
     assert "configs/tiny_cpu.yaml" in raw["configs"]["runs"]
+
+
+def test_bench_async_smoke(tmp_path):
+    """The one-step-off benchmark at its smallest size with the sleeping generator: a calibration run, then a
+    synchronous and a one-step-off run; the one-step-off run's samples are one update stale after its first step."""
+    out = tmp_path / "async.json"
+    table = run_script("bench_async.py", "--generators", "sleep", "--out", str(out))
+    assert "| sleep | synchronous |" in table and "| sleep | one-step-off |" in table
+    runs = json.loads(out.read_text())["sleep"]
+    assert runs["0"][0]["staleness"] == [None] * 4 and runs["1"][0]["staleness"] == [0.0, 1.0, 1.0, 1.0]
+    assert all(r[0]["timing/generate"] > 0 and r[0]["step_wall"] > 0 for r in runs.values())

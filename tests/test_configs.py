@@ -208,3 +208,94 @@ def test_the_whole_config_reaches_tensorboard_and_csv_hparams(tmp_path):
         assert logged["rollout.reward.beta_c"] == 2.0 and logged["rollout.reward.codec.class_path"] == "small_world.unit_codec.UnitCodec"
         assert logged["rollout.sampler.max_new_tokens"] == 8 and logged["model.num_iterations"] == 2
         assert logged["trainer.callbacks.CappedCER.class_path"] == "lightning_grpo.reward.capped_cer.CappedCER"
+
+
+def test_a_plain_model_parallel_strategy_is_data_parallel_over_every_rank(tmp_path):
+    """`tensor_parallel_size: auto` (the strategy's default) on 2 CPU ranks through the CLI: FSDP2 over both ranks,
+    each rank scoring its own prompts (a tensor-parallel pair would repeat the same data on both)."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_grpo", "fit", "--config", "configs/tiny_cpu.yaml",
+         "--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy", "--trainer.devices=2",
+         "--trainer.max_steps=1", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+         f"--trainer.logger.init_args.save_dir={tmp_path}", "--rollout.reward=owner_rewards.CountingRuleReward",
+         f"--rollout.reward.record_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data parallel over all 2 ranks" in proc.stdout + proc.stderr
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    texts = {}
+    for call in calls:
+        texts.setdefault(call["pid"], set()).update(call["texts"])
+    assert len(texts) == 2 and not set.intersection(*texts.values())  # two ranks, different prompts
+
+
+def test_a_reward_on_a_training_gpu_stops_at_start_naming_both():
+    """llasa1b_original.yaml's Whisper is on cuda:2: fine beside 2 training GPUs, an error beside 4."""
+    import types
+
+    import torch
+
+    from lightning_grpo.reward.owner import SharedReward, check_reward_devices
+
+    raw = yaml.safe_load((ROOT / "configs" / "llasa1b_original.yaml").read_text())
+    shared = SharedReward(raw["rollout"]["reward"]["init_args"]["reward"])
+
+    def trainer(n: int):
+        return types.SimpleNamespace(strategy=types.SimpleNamespace(parallel_devices=[torch.device(f"cuda:{i}") for i in range(n)]))
+
+    check_reward_devices(shared, trainer(2))
+    with pytest.raises(ValueError, match=r"rollout\.reward\.reward\.device=cuda:2 is the GPU of training rank 2 "
+                                         r"\(trainer\.devices=4 .*cuda:0, cuda:1, cuda:2, cuda:3\).*cuda:4"):
+        check_reward_devices(shared, trainer(4))
+    cpu = types.SimpleNamespace(strategy=types.SimpleNamespace(parallel_devices=[torch.device("cpu")] * 2))
+    check_reward_devices(SharedReward({"class_path": "x.Y", "init_args": {"device": "cpu"}}), cpu)  # CPU is shared
+
+
+def rewards_built_per_rank(node, inside_owner=False, key="rollout.reward"):
+    """Config keys of the model-holding rewards (torch modules) that every rank would build: not inside a SharedReward
+    that runs an owner process."""
+    import importlib
+
+    import torch
+
+    if not isinstance(node, dict):
+        return []
+    found = []
+    if isinstance(node.get("class_path"), str):
+        module, _, name = node["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        init = node.get("init_args") or {}
+        if cls.__name__ == "SharedReward":
+            inside_owner = init.get("mode", "auto") != "in_process"
+        elif isinstance(cls, type) and issubclass(cls, torch.nn.Module) and not inside_owner:
+            found.append(key)
+        node = init
+    for k, v in node.items():
+        found += rewards_built_per_rank(v, inside_owner, f"{key}.{k}")
+    return found
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_multi_rank_config_builds_its_model_rewards_once_per_node(path):
+    """One Whisper (or speaker encoder) per node, in a SharedReward owner or behind a server: never one per rank."""
+    raw = yaml.safe_load(path.read_text())
+    ranks = int(raw["trainer"].get("devices", 1)) * int(raw["trainer"].get("num_nodes", 1))
+    per_rank = rewards_built_per_rank(raw["rollout"]["reward"])
+    assert ranks == 1 or not per_rank, f"{path.name} trains on {ranks} ranks and builds {per_rank} in each"
+
+
+def test_the_per_rank_check_sees_a_plain_and_a_composed_model_reward():
+    whisper = {"class_path": "lightning_grpo.reward.module.WhisperReward", "init_args": {"device": "cuda:2"}}
+    assert rewards_built_per_rank(whisper) == ["rollout.reward"]
+    composite = {"class_path": "lightning_grpo.reward.composite.CompositeReward",
+                 "init_args": {"rewards": {"whisper": whisper, "d": {"class_path": "lightning_grpo.reward.duration.DurationReward"}}}}
+    assert rewards_built_per_rank(composite) == ["rollout.reward.rewards.whisper"]
+    shared = {"class_path": "lightning_grpo.reward.owner.SharedReward", "init_args": {"reward": composite}}
+    assert rewards_built_per_rank(shared) == []
+    shared["init_args"]["mode"] = "in_process"
+    assert rewards_built_per_rank(shared) == ["rollout.reward.reward.rewards.whisper"]

@@ -136,3 +136,78 @@ def test_data_does_not_import_the_reward_package():
     tree = ast.parse((ROOT / "lightning_grpo" / "data.py").read_text())
     modules = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any("reward" in m or m == "batch" for m in modules), modules
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """module -> the package modules it imports, anywhere in it (top level, functions, TYPE_CHECKING blocks)."""
+    modules = {".".join(p.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(here.split(".")[: len(here.split(".")) - node.level + 1] + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import timing`
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each cycle of the import graph once, as the path around it (strongly connected components, Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_import_cycles_are_found():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_two_package_modules_import_each_other():
+    """A helper module does not import (or type-check against) the module that imports it, directly or round a
+    longer loop: the import graph of lightning_grpo/ has no cycle."""
+    graph = import_graph(ROOT / "lightning_grpo")
+    assert "lightning_grpo.dynamic_sampling" in graph["lightning_grpo.rollout"]  # the graph sees the imports
+    assert import_cycles(graph) == []
+
+
+def test_reward_results_are_sliced_by_one_row_selection():
+    """RewardResult.rows serves the server's batch routing, scoring's reorder and dynamic sampling's group pick."""
+    result = RewardResult(rewards=torch.tensor([0.1, 0.2, 0.3]), metrics={"cer": torch.tensor([0.0, float("nan"), 1.0])},
+                          reasons=["ok", "empty_speech", "ok"], transcripts=["a", "", "c"])
+    picked = result.rows([2, 0, 2])
+    assert picked.rewards.tolist() == pytest.approx([0.3, 0.1, 0.3]) and picked.metrics["cer"].tolist() == [1.0, 0.0, 1.0]
+    assert picked.reasons == ["ok", "ok", "ok"] and picked.transcripts == ["c", "a", "c"]
+    silent = RewardResult(rewards=torch.zeros(2))
+    assert silent.rows([1]).transcripts == [] and RewardResult.cat([silent, silent]).transcripts == []  # none transcribes

@@ -91,6 +91,23 @@ def test_evaluate_command_on_the_tiny_config(tmp_path, capsys):
               "--data.val_split=test", "--seed_tts"])
 
 
+
+def test_evaluate_takes_config_files_and_names_a_bad_flag(tmp_path, capsys):
+    """`python -m lightning_grpo evaluate --config fit.yaml --config eval.yaml`: the second file holds evaluate's
+    own keys (out_dir) beside fit-config keys (data), as a user keeps an evaluation's settings."""
+    from lightning_grpo.cli import main as cli_main
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(json.dumps({"out_dir": str(tmp_path / "from_file"),
+                                  "data": {"val_data": two_language_data(tmp_path), "val_split": "test"}}))
+    cli_main(["evaluate", "--config", "configs/tiny_cpu.yaml", "--config", str(config)])
+    assert json.loads((tmp_path / "from_file" / "metrics.json").read_text())["overall"]["n"] == 12
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["evaluate", "--config", "configs/tiny_cpu.yaml", "--out-dir", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "--out-dir" in capsys.readouterr().err
+
+
 class PerPromptSampler:
     """Completion j of every batch is `rows[j]` (validation batches are not shuffled)."""
 

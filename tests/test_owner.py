@@ -173,3 +173,35 @@ def test_shared_reward_is_configured_in_yaml_and_overridden_on_the_command_line(
     assert isinstance(shared, SharedReward) and shared.mode == "auto" and shared.max_wait_ms == 25
     built = shared.reward()  # a factory: nothing is built at parse time, in any rank
     assert isinstance(built, RuleReward) and built.codes_per_char == 0.7 and built.band == (0, 16)
+
+
+def test_a_description_carrying_weights_or_built_objects_is_refused_naming_the_key():
+    from lightning_grpo.reward.spec import MAX_DESCRIPTION_BYTES, RewardSpec
+
+    rule = "lightning_grpo.reward.rule.RuleReward"
+    with pytest.raises(TypeError, match=r"torch\.nn\.modules\.linear\.Linear at reward\.init_args\.codec"):
+        SharedReward({"class_path": rule, "init_args": {"codec": torch.nn.Linear(2, 2)}})
+    with pytest.raises(TypeError, match=r"torch\.Tensor at reward\.init_args\.codes_per_char"):
+        SharedReward(functools.partial(RuleReward, codes_per_char=torch.tensor(0.5)))
+    with pytest.raises(TypeError, match=r"RuleReward at reward\.init_args\.rewards\.rule"):  # a reward built here
+        SharedReward({"class_path": "lightning_grpo.reward.composite.CompositeReward",
+                      "init_args": {"rewards": {"rule": RuleReward()}}})
+    with pytest.raises(ValueError, match=f"limit {MAX_DESCRIPTION_BYTES}.*file paths"):  # numbers enough to be weights
+        RewardSpec({"class_path": rule, "init_args": {"table": [0.5] * 100_000}})
+    with pytest.raises(TypeError, match="class_path"):
+        SharedReward(lambda: RuleReward())
+
+
+def test_a_description_builds_with_the_configs_type_checks_where_it_is_called():
+    from lightning_grpo.reward.spec import RewardSpec, describe
+
+    spec = describe(functools.partial(RuleReward, codes_per_char=0.25, band=(0, 8)))
+    assert spec.config == {"class_path": "lightning_grpo.reward.rule.RuleReward",
+                           "init_args": {"codes_per_char": 0.25, "band": (0, 8)}}
+    built = spec()
+    assert isinstance(built, RuleReward) and built.codes_per_char == 0.25 and built.band == (0, 8)
+    nested = RewardSpec({"class_path": "lightning_grpo.reward.composite.CompositeReward", "init_args": {
+        "rewards": {"rule": {"class_path": "lightning_grpo.reward.rule.RuleReward", "init_args": {"band": [0, 4]}}}}})
+    assert nested().rewards["rule"].band == (0, 4)  # YAML's list is the signature's tuple, as on the command line
+    with pytest.raises(Exception, match="codes_per_char"):
+        RewardSpec({"class_path": "lightning_grpo.reward.rule.RuleReward", "init_args": {"codes_per_char": "lots"}})()

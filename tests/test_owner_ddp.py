@@ -97,3 +97,38 @@ def test_a_reward_failing_on_one_rank_stops_every_rank_with_its_message(tmp_path
     assert "illegal memory access" in (tmp_path / "rank1_error.txt").read_text()
     err0 = (tmp_path / "rank0_error.txt").read_text()
     assert "the reward failed on rank 1" in err0 and "illegal memory access" in err0
+
+
+def test_a_cli_fit_on_two_processes_builds_a_nested_reward_once_in_the_owner(tmp_path):
+    """`python -m lightning_grpo fit` as a user runs it (Lightning's launcher, 2 gloo ranks) with a SharedReward
+    around a composite: the owner builds the whole reward once, no training rank builds any part of it, and
+    training runs (the CLI's factory, which holds the command line object, never travels)."""
+    owner_yaml = tmp_path / "owner.yaml"
+    owner_yaml.write_text(f"""
+rollout:
+  reward:
+    class_path: lightning_grpo.reward.owner.SharedReward
+    init_args:
+      mode: process
+      reward:
+        class_path: lightning_grpo.reward.composite.CompositeReward
+        init_args:
+          rewards:
+            rule:
+              class_path: owner_rewards.CountingRuleReward
+              init_args: {{record_dir: {str(tmp_path)!r}, codes_per_char: 0.5}}
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_grpo", "fit", "--config", "configs/tiny_cpu.yaml", "--config", str(owner_yaml),
+         "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
+         "--trainer.enable_progress_bar", "false", f"--trainer.default_root_dir={tmp_path}",
+         f"--trainer.logger.init_args.save_dir={tmp_path}", "--rollout.reward.reward.rewards.rule.codes_per_char=0.7"],
+        cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loads = (tmp_path / "loads.txt").read_text().split()
+    owner_log = (tmp_path / "reward_owner" / "node0.log").read_text()
+    assert len(loads) == 1 and f"Started server process [{loads[0]}]" in owner_log  # built once, in the owner
+    assert "codes_per_char: 0.7" in owner_log  # the command line's override reached the owner's description
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert calls and {c["pid"] for c in calls} == {int(loads[0])}

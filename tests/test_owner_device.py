@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lightning_grpo.reward.owner import SharedReward, one_device_view
+from lightning_grpo.reward.spec import RewardSpec, describe
 from owner_rewards import EnvRecordingReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,24 +32,25 @@ def owner_sees(root: Path, device: str) -> dict:
 
 
 def test_one_device_view_maps_the_rewards_gpus():
-    factory = functools.partial(EnvRecordingReward, "/x", device="cuda:2")
-    view, visible = one_device_view(factory, None)
-    assert visible == "2" and view.keywords["device"] == "cuda:0" and view.args == ("/x",)
-    assert factory.keywords["device"] == "cuda:2"  # the trainer's factory is left as it is
-    assert one_device_view(factory, "4,5,6,7")[1] == "6"  # index 2 of the trainer's own view
-    nested = functools.partial(dict, rewards={"asr": functools.partial(dict, device="cuda:3"),
-                                              "speaker": functools.partial(dict, device="cuda:1"),
-                                              "duration": functools.partial(dict, device="cpu")})
+    spec = describe(functools.partial(EnvRecordingReward, "/x", device="cuda:2"))
+    view, visible = one_device_view(spec, None)
+    assert visible == "2" and view.config["init_args"] == {"record_dir": "/x", "device": "cuda:0"}
+    assert spec.config["init_args"]["device"] == "cuda:2"  # the trainer's description is left as it is
+    assert one_device_view(spec, "4,5,6,7")[1] == "6"  # index 2 of the trainer's own view
+    part = lambda device: {"class_path": "owner_rewards.EnvRecordingReward", "init_args": {"device": device}}
+    nested = RewardSpec({"class_path": "lightning_grpo.reward.composite.CompositeReward",
+                         "init_args": {"rewards": {"asr": part("cuda:3"), "speaker": part("cuda:1"),
+                                                   "duration": part("cpu")}}})
     view, visible = one_device_view(nested, None)
     assert visible == "1,3"
-    assert [view.keywords["rewards"][k].keywords["device"] for k in ("asr", "speaker", "duration")] == \
+    assert [view.config["init_args"]["rewards"][k]["init_args"]["device"] for k in ("asr", "speaker", "duration")] == \
         ["cuda:1", "cuda:0", "cpu"]
     for unrestricted in ("cpu", "cuda"):  # no GPU, or the trainer's current one: nothing to map
-        f = functools.partial(EnvRecordingReward, "/x", device=unrestricted)
+        f = describe(functools.partial(EnvRecordingReward, "/x", device=unrestricted))
         assert one_device_view(f, None) == (f, None)
     with pytest.raises(ValueError, match=r"device cuda:2 is not one of the 2 GPUs .*CUDA_VISIBLE_DEVICES=0,1.*"
                                          r"--rollout.reward.reward.device"):
-        one_device_view(factory, "0,1")
+        one_device_view(spec, "0,1")
 
 
 def test_the_owner_process_sees_only_the_reward_gpu(tmp_path, monkeypatch):

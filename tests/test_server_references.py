@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from lightning_grpo.reward.audio import load_wav
 from lightning_grpo.reward.base import RewardResult, SpeechSample
-from lightning_grpo.reward.server import create_app
+from lightning_grpo.reward.app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 

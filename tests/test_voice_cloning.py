@@ -194,7 +194,7 @@ def test_scoring_server_body_carries_the_reference(tmp_path):
     stays in the trainer), and the server names a reference code outside the codebook."""
     from lightning_grpo.reward.client import _sample_json
     from lightning_grpo.reward.request import RequestReferences
-    from lightning_grpo.reward.server import BadRequest, parse_body
+    from lightning_grpo.reward.request import BadRequest, parse_body
 
     wav = tmp_path / "ref.wav"
     sf.write(wav, np.zeros(1600, dtype=np.float32), 16_000)

@@ -90,6 +90,17 @@ class RewardResult:
         if not torch.isfinite(self.rewards).all():
             raise ValueError(f"reward is not finite: {self.rewards.tolist()}")
 
+    def rows(self, index: Sequence[int]) -> "RewardResult":
+        """The results of samples `index`, in that order (a sample may repeat)."""
+        order = list(index)
+        at = torch.tensor(order, dtype=torch.long)
+        return RewardResult(
+            rewards=self.rewards[at.to(self.rewards.device)],
+            metrics={name: value[at.to(value.device)] for name, value in self.metrics.items()},
+            reasons=[self.reasons[i] for i in order],
+            transcripts=[self.transcripts[i] for i in order] if self.transcripts else [],
+        )
+
     @staticmethod
     def cat(results: Sequence["RewardResult"]) -> "RewardResult":
         names = set().union(*(r.metrics for r in results)) if results else set()
@@ -102,7 +113,8 @@ class RewardResult:
             rewards=torch.cat([r.rewards for r in results]),
             metrics=metrics,
             reasons=[x for r in results for x in r.reasons],
-            transcripts=[x for r in results for x in (r.transcripts or [""] * len(r.rewards))],
+            transcripts=[x for r in results for x in (r.transcripts or [""] * len(r.rewards))]
+            if any(r.transcripts for r in results) else [],
         )
 
 

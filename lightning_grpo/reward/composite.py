@@ -209,6 +209,18 @@ class CompositeReward:
         return RewardResult(rewards=torch.as_tensor(rewards).float().reshape(n), metrics=metrics,
                             reasons=reasons, transcripts=list(transcripts))
 
+    def start(self, trainer=None) -> None:
+        """Start the components that own a process or a connection (a SharedReward's start is a collective: every
+        rank starts the same components in the same order)."""
+        for reward in self.rewards.values():
+            if callable(getattr(reward, "start", None)):
+                reward.start(trainer)
+
+    def close(self) -> None:
+        for reward in self.rewards.values():
+            if callable(getattr(reward, "close", None)):
+                reward.close()
+
     @staticmethod
     def _groups(samples: Sequence[SpeechSample]) -> torch.Tensor:
         if any(s.group is None for s in samples):

@@ -16,8 +16,9 @@ that trains on one rank scores in that rank's process, as the plain reward would
 
 How: local rank 0 of each node starts the scoring server (`python -m lightning_grpo serve`, reward/server.py)
 as the *owner process*, on the loopback interface, a free port and a random bearer token, with the reward's
-factory (the parsed `reward:`) pickled into the run's directory. The owner binds, then builds the reward on
-its device while /healthz answers "loading"; every rank learns the port and token through one all_gather and
+description (the parsed `reward:` as plain `class_path` + `init_args`, reward/spec.py: never the built reward or
+the config library's factory, which holds the Trainer) written into the run's directory. The owner binds, then
+builds the reward on its device while /healthz answers "loading"; every rank learns the port and token through one all_gather and
 waits until the owner is ready. Each rank scores through `RemoteReward` (reward/client.py), several pieces in
 flight at once (`max_concurrent_calls`), and the owner's micro-batcher merges the requests of all ranks into
 shared `Reward.score` calls (at most `max_batch_size` samples, `max_wait_ms` to gather company). The reward
@@ -42,7 +43,6 @@ Multi-node: one owner per node (local rank 0 starts it; ranks pick their node's 
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import os
 import pickle
@@ -59,6 +59,7 @@ import httpx
 
 from .base import Reward, RewardResult, SpeechSample
 from .client import RemoteReward
+from .spec import RewardSpec, describe
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class SharedReward:
 
     def __init__(
         self,
-        reward: Callable[[], Reward],
+        reward: Callable[[], Reward] | RewardSpec,
         mode: OwnerMode = "auto",
         max_batch_size: int = 256,
         max_wait_ms: float = 10.0,
@@ -90,7 +91,9 @@ class SharedReward:
     ) -> None:
         """
         Args:
-            reward: the real reward (`class_path` + `init_args` in YAML), built once per node, in the owner.
+            reward: the real reward (`class_path` + `init_args` in YAML), built once per node, in the owner, from
+                its description (plain values: weights, tensors and built objects are refused). In Python: a
+                RewardSpec, a class, or `functools.partial(Class, plain arguments)`.
             mode: `auto` (default): an owner process when more than one rank trains on the node, else the reward
                 in this process (the plain reward's behaviour); `process`: an owner even for one rank (its own
                 process: no GIL or CPU time taken from generation); `in_process`: every rank builds its own.
@@ -107,7 +110,7 @@ class SharedReward:
             timeout_s: read timeout of one scoring request (a request waits behind other ranks' batches).
             max_retries: retries of a failed request; a dead owner is detected at once, not retried.
             backoff_s: wait before the first retry, doubled at each retry.
-            log_dir: where the owner's log and the pickled reward factory go; default
+            log_dir: where the owner's log and its reward's description (a pickled RewardSpec) go; default
                 `<trainer.default_root_dir>/reward_owner`.
             give_up_after_s: the most one rank's scoring call waits on the owner, retries included, before it
                 raises (RemoteReward's; twice it must stay under the process group's timeout, checked at start).
@@ -116,9 +119,7 @@ class SharedReward:
             raise ValueError(f"--rollout.reward.mode={mode!r} must be auto, process or in_process")
         if max_batch_size < 1 or max_concurrent_calls < 1 or max_samples_per_request < 1:
             raise ValueError("--rollout.reward.max_batch_size, max_concurrent_calls and max_samples_per_request must be >= 1")
-        if not callable(reward):
-            raise TypeError(f"SharedReward(reward=...) needs a callable that builds the reward, got {type(reward).__name__}")
-        self.reward = reward
+        self.reward = describe(reward)
         self.mode = mode
         self.max_batch_size = max_batch_size
         self.max_wait_ms = max_wait_ms
@@ -194,14 +195,8 @@ class SharedReward:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"node{node}.log"
         factory_file = log_dir / f"node{node}_reward_factory.pkl"
-        factory, visible = one_device_view(self.reward, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        try:
-            payload = pickle.dumps(factory)
-        except Exception as e:
-            raise TypeError(
-                f"SharedReward cannot send its reward ({self.reward!r}) to the owner process: it does not pickle "
-                f"({type(e).__name__}: {e}); build it from YAML (class_path + init_args) or a module-level class"
-            ) from e
+        spec, visible = one_device_view(self.reward, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        payload = pickle.dumps(spec)  # a RewardSpec: plain data, built by the owner
         fd = os.open(factory_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the owner unpickles it: ours only
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -226,7 +221,7 @@ class SharedReward:
                    "--reference-dir", "/"]
             with open(log_path, "ab") as out:
                 out.write(f"\n==== reward owner of node {node}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                          f"{' '.join(cmd)}\n".encode())
+                          f"{' '.join(cmd)}\nits reward:\n{self.reward.to_yaml()}".encode())
                 out.flush()
                 self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
             threading.Thread(target=self._proc.wait, name="reward-owner-reaper", daemon=True).start()
@@ -314,19 +309,19 @@ class _OwnerClient(RemoteReward):
                 f"{self.owner['pid']}) logs to {path}; its last lines:\n{tail(Path(path))}")
 
 
-def one_device_view(factory: Callable[[], Reward], visible: str | None) -> tuple[Callable[[], Reward], str | None]:
-    """The reward factory as the owner process sees it when only the GPUs its reward names are visible, and that
-    CUDA_VISIBLE_DEVICES (None: leave the owner's GPUs as they are).
+def one_device_view(spec: RewardSpec, visible: str | None) -> tuple[RewardSpec, str | None]:
+    """The reward's description as the owner process sees it when only the GPUs its reward names are visible, and
+    that CUDA_VISIBLE_DEVICES (None: leave the owner's GPUs as they are).
 
-    `device` arguments of `cuda:N` (the factory's and those of rewards nested in it, e.g. a composite's) name GPUs of
+    `device` arguments of `cuda:N` (the reward's and those of rewards nested in it, e.g. a composite's) name GPUs of
     the trainer's view (`visible`, the trainer's CUDA_VISIBLE_DEVICES, or every GPU); in the owner they become
     `cuda:0`, `cuda:1`, ... in order of N. A reward that names no indexed GPU (`cpu`, or a bare `cuda`, the
     trainer's current GPU) is left as it is."""
     found: list[str] = []
-    _map_devices(factory, lambda d: found.append(d) or d)
+    _map_devices(spec.config, lambda d: found.append(d) or d)
     indices = sorted({i for i in map(_cuda_index, found) if i is not None})
     if not indices or any(d.startswith("cuda") and _cuda_index(d) is None for d in found):
-        return factory, None
+        return spec, None
     physical = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(max(indices) + 1)]
     if max(indices) >= len(physical):
         raise ValueError(f"the reward's device cuda:{max(indices)} is not one of the {len(physical)} GPUs this process "
@@ -337,7 +332,7 @@ def one_device_view(factory: Callable[[], Reward], visible: str | None) -> tuple
         index = _cuda_index(device)
         return device if index is None else f"cuda:{local[index]}"
 
-    return _map_devices(factory, remap), ",".join(physical[i] for i in indices)
+    return RewardSpec(_map_devices(spec.config, remap)), ",".join(physical[i] for i in indices)
 
 
 def _cuda_index(device: Any) -> int | None:
@@ -347,17 +342,51 @@ def _cuda_index(device: Any) -> int | None:
 
 
 def _map_devices(obj: Any, fn: Callable[[str], str]) -> Any:
-    """`obj` rebuilt with fn(value) for every `device` string in it: a partial's keywords (what jsonargparse builds
-    from class_path + init_args), dicts, lists, tuples and Namespaces; anything else as it is."""
-    if isinstance(obj, functools.partial):
-        return functools.partial(obj.func, *_map_devices(list(obj.args), fn), **_map_devices(obj.keywords, fn))
+    """A description's plain data rebuilt with fn(value) for every `device` string in it (dicts and lists)."""
     if isinstance(obj, dict):
         return {k: fn(v) if k == "device" and isinstance(v, str) else _map_devices(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map_devices(v, fn) for v in obj)
-    if type(obj).__name__ == "Namespace" and hasattr(obj, "__dict__"):  # jsonargparse's nested class_path/init_args
-        return type(obj)(**_map_devices(dict(vars(obj)), fn))
     return obj
+
+
+def check_reward_devices(reward: Any, trainer: Any) -> None:
+    """Raise when a reward is placed on a GPU that a training rank of this node uses (with vLLM beside the policy it
+    has no room for Whisper): the reward's device as its config names it, and the rank's. CPU is shared freely."""
+    strategy = getattr(trainer, "strategy", None)
+    devices = list(getattr(strategy, "parallel_devices", None) or [getattr(strategy, "root_device", None)])
+    training = {str(d): rank for rank, d in enumerate(devices) if d is not None and str(d).startswith("cuda")}
+    for where, device in _reward_devices(reward, "rollout.reward"):
+        name = "cuda:0" if device == "cuda" else device
+        if name in training:
+            raise ValueError(
+                f"{where}={device} is the GPU of training rank {training[name]} (trainer.devices={len(devices)} trains "
+                f"on {', '.join(training)}): put the reward on a GPU no rank trains on, e.g. cuda:{len(devices)}, or "
+                "train on fewer devices"
+            )
+
+
+def _reward_devices(reward: Any, where: str) -> list[tuple[str, str]]:
+    """(config key, device) of every placed part of a reward: a description's `device` keys, a module's parameters."""
+    if isinstance(reward, SharedReward):
+        reward = reward.reward
+    if isinstance(reward, RewardSpec):
+        found: list[tuple[str, str]] = []
+
+        def walk(node: Any, key: str) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k == "device" and isinstance(v, str):
+                        found.append((key + ".device", v))
+                    walk(v, key if k == "init_args" else f"{key}.{k}")
+
+        walk(reward.config.get("init_args") or {}, f"{where}.reward")
+        return found
+    if isinstance(getattr(reward, "rewards", None), dict):  # a composite's components
+        return [d for name, r in reward.rewards.items() for d in _reward_devices(r, f"{where}.rewards.{name}")]
+    if hasattr(reward, "parameters"):
+        return [(f"{where}.device", d) for d in sorted({str(p.device) for p in reward.parameters()})]
+    return []
 
 
 def _exit_status(code: int) -> str:
