@@ -112,10 +112,14 @@ class StepCheckpoint(ModelCheckpoint):
         Args:
             every_n_train_steps: save every n steps, i.e. rollouts (the original: 128).
             save_last: keep `last.ckpt` pointing at the newest state (what `--ckpt_path last` resumes).
-            save_top_k: how many step checkpoints to keep; -1 keeps all, 1 only the newest.
-            kwargs: any other ModelCheckpoint argument (dirpath, filename, ...); dirpath defaults to
+            save_top_k: how many step checkpoints to keep; -1 keeps all, 1 only the newest, k the k newest.
+            kwargs: any other ModelCheckpoint argument (dirpath, filename, monitor, ...); dirpath defaults to
                 `<default_root_dir>/checkpoints`, the same for every resumed run.
         """
+        if save_top_k not in (-1, 0, 1) and kwargs.get("monitor") is None:
+            # ModelCheckpoint keeps k > 1 files only by ranking a monitored value (without one it refuses to start);
+            # for step checkpoints that value is the step: the k newest
+            kwargs.update(monitor="step", mode="max")
         super().__init__(every_n_train_steps=every_n_train_steps, save_last=save_last, save_top_k=save_top_k, **kwargs)
 
     def _default_dirpath(self, trainer) -> None:

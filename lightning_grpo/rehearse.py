@@ -122,6 +122,15 @@ class RehearsalEngine:
         return {"device": torch.device("cpu"), "model_runner": "rehearsal"}
 
 
+def ranks(trainer: dict) -> int:
+    """Training processes of a config's `trainer:` (devices as a count, an id list or "0,1", times num_nodes)."""
+    devices = trainer.get("devices") or 1
+    if isinstance(devices, str):
+        devices = devices.strip().split(",") if "," in devices else (1 if devices == "auto" else int(devices))
+    count = len(devices) if isinstance(devices, list) else int(devices)
+    return count * int(trainer.get("num_nodes") or 1)
+
+
 class Substitutions:
     """The plain config, changed key by key; each change is recorded as `key: old -> new (why)`."""
 
@@ -138,7 +147,7 @@ class Substitutions:
     def apply(self) -> None:
         cfg = self.config
         trainer = cfg["trainer"]
-        processes = min(int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1), self.max_processes)
+        processes = min(ranks(trainer), self.max_processes)
         self.model(cfg["model"])
         self.data(cfg["data"], processes)
         self.rollout(cfg["rollout"])
@@ -162,12 +171,25 @@ class Substitutions:
         self.set(rollout, "val_group_size", min(int(rollout["val_group_size"]), MAX_GROUP_SIZE), "rollout", "CPU time")
         self.set(rollout, "max_prompt_length", min(int(rollout["max_prompt_length"]), MAX_PROMPT_LENGTH), "rollout",
                  "the tiny model's positions")
-        sampler = rollout["sampler"]["init_args"]
-        self.set(sampler, "max_new_tokens", min(int(sampler["max_new_tokens"]), MAX_NEW_TOKENS), "rollout.sampler", "CPU time")
-        if rollout["sampler"]["class_path"].endswith("VLLMSampler"):
-            self.set(sampler, "engine_factory", ENGINE, "rollout.sampler",
-                     "no vLLM on this CPU: a CPU engine; the sampler's sync, sleep and verification calls run")
+        self.sampler(rollout["sampler"], "rollout.sampler")
         self.reward(rollout["reward"], "rollout.reward")
+
+    def sampler(self, node: dict, where: str) -> None:
+        """A sampler, or a wrapper that runs one elsewhere (GeneratorProcess: its GPUs -> cpu, then its sampler)."""
+        args = node.setdefault("init_args", {})
+        if isinstance(args.get("sampler"), dict):
+            for key in ("device", "devices"):
+                value = args.get(key)
+                if isinstance(value, str) and value.startswith("cuda"):
+                    self.set(args, key, "cpu", where, "no GPU here")
+                elif isinstance(value, list) and any(str(d).startswith("cuda") for d in value):
+                    self.set(args, key, ["cpu"] * len(value), where, "no GPU here")
+            self.sampler(args["sampler"], f"{where}.sampler")
+            return
+        self.set(args, "max_new_tokens", min(int(args["max_new_tokens"]), MAX_NEW_TOKENS), where, "CPU time")
+        if node["class_path"].endswith("VLLMSampler"):
+            self.set(args, "engine_factory", ENGINE, where,
+                     "no vLLM on this CPU: a CPU engine; the sampler's sync, sleep and verification calls run")
 
     def reward(self, node: Any, where: str) -> None:
         """Walk a reward's class_path tree: models -> tiny ones, GPUs -> cpu, a RemoteReward -> the local server."""
@@ -277,8 +299,11 @@ def memory_plan(config: dict) -> list[str]:
     name = f"LLaSA-{size.group(1)}B"
     if name not in LLASA:
         return [f"no memory model for {name}"]
-    sampler = config["rollout"]["sampler"]
-    fraction = float(sampler["init_args"].get("gpu_memory_utilization") or 0.0) if "VLLM" in sampler["class_path"] else 0.0
+    sampler, elsewhere = config["rollout"]["sampler"], False
+    while isinstance(sampler["init_args"].get("sampler"), dict):  # a generator process: the engine on its own GPU
+        sampler, elsewhere = sampler["init_args"]["sampler"], True
+    colocated = "VLLM" in sampler["class_path"] and not elsewhere
+    fraction = float(sampler["init_args"].get("gpu_memory_utilization") or 0.0) if colocated else 0.0
     if model.get("lora"):
         if name != "LLaSA-8B":
             return [f"no LoRA memory model for {name} (benchmarks/bench_lora_memory.py counts LLaSA-8B)"]
@@ -288,7 +313,7 @@ def memory_plan(config: dict) -> list[str]:
         what = f"{name} LoRA on 1 GPU, vLLM at {fraction:g} of the card (benchmarks/bench_lora_memory.py"
     else:
         strategy = trainer.get("strategy") or {}
-        world = int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1)
+        world = ranks(trainer)
         sharded = isinstance(strategy, dict) and str(strategy.get("class_path", "")).endswith("ModelParallelStrategy")
         offload = model.get("fsdp_offload") == "cpu"
         s = dataclasses.replace(LLASA[name], rows=int(model["micro_batch_size"]),
@@ -300,7 +325,7 @@ def memory_plan(config: dict) -> list[str]:
         what = (f"{name}, {'FSDP2 over ' + str(world) + ' GPUs' if sharded else 'DDP'}{' with CPU offload' if offload else ''}, "
                 f"micro-batch {s.rows} x ({s.prompt} + {s.completion}), vLLM at {fraction:g} of the card "
                 "(benchmarks/bench_step_memory.py")
-    lines = [f"{what}, per training GPU):"]
+    lines = [f"{what}, per training GPU{'; the engine on GPUs of its own: see the config header' if elsewhere else ''}):"]
     for gpu, totals in plans.items():
         peaks = ", ".join(f"{phase} {totals[phase] / GB:.1f} GB" for phase in ("rollout", "update"))
         verdict = "fits" if max(totals["rollout"], totals["update"]) < gpu * GB else "DOES NOT FIT"

@@ -46,7 +46,8 @@ class Record(L.Callback):
         self.samples.append(batch["rollout"].completion_ids)
 
 
-def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=None, val_every=None, ckpt_dir=None):
+def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=None, val_every=None, ckpt_dir=None,
+        save_top_k=-1):
     L.seed_everything(0)
     record = Record()
     trainer = L.Trainer(
@@ -55,7 +56,8 @@ def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=
         val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1, num_sanity_val_steps=0,
         callbacks=[KillAt(kill_at), GRPORollout(HFSampler(max_new_tokens=8), RuleReward(codes_per_char=0.3, band=(0, 16)),
                                                 group_size=2, truncation="keep"), record,
-                   StepCheckpoint(dirpath=str(ckpt_dir or root / "ckpt"), every_n_train_steps=every)],
+                   StepCheckpoint(dirpath=str(ckpt_dir or root / "ckpt"), every_n_train_steps=every,
+                                  save_top_k=save_top_k)],
     )
     policy = GRPOPolicy(learning_rate=1e-2, micro_batch_size=8)
     dm = PromptDataModule(prompts_per_step=2, val_data="builtin:en" if val_every else None, val_prompts_per_step=2,
@@ -65,6 +67,13 @@ def run(root, max_steps, every, kill_at=None, ckpt_path=None, max_train_samples=
     except Killed:
         pass
     return trainer, policy, record
+
+
+def test_save_top_k_keeps_the_newest_step_checkpoints(tmp_path):
+    """save_top_k: 3 with no monitor keeps the 3 newest step checkpoints (ModelCheckpoint alone refuses to start)."""
+    run(tmp_path, max_steps=5, every=1, save_top_k=3)
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt") if p.name != "last.ckpt")
+    assert [int(n.split("step=")[1].split(".")[0].split("-")[0]) for n in kept] == [3, 4, 5], kept
 
 
 def logged_steps(root):

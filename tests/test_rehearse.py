@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from lightning_grpo.rehearse import (ENGINE, TINY_MODEL, TINY_WHISPER, RehearsalEngine, Substitutions, memory_plan,
-                                     parsed_config, warnings_in)
+                                     parsed_config, ranks, warnings_in)
 from lightning_grpo.vllm_engine import EngineConfig, SampleRequest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +53,7 @@ def test_every_config_rehearses_on_this_cpu(path, tmp_path):
 
 
 def _ranks(path: Path) -> int:
-    trainer = yaml.safe_load(path.read_text())["trainer"]
-    return int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1))
+    return ranks(yaml.safe_load(path.read_text())["trainer"])
 
 
 def test_a_config_that_would_stop_on_the_gpu_node_stops_the_rehearsal(tmp_path):
