@@ -32,6 +32,7 @@ EXTRA_COMMANDS = {
     "prepare": ("lightning_grpo.prepare", "main"),
     "evaluate": ("lightning_grpo.evaluate", "main"),
     "export": ("lightning_grpo.export", "main"),
+    "dpo": ("lightning_grpo.dpo_cli", "main"),
 }
 
 ROLLOUT_ARGS = frozenset(inspect.signature(GRPORollout.__init__).parameters) - {"self"}
