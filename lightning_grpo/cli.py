@@ -33,6 +33,8 @@ EXTRA_COMMANDS = {
     "evaluate": ("lightning_grpo.evaluate", "main"),
     "export": ("lightning_grpo.export", "main"),
     "dpo": ("lightning_grpo.dpo_cli", "main"),
+    "pairs": ("lightning_grpo.pairs", "main"),
+    "label": ("lightning_grpo.label_app", "main"),
 }
 
 ROLLOUT_ARGS = frozenset(inspect.signature(GRPORollout.__init__).parameters) - {"self"}
