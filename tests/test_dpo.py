@@ -208,3 +208,45 @@ def test_dpo_needs_beta_and_pairs(tmp_path):
     with pytest.raises(RuntimeError, match="lightning_grpo dpo fit"):
         main(["fit", "--config", str(ROOT / "configs/tiny_cpu.yaml"), "--model.objective=dpo", "--model.beta=0.1",
               *common])
+
+
+def dpo_cli_process(tmp_path: Path, pairs: Path, devices: int) -> dict:
+    """`python -m lightning_grpo dpo fit` as a user runs it, on `devices` CPU processes (DDP over gloo); one epoch of
+    one step of 8 pairs; returns the policy weights of the checkpoint it writes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / f"ddp{devices}"
+    strategy = ["--trainer.strategy=ddp"] if devices > 1 else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_grpo", "dpo", "fit", "--config", str(ROOT / "configs/tiny_dpo.yaml"),
+         f"--data.train_pairs={pairs}", "--data.val_fraction=0", "--trainer.max_epochs=1", "--model.micro_batch_size=3",
+         f"--trainer.devices={devices}", *strategy, f"--trainer.default_root_dir={out}",
+         f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(next(out.rglob("*.ckpt")), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1
+    return ckpt["state_dict"]
+
+
+@pytest.mark.slow  # three CLI processes: about a minute on 2 idle cores
+def test_dpo_on_two_ddp_processes_makes_the_single_process_update(tmp_path):
+    """2 ranks x 4 pairs (micro-batches of 3 and 1) give the update of 1 process x the same 8 pairs: each rank's mean
+    over its pairs, averaged by DDP's all-reduce, is the mean over all 8."""
+    pairs = write_pairs(tmp_path / "pairs.parquet", n=8)
+    one, two = dpo_cli_process(tmp_path, pairs, 1), dpo_cli_process(tmp_path, pairs, 2)
+    start = build_tiny()
+    moved = [k for k in one if not torch.equal(one[k], start[f"policy.{k.removeprefix('policy.')}"])]
+    assert moved  # the step changed the weights
+    for k in one:
+        # Adam's first step moves every weight by about lr (1e-3) whatever its gradient's size: 1e-5 is 1% of it
+        torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-5)
+
+
+def build_tiny() -> dict:
+    from lightning_grpo.tiny import build_tiny_llasa
+
+    return {f"policy.{k}": v for k, v in build_tiny_llasa()[0].state_dict().items()}
