@@ -153,10 +153,12 @@ class GRPOCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
-    return GRPOCLI(
+def build_cli(args: list[str] | None = None, run: bool = True, cli_class: type[LightningCLI] = GRPOCLI,
+              datamodule_class: type = PromptDataModule) -> LightningCLI:
+    """The run's CLI; `dpo` passes its own class and PreferenceDataModule (dpo_cli.py)."""
+    return cli_class(
         GRPOPolicy,
-        PromptDataModule,
+        datamodule_class,
         args=args,
         run=run,
         parser_kwargs={"parser_mode": "omegaconf"},

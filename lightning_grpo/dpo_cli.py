@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from .cli import LogRunConfig
-from .policy import GRPOPolicy
+from .cli import build_cli
 from .preference_data import PreferenceDataModule
 
 
@@ -26,17 +25,7 @@ class DPOCLI(LightningCLI):
 
 
 def build_dpo_cli(args: list[str] | None = None, run: bool = True) -> DPOCLI:
-    return DPOCLI(
-        GRPOPolicy,
-        PreferenceDataModule,
-        args=args,
-        run=run,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_callback=LogRunConfig,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        auto_configure_optimizers=False,  # GRPOPolicy builds its own AdamW and schedule
-    )
+    return build_cli(args, run, DPOCLI, PreferenceDataModule)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -232,6 +232,16 @@ def default_out_dir(ckpt_path: str | None) -> str:
     return f"runs/eval/{run}-{path.stem}" if run else f"runs/eval/{path.stem}"
 
 
+def checkpoint_or_model(ckpt: str | None, flag: str = "--ckpt_path") -> tuple[str | None, list[str]]:
+    """(the Lightning checkpoint to load, config overrides) for a `ckpt` that is a .ckpt file, an FSDP2 shard
+    directory, or an exported HF directory (which becomes --model.model_name_or_path); None: the config's model."""
+    if ckpt and Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # an exported HF dir is a model
+        return None, [f"--model.model_name_or_path={ckpt}"]
+    if ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
+        raise FileNotFoundError(f"{flag}={ckpt} is neither a .ckpt file nor an exported HF directory")
+    return ckpt, []
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """`evaluate [--ckpt_path P] [--out_dir D] --config fit.yaml [fit overrides...]` or `evaluate --compare A B`."""
     import argparse
@@ -253,13 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     from .cli import build_cli
 
-    overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.beta=0"]
-    ckpt = args.ckpt_path
-    if ckpt and Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # an exported HF dir is a model
-        overrides.append(f"--model.model_name_or_path={ckpt}")
-        ckpt = None
-    elif ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
-        raise FileNotFoundError(f"--ckpt_path={ckpt} is neither a .ckpt file nor an exported HF directory")
+    ckpt, model = checkpoint_or_model(args.ckpt_path)
+    overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.beta=0", *model]
     # overrides after the user's --config and arguments, except model weights the user chose explicitly
     cli = build_cli([*rest, *overrides], run=False)
     if not cli.datamodule.val_data:

@@ -33,8 +33,8 @@ import lightning as L
 import soundfile
 
 from .batch import rollout_records
-from .checkpointing import is_sharded_checkpoint
 from .distributed import concat_from_ranks
+from .evaluate import checkpoint_or_model
 from .llasa import parse_completion
 from .prosody import prosody_stats
 from .rollout import GRPORollout
@@ -140,14 +140,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                               "or pass --overwrite")
     from .cli import build_cli
 
+    ckpt, model = checkpoint_or_model(args.ckpt, "--ckpt")
     overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.beta=0",
-                 f"--data.val_data={args.data}", f"--rollout.val_group_size={args.k}"]
-    ckpt = args.ckpt
-    if ckpt and Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # an exported HF dir is a model
-        overrides.append(f"--model.model_name_or_path={ckpt}")
-        ckpt = None
-    elif ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
-        raise FileNotFoundError(f"--ckpt={ckpt} is neither a .ckpt file nor an exported HF directory")
+                 f"--data.val_data={args.data}", f"--rollout.val_group_size={args.k}", *model]
     cli = build_cli([*rest, *overrides], run=False)
     rollout_cb = next(c for c in cli.trainer.callbacks if isinstance(c, GRPORollout))
     codec = getattr(rollout_cb.reward, "codec", None)

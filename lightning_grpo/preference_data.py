@@ -9,8 +9,8 @@ The file is what `python -m lightning_grpo label export` writes (label_store.py)
     chosen_cer, rejected_cer           the intelligibility gate's CER of each (optional; the CER term needs them)
     prompt_text, prompt_codes          a voice-cloning reference, as prompt rows carry it (optional)
 
-`pair_rollout` lays a batch out as the trainer's `Rollout` (batch.py): the B chosen rows, then the B rejected
-rows, each the LLaSA prompt followed by the sample's speech tokens, so the policy scores them with the same
+`pair_rollout` lays a batch out as the trainer's `Rollout` (batch.py): each pair's chosen row then its rejected row,
+each the LLaSA prompt followed by the sample's speech tokens, so the policy scores them with the same
 chunked log-prob pass (and FSDP2 path) as a GRPO rollout, over the same rows (speech tokens and the stop token).
 """
 
@@ -80,16 +80,17 @@ def collate_pairs(rows: list[dict[str, Any]], max_prompt_length: int | None = No
 
 def pair_rollout(batch: dict[str, list], tokenizer, vocab: LlasaVocab, max_prompt_length: int | None,
                  device: torch.device | str = "cpu") -> Rollout:
-    """A batch of B pairs as one Rollout of 2B rows: rows 0..B-1 the chosen samples, rows B..2B-1 the rejected ones
-    (group_size 1, temperature 1, rewards 0: only the layout and the scored rows are used). Codes outside the
-    speech vocabulary are an error naming the code (LlasaVocab.code_to_id)."""
+    """A batch of B pairs as one Rollout of 2B rows: row 2i the chosen sample of pair i, row 2i + 1 its rejected one,
+    so pairs i..j are the contiguous rows 2i..2j (one forward per micro-batch of pairs); group_size 1, temperature 1,
+    rewards 0: only the layout and the scored rows are used. Codes outside the speech vocabulary are an error naming
+    the code (LlasaVocab.code_to_id)."""
     b = len(batch["text"])
     refs = [batch.get(k) or [None] * b for k in ("prompt_text", "prompt_codes")]
     prompts = [encode_prompt(tokenizer, t, max_prompt_length, prompt_text=pt, prompt_codes=pc)
                for t, pt, pc in zip(batch["text"], *refs)]
-    completions = [codes_to_ids(c, vocab, add_stop=s) for side in ("chosen", "rejected")
-                   for c, s in zip(batch[side], batch[f"{side}_stopped"])]
-    prompts = prompts + prompts
+    completions = [codes_to_ids(batch[side][i], vocab, add_stop=batch[f"{side}_stopped"][i])
+                   for i in range(b) for side in ("chosen", "rejected")]
+    prompts = [p for p in prompts for _ in range(2)]
     n = 2 * b
     width = max(len(p) for p in prompts)
     clen = max(len(c) for c in completions)
@@ -108,7 +109,7 @@ def pair_rollout(batch: dict[str, list], tokenizer, vocab: LlasaVocab, max_promp
     return Rollout(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
         completion_mask=completion_mask.to(device), prompt_width=width, truncated=torch.zeros(n, dtype=torch.bool),
-        group_size=1, temperature=1.0, max_new_tokens=clen, texts=list(batch["text"]) * 2, rewards=zeros,
+        group_size=1, temperature=1.0, max_new_tokens=clen, texts=[t for t in batch["text"] for _ in range(2)], rewards=zeros,
         reward_result=RewardResult(rewards=zeros), vocab_range=(lo, hi), disallowed=disallowed,
         completion_ids=completions,
     )

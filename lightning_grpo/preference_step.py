@@ -5,7 +5,7 @@ own pieces (the chunked log-prob pass, the frozen reference, gradient sync and t
 GRPO does: one device, DDP, FSDP2 (ModelParallelStrategy) and LoRA (the reference is then the base with the
 adapters off). The math is in dpo.py. A batch is `PreferenceDataModule`'s: B pairs on this rank, scored as
 2B rows (preference_data.pair_rollout); the reference's log-probs are computed once per batch without grad, the
-policy's per micro-batch of `--model.micro_batch_size` pairs (chosen and rejected rows together).
+policy's in one forward per micro-batch of `--model.micro_batch_size` pairs (their chosen and rejected rows).
 
 Logged (train/ every step, val/ per validation over the held-out pairs; means over pairs of all ranks):
     dpo_loss, dpo_accuracy (chosen reward > rejected reward), dpo_margin (reward margin),
@@ -42,16 +42,14 @@ class PreferenceObjective:
             self._llasa_vocab = LlasaVocab.from_tokenizer(self.tokenizer)
         return pair_rollout(batch, self.tokenizer, self._llasa_vocab, batch.get("max_prompt_length"), self.device)
 
-    def _pair_terms(self, r: Rollout, pairs: slice, b: int, ref: torch.Tensor, cer_gap: torch.Tensor | None):
-        """(DPOTerms, chosen token log-probs) of pairs `pairs` of a batch of b: rows `pairs` and b + `pairs`."""
-        rejected_rows = slice(b + pairs.start, b + pairs.stop)
-        logp_c = self.completion_logprobs(self.policy, r, pairs)  # (m, C)
-        logp_r = self.completion_logprobs(self.policy, r, rejected_rows)  # (m, C)
-        seq_c = dpo.sequence_logprobs(logp_c, r.completion_mask[pairs])  # (m,)
-        seq_r = dpo.sequence_logprobs(logp_r, r.completion_mask[rejected_rows])
-        terms = dpo.dpo_loss(seq_c, seq_r, ref[pairs], ref[rejected_rows], self.hparams.beta,
+    def _pair_terms(self, r: Rollout, pairs: slice, ref: torch.Tensor, cer_gap: torch.Tensor | None):
+        """(DPOTerms, the chosen rows' token log-probs (m, C) and mask) of pairs `pairs`: rows 2i..2j, one forward."""
+        rows = slice(2 * pairs.start, 2 * pairs.stop)
+        logp, mask = self.completion_logprobs(self.policy, r, rows), r.completion_mask[rows]  # (2m, C) each
+        seq = dpo.sequence_logprobs(logp, mask)  # (2m,): chosen, rejected, chosen, ...
+        terms = dpo.dpo_loss(seq[0::2], seq[1::2], ref[rows][0::2], ref[rows][1::2], self.hparams.beta,
                              None if cer_gap is None else cer_gap[pairs], self.hparams.dpo_cer_weight)
-        return terms, logp_c
+        return terms, logp[0::2], mask[0::2]
 
     def _reference_and_gap(self, batch: dict, r: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad(), self.reference_model() as reference:
@@ -70,7 +68,7 @@ class PreferenceObjective:
         r = self._pairs(batch)
         b = len(batch["text"])
         ref, cer_gap = self._reference_and_gap(batch, r)
-        chosen_tokens = float(r.completion_mask[:b].sum())
+        chosen_tokens = float(r.completion_mask[0::2].sum())
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"]
         self._grad_norm = None
@@ -78,10 +76,10 @@ class PreferenceObjective:
         parts, loss_total, nll_total = [], 0.0, 0.0
         for k, s in enumerate(mbs):
             with self._gradient_sync(k == len(mbs) - 1):
-                terms, logp_c = self._pair_terms(r, s, b, ref, cer_gap)
+                terms, logp_c, mask_c = self._pair_terms(r, s, ref, cer_gap)
                 loss = terms.losses.sum() / b
                 if hp.dpo_nll_weight:
-                    nll = dpo.summed_nll(logp_c, r.completion_mask[s], chosen_tokens)
+                    nll = dpo.summed_nll(logp_c, mask_c, chosen_tokens)
                     loss = loss + hp.dpo_nll_weight * nll
                     nll_total += nll.item()
                 self.manual_backward(loss)
@@ -102,7 +100,7 @@ class PreferenceObjective:
         r = self._pairs(batch)
         b = len(batch["text"])
         ref, cer_gap = self._reference_and_gap(batch, r)
-        parts = [self._pair_terms(r, s, b, ref, cer_gap)[0] for s in self._micro_batches(b)]
+        parts = [self._pair_terms(r, s, ref, cer_gap)[0] for s in self._micro_batches(b)]
         self.log_dict(self._pair_stats(parts, "val"), on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
 
     def _pair_stats(self, parts: list[dpo.DPOTerms], prefix: str) -> dict[str, float]:

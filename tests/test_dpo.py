@@ -123,18 +123,24 @@ def test_pair_rollout_lays_out_chosen_then_rejected_with_stop_only_where_emitted
     tok = build_tiny_tokenizer(64)
     vocab = LlasaVocab.from_tokenizer(tok)
     rows = [{"text": "hi", "chosen": [1, 2, 3], "rejected": [4], "chosen_stopped": True, "rejected_stopped": False,
-             "chosen_cer": 0.0, "rejected_cer": 0.1}]
-    r = pair_rollout(collate_pairs(rows), tok, vocab, 64)
-    w = r.prompt_width
-    assert r.input_ids.shape[0] == 2
-    assert r.input_ids[0, w:].tolist() == [vocab.speech_start_id + c for c in (1, 2, 3)] + [vocab.speech_gen_end_id]
-    assert r.input_ids[1, w: w + 1].tolist() == [vocab.speech_start_id + 4]
-    assert r.completion_mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+             "chosen_cer": 0.0, "rejected_cer": 0.1},
+            {"text": "a longer text", "chosen": [5], "rejected": [6, 7], "chosen_stopped": True,
+             "rejected_stopped": True, "chosen_cer": 0.0, "rejected_cer": 0.1}]
+    r = pair_rollout(collate_pairs(rows), tok, vocab, 128)
+    w, s0 = r.prompt_width, vocab.speech_start_id
+    assert r.input_ids.shape[0] == 4 and r.texts == ["hi", "hi", "a longer text", "a longer text"]
+    # row 2i chosen, row 2i + 1 rejected; the stop token only where the sample emitted it
+    assert r.input_ids[0, w:].tolist() == [s0 + 1, s0 + 2, s0 + 3, vocab.speech_gen_end_id]
+    assert r.input_ids[1, w: w + 1].tolist() == [s0 + 4]
+    assert r.input_ids[2, w: w + 2].tolist() == [s0 + 5, vocab.speech_gen_end_id]
+    assert r.input_ids[3, w: w + 3].tolist() == [s0 + 6, s0 + 7, vocab.speech_gen_end_id]
+    assert r.completion_mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    assert torch.equal(r.input_ids[0, :w], r.input_ids[1, :w]) and r.attention_mask[0, 0] == 0  # left-padded
     lo, hi = r.vocab_range
     assert lo == vocab.speech_gen_end_id and hi == vocab.speech_end_id
     assert vocab.speech_gen_end_id not in r.disallowed and vocab.speech_start_id not in r.disallowed
     with pytest.raises(ValueError, match="more than --max_prompt_length=3"):
-        pair_rollout(collate_pairs(rows), tok, vocab, 3)
+        pair_rollout(collate_pairs(rows[:1]), tok, vocab, 3)
 
 
 def metrics(root: Path) -> list[dict]:
@@ -205,39 +211,52 @@ def test_dpo_needs_beta_and_pairs(tmp_path):
     with pytest.raises(ValueError, match="needs --model.beta > 0"):
         main(["dpo", "fit", "--config", str(ROOT / "configs/tiny_dpo.yaml"), f"--data.train_pairs={pairs}",
               "--model.beta=0", *common])
+    with pytest.raises(ValueError, match="--model.objective must be dpo"):
+        main(["dpo", "fit", "--config", str(ROOT / "configs/tiny_dpo.yaml"), f"--data.train_pairs={pairs}",
+              "--model.objective=token", *common])
     with pytest.raises(RuntimeError, match="lightning_grpo dpo fit"):
         main(["fit", "--config", str(ROOT / "configs/tiny_cpu.yaml"), "--model.objective=dpo", "--model.beta=0.1",
               *common])
 
 
-def dpo_cli_process(tmp_path: Path, pairs: Path, devices: int) -> dict:
-    """`python -m lightning_grpo dpo fit` as a user runs it, on `devices` CPU processes (DDP over gloo); one epoch of
-    one step of 8 pairs; returns the policy weights of the checkpoint it writes."""
+STRATEGIES = {
+    "ddp": ["--trainer.strategy=ddp"],
+    "fsdp2": ["--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+              "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1"],
+}
+
+
+def dpo_cli_process(tmp_path: Path, pairs: Path, strategy: str | None) -> dict:
+    """`python -m lightning_grpo dpo fit` as a user runs it, on one CPU process or two (DDP or FSDP2 over gloo); one
+    epoch of one step of 8 pairs; returns the policy weights of the checkpoint it writes (shards read by export's
+    loader)."""
     import os
     import subprocess
     import sys
 
-    out = tmp_path / f"ddp{devices}"
-    strategy = ["--trainer.strategy=ddp"] if devices > 1 else []
+    from lightning_grpo.export import load_policy
+
+    out = tmp_path / (strategy or "single")
+    devices = 2 if strategy else 1
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_grpo", "dpo", "fit", "--config", str(ROOT / "configs/tiny_dpo.yaml"),
          f"--data.train_pairs={pairs}", "--data.val_fraction=0", "--trainer.max_epochs=1", "--model.micro_batch_size=3",
-         f"--trainer.devices={devices}", *strategy, f"--trainer.default_root_dir={out}",
+         f"--trainer.devices={devices}", *STRATEGIES.get(strategy, []), f"--trainer.default_root_dir={out}",
          f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false"],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(next(out.rglob("*.ckpt")), map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 1
-    return ckpt["state_dict"]
+    ckpt = next(out.rglob("*.ckpt"))
+    return {f"policy.{k}": v for k, v in load_policy(str(ckpt)).policy.state_dict().items()}
 
 
-@pytest.mark.slow  # three CLI processes: about a minute on 2 idle cores
-def test_dpo_on_two_ddp_processes_makes_the_single_process_update(tmp_path):
+@pytest.mark.slow  # three CLI processes each: about a minute on 2 idle cores
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_dpo_on_two_processes_makes_the_single_process_update(tmp_path, strategy):
     """2 ranks x 4 pairs (micro-batches of 3 and 1) give the update of 1 process x the same 8 pairs: each rank's mean
-    over its pairs, averaged by DDP's all-reduce, is the mean over all 8."""
+    over its pairs, averaged by DDP's all-reduce (or FSDP2's reduce-scatter), is the mean over all 8."""
     pairs = write_pairs(tmp_path / "pairs.parquet", n=8)
-    one, two = dpo_cli_process(tmp_path, pairs, 1), dpo_cli_process(tmp_path, pairs, 2)
+    one, two = dpo_cli_process(tmp_path, pairs, None), dpo_cli_process(tmp_path, pairs, strategy)
     start = build_tiny()
     moved = [k for k in one if not torch.equal(one[k], start[f"policy.{k.removeprefix('policy.')}"])]
     assert moved  # the step changed the weights
