@@ -7,7 +7,7 @@ page's HTTP API it fetches the two samples of each pair as wavs, measures their 
 round runs the commands a researcher runs:
 
     pairs --config configs/tiny_preference.yaml --ckpt <round start> --data builtin:en --data.val_split train
-    label --pairs ... --db ... --rater script        (a real server; the rater judges over HTTP)
+    label --pairs ... --db ... --rater script        (the page's app; --serve: a real server process)
     label export ... --out prefs.parquet
     dpo fit --config configs/tiny_dpo.yaml --model.model_name_or_path <round start> --data.train_pairs prefs.parquet
     export --ckpt_path <its checkpoint> --out <next round's start>
@@ -93,8 +93,8 @@ def run_round(start: str | None, out: Path, seed: int, args: argparse.Namespace)
     """One round from model `start` (None: the config's); returns (the exported model dir, the round's numbers)."""
     pairs = out / "pairs"
     main(["pairs", "--config", PAIRS_CONFIG, *(["--ckpt", start] if start else []), "--data", "builtin:en",
-          "--data.val_split=train", f"--data.max_val_samples={args.train_prompts}", "--out", str(pairs), "--k", "4",
-          "--pairs_per_prompt", "2", "--max_cer", str(args.max_cer), "--keep_truncated", f"--seed_everything={seed}",
+          "--data.val_split=train", f"--data.max_val_samples={args.train_prompts}", "--out", str(pairs), "--k", str(args.k),
+          "--pairs_per_prompt", str(args.k // 2), "--max_cer", str(args.max_cer), "--keep_truncated", f"--seed_everything={seed}",
           "--overwrite"])
     label_round(pairs, out / "labels.sqlite", args.margin, args.serve)
     prefs = out / "prefs.parquet"
@@ -103,7 +103,8 @@ def run_round(start: str | None, out: Path, seed: int, args: argparse.Namespace)
     main(["dpo", "fit", "--config", DPO_CONFIG, *([f"--model.model_name_or_path={start}"] if start else []),
           f"--data.train_pairs={prefs}", f"--trainer.max_epochs={args.epochs}", f"--seed_everything={seed}",
           f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
-          f"--model.dpo_cer_weight={args.cer_weight}", "--trainer.enable_progress_bar=false"])
+          f"--model.dpo_cer_weight={args.cer_weight}", f"--model.learning_rate={args.lr}", f"--model.beta={args.beta}",
+          "--trainer.enable_progress_bar=false"])
     ckpt = sorted(run.rglob("*.ckpt"))[-1]
     model = out / "model"
     main(["export", "--ckpt_path", str(ckpt), "--out", str(model)])
@@ -131,9 +132,18 @@ def held_out_samples(model: str | None, out: Path, seed: int, k: int) -> list[di
 
 
 def win_rate(samples: list[dict], base: list[dict], margin: float) -> float:
-    """The scripted rater's preference for `samples` over `base`, sample for sample on the same prompts."""
-    score = [{"first": 1.0, "tie": 0.5, "second": 0.0}[prefer(s["movement"], b["movement"], margin)]
-             for s, b in zip(samples, base) if s["text"] == b["text"]]
+    """The scripted rater's preference for `samples` over `base`: the i-th sample of a prompt against the base
+    model's i-th sample of the same prompt (a tie counts half)."""
+    by_text: dict[str, list[dict]] = {}
+    for b in base:
+        by_text.setdefault(b["text"], []).append(b)
+    seen: dict[str, int] = {}
+    score = []
+    for s in samples:
+        i = seen[s["text"]] = seen.get(s["text"], -1) + 1
+        if i < len(by_text.get(s["text"], [])):
+            other = by_text[s["text"]][i]
+            score.append({"first": 1.0, "tie": 0.5, "second": 0.0}[prefer(s["movement"], other["movement"], margin)])
     return sum(score) / len(score)
 
 
@@ -157,7 +167,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--train_prompts", type=int, default=48, help="training prompts per round (builtin:en train: 48)")
+    p.add_argument("--k", type=int, default=8, help="samples per training prompt; k // 2 pairs per prompt")
     p.add_argument("--epochs", type=int, default=4, help="DPO epochs over each round's pairs")
+    p.add_argument("--lr", type=float, default=3e-3, help="--model.learning_rate of the DPO rounds")
+    p.add_argument("--beta", type=float, default=0.1, help="--model.beta, the DPO temperature")
     p.add_argument("--max_cer", type=float, default=0.15, help="the pairs gate")
     p.add_argument("--margin", type=float, default=0.5, help="the rater's tie margin in semitones")
     p.add_argument("--cer_weight", type=float, default=0.0, help="--model.dpo_cer_weight")
@@ -168,7 +181,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="one seed, one small round: seconds, for the smoke test")
     args = p.parse_args(argv)
     if args.smoke:
-        args.seeds, args.rounds, args.train_prompts, args.epochs, args.eval_k = [0], 1, 8, 1, 2
+        args.seeds, args.rounds, args.train_prompts, args.epochs, args.eval_k, args.k = [0], 1, 8, 1, 2, 4
     return args
 
 
