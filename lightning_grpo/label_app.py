@@ -21,6 +21,7 @@ API (token as `Authorization: Bearer <token>`, or `?token=` for the audio elemen
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -119,6 +120,9 @@ def serve(pairs: str, db: str, rater: list[str] | None = None, new_token: list[s
               f"{name}: has a token already (--new_token {name} issues a fresh one)")
     for name in new_token or []:
         print(f"{name}: http://{host}:{port}/#token={store.add_rater(name, replace=True)}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"label: serving on {host} over plain HTTP: tokens and audio cross the network unencrypted; put a TLS "
+              "proxy in front to open the page beyond this machine", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
