@@ -49,7 +49,7 @@ def label_server(pairs: Path, db: Path, *args: str):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # importing torch and Lightning on a loaded 2-core machine
         while time.monotonic() < deadline:
             try:
                 if httpx.get(url + "/", timeout=1).status_code == 200:
@@ -60,7 +60,7 @@ def label_server(pairs: Path, db: Path, *args: str):
                 reader.join(timeout=5)
                 raise RuntimeError(f"label server exited: {''.join(lines)}")
         else:
-            raise TimeoutError("label server did not start in 60 s")
+            raise TimeoutError("label server did not start in 300 s")
         # the tokens were printed before the server started listening
         tokens = {line.partition(": ")[0]: line.split("#token=")[1].strip() for line in list(lines) if "#token=" in line}
         yield url, tokens, proc
