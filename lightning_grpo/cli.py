@@ -36,6 +36,9 @@ EXTRA_COMMANDS = {
     "evaluate": ("lightning_grpo.evaluate", "main"),
     "export": ("lightning_grpo.export", "main"),
     "rehearse": ("lightning_grpo.rehearse", "main"),
+    "dpo": ("lightning_grpo.dpo_cli", "main"),
+    "pairs": ("lightning_grpo.pairs", "main"),
+    "label": ("lightning_grpo.label_app", "main"),
 }
 
 ROLLOUT_ARGS = frozenset(inspect.signature(GRPORollout.__init__).parameters) - {"self"}
@@ -171,10 +174,12 @@ class GRPOCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, cli: type[GRPOCLI] = GRPOCLI) -> GRPOCLI:
-    return cli(
+def build_cli(args: list[str] | None = None, run: bool = True, cli_class: type[LightningCLI] = GRPOCLI,
+              datamodule_class: type = PromptDataModule) -> LightningCLI:
+    """The run's CLI; `evaluate` and `dpo` pass their own classes (evaluate.py, dpo_cli.py)."""
+    return cli_class(
         GRPOPolicy,
-        PromptDataModule,
+        datamodule_class,
         args=args,
         run=run,
         parser_kwargs={"parser_mode": "omegaconf"},

@@ -238,6 +238,16 @@ def default_out_dir(ckpt_path: str | None) -> str:
     return f"runs/eval/{run}-{path.stem}" if run else f"runs/eval/{path.stem}"
 
 
+def checkpoint_or_model(ckpt: str | None, flag: str = "--ckpt_path") -> tuple[str | None, list[str]]:
+    """(the Lightning checkpoint to load, config overrides) for a `ckpt` that is a .ckpt file, an FSDP2 shard
+    directory, or an exported HF directory (which becomes --model.model_name_or_path); None: the config's model."""
+    if ckpt and Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # an exported HF dir is a model
+        return None, [f"--model.model_name_or_path={ckpt}"]
+    if ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
+        raise FileNotFoundError(f"{flag}={ckpt} is neither a .ckpt file nor an exported HF directory")
+    return ckpt, []
+
+
 def check_writable(out_dir: str | Path) -> None:
     """Create `out_dir` and write a file into it, or raise naming --out_dir."""
     try:
@@ -267,10 +277,9 @@ class EvaluateCLI(GRPOCLI):
 
     def before_instantiate_classes(self) -> None:
         ckpt = self.lightning_ckpt = self.config.ckpt_path
-        if ckpt and Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):  # an exported HF dir is a model
-            self.config.model.model_name_or_path, self.lightning_ckpt = ckpt, None
-        elif ckpt and not Path(ckpt).is_file() and not is_sharded_checkpoint(ckpt):
-            raise FileNotFoundError(f"--ckpt_path={ckpt} is neither a .ckpt file nor an exported HF directory")
+        self.lightning_ckpt, model = checkpoint_or_model(ckpt)
+        if model:  # an exported HF dir is a model
+            self.config.model.model_name_or_path = ckpt
         elif ckpt:
             from .export import check_checkpoint
 
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     # after the user's --config and arguments, so they override those
     cli = build_cli([*words, "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.beta=0"],
-                    run=False, cli=EvaluateCLI)
+                    run=False, cli_class=EvaluateCLI)
     args = cli.config
     if not cli.datamodule.val_data:
         raise ValueError("--data.val_data is None: evaluate needs a test split (e.g. --data.val_data ~/data/llasa-tts-rl-grpo)")

@@ -79,7 +79,9 @@ def load_policy(ckpt_path: str, map_location: str = "cpu") -> GRPOPolicy:
         )
     import torch.distributed.checkpoint as dcp
 
-    policy = GRPOPolicy(**{**checkpoint_meta(ckpt_path)["hyper_parameters"], **overrides})
+    # a run launched by the CLI also records LightningCLI's `_instantiator`, which is no __init__ argument
+    hparams = {k: v for k, v in checkpoint_meta(ckpt_path)["hyper_parameters"].items() if not k.startswith("_")}
+    policy = GRPOPolicy(**{**hparams, **overrides})
     # the shards were saved as {"state_dict": LightningModule state dict, "optimizer_0": ...}: read the first only,
     # straight into the full tensors (no process group: DCP reads every rank's shards in this process)
     dcp.load({"state_dict": policy.state_dict()}, checkpoint_id=str(path))

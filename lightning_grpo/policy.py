@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import grpo, lora as lora_lib, sharding, timing
 from .batch import Rollout
 from .distributed import concat_from_ranks, gather_by_name, sum_over_ranks
+from .preference_step import PreferenceObjective
 
 BUILTIN_TINY = "builtin:tiny-llasa"
 
@@ -141,7 +142,7 @@ def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(model, memo).eval().requires_grad_(False)
 
 
-class GRPOPolicy(L.LightningModule):
+class GRPOPolicy(PreferenceObjective, L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = BUILTIN_TINY,
@@ -157,7 +158,7 @@ class GRPOPolicy(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         beta: float = 0.0,
         kl_estimator: grpo.KLEstimator = "k3",
-        objective: grpo.Objective = "token",
+        objective: grpo.Objective | Literal["dpo"] = "token",
         epsilon_low: float | None = None,
         epsilon_high: float | None = None,
         dual_clip: float | None = 3.0,
@@ -172,6 +173,8 @@ class GRPOPolicy(L.LightningModule):
         tf32: bool = True,
         load_on_rank0: bool = False,
         fsdp_offload: Literal["none", "cpu"] = "none",
+        dpo_nll_weight: float = 0.0,
+        dpo_cer_weight: float = 0.0,
     ) -> None:
         """
         Args:
@@ -191,7 +194,9 @@ class GRPOPolicy(L.LightningModule):
             warmup_steps / lr_schedule: linear warm-up over warmup_steps rollouts, then constant or
                 cosine to 0 at max_steps.
             max_grad_norm: clip the global gradient norm; None disables.
-            beta: KL coefficient to the reference (the original: 0, i.e. no reference at all).
+            beta: KL coefficient to the reference (the original: 0, i.e. no reference at all); under
+                `--model.objective dpo` the DPO temperature (> 0; TRL's default 0.1; larger stays closer to the
+                reference, which is then the round's starting model).
             kl_estimator: k1 (unbiased, noisy) or k3 (low variance, GRPO paper).
             objective: the policy-gradient objective (grpo.py). `token` (the original): PPO/GRPO's clipped
                 ratio per token. `gspo` (GSPO, Zheng et al. 2025): one length-normalised ratio per sequence, clipped
@@ -200,7 +205,9 @@ class GRPOPolicy(L.LightningModule):
                 (CISPO, MiniMax-M1 2025): the clipped ratio becomes a stop-gradient weight on log pi, so no token
                 loses its gradient (rare tokens that PPO's clip silences keep learning). Where the ratio is 1
                 (`num_iterations` 1, and the first update of more) all three give the same gradient: they differ
-                from a rollout's second update on.
+                from a rollout's second update on. `dpo`: a preference round (DPO, dpo.py) on pairs of
+                `python -m lightning_grpo dpo fit` (PreferenceDataModule, preference_step.py): no rollout, one
+                update per batch of pairs, the clip and num_iterations unused.
             epsilon_low / epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high] of the objective's ratio;
                 None = its paper's: token 0.2 / 0.2 (DAPO raises epsilon_high to 0.28 to let unlikely good tokens
                 grow), gspo 3e-4 / 4e-4 (a sequence ratio moves far less than a token's: 0.2 would hardly ever
@@ -245,6 +252,11 @@ class GRPOPolicy(L.LightningModule):
                 the sharded state does not fit the GPUs (LLaSA-8B on 2 x 80 GB: configs/llasa8b_fsdp_offload.yaml)
                 and more GPUs are not at hand; `none` keeps everything on the GPUs. Not with LoRA. BENCHMARKS.md,
                 FSDP2.
+            dpo_nll_weight: (dpo) weight of the chosen samples' token-mean NLL added to the DPO loss (RPO; TRL's
+                "sft" term): keeps the chosen samples likely while the rejected ones are pushed down. 0: off.
+            dpo_cer_weight: (dpo) weight of a second DPO term that orders each pair by the gate's CER, scaled by
+                the CER gap (dpo.py): holds intelligibility where listeners chose the less intelligible sample.
+                Needs chosen_cer / rejected_cer in the pairs file. 0: off.
         """
         super().__init__()
         # the checkpoint keeps these; the logger gets the whole run config from the CLI (cli.py)
@@ -255,7 +267,8 @@ class GRPOPolicy(L.LightningModule):
             raise ValueError("--model.micro_batch_size and --model.logprob_chunk_size must be >= 1")
         if beta < 0:
             raise ValueError(f"--model.beta={beta} must be >= 0")
-        self.clip_range = self._clip_range(objective, epsilon_low, epsilon_high, num_iterations)
+        self.clip_range = (0.0, 0.0) if objective == "dpo" else self._clip_range(objective, epsilon_low, epsilon_high,
+                                                                                 num_iterations)
         lora = lora_lib.as_config(lora, reference_dtype)
         if fsdp_offload != "none" and lora is not None:
             raise ValueError(
@@ -323,6 +336,8 @@ class GRPOPolicy(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.lora is not None:
             lora_lib.check_strategy(self.trainer.strategy)
+        if self.hparams.objective == "dpo":
+            self.check_preference_setup()
         if self.trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision("high" if self.hparams.tf32 else "highest")
 
@@ -444,6 +459,8 @@ class GRPOPolicy(L.LightningModule):
 
     # -- training --------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.hparams.objective == "dpo":
+            return self.preference_training_step(batch)
         if "rollout" not in batch:
             raise RuntimeError(
                 "training batch has no rollout: the `rollout:` config group (GRPORollout) makes it"
@@ -567,6 +584,8 @@ class GRPOPolicy(L.LightningModule):
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.hparams.objective == "dpo":
+            return self.preference_validation_step(batch)
         if "rollout" not in batch:
             raise RuntimeError("validation batch has no rollout: the `rollout:` config group (GRPORollout) makes it")
         self.log_rollout_stats(batch["rollout"], "val", on_epoch=True)

@@ -7,13 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# espeak-ng and sox make the real speech the reward tests score; only root can apt-get them.
-if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; then
+# espeak-ng and sox make the real speech the reward tests score; chromium and its driver run the listening page's
+# browser test (Selenium drives the system browser, never a downloaded one). Only root can apt-get them.
+if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null
+    apt-get update -qq && apt-get install -y -qq espeak-ng sox chromium chromium-driver >/dev/null
   else
-    echo "setup: espeak-ng and sox are missing; install them (sudo apt-get install espeak-ng sox) for the reward tests" >&2
+    echo "setup: espeak-ng, sox or chromium are missing; install them (sudo apt-get install espeak-ng sox chromium" \
+         "chromium-driver) for the reward and browser tests" >&2
   fi
 fi
 

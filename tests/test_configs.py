@@ -16,7 +16,7 @@ from lightning_grpo.rollout import GRPORollout
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "examples"))  # the small world's config names small_world.unit_codec.UnitCodec
-CONFIGS = [*sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml"),
+CONFIGS = [*sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml" and not p.stem.endswith("_dpo")),
            ROOT / "examples" / "small_world" / "config.yaml"]
 
 
