@@ -276,7 +276,7 @@ class EvaluateCLI(GRPOCLI):
                             help="X-codec2 checkpoint for --sim when the config's reward has no codec (RemoteReward)")
 
     def before_instantiate_classes(self) -> None:
-        ckpt = self.lightning_ckpt = self.config.ckpt_path
+        ckpt = self.config.ckpt_path
         self.lightning_ckpt, model = checkpoint_or_model(ckpt)
         if model:  # an exported HF dir is a model
             self.config.model.model_name_or_path = ckpt
