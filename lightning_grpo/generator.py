@@ -36,7 +36,10 @@ its trainer process disappears (its end of the pipe closes).
 from __future__ import annotations
 
 import atexit
+import copy
 import datetime
+import functools
+import inspect
 import multiprocessing as mp
 import os
 import sys
@@ -123,9 +126,10 @@ class GeneratorProcess:
                 "backend": self._backend, "log": str(self.log_path), "timeout_s": self.start_timeout_s}
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_generator_main, args=(child, self.inner, spec), daemon=True,
-                                   name=f"generator-rank{rank}")
-        self.process.start()
+        process = ctx.Process(target=_generator_main, args=(child, shippable(self.inner), spec), daemon=True,
+                              name=f"generator-rank{rank}")
+        process.start()
+        self.process = process  # only a started process: close() joins it
         child.close()
         atexit.register(self.close)
         self._store = store  # the child connects to it; it must outlive the group's setup
@@ -227,6 +231,20 @@ class GeneratorProcess:
         return comps
 
 
+def shippable(sampler: Any) -> Any:
+    """A shallow copy of `sampler` whose config-built factories (e.g. `engine_factory:` given as a class_path) are
+    plain `functools.partial(Class, **init_args)`: the config library's own factory holds the parsed command line,
+    the Trainer and the policy, which neither pickle into the generator process nor belong there."""
+    out = copy.copy(sampler)
+    for name, value in vars(sampler).items():
+        if isinstance(value, functools.partial) and not inspect.isclass(value.func):
+            # the library's shape: partial(call, [instantiator,] Class, *args, **init_args)
+            first = next((i for i, a in enumerate(value.args[:2]) if inspect.isclass(a)), None)
+            if first is not None:
+                setattr(out, name, functools.partial(value.args[first], *value.args[first + 1:], **value.keywords))
+    return out
+
+
 def _pair_group(backend: str, store: Any, rank: int, timeout_s: float) -> Any:
     """A two-process group (trainer rank 0, generator 1) outside the trainer's default group."""
     prefixed = dist.PrefixStore("generator", store)
@@ -265,7 +283,8 @@ def _generator_main(conn: Any, sampler: Any, spec: dict[str, Any]) -> None:
                             1, spec["timeout_s"])
         model, tokenizer = load_model_and_tokenizer(spec["model"], spec["dtype"])
         model = model.to(device).requires_grad_(False).eval()
-        sampler.setup(types.SimpleNamespace(policy=model, device=device, tokenizer=tokenizer))
+        # what a sampler's setup reads of a LightningModule (VLLMSampler: the HF config its engine is built from)
+        sampler.setup(types.SimpleNamespace(policy=model, config=model.config, device=device, tokenizer=tokenizer))
         print(f"generator ready on {device} ({spec['backend']})", flush=True)
         conn.send(("ready", None))
     except Exception:  # noqa: BLE001 - the trainer reports it, naming this log

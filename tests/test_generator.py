@@ -151,3 +151,37 @@ def test_killed_disaggregated_run_resumed_trains_on_the_samples_of_the_uninterru
     assert second.staleness == [1.0, 1.0]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_config_built_engine_factory_ships_to_the_generator_as_a_plain_class(tmp_path):
+    """`engine_factory:` given as a class_path is the config library's factory, which holds the parsed command line
+    and, once the model is built, its hooks: it cannot be pickled into the generator process. What is shipped is
+    partial(Class) itself."""
+    import pickle
+    import textwrap
+    from pathlib import Path
+
+    from lightning_grpo.cli import build_cli
+    from lightning_grpo.rehearse import RehearsalEngine
+
+    extra = tmp_path / "generator.yaml"
+    extra.write_text(textwrap.dedent("""
+        model: {gradient_checkpointing: true}
+        rollout:
+          sampler:
+            class_path: lightning_grpo.generator.GeneratorProcess
+            init_args:
+              device: cpu
+              sampler:
+                class_path: lightning_grpo.vllm_sampler.VLLMSampler
+                init_args: {max_new_tokens: 8, engine_factory: lightning_grpo.rehearse.RehearsalEngine}
+    """))
+    root = Path(__file__).resolve().parents[1]
+    cli = build_cli(["--config", str(root / "configs/tiny_cpu.yaml"), "--config", str(extra),
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"], run=False)
+    cli.model.configure_model()
+    inner = next(c for c in cli.trainer.callbacks if isinstance(c, GRPORollout)).sampler.inner
+    with pytest.raises(Exception):
+        pickle.dumps(inner)
+    shipped = pickle.loads(pickle.dumps(generator.shippable(inner)))
+    assert shipped.engine_factory.func is RehearsalEngine and inner.engine_factory is not shipped.engine_factory
