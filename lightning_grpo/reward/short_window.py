@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import WhisperReward
+from .whisper import WhisperReward
 
 MEL_FRAMES_PER_SECOND = 100  # Whisper: hop 160 at 16 kHz
 ENCODER_STRIDE = 2  # conv2 halves the frames
