@@ -57,7 +57,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import httpx
 
-from .base import Reward, RewardResult, SpeechSample
+from .base import Reward, RewardBase, RewardResult, SpeechSample
 from .client import RemoteReward
 from .spec import RewardSpec, describe
 
@@ -70,7 +70,7 @@ _RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 _LOG_TAIL_LINES = 20
 
 
-class SharedReward:
+class SharedReward(RewardBase):
     """One reward per node for every training rank: an owner process, or this process when one rank trains."""
 
     def __init__(

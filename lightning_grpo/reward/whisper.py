@@ -50,7 +50,7 @@ from whisper.utils import compression_ratio
 
 from ..llasa import XCODEC2_CODEBOOK_SIZE
 from . import asr
-from .base import OK, RewardResult, SpeechSample, code_reason
+from .base import OK, RewardBase, RewardResult, SpeechSample, code_reason
 from .codec import SpeechDecoder, XCodec2Decoder
 from .prosody import ProsodyStats, prosody_metrics, prosody_stats
 from .shaping import harmonic_reward, u_cer, u_nll
@@ -74,7 +74,7 @@ def cast_whisper(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-class WhisperReward(lightning.LightningModule):
+class WhisperReward(lightning.LightningModule, RewardBase):
     """Reward = weighted harmonic mean of 1 - tanh(beta_c * CER) and exp(-NLL / tau_n), from Whisper."""
 
     def __init__(
