@@ -126,9 +126,12 @@ class RewardResult:
 
 @runtime_checkable
 class Reward(Protocol):
-    """Anything that scores a batch of speech samples."""
+    """Anything that scores a batch of speech samples: `score(samples: Sequence[SpeechSample]) -> RewardResult`.
 
-    def score(self, samples: Sequence[SpeechSample]) -> RewardResult: ...
+    The annotations below are Any because the CLI (jsonargparse) accepts a class for a protocol only when its
+    annotations equal the protocol's; with Any, a user's `def score(self, samples)` is accepted as it is."""
+
+    def score(self, samples: Any) -> Any: ...
 
 
 class RewardBase:
