@@ -42,7 +42,7 @@ from lightning_grpo.reward import SpeechSample  # noqa: E402
 from lightning_grpo.reward.codec import XCodec2Decoder  # noqa: E402
 from lightning_grpo.reward.composite import CompositeReward  # noqa: E402
 from lightning_grpo.reward.duration import DurationReward  # noqa: E402
-from lightning_grpo.reward.module import WhisperReward  # noqa: E402
+from lightning_grpo.reward.whisper import WhisperReward  # noqa: E402
 from lightning_grpo.reward.speaker import SpeakerSimilarityReward  # noqa: E402
 from lightning_grpo.reward.speaker_encoder import GE2EEncoder  # noqa: E402
 

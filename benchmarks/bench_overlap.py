@@ -97,7 +97,7 @@ def whisper_spec():
     """tiny.en-ct2 over the unit codec, as a description: an owner builds it from plain values, so does this process."""
     from lightning_grpo.reward.spec import RewardSpec
 
-    return RewardSpec({"class_path": "lightning_grpo.reward.module.WhisperReward", "init_args": {
+    return RewardSpec({"class_path": "lightning_grpo.reward.whisper.WhisperReward", "init_args": {
         "whisper_model": "tiny.en-ct2", "codec": {"class_path": "overlap_rewards.ModuloUnitCodec"}, "codebook_size": 64,
         "language": "en", "batch_size": 16, "max_transcript_tokens": 24}})
 

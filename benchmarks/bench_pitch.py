@@ -245,7 +245,7 @@ def whisper_share() -> str:
     from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak
 
     from lightning_grpo.reward import SpeechSample
-    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.whisper import WhisperReward
 
     decoder = StoredAudioDecoder()
     reward = WhisperReward(whisper_model="tiny.en-ct2", codec=decoder, batch_size=16)

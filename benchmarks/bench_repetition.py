@@ -29,7 +29,7 @@ from common import machine_info, markdown_table  # noqa: E402
 from reward_fixtures import StoredAudioDecoder, espeak  # noqa: E402
 
 from lightning_grpo.reward import SpeechSample  # noqa: E402
-from lightning_grpo.reward.module import WhisperReward  # noqa: E402
+from lightning_grpo.reward.whisper import WhisperReward  # noqa: E402
 
 CASES = {
     "mandarin": ("base-ct2", "zh", "cmn", ["我们明天去北京看长城。", "他每天早上六点起床。"], {}),

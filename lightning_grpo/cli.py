@@ -47,6 +47,8 @@ RENAMED_DATA_KEYS = {
     "val_batch_size": ("val_prompts_per_step", "it counts prompts over all ranks, like prompts_per_step: "
                                                "the old value times the number of devices"),
 }
+# modules that were renamed: old dotted path -> new; a class_path under the old one names the new one
+RENAMED_MODULES = {"lightning_grpo.reward.module": "lightning_grpo.reward.whisper"}
 
 
 def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -107,13 +109,13 @@ def check_removed_keys(args: list[str]) -> None:
             if parts[0] in ROLLOUT_ARGS:
                 new = "--rollout." + ".".join(p for p in parts if p != "init_args")
                 raise ValueError(
-                    f"{key}: the rollout's arguments are a top-level config group now; use {new} "
+                    f"{key}: the rollout's arguments are a top-level config group; use {new} "
                     "(and `rollout:` in YAML instead of a GRPORollout entry in trainer.callbacks)"
                 )
         elif key.startswith("--trainer.callbacks") and "GRPORollout" in value:
             raise ValueError(
                 f"{word} {'' if inline else value}: GRPORollout is always added from the top-level `rollout:` "
-                "group now; set it with --rollout.group_size, --rollout.sampler, --rollout.reward, ..."
+                "group; set it with --rollout.group_size, --rollout.sampler, --rollout.reward, ..."
             )
         elif key.startswith("--data."):
             old = key[len("--data."):]
@@ -122,6 +124,24 @@ def check_removed_keys(args: list[str]) -> None:
                 raise ValueError(f"{key} was renamed --data.{new}: {why}")
         elif key in ("-c", "--config") and value and Path(value).is_file():
             _check_config_file(Path(value))
+        _check_class_path(word, "the command line")
+
+
+def _check_class_path(node: Any, where: str, key: str = "") -> None:
+    """Raise naming the new class_path where `node` (a string, or any YAML node below the dotted `key`) names a
+    class in a renamed module."""
+    if isinstance(node, dict):
+        for k, item in node.items():
+            _check_class_path(item, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_class_path(item, where, f"{key}[{i}]")
+    elif isinstance(node, str):
+        for old, new in RENAMED_MODULES.items():
+            if old + "." in node:
+                fixed = node.replace(old + ".", new + ".")
+                raise ValueError(f"{where}{' ' + key if key else ''}: {node!r} names the module {old}, which was "
+                                 f"renamed {new}; use {fixed!r}")
 
 
 def _check_config_file(path: Path) -> None:
@@ -138,12 +158,13 @@ def _check_config_file(path: Path) -> None:
         return  # the parser reports it
     if not isinstance(config, dict):
         return
+    _check_class_path(config, str(path))
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
     for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
         if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("GRPORollout"):
             keys = ", ".join(f"rollout.{k}" for k in (cb.get("init_args") or {}))
             raise ValueError(
-                f"{path}: GRPORollout is listed in trainer.callbacks; it is a top-level config group now. "
+                f"{path}: GRPORollout is listed in trainer.callbacks; it is a top-level config group. "
                 f"Move its init_args to `rollout:` beside model/data/trainer ({keys or 'rollout.sampler, rollout.reward'})"
             )
     data = config.get("data") or {}

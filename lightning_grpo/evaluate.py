@@ -77,6 +77,7 @@ def add_seed_tts_scores(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def add_sim(rollout, codec: str | None = None) -> None:
     """Make `rollout`'s reward also report `sim` (module docstring): a CompositeReward of {main: the reward (weight
     1), sim: SpeakerSimilarityReward (weight 0)}, under `sum`, so the reward is the original's exactly."""
+    from .reward.base import codec_of
     from .reward.composite import CompositeReward
     from .reward.speaker import SpeakerSimilarityReward
 
@@ -84,7 +85,7 @@ def add_sim(rollout, codec: str | None = None) -> None:
     inner = reward.rewards.values() if isinstance(reward, CompositeReward) else [reward]
     if any(isinstance(r, SpeakerSimilarityReward) for r in inner):
         return
-    if codec is None and getattr(reward, "codec", None) is None:
+    if codec is None and codec_of(reward) is None:
         raise ValueError(
             f"--sim decodes the samples with the reward's codec, but {type(reward).__name__} has none; "
             "pass --sim_codec HKUSTAudio/xcodec2 (or a local X-codec2 directory)"

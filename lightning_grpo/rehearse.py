@@ -203,7 +203,7 @@ class Substitutions:
         if not isinstance(args, dict):
             return
         if str(node.get("class_path", "")).endswith("RemoteReward"):
-            self.server_reward = {"class_path": "lightning_grpo.reward.module.WhisperReward", "init_args": {
+            self.server_reward = {"class_path": "lightning_grpo.reward.whisper.WhisperReward", "init_args": {
                 "whisper_model": TINY_WHISPER, "codec": TINY_CODEC, "device": "cpu", "language": "en", "batch_size": 16}}
             self.set(args, "url", "{server}", where, "the rehearsal's scoring server on 127.0.0.1 (tiny Whisper + codec)")
         for key, value in list(args.items()):

@@ -43,11 +43,12 @@ from .distributed import gather_from_ranks
 from .dynamic_sampling import TopUp, pick_groups, reduce_stats, topup_size, zero_spread
 from .generator import GeneratorProcess
 from .llasa import InvalidTokenPolicy, LlasaVocab, encode_prompt, parse_completion
-from .reward.base import Reward, RewardResult, SpeechSample
+from .reward.base import (Reward, RewardResult, SpeechSample, aggregation_of, close_reward, concurrent_calls,
+                          start_reward)
 from .reward.owner import check_reward_devices
 from .reward.prosody import add_group_spreads
 from .sampling import ChunkRows, Sampler, check_sampler, sample_stream
-from .scoring import RewardScoring, max_concurrent_calls, stop_if_any_rank_failed
+from .scoring import RewardScoring, stop_if_any_rank_failed
 
 TruncationPolicy = Literal["penalize", "mask", "keep"]
 
@@ -195,7 +196,7 @@ class GRPORollout(L.Callback):
             raise ValueError(f"--rollout.zero_std_tol={zero_std_tol} must be >= 0 (0: only exactly equal rewards)")
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"--rollout.max_samples={max_samples} must be >= 1, or null for no sample budget")
-        if truncation == "penalize" and getattr(reward, "aggregation", None) == "normalize_then_sum":
+        if truncation == "penalize" and aggregation_of(reward) == "normalize_then_sum":
             raise ValueError(
                 "--rollout.truncation penalize sets a truncated completion's reward to truncation_reward, but the "
                 "reward's aggregation normalize_then_sum centres rewards on each group's mean, where that is no "
@@ -285,10 +286,10 @@ class GRPORollout(L.Callback):
             check_reward_devices(self.reward, trainer)
         if self._ahead is not None and stage == "fit" and trainer is not None:
             self._next_batch_source(trainer)
-        start = getattr(self.reward, "start", None)
-        if callable(start):  # a reward that owns a process or a connection (reward/owner.py: every rank calls it)
-            start(trainer)  # None outside a Trainer (tests, scripts)
-        elif trainer is not None and trainer.world_size > 1 and isinstance(self.reward, torch.nn.Module):
+        # a reward that owns a process or a connection starts it (reward/owner.py: every rank calls it); trainer is
+        # None outside a Trainer (tests, scripts)
+        start_reward(self.reward, trainer)
+        if trainer is not None and trainer.world_size > 1 and isinstance(self.reward, torch.nn.Module):
             rank_zero_warn(
                 f"each of the {trainer.world_size} ranks builds its own {type(self.reward).__name__}; wrap it in "
                 "lightning_grpo.reward.owner.SharedReward to load one per node, shared by every rank "
@@ -314,9 +315,7 @@ class GRPORollout(L.Callback):
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-        close = getattr(self.reward, "close", None)
-        if callable(close):
-            close()
+        close_reward(self.reward)
 
     def _ensure_sampler(self, pl_module: L.LightningModule) -> None:
         if not self._sampler_ready:
@@ -389,7 +388,7 @@ class GRPORollout(L.Callback):
         if not self.overlap_reward:
             return None
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_concurrent_calls(self.reward), thread_name_prefix="reward-scoring")
+            self._executor = ThreadPoolExecutor(concurrent_calls(self.reward), thread_name_prefix="reward-scoring")
         return self._executor
 
     def make_rollout(self, pl_module: L.LightningModule, batch: dict, group_size: int, step: int) -> Rollout:

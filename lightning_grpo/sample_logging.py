@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .batch import rollout_records
 from .llasa import parse_completion
+from .reward.base import codec_of
 from .reward.codec import SpeechDecoder, XCodec2Decoder
 
 FIXED_COLUMNS = ("step", "sample", "text", "transcript", "reward", "reason", "completion_length", "truncated")
@@ -147,7 +148,7 @@ class AudioSampleLogger(L.Callback):
                 raise RuntimeError(f"AudioSampleLogger(codec={self.codec!r}) could not build its decoder: {err}") from err
         if self._decoder is not None:
             return self._decoder
-        codec = getattr(reward, "codec", None)
+        codec = codec_of(reward)
         if isinstance(codec, SpeechDecoder):
             return codec
         if not self._warned:

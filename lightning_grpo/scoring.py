@@ -33,14 +33,6 @@ from .distributed import raise_on_every_rank
 from .reward.base import Reward, RewardResult, SpeechSample
 
 
-def max_concurrent_calls(reward: Any) -> int:
-    """How many `score` calls the reward takes at once (its `max_concurrent_calls`, default 1)."""
-    n = int(getattr(reward, "max_concurrent_calls", 1) or 1)
-    if n < 1:
-        raise ValueError(f"{type(reward).__name__}.max_concurrent_calls={n} must be >= 1")
-    return n
-
-
 def reorder(result: RewardResult, rows: Sequence[int]) -> RewardResult:
     """`result` row k belongs to sample rows[k]; returns the result in sample order 0..N-1."""
     n = len(rows)

@@ -89,7 +89,7 @@ import importlib.metadata as md, json, platform, sys, time
 import torch
 t0 = time.perf_counter()
 import whisper, jiwer, zhconv, cn2an, zhon, fastapi, uvicorn, pydantic, jsonargparse  # noqa: F401
-import lightning_grpo.cli, lightning_grpo.reward.module, lightning_grpo.reward.server  # noqa: F401
+import lightning_grpo.cli, lightning_grpo.reward.whisper, lightning_grpo.reward.server  # noqa: F401
 from lightning_grpo.reward.codec import XCodec2Decoder
 XCodec2Decoder(None, hidden_dim=64, depth=1, heads=4)
 names = ["torch", "transformers", "lightning", "numpy", "openai-whisper", "xcodec2", "torchtune", "torchao",

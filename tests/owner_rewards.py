@@ -4,6 +4,7 @@
 `<record_dir>/loads.txt` gets this process's pid per construction (one line = one model load), and
 `calls.jsonl` one line per `score` call (pid, texts, sample count), so a test can see which ranks' samples
 shared a call. `FailingReward` cannot be built (a model that fails to load). `SlowRuleReward` sleeps per call.
+`ScoreOnlyReward` is a user's reward in its plainest form: a class with `score` and nothing else.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import time
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from lightning_grpo.reward.base import RewardResult, SpeechSample
 from lightning_grpo.reward.rule import RuleReward
@@ -63,3 +66,13 @@ class EnvRecordingReward(RuleReward):
         record = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": device, "pid": os.getpid(),
                   "cuda_devices": torch.cuda.device_count()}
         (Path(record_dir) / "env.json").write_text(json.dumps(record))
+
+
+class ScoreOnlyReward:
+    """Rewards longer speech (up to 16 codes); counts its calls in `ScoreOnlyReward.calls` (one process)."""
+
+    calls = 0
+
+    def score(self, samples):  # unannotated, as a user may write it
+        ScoreOnlyReward.calls += 1
+        return RewardResult(rewards=torch.tensor([min(len(s.codes), 16) / 16 for s in samples]))

@@ -136,6 +136,7 @@ def test_bad_override_is_rejected_with_the_key(capsys):
     ("--trainer.callbacks.init_args.reward.init_args.beta_c=2", "--rollout.reward.beta_c"),
     ("--trainer.callbacks+=lightning_grpo.rollout.GRPORollout", "--rollout.group_size"),
     ("--data.val_batch_size=8", "--data.val_prompts_per_step"),
+    ("--rollout.reward=lightning_grpo.reward.module.WhisperReward", "lightning_grpo.reward.whisper.WhisperReward"),
 ])
 def test_an_old_key_on_the_command_line_names_the_new_one(old, new):
     with pytest.raises(ValueError, match=new.replace(".", r"\.")):
@@ -147,13 +148,23 @@ def test_an_old_config_file_names_the_new_keys(tmp_path):
     rollout = old.pop("rollout")
     old["trainer"]["callbacks"].append({"class_path": "lightning_grpo.rollout.GRPORollout", "init_args": rollout})
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
-    with pytest.raises(ValueError, match=r"top-level config group now.*`rollout:`.*rollout\.group_size"):
+    with pytest.raises(ValueError, match=r"top-level config group\. .*`rollout:`.*rollout\.group_size"):
         build_cli(["fit", "--config", str(tmp_path / "old.yaml")])
     old = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
     old["data"]["val_batch_size"] = old["data"].pop("val_prompts_per_step")
     (tmp_path / "old_data.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(ValueError, match="data.val_batch_size was renamed data.val_prompts_per_step.*all ranks"):
         build_cli(["fit", "--config", str(tmp_path / "old_data.yaml")])
+
+
+def test_a_config_naming_the_renamed_whisper_module_names_the_new_class_path(tmp_path):
+    text = (ROOT / "configs" / "llasa1b_multireward.yaml").read_text()
+    (tmp_path / "old.yaml").write_text(text.replace("lightning_grpo.reward.whisper.", "lightning_grpo.reward.module."))
+    with pytest.raises(ValueError, match=r"old\.yaml rollout\.reward\.init_args\.rewards\.whisper\.init_args\.reward\.class_path: "
+                       r"'lightning_grpo\.reward\.module\.WhisperReward' names the module "
+                       r"lightning_grpo\.reward\.module, which was renamed lightning_grpo\.reward\.whisper; "
+                       r"use 'lightning_grpo\.reward\.whisper\.WhisperReward'"):
+        build_cli(["fit", "--config", str(tmp_path / "old.yaml")], run=False)
 
 
 def test_help_and_print_config_show_the_rollout_group(capsys):
@@ -290,7 +301,7 @@ def test_a_multi_rank_config_builds_its_model_rewards_once_per_node(path):
 
 
 def test_the_per_rank_check_sees_a_plain_and_a_composed_model_reward():
-    whisper = {"class_path": "lightning_grpo.reward.module.WhisperReward", "init_args": {"device": "cuda:2"}}
+    whisper = {"class_path": "lightning_grpo.reward.whisper.WhisperReward", "init_args": {"device": "cuda:2"}}
     assert rewards_built_per_rank(whisper) == ["rollout.reward"]
     composite = {"class_path": "lightning_grpo.reward.composite.CompositeReward",
                  "init_args": {"rewards": {"whisper": whisper, "d": {"class_path": "lightning_grpo.reward.duration.DurationReward"}}}}

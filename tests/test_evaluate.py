@@ -131,7 +131,7 @@ def test_whisper_reward_gives_cer_and_nll_per_language(tmp_path):
     Also checks the audio sample table of that validation. Measured: 20-55 s on 2 shared cores, hence slow."""
     from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak
 
-    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.whisper import WhisperReward
 
     torch.set_num_threads(2)
     decoder = StoredAudioDecoder()

@@ -136,7 +136,7 @@ def test_fixed_length_decoding_fixes_every_transcript_length():
     from random_weights import NoiseSpeechCodec, fixed_length_decoding
 
     from lightning_grpo.reward import SpeechSample, asr
-    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.whisper import WhisperReward
 
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="random weights"):
@@ -165,7 +165,7 @@ def test_whisper_reward_on_cuda_in_float16_with_random_weights():
 
     from lightning_grpo.reward import SpeechSample
     from lightning_grpo.reward.codec import XCodec2Decoder
-    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.whisper import WhisperReward
 
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # the comparison with the CPU: no TF32

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_grpo.reward import SpeechSample
-from lightning_grpo.reward.module import WhisperReward
+from lightning_grpo.reward.whisper import WhisperReward
 from lightning_grpo.reward.prosody import REASONS, STATS, add_group_spreads, group_spread, prosody_metrics, prosody_stats
 from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak, espeak_ng
 

@@ -218,7 +218,7 @@ def test_shipped_multireward_config_builds_a_composite_that_shares_one_decode():
     from jsonargparse import ArgumentParser
 
     from lightning_grpo.reward.base import Reward
-    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.whisper import WhisperReward
     from lightning_grpo.reward.speaker import SpeakerSimilarityReward
     from reward_fixtures import SENTENCES, espeak
     from test_configs import parse

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_grpo.reward import SpeechSample, asr
-from lightning_grpo.reward.module import WhisperReward
+from lightning_grpo.reward.whisper import WhisperReward
 from reward_fixtures import StoredAudioDecoder, espeak
 
 torch.set_num_threads(2)

@@ -467,7 +467,7 @@ def whisper_over_espeak(sentences: list[str]) -> Reward:
     """
     from reward_fixtures import StoredAudioDecoder, espeak
 
-    from lightning_grpo.reward.module import WhisperReward
+    from lightning_grpo.reward.whisper import WhisperReward
 
     decoder = StoredAudioDecoder()
     for text in sentences:

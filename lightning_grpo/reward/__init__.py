@@ -1,6 +1,6 @@
 """Rewards: the seam (base), a rule reward, the Whisper CER + NLL reward, speaker similarity, duration, and
 CompositeReward, which combines several."""
 
-from .base import OK, Reward, RewardResult, SpeechSample
+from .base import OK, Reward, RewardBase, RewardResult, SpeechSample
 
-__all__ = ["OK", "Reward", "RewardResult", "SpeechSample"]
+__all__ = ["OK", "Reward", "RewardBase", "RewardResult", "SpeechSample"]

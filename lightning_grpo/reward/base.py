@@ -1,16 +1,22 @@
 """The reward seam: what the rollout callback hands a reward and what it gets back.
 
-Every reward (the rule rewards below, the Whisper reward module, the HTTP client) implements
+Every reward (the rule reward, the Whisper reward, the HTTP client) implements
 `Reward.score(samples) -> RewardResult`. A reward never raises for one bad sample: it gives that
 sample a defined reward and a reason string, which the trainer logs as a fraction per reason.
 A reward raises only when it cannot score at all (a dead server after retries, a broken model).
+
+`score` is the whole required contract. The optional members (`start`, `close`, `max_concurrent_calls`,
+`aggregation`, `codec`) are declared once, with their defaults, by `RewardBase`, which the package's rewards
+inherit; the trainer reads them through the functions below (`start_reward`, `close_reward`,
+`concurrent_calls`, `aggregation_of`, `codec_of`), which give the same defaults for a user's class that has
+only `score`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -120,6 +126,72 @@ class RewardResult:
 
 @runtime_checkable
 class Reward(Protocol):
-    """Anything that scores a batch of speech samples."""
+    """Anything that scores a batch of speech samples: `score(samples: Sequence[SpeechSample]) -> RewardResult`.
 
-    def score(self, samples: Sequence[SpeechSample]) -> RewardResult: ...
+    The annotations below are Any because the CLI (jsonargparse) accepts a class for a protocol only when its
+    annotations equal the protocol's; with Any, a user's `def score(self, samples)` is accepted as it is."""
+
+    def score(self, samples: Any) -> Any: ...
+
+
+class RewardBase:
+    """The optional members of the reward contract, with their defaults (a subclass overrides what it needs).
+
+    start(trainer): called on every rank at the start of fit/validate (trainer None outside a Trainer), to start
+        a process or a connection the reward owns (SharedReward's is a collective); default: nothing.
+    close(): called when training ends or fails; default: nothing.
+    max_concurrent_calls: `score` calls the rollout may have in flight at once (`--rollout.overlap_reward`);
+        default 1 (calls one after the other).
+    aggregation: how a reward combines components (CompositeReward: "sum" or "normalize_then_sum"); default
+        "sum". Under "normalize_then_sum" a fixed penalty reward means nothing, which the rollout checks.
+    codec: the SpeechDecoder this reward decodes with in this process, or None; a CompositeReward lends it
+        to components without one. Not a class attribute (a torch module registers it as a submodule);
+        read it with `codec_of`.
+    """
+
+    max_concurrent_calls: int = 1
+    aggregation: Literal["sum", "normalize_then_sum"] = "sum"
+
+    def start(self, trainer: Any = None) -> None:
+        """Start what the reward owns (a process, a connection); every rank calls it. Default: nothing."""
+
+    def close(self) -> None:
+        """Release what `start` started. Default: nothing."""
+
+
+def start_reward(reward: Reward, trainer: Any = None) -> None:
+    """`reward.start(trainer)` where the reward declares it (RewardBase), else nothing."""
+    start = getattr(reward, "start", None)
+    if callable(start):
+        start(trainer)
+
+
+def close_reward(reward: Reward) -> None:
+    """`reward.close()` where the reward declares it, else nothing."""
+    close = getattr(reward, "close", None)
+    if callable(close):
+        close()
+
+
+def concurrent_calls(reward: Reward) -> int:
+    """How many `score` calls the reward takes at once: its `max_concurrent_calls`, default 1."""
+    n = getattr(reward, "max_concurrent_calls", RewardBase.max_concurrent_calls)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{type(reward).__name__}.max_concurrent_calls={n!r} must be an int >= 1")
+    return n
+
+
+def aggregation_of(reward: Reward) -> str:
+    """The reward's `aggregation`, default "sum"."""
+    return getattr(reward, "aggregation", RewardBase.aggregation)
+
+
+def codec_of(reward: Reward) -> Any:
+    """The SpeechDecoder the reward decodes with in this process (its `codec`), or None when it has none here
+    (a rule reward, a reward scored by an owner process or a server)."""
+    return getattr(reward, "codec", None)
+
+
+def takes_codec(reward: Reward) -> bool:
+    """The reward has a `codec` member (a decoder, or None until one is lent), so a CompositeReward can lend it one."""
+    return hasattr(reward, "codec")

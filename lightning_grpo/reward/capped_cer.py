@@ -2,7 +2,7 @@
 
 CER is unbounded above: one Whisper repetition loop ("my cat. my cat. my cat. ...") gives a single
 sample a CER of 30 and swamps the mean of 48 samples (the reward is not affected that way: it sees
-1 - tanh(3 CER)). `WhisperReward` now reports `cer` capped at 1 itself (so `val/cer_mean` is this mean) and the
+1 - tanh(3 CER)). `WhisperReward` reports `cer` capped at 1 itself (so `val/cer_mean` is this mean) and the
 uncapped value as `cer_raw`; this callback adds the share above 1 (from `cer_raw` when the reward gives it) and
 the exact-match rate. The small world (examples/small_world/) reports `val/cer_capped_mean` as its headline
 metric. Add it to any run whose reward reports `cer`: `--trainer.callbacks+=lightning_grpo.reward.capped_cer.CappedCER`.

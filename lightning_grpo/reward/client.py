@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import httpx
 import torch
 
-from .base import RewardResult, SpeechSample
+from .base import RewardBase, RewardResult, SpeechSample
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ TOKEN_ENV = "WHISPER_SERVER_TOKEN"
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-class RemoteReward:
+class RemoteReward(RewardBase):
     def __init__(
         self,
         url: str | None = None,

@@ -41,7 +41,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
-from .base import OK, Reward, RewardResult, SpeechSample
+from .base import OK, Reward, RewardBase, RewardResult, SpeechSample, close_reward, codec_of, start_reward, takes_codec
 from .codec import SpeechDecoder
 
 Aggregation = Literal["sum", "normalize_then_sum"]
@@ -112,7 +112,7 @@ class CallCache(torch.nn.Module):
         return [cache[k] for k in keys]
 
 
-class CompositeReward:
+class CompositeReward(RewardBase):
     """Weighted rewards, summed or normalised within groups then summed (module docstring)."""
 
     def __init__(
@@ -165,12 +165,12 @@ class CompositeReward:
         self.timings: dict[str, float] = defaultdict(float)  # seconds per component, summed over calls
 
     def _share_codec(self) -> CallCache | None:
-        owner = next((r for r in self.rewards.values() if getattr(r, "codec", None) is not None), None)
+        owner = next((r for r in self.rewards.values() if codec_of(r) is not None), None)
         if owner is None:
             return None
         cache = owner.codec if isinstance(owner.codec, CallCache) else CallCache(owner.codec)
         for reward in self.rewards.values():
-            if hasattr(reward, "codec") and (reward is owner or reward.codec is None):
+            if takes_codec(reward) and (reward is owner or codec_of(reward) is None):
                 reward.codec = cache
         return cache
 
@@ -213,13 +213,11 @@ class CompositeReward:
         """Start the components that own a process or a connection (a SharedReward's start is a collective: every
         rank starts the same components in the same order)."""
         for reward in self.rewards.values():
-            if callable(getattr(reward, "start", None)):
-                reward.start(trainer)
+            start_reward(reward, trainer)
 
     def close(self) -> None:
         for reward in self.rewards.values():
-            if callable(getattr(reward, "close", None)):
-                reward.close()
+            close_reward(reward)
 
     @staticmethod
     def _groups(samples: Sequence[SpeechSample]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ..llasa import TOKENS_PER_SECOND, XCODEC2_CODEBOOK_SIZE
-from .base import OK, RewardResult, SpeechSample, code_reason
+from .base import OK, RewardBase, RewardResult, SpeechSample, code_reason
 from .text import base_language
 
 DEFAULT_RATES = {"en": 12.0, "zh": 4.5, "ko": 6.5}
@@ -48,7 +48,7 @@ def duration_score(ratio: torch.Tensor, tolerance: float, softness: float) -> to
     return torch.exp(-(excess / softness).square())
 
 
-class DurationReward:
+class DurationReward(RewardBase):
     """Reward 1 inside a window around the expected duration of the text, a smooth penalty outside (module doc)."""
 
     def __init__(

@@ -40,7 +40,7 @@ import torch
 
 from ..llasa import XCODEC2_CODEBOOK_SIZE
 from .audio import resample
-from .base import OK, RewardResult, SpeechSample, code_reason
+from .base import OK, RewardBase, RewardResult, SpeechSample, code_reason
 from .codec import SpeechDecoder, XCodec2Decoder
 
 SAMPLE_RATE = 16_000
@@ -82,7 +82,7 @@ def windows(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
                      if audio[i * sample_rate : i * sample_rate + length].size == length]).astype(np.float32)
 
 
-class DNSMOSReward:
+class DNSMOSReward(RewardBase):
     """Reward = DNSMOS P.835 overall MOS mapped to [0, 1] (module docstring)."""
 
     def __init__(

@@ -8,7 +8,7 @@ Whisper large-v3 and X-codec2 load onto the third GPU and score one after the ot
         class_path: lightning_grpo.reward.owner.SharedReward
         init_args:
           reward:                                   # the real reward, built only in the owner
-            class_path: lightning_grpo.reward.module.WhisperReward
+            class_path: lightning_grpo.reward.whisper.WhisperReward
             init_args: {whisper_model: large-v3, device: cuda:2, dtype: float16, batch_size: 32}
 
 `--rollout.reward.reward.beta_c 2` overrides a key of the real reward. With `mode: auto` (the default) a node
@@ -57,7 +57,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import httpx
 
-from .base import Reward, RewardResult, SpeechSample
+from .base import Reward, RewardBase, RewardResult, SpeechSample
 from .client import RemoteReward
 from .spec import RewardSpec, describe
 
@@ -70,7 +70,7 @@ _RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 _LOG_TAIL_LINES = 20
 
 
-class SharedReward:
+class SharedReward(RewardBase):
     """One reward per node for every training rank: an owner process, or this process when one rank trains."""
 
     def __init__(

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 
 from ..llasa import XCODEC2_CODEBOOK_SIZE
-from .base import OK, RewardResult, SpeechSample, code_reason
+from .base import OK, RewardBase, RewardResult, SpeechSample, code_reason
 from .codec import SpeechDecoder, XCodec2Decoder
 from .prosody import prosody_stats
 
@@ -64,7 +64,7 @@ def read_floors(path: str | Path, floor_scale: float) -> dict[str, float]:
     return {text: floor_scale * statistics.median(v) for text, v in spreads.items()}
 
 
-class ProsodyFloorReward(torch.nn.Module):
+class ProsodyFloorReward(torch.nn.Module, RewardBase):
     """Reward = min(1, voiced-F0 spread / the reference's floor for the text) (module docstring)."""
 
     def __init__(

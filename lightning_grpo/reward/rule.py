@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 
-from .base import OK, RewardResult, SpeechSample
+from .base import OK, RewardBase, RewardResult, SpeechSample
 
 
-class RuleReward:
+class RuleReward(RewardBase):
     def __init__(
         self,
         codes_per_char: float = 1.0,

@@ -76,7 +76,7 @@ def build_whisper_reward(model: str, device: str, codec: str | None, language: s
 
     language None keeps WhisperReward's default; "auto" detects the language per sample.
     """
-    from .module import WhisperReward
+    from .whisper import WhisperReward
 
     kwargs: dict[str, Any] = {"whisper_model": model, "device": device, "batch_size": batch_size, "dtype": dtype}
     if codec is not None:

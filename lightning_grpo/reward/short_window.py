@@ -6,7 +6,7 @@ small world, examples/small_world/) that is ~90% padding and ~90% of the reward'
 encoder's positional embedding, as whisper.cpp's `audio_ctx` option does. It is the same Whisper and
 the same reward, guards and shaping; only the padding it attends to is shorter. Measured on the small world's
 48 held-out sentences spoken with their correct codes (tiny.en): mean capped CER 0.088 with an 8 s window and
-0.103 with 5 s, against about 0.12 with the full 30 s (on an earlier version of the vocabulary), at about a
+0.103 with 5 s, against about 0.12 with the full 30 s (measured with a different unit vocabulary), at about a
 third of the encoder time with 8 s.
 Audio longer than the window scores 0 with reason `too_long`, never silently cut.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import WhisperReward
+from .whisper import WhisperReward
 
 MEL_FRAMES_PER_SECOND = 100  # Whisper: hop 160 at 16 kHz
 ENCODER_STRIDE = 2  # conv2 halves the frames

@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..llasa import XCODEC2_CODEBOOK_SIZE
 from .audio import load_wav, resample
-from .base import OK, RewardResult, SpeechSample, code_reason
+from .base import OK, RewardBase, RewardResult, SpeechSample, code_reason
 from .codec import SpeechDecoder, XCodec2Decoder
 from .speaker_encoder import GE2EEncoder, SpeakerEncoder
 
@@ -62,7 +62,7 @@ def reference_key(s: SpeechSample) -> ReferenceKey | None:
     return None
 
 
-class SpeakerSimilarityReward(torch.nn.Module):
+class SpeakerSimilarityReward(torch.nn.Module, RewardBase):
     """Reward = cosine similarity of speaker embeddings of the generated and the reference speech (module doc)."""
 
     def __init__(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_grpo.reward import Reward, SpeechSample
-from lightning_grpo.reward.module import WhisperReward
+from lightning_grpo.reward.whisper import WhisperReward
 from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak
 
 torch.set_num_threads(2)
@@ -172,7 +172,7 @@ def test_yaml_config_with_class_path_builds_the_reward():
     config = yaml.safe_load(
         """
         reward:
-          class_path: lightning_grpo.reward.module.WhisperReward
+          class_path: lightning_grpo.reward.whisper.WhisperReward
           init_args:
             whisper_model: tiny.en-ct2
             device: cpu

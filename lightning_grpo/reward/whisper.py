@@ -50,7 +50,7 @@ from whisper.utils import compression_ratio
 
 from ..llasa import XCODEC2_CODEBOOK_SIZE
 from . import asr
-from .base import OK, RewardResult, SpeechSample, code_reason
+from .base import OK, RewardBase, RewardResult, SpeechSample, code_reason
 from .codec import SpeechDecoder, XCodec2Decoder
 from .prosody import ProsodyStats, prosody_metrics, prosody_stats
 from .shaping import harmonic_reward, u_cer, u_nll
@@ -74,7 +74,7 @@ def cast_whisper(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-class WhisperReward(lightning.LightningModule):
+class WhisperReward(lightning.LightningModule, RewardBase):
     """Reward = weighted harmonic mean of 1 - tanh(beta_c * CER) and exp(-NLL / tau_n), from Whisper."""
 
     def __init__(
@@ -127,8 +127,10 @@ class WhisperReward(lightning.LightningModule):
                 treated as empty (CER 1); Whisper hallucinates "you" on near-silence otherwise.
             max_transcript_tokens: greedy decoding stops after this many tokens (Whisper's cap is 224).
             compression_ratio_threshold: a transcript whose text so far compresses better than this
-                (gzip ratio; openai-whisper's transcribe uses 2.4) is a loop: decoding of that sample
-                stops and it scores 0 as "repetition". None turns the guard off.
+                (gzip ratio; openai-whisper's transcribe uses 2.4), or than 1.5 times its ground truth's own
+                ratio where that is higher, is a loop: decoding of that sample stops, its reason is
+                "repetition" and it is scored normally on the transcript decoded so far. None turns the
+                guard off.
             cer_normalization: text rules before CER (see `reward.text`): "full" (script, numerals,
                 punctuation and spacing per language), "seed_tts" (Seed-TTS-eval's processing, for
                 comparison with published tables) or "raw" (none, as the original recipe).
