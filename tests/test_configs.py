@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_grpo.rehearse import ranks as rehearsal_ranks
 from lightning_grpo.cli import GRPOCLI, build_cli, flatten_config
 from lightning_grpo.data import PromptDataModule
 from lightning_grpo.policy import GRPOPolicy
@@ -295,7 +296,7 @@ def rewards_built_per_rank(node, inside_owner=False, key="rollout.reward"):
 def test_a_multi_rank_config_builds_its_model_rewards_once_per_node(path):
     """One Whisper (or speaker encoder) per node, in a SharedReward owner or behind a server: never one per rank."""
     raw = yaml.safe_load(path.read_text())
-    ranks = int(raw["trainer"].get("devices", 1)) * int(raw["trainer"].get("num_nodes", 1))
+    ranks = rehearsal_ranks(raw["trainer"])
     per_rank = rewards_built_per_rank(raw["rollout"]["reward"])
     assert ranks == 1 or not per_rank, f"{path.name} trains on {ranks} ranks and builds {per_rank} in each"
 
