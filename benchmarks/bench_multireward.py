@@ -13,7 +13,7 @@ SIM decodes no generated sample again. Its references (2, one per prompt) come t
 (prompt_wav, read and embedded), codes (prompt_codes, decoded by the real-size codec and embedded), and cached
 (the same references a second time: no work). Modes alternate, `--repeats` rounds, medians reported.
 
-    python benchmarks/bench_multireward.py            # prints a markdown section (BENCHMARKS.md section 12)
+    python benchmarks/bench_multireward.py            # prints a markdown section (BENCHMARKS.md, "Multi-reward")
     python benchmarks/bench_multireward.py --smoke    # seconds: tiny sizes, checks the script runs
 """
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> str:
     by_name = {r[0]: r for r in sim_rows}
     names = list(by_name)
     text = "\n".join([
-        "## Multi-reward cost: SIM throughput, SIM + duration beside Whisper (issue 15)",
+        "## Multi-reward cost: SIM throughput, SIM + duration beside Whisper",
         "",
         f"`python benchmarks/bench_multireward.py{' --smoke' if args.smoke else ''}` — {args.samples} samples, "
         f"{args.threads} torch threads, median of {args.repeats} alternating round(s). Machine: {info['cpu']}, "

@@ -71,7 +71,7 @@ def main() -> None:
     rows = [row for case in cases for row in run_case(case, 2 if args.smoke else None, 1 if args.smoke else 2)]
     info = machine_info()
     lines = [
-        "## Repetition guard (issue 20)",
+        "## Repetition guard",
         "",
         f"`python benchmarks/bench_repetition.py{' --smoke' if args.smoke else ''}`, {args.threads} torch thread(s); "
         f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs (load avg {info['load_avg_1m']}), "

@@ -220,7 +220,7 @@ def main() -> None:
     else:
         inputs = "converted to openai-whisper; espeak-ng speech, greedy" + (f", decoding fixed at {fixed} tokens" if fixed else "")
     text = "\n".join([
-        "## Reward throughput (issue 3)",
+        "## Reward throughput",
         "",
         f"`python benchmarks/bench_reward.py{flags}` — {n} samples, Whisper `{args.whisper}` ({inputs}, {args.dtype}), "
         f"device {args.device}, {args.threads} torch threads; "

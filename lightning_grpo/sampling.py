@@ -156,7 +156,7 @@ class Sampler(Protocol):
 
         step: the number of training rollouts made before this call (0, 1, ...; a resumed run
         continues the count), in training and in validation alike, so a sampler can schedule work
-        such as weight syncs every k rollouts. A rollout is one training step (README, "Steps").
+        such as weight syncs every k rollouts. A rollout is one training step (docs/workflow.md, "Steps").
 
         allowed_token_ids: when given, every other token has probability 0 (LLaSA: the speech
         tokens and the stop token), and the trainer scores log-probs over the same set.

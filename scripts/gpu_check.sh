@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU acceptance run: one command for a lent GPU machine, at most 8 minutes on an H200 (README, "GPU
+# The GPU acceptance run: one command for a lent GPU machine, at most 8 minutes on an H200 (docs/gpu.md, "GPU
 # acceptance run"). Here: `bash scripts/gpu_wheels.sh`; then the device tool's `run` with carry [".gpu_wheels"],
 # command `bash scripts/gpu_check.sh`, timeout_s 560. Everything lands under $OUT (7 files; at most 8 come back):
 #   results.json    every stage's status, seconds and figures, rewritten as each stage ends (partial results)

@@ -115,7 +115,7 @@ def test_bench_lora_memory_smoke(tmp_path):
 
 
 def test_bench_multireward_smoke(tmp_path):
-    """Both tables of BENCHMARKS.md section 12 come out, the composite scored every sample, and SIM compared voices."""
+    """Both tables of BENCHMARKS.md, "Multi-reward" come out, the composite scored every sample, and SIM compared voices."""
     import bench_multireward
 
     text = bench_multireward.main(["--smoke", "--out", str(tmp_path / "multi.md")])

@@ -122,7 +122,7 @@ def test_gather_over_ranks_is_one_helper_and_the_identity_in_one_process():
     assert gather_from_ranks({"a": 1}) == [{"a": 1}] and concat_from_ranks([1, 2]) == [1, 2]
     package = ROOT / "lightning_grpo"
     direct = [p.name for p in package.rglob("*.py") if "all_gather_object(" in p.read_text() and p.name != "distributed.py"]
-    assert direct in ([], ["vllm_sampler.py"]), direct  # vllm_sampler gathers over a TP subgroup (issue 18's file)
+    assert direct in ([], ["vllm_sampler.py"]), direct  # vllm_sampler gathers over a TP subgroup
 
 
 def test_the_codebook_size_is_defined_once():

@@ -4,7 +4,7 @@ A shortened run of the small world (examples/small_world/config.yaml): seed 0, 3
 before (the warm-started policy) and one after, on the 48 held-out sentences, one sample each.
 Headline metric: capped CER, the mean of min(CER, 1) (see lightning_grpo/reward/capped_cer.py).
 
-Measured on the 2-core dev CPU (BENCHMARKS.md section 7 has the full 60-rollout runs, five seeds):
+Measured on the 2-core dev CPU (BENCHMARKS.md, "Small world learns" has the full 60-rollout runs, five seeds):
     capped CER 0.348 -> 0.220 (-37%) in 30 rollouts (3m55s on 2 cores, beside the CI suite); held-out unit
     error of the codes alone (no Whisper) 0.37 -> 0.16 sampled, 0.15 -> 0.05 near-greedy. (Before the
     data loaders got their own generators the same seed drew other validation samples: 0.401 -> 0.241.)

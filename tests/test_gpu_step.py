@@ -207,7 +207,7 @@ def test_cuda_rng_states_of_more_gpus_than_visible_restore_without_error():
 @pytest.mark.gpu
 def test_step_memory_budget_predicts_the_peak_allocated_on_cuda(tmp_path):
     """benchmarks/bench_step_memory.py's check on a GPU: the budget's terms against the step's peak allocated
-    bytes (fused AdamW, bf16-mixed, the real 193,800-row vocabulary at a small width); BENCHMARKS.md section 9
+    bytes (fused AdamW, bf16-mixed, the real 193,800-row vocabulary at a small width); BENCHMARKS.md, "Per-GPU memory budget"
     rests on these formulas."""
     import json
     import subprocess

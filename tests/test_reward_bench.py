@@ -14,7 +14,7 @@ def test_reward_benchmark_smoke_runs_and_reports_all_modes(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert text.startswith("## Reward throughput (issue 3)")
+    assert text.startswith("## Reward throughput")
     for row in ("original server", "WhisperReward, 1 per call", "WhisperReward, batch 1"):
         assert row in text
     assert "Largest reward difference batched vs 1 per call: 0.0e+00" in text
@@ -28,6 +28,6 @@ def test_repetition_benchmark_smoke_reports_guard_on_and_off(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert text.startswith("## Repetition guard (issue 20)")
+    assert text.startswith("## Repetition guard")
     assert "| english | on | 2 |" in text and "| english | off | 2 |" in text
     assert re.search(r"english: (\d+) -> \1 decoding steps \(0 saved", text)  # nothing loops: no step differs

@@ -25,7 +25,7 @@ from reward_fixtures import SENTENCES, StoredAudioDecoder, espeak
 
 # Three clearly different espeak-ng voices (male default, female variant, klatt synthesis); en-gb+m3, by contrast,
 # is close enough to en-us that GE2E rates them as one speaker. Measured over the 36 cases: worst margin 0.082,
-# mean 0.262 (same voice 0.85-0.93, other voice 0.49-0.77); BENCHMARKS.md section 12.
+# mean 0.262 (same voice 0.85-0.93, other voice 0.49-0.77); BENCHMARKS.md, "Multi-reward".
 VOICES = ("en-us", "en-us+f3", "en-us+klatt2")
 
 

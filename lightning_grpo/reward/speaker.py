@@ -7,7 +7,7 @@ The reference audio is the row's recording (`prompt_wav`) when it names one, els
 (`prompt_codes`) decoded with this reward's codec. Published SIM numbers (Seed-TTS-eval, arXiv 2511.21270)
 use WavLM-large fine-tuned for speaker verification; the default encoder here is the GE2E d-vector model
 PyPI resemblyzer ships (reward/speaker_encoder.py), which runs offline on a CPU. Its cosine is on another
-scale (same espeak-ng voice 0.85-0.93, other voices 0.49-0.77; BENCHMARKS.md section 12) and not comparable
+scale (same espeak-ng voice 0.85-0.93, other voices 0.49-0.77; BENCHMARKS.md, "Multi-reward") and not comparable
 with papers' figures; bring a WavLM or ECAPA encoder through the `SpeakerEncoder` seam for those (`encoder:`
 class_path, e.g. speaker_encoder.HFXVectorEncoder).
 
@@ -22,7 +22,7 @@ repeat every epoch). Guards, each reward 0 with a reason and `sim` not measured 
     silent_reference  the reference clip (recording or decoded codes) is below `silence_rms`: any voice would
                    "match" an embedding of silence, so there is nothing to compare with
     short_reference   the reference clip is shorter than `min_reference_seconds` (1.5 s): a GE2E d-vector of
-                   less speech no longer tells voices apart (measured in BENCHMARKS.md, "Reward fidelity 2")
+                   less speech no longer tells voices apart (measured in BENCHMARKS.md, "Reward fidelity on real data")
     bad_reference  the reference recording cannot be read (missing, not audio); a warning names it once, and
                    only its rows fail: the other rows of the call are scored
 All G completions of a prompt share its reference, so `no_reference` and the reference's own reasons
@@ -47,7 +47,7 @@ from .speaker_encoder import GE2EEncoder, SpeakerEncoder
 
 ReferenceKey = tuple[str, tuple[int, ...] | str]
 # From 1.25 s on, no same-voice reference scored below a whole-sentence other voice (GE2E, 3 espeak-ng voices x
-# 4 sentences; at 1.0 s, 7 of 36 did); 1.5 s keeps one measured step of margin (BENCHMARKS.md, "Reward fidelity 2").
+# 4 sentences; at 1.0 s, 7 of 36 did); 1.5 s keeps one measured step of margin (BENCHMARKS.md, "Reward fidelity on real data").
 MIN_REFERENCE_SECONDS = 1.5
 # Verdicts on a reference clip that hold until it changes, so they are cached like embeddings.
 CACHED_REASONS = ("silent_reference", "short_reference")

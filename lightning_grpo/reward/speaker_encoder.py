@@ -7,8 +7,8 @@ the last kept when 75% covered), each partial embedded, the mean re-normalised. 
 with `--no-deps` (scripts/setup.sh): only its weights file is read, by this module's own LSTM, mel frontend
 and silence trimming, so librosa and scipy (resemblyzer's dependencies) are not needed; webrtcvad is.
 
-How it departs from resemblyzer (measured against resemblyzer itself in BENCHMARKS.md, section 12 and
-"Reward fidelity 2"):
+How it departs from resemblyzer (measured against resemblyzer itself in BENCHMARKS.md, "Multi-reward" and
+"Reward fidelity on real data"):
 - the mel frontend (hann STFT, 25 ms / 10 ms, Slaney mel filterbank, power, no log) is librosa's, rebuilt in
   torch; on the same waveform the embedding matches resemblyzer's;
 - long silences are found by resemblyzer's detector (webrtcvad, mode 3, on 30 ms windows), with its smoothing
@@ -191,7 +191,7 @@ class GE2EEncoder(nn.Module):
             vad: what finds them: "webrtc", resemblyzer's own detector (webrtcvad, PyPI webrtcvad-wheels), which
                 holds on noisy recordings; "energy", windows within `silence_threshold_db` of the loudest, no
                 extra package, equal on clean audio but trims nothing over a noise floor of -50 dBFS or louder
-                (BENCHMARKS.md, "Reward fidelity 2").
+                (BENCHMARKS.md, "Reward fidelity on real data").
             silence_threshold_db: for vad="energy": a 30 ms window is voiced within this many dB of the loudest.
             max_partials_per_batch: 1.6 s partials per LSTM call; bounds activation memory on long batches.
         """
