@@ -470,5 +470,20 @@ def main(argv: list[str]) -> None:
     if not any(w in ("-c", "--config") or w.startswith("--config=") for w in words):
         raise SystemExit("usage: python -m lightning_grpo rehearse [--rehearse_dir DIR] [--max_processes N] "
                          "--config X.yaml [fit overrides]")
+    for i, word in enumerate(words):
+        path = word.partition("=")[2] if word.startswith("--config=") else (words[i + 1] if word in ("-c", "--config") and i + 1 < len(words) else "")
+        if path and is_preference_config(Path(path)):
+            raise SystemExit(f"rehearse: {path} is a preference (DPO) round, run by `python -m lightning_grpo dpo fit`; "
+                             "rehearse covers the GRPO configs. A DPO round on the CPU: `dpo fit --config "
+                             f"{path} --data.train_pairs PAIRS.parquet --trainer.max_steps 2`")
     out = out or Path(tempfile.mkdtemp(prefix="rehearsal_"))
     sys.exit(rehearse(words, out.resolve(), max_processes))
+
+
+def is_preference_config(path: Path) -> bool:
+    """A config of `dpo fit` (model.objective: dpo), which the GRPO CLI does not parse."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the CLI reports it
+    return isinstance(config, dict) and (config.get("model") or {}).get("objective") == "dpo"

@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from lightning_grpo.rehearse import (ENGINE, TINY_MODEL, TINY_WHISPER, RehearsalEngine, Substitutions, memory_plan,
-                                     parsed_config, ranks, warnings_in)
+from lightning_grpo.rehearse import (ENGINE, TINY_MODEL, TINY_WHISPER, RehearsalEngine, Substitutions,
+                                     is_preference_config, memory_plan, parsed_config, ranks, warnings_in)
 from lightning_grpo.vllm_engine import EngineConfig, SampleRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [*sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml"),
+CONFIGS = [*sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml" and not is_preference_config(p)),
            ROOT / "examples" / "small_world" / "config.yaml"]
 
 
@@ -125,3 +125,11 @@ def test_warnings_are_collected_once_per_source_line():
             '  File "/a/x.py", line 3, in f\n')
     assert warnings_in(text) == ["UserWarning: first (x2)", "JsonargparseWarning: Unable to serialize",
                                  "wandb: WARNING offline", "It is recommended to use `self.log('val/a', ..., sync_dist=True)` (x2)"]
+
+
+def test_a_preference_config_is_named_as_one_for_dpo_fit(tmp_path):
+    """`rehearse` covers GRPO configs; a DPO round's config (model.objective: dpo) stops with the command that runs it."""
+    dpo = sorted(p for p in (ROOT / "configs").glob("*.yaml") if is_preference_config(p))
+    assert dpo, "configs/ ships a DPO round config"
+    proc = rehearse(tmp_path, "--config", str(dpo[0]))
+    assert proc.returncode != 0 and "dpo fit" in proc.stderr and dpo[0].name in proc.stderr
