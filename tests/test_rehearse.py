@@ -29,13 +29,10 @@ def rehearse(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-# The flagship config in every run (an owner process, FSDP2, VLLMSampler, W&B, audio, a resume: about 40 s of CPU
-# on 2 cores); each other config takes 40 s to 2 min of CPU, so they run with `-m slow`.
-DEFAULT = "llasa1b_original.yaml"
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=() if p.name == DEFAULT else pytest.mark.slow) for p in CONFIGS],
-                         ids=lambda p: p.parent.name if p.name == "config.yaml" else p.stem)
+# Each config takes 25 s to 2 min of CPU (an owner process, FSDP2, a resume ...): they run with `-m slow`, which
+# `.ci/run` runs after the default suite, so CI rehearses every shipped config.
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name if p.name == "config.yaml" else p.stem)
 def test_every_config_rehearses_on_this_cpu(path, tmp_path):
     proc = rehearse(tmp_path, "--config", str(path))
     report = proc.stdout
