@@ -29,6 +29,7 @@ from common import markdown_table  # noqa: E402
 #            gpu_memory_utilization, GB per GPU as the config's header names the card)
 SHIPPED = {
     "llasa1b_original.yaml": ("LLaSA-1B", 2, False, 4, 0.6, 48.0),
+    "llasa1b_prosody.yaml": ("LLaSA-1B", 2, False, 4, 0.6, 48.0),
     "llasa1b_server.yaml": ("LLaSA-1B", 0, False, 4, 0.3, 48.0),
     "llasa1b_multireward.yaml": ("LLaSA-1B", 0, False, 4, 0.3, 48.0),
     "llasa3b_fsdp.yaml": ("LLaSA-3B", 2, False, 4, 0.3, 48.0),

@@ -95,7 +95,8 @@ def test_killed_owner_stops_scoring_with_an_error_naming_its_log(tmp_path):
 
 def test_an_owner_that_cannot_build_its_reward_stops_setup_naming_the_log(tmp_path):
     reward = SharedReward(functools.partial(FailingReward, "CUDA out of memory while loading Whisper"), mode="process")
-    with pytest.raises(RuntimeError, match="exited with code 1") as err:  # the owner stops rather than answer 503
+    # the owner stops rather than answer 503 forever; a rank may read its exit or its last 503 first
+    with pytest.raises(RuntimeError, match="exited with code 1|HTTP 503") as err:
         reward.start(fake_trainer(tmp_path))
     msg = str(err.value)
     assert "CUDA out of memory while loading Whisper" in msg and str(tmp_path / "reward_owner" / "node0.log") in msg
