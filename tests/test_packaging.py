@@ -38,8 +38,9 @@ def test_pyproject_declares_what_the_requirements_files_pin(extra):
 
 
 def test_the_declared_set_resolves_in_the_test_environment():
-    """pip's resolver accepts the core set and the dev extra (what setup.sh installs) against what is installed here (no index:
-    nothing is downloaded), so the pins agree with each other and with the environment the tests run in."""
+    """pip's resolver accepts the core set and the dev extra (what setup.sh installs) against what is installed
+    here (no index: nothing is downloaded), so the pins agree with each other and with the environment the tests
+    run in."""
     args = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation", "--quiet",
             "--report", "-", f"{ROOT}[dev]"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240)
