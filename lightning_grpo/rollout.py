@@ -338,6 +338,8 @@ class GRPORollout(L.Callback):
                 trainer, pl_module, batch, batch_idx, self.train_rollouts, self._next_batch_source(trainer)), None
         else:
             batch["rollout"], self.step_counts = self.start_rollout(pl_module, batch, self.group_size, self.train_rollouts), None
+        # updates between the weights that drew these samples and the weights that train on them: 0 unless one-step-off
+        batch["rollout"].sampler_metrics.setdefault("rollout/staleness", 0.0)
         self.train_rollouts += 1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

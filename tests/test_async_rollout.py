@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import threading
 
 import lightning as L
 import pytest
@@ -14,6 +15,7 @@ from test_checkpoint import KillAt, Killed, cli_fit, logged_steps
 from test_ddp import ddp
 from test_owner_ddp import ddp as ddp_process
 
+from lightning_grpo.async_rollout import THREAD_NAME
 from lightning_grpo.checkpointing import StepCheckpoint
 from lightning_grpo.data import PromptDataModule
 from lightning_grpo.policy import GRPOPolicy
@@ -54,12 +56,13 @@ class FailsAt(HFSampler):
 
 
 def run(root, max_steps, every=None, kill_at=None, ckpt_path=None, max_train_samples=None, val_every=None,
-        sampler=None):
+        sampler=None, async_steps=1):
     L.seed_everything(0)
     record = Record()
     callbacks = [KillAt(kill_at),
                  GRPORollout(sampler or HFSampler(max_new_tokens=8, return_logprobs=True, temperature=1.0),
-                             RuleReward(codes_per_char=0.3, band=(0, 16)), group_size=2, truncation="keep", async_steps=1),
+                             RuleReward(codes_per_char=0.3, band=(0, 16)), group_size=2, truncation="keep",
+                             async_steps=async_steps),
                  record]
     if every:
         callbacks.append(StepCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=every))
@@ -99,6 +102,22 @@ def test_each_step_trains_on_samples_drawn_by_the_weights_of_one_update_before(t
         assert gap(rec.rollouts[t], rec.weights[t]) > 1e-3, t  # and trained by weights that moved since
     # each step's prompts are the loader's, in the loader's order: the next batch was predicted right
     assert len(set(rec.prompts)) == steps
+
+
+def test_synchronous_steps_train_on_samples_of_their_own_weights_with_no_generator_thread(tmp_path):
+    """`async_steps 0` is today's loop: every step's samples come from the weights that step starts from, and no
+    generator thread is started."""
+    steps = 3
+    _, policy, rec = run(tmp_path, steps, async_steps=0)
+    assert rec.staleness == [0.0] * steps
+    assert not any(t.name == THREAD_NAME for t in threading.enumerate())
+    model = copy.deepcopy(policy.policy)
+    for t in range(steps):
+        model.load_state_dict(rec.weights[t])
+        r = rec.rollouts[t]
+        logp = policy.completion_logprobs(model, r, slice(0, len(r.texts)))
+        assert (logp - r.sampler_logprobs)[r.completion_mask.bool()].abs().max().item() < 1e-4, t
+    assert any((rec.weights[t][k] != rec.weights[t + 1][k]).any() for t in range(steps - 1) for k in rec.weights[t])
 
 
 @pytest.mark.parametrize(
