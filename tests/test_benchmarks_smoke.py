@@ -195,5 +195,5 @@ def test_bench_async_smoke(tmp_path):
     table = run_script("bench_async.py", "--generators", "sleep", "--out", str(out))
     assert "| sleep | synchronous |" in table and "| sleep | one-step-off |" in table
     runs = json.loads(out.read_text())["sleep"]
-    assert runs["0"][0]["staleness"] == [None] * 4 and runs["1"][0]["staleness"] == [0.0, 1.0, 1.0, 1.0]
+    assert runs["0"][0]["staleness"] == [0.0] * 4 and runs["1"][0]["staleness"] == [0.0, 1.0, 1.0, 1.0]
     assert all(r[0]["timing/generate"] > 0 and r[0]["step_wall"] > 0 for r in runs.values())
