@@ -185,3 +185,34 @@ def test_a_config_built_engine_factory_ships_to_the_generator_as_a_plain_class(t
         pickle.dumps(inner)
     shipped = pickle.loads(pickle.dumps(generator.shippable(inner)))
     assert shipped.engine_factory.func is RehearsalEngine and inner.engine_factory is not shipped.engine_factory
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL pair group needs two GPUs (trainer on cuda:0, "
+                    "generator on cuda:1); NCCL refuses two ranks on one device")
+def test_nccl_transfer_between_two_gpus_samples_from_the_sent_weights(tmp_path):
+    """The disaggregated layout on GPUs: the weights go over NCCL (not gloo), the per-tensor check passes, and the
+    generator's log-probs of what it sampled are the sent policy's own."""
+    from lightning_grpo.vllm_sampler import policy_logprobs
+
+    module = fake_module()
+    module.device = torch.device("cuda:0")
+    gen = GeneratorProcess(HFSampler(max_new_tokens=6, temperature=1.0, return_logprobs=True), device="cuda:1",
+                           log_dir=str(tmp_path))
+    gen.setup(module)
+    try:
+        assert gen._backend == "nccl"
+        model, tok = load_model_and_tokenizer(BUILTIN_TINY)
+        model = model.to("cuda:0")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        prompt = tok("<|TEXT_UNDERSTANDING_START|>hi")["input_ids"]
+        stop = tok.convert_tokens_to_ids("<|SPEECH_GENERATION_END|>")
+        comps = gen.sample(model, [prompt], 2, stop, 0)
+        assert gen.metrics["sync/transferred_tensors"] > 0
+        for ids, lps in zip(comps.ids, comps.logprobs):
+            want = policy_logprobs(model, prompt + ids, len(prompt))
+            assert torch.allclose(torch.tensor(lps), torch.tensor(want), atol=1e-3)
+    finally:
+        gen.close()
