@@ -2,9 +2,9 @@
 
 The world is the tiny model with the tone codec (lightning_grpo/reward/tone.py: codes are pitches, a few are noise
 frames, ToneReward's "CER" is the share of noise frames). The scripted rater listens as a person would: through the
-page's HTTP API it fetches the two samples of each pair as wavs, measures their pitch movement
-(reward/prosody.py's f0_std_st, Praat's pitch: f0 std in semitones) and prefers the livelier one (a tie within `--margin` semitones). Each
-round runs the commands a researcher runs:
+page's HTTP API it fetches the two samples of each pair as wavs, measures their pitch movement (reward/prosody.py's
+f0_std_st, Praat's pitch: f0 std in semitones) and prefers the livelier one (a tie within `--margin` semitones).
+Each round runs the commands a researcher runs:
 
     pairs --config configs/tiny_preference.yaml --ckpt <round start> --data builtin:en --data.val_split train
     label --pairs ... --db ... --rater script        (the page's app; --serve: a real server process)

@@ -3,8 +3,9 @@
 The same LightningCLI as GRPO's `fit` (model: GRPOPolicy, the same trainer, strategies, loggers and logged config),
 with `data:` a PreferenceDataModule of labelled pairs instead of prompts and `--model.objective dpo` by default.
 Nothing is sampled to train; the optional `rollout:` group (validation_rollout.ValidationRollout: a sampler and a
-reward, as GRPO's) samples `--data.val_prompts` at each validation and logs them as GRPO's validation does. The round's starting model is `--model.model_name_or_path` (an exported
-checkpoint: `python -m lightning_grpo export`), which is also the frozen DPO reference.
+reward, as GRPO's) samples `--data.val_prompts` at each validation and logs them as GRPO's validation does. The
+round's starting model is `--model.model_name_or_path` (an exported checkpoint: `python -m lightning_grpo export`),
+which is also the frozen DPO reference.
 """
 
 from __future__ import annotations

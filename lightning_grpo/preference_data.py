@@ -218,9 +218,9 @@ class PreferenceDataModule(L.LightningDataModule):
         """The held-out pairs' loader, then the held-out prompts' (each where there are any)."""
         loaders = []
         if self.val_rows:
-            loaders.append(DataLoader(_Rows(self.val_rows), batch_size=self._per_rank("val_pairs_per_step"), shuffle=False,
-                                      collate_fn=partial(collate_pairs, max_prompt_length=self.max_prompt_length),
-                                      num_workers=self.num_workers))
+            loaders.append(DataLoader(_Rows(self.val_rows), batch_size=self._per_rank("val_pairs_per_step"),
+                                      shuffle=False, num_workers=self.num_workers,
+                                      collate_fn=partial(collate_pairs, max_prompt_length=self.max_prompt_length)))
         if self.val_prompt_rows:
             loaders.append(DataLoader(_Rows(self.val_prompt_rows), batch_size=self._per_rank("val_prompts_per_step"),
                                       shuffle=False, collate_fn=collate_prompts, num_workers=self.num_workers))
