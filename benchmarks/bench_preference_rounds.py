@@ -2,9 +2,9 @@
 
 The world is the tiny model with the tone codec (lightning_grpo/reward/tone.py: codes are pitches, a few are noise
 frames, ToneReward's "CER" is the share of noise frames). The scripted rater listens as a person would: through the
-page's HTTP API it fetches the two samples of each pair as wavs, measures their pitch movement
-(prosody.prosody_stats: f0 std in semitones) and prefers the livelier one (a tie within `--margin` semitones). Each
-round runs the commands a researcher runs:
+page's HTTP API it fetches the two samples of each pair as wavs, measures their pitch movement (reward/prosody.py's
+f0_std_st, Praat's pitch: f0 std in semitones) and prefers the livelier one (a tie within `--margin` semitones).
+Each round runs the commands a researcher runs:
 
     pairs --config configs/tiny_preference.yaml --ckpt <round start> --data builtin:en --data.val_split train
     label --pairs ... --db ... --rater script        (the page's app; --serve: a real server process)
@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests"), str(ROOT)]
 from lightning_grpo.cli import main  # noqa: E402
-from lightning_grpo.prosody import prosody_stats  # noqa: E402
+from lightning_grpo.reward.prosody import prosody_stats  # noqa: E402
 
 PAIRS_CONFIG = str(ROOT / "configs/tiny_preference.yaml")
 DPO_CONFIG = str(ROOT / "configs/tiny_dpo.yaml")
@@ -48,7 +48,7 @@ DPO_CONFIG = str(ROOT / "configs/tiny_dpo.yaml")
 def movement(wav_bytes: bytes) -> float:
     """Pitch movement (f0 std in semitones) of a wav; 0 for a sample without voiced frames."""
     wave, rate = soundfile.read(io.BytesIO(wav_bytes), dtype="float32")
-    value = prosody_stats(torch.from_numpy(wave), rate)["f0_std_semitones"]
+    value = float(prosody_stats([torch.from_numpy(wave)], [""], rate).values["f0_std_st"][0])
     return 0.0 if math.isnan(value) else value
 
 

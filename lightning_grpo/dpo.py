@@ -74,5 +74,7 @@ def dpo_loss(
 
 def summed_nll(token_logp: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
     """-(sum of masked log-probs) / num_tokens: (N, T), (N, T) -> (). With num_tokens the whole step's count of
-    chosen tokens, the micro-batches' terms add up to the step's token-mean NLL (TRL's `sft` loss on one batch)."""
+    chosen tokens, the micro-batches' terms add up to the step's token-mean NLL (TRL's `sft` loss on one batch);
+    under DDP, with grpo.token_mean_normaliser's count (all ranks' tokens / ranks), the ranks' averaged gradient is
+    that of the token mean over every rank's chosen tokens."""
     return -(token_logp * mask).sum() / max(num_tokens, 1.0)

@@ -1,9 +1,11 @@
 """`python -m lightning_grpo dpo {fit,validate} --config configs/tiny_dpo.yaml`: a preference round.
 
 The same LightningCLI as GRPO's `fit` (model: GRPOPolicy, the same trainer, strategies, loggers and logged config),
-with `data:` a PreferenceDataModule of labelled pairs instead of prompts, no `rollout:` group (nothing is sampled)
-and `--model.objective dpo` by default. The round's starting model is `--model.model_name_or_path` (an exported
-checkpoint: `python -m lightning_grpo export`), which is also the frozen DPO reference.
+with `data:` a PreferenceDataModule of labelled pairs instead of prompts and `--model.objective dpo` by default.
+Nothing is sampled to train; the optional `rollout:` group (validation_rollout.ValidationRollout: a sampler and a
+reward, as GRPO's) samples `--data.val_prompts` at each validation and logs them as GRPO's validation does. The
+round's starting model is `--model.model_name_or_path` (an exported checkpoint: `python -m lightning_grpo export`),
+which is also the frozen DPO reference.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from .cli import build_cli
 from .preference_data import PreferenceDataModule
+from .validation_rollout import ValidationRollout
 
 
 class DPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ValidationRollout, "rollout")
         parser.set_defaults({"model.objective": "dpo", "model.beta": 0.1})
 
     def before_fit(self) -> None:

@@ -9,7 +9,9 @@ pair's two samples are decoded with the reward's codec and written as wavs, with
     DIR/pairs.json       round_id, the checkpoint, the gate, counts (prompts, samples, passing, pairs)
     DIR/manifest.jsonl   one pair a line: pair_id, text, language, the voice-cloning reference if any, and
                          "a" / "b": codes, stopped, cer, reward, transcript, wav (relative path), prosody
-                         (prosody.prosody_stats: duration, voiced fraction, f0 mean / std / range, energy std)
+                         (duration_s and reward/prosody.py's statistics: f0 std / range in semitones, voiced
+                         fraction, energy std, speaking rate, pause fraction; null where not measured, and
+                         its reason: ok, too_short, silent, unvoiced, nonfinite)
     DIR/audio/<pair_id>_{a,b}.wav
 
 It runs like `evaluate` (a validate loop over `--data` with the fit config's trainer, model, sampler and reward):
@@ -36,7 +38,7 @@ from .batch import rollout_records
 from .distributed import concat_from_ranks
 from .evaluate import checkpoint_or_model
 from .llasa import parse_completion
-from .prosody import prosody_stats
+from .reward.prosody import prosody_stats
 from .rollout import GRPORollout
 
 
@@ -102,12 +104,15 @@ def write_pairs(pairs: list[dict[str, Any]], codec, out: Path, meta: dict[str, A
     with open(out / "manifest.jsonl", "w") as f:
         for pair in pairs:
             waves = codec.decode([pair["a"]["codes"], pair["b"]["codes"]])
-            for side, wave in zip("ab", waves):
+            stats = prosody_stats([w.detach().float().cpu() for w in waves], [pair["text"]] * 2, rate)
+            for i, (side, wave) in enumerate(zip("ab", waves)):
                 s = pair[side]
                 name = f"audio/{pair['pair_id']}_{side}.wav"
                 soundfile.write(out / name, wave.detach().float().cpu().clamp(-1, 1).numpy(), rate, subtype="PCM_16")
                 s["wav"] = name
-                s["prosody"] = {k: (v if math.isfinite(v) else None) for k, v in prosody_stats(wave, rate).items()}
+                values = {k: float(v[i]) for k, v in stats.values.items()}
+                s["prosody"] = {"duration_s": wave.numel() / rate, "reason": stats.reasons[i],
+                                **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
                 for key in ("reason", "truncated"):
                     s.pop(key, None)
             f.write(json.dumps(pair) + "\n")

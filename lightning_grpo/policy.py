@@ -253,7 +253,8 @@ class GRPOPolicy(PreferenceObjective, L.LightningModule):
                 and more GPUs are not at hand; `none` keeps everything on the GPUs. Not with LoRA. BENCHMARKS.md,
                 FSDP2.
             dpo_nll_weight: (dpo) weight of the chosen samples' token-mean NLL added to the DPO loss (RPO; TRL's
-                "sft" term): keeps the chosen samples likely while the rejected ones are pushed down. 0: off.
+                "sft" term): keeps the chosen samples likely while the rejected ones are pushed down. The mean is
+                over the step's chosen tokens on all ranks, as on one process. 0: off.
             dpo_cer_weight: (dpo) weight of a second DPO term that orders each pair by the gate's CER, scaled by
                 the CER gap (dpo.py): holds intelligibility where listeners chose the less intelligible sample.
                 Needs chosen_cer / rejected_cer in the pairs file. 0: off.
@@ -583,7 +584,8 @@ class GRPOPolicy(PreferenceObjective, L.LightningModule):
         if self.hparams.max_grad_norm:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # a DPO round may have two validation loaders (held-out pairs, held-out prompts); the batch says which
         if self.hparams.objective == "dpo":
             return self.preference_validation_step(batch)
         if "rollout" not in batch:
@@ -635,7 +637,8 @@ class GRPOPolicy(PreferenceObjective, L.LightningModule):
                      for s in self._micro_batches(r.input_ids.shape[0]))
         total, tokens = sum_over_ranks([summed, float(r.completion_mask.sum())], self.device)
         if tokens:
-            self.log("val/entropy", total / tokens, on_step=False, on_epoch=True, batch_size=int(tokens))
+            self.log("val/entropy", total / tokens, on_step=False, on_epoch=True, batch_size=int(tokens),
+                     add_dataloader_idx=False)
 
     def log_rollout_stats(self, r: Rollout, prefix: str, on_epoch: bool = False) -> None:
         """Exact statistics over all ranks' samples: rewards, reward metrics, lengths, reasons."""
@@ -665,10 +668,11 @@ class GRPOPolicy(PreferenceObjective, L.LightningModule):
         reasons = concat_from_ranks(list(r.reward_result.reasons))
         for reason, count in sorted(Counter(reasons).items()):
             stats[f"{prefix}/reason_{reason}"] = count / len(reasons)
-        # Already reduced over ranks above, so no sync_dist; every rank logs the same numbers.
+        # Already reduced over ranks above, so no sync_dist; every rank logs the same numbers. The names are the same
+        # whichever validation loader the rollout came from (a DPO round's held-out prompts are its second)
         self.log_dict(
             stats, on_step=not on_epoch, on_epoch=on_epoch, batch_size=len(reasons),
-            prog_bar=False, rank_zero_only=False,
+            prog_bar=False, rank_zero_only=False, add_dataloader_idx=False,
         )
         self.log(f"{prefix}/reward", stats[f"{prefix}/reward_mean"], prog_bar=True,
-                 on_step=not on_epoch, on_epoch=on_epoch, batch_size=len(reasons))
+                 on_step=not on_epoch, on_epoch=on_epoch, batch_size=len(reasons), add_dataloader_idx=False)

@@ -9,6 +9,9 @@ The file is what `python -m lightning_grpo label export` writes (label_store.py)
     chosen_cer, rejected_cer           the intelligibility gate's CER of each (optional; the CER term needs them)
     prompt_text, prompt_codes          a voice-cloning reference, as prompt rows carry it (optional)
 
+Held-out prompts (`val_prompts`, optional) are a second validation loader of prompt rows, as PromptDataModule's
+`val_data`: the `rollout:` group of `dpo fit` samples and scores them (validation_rollout.py).
+
 `pair_rollout` lays a batch out as the trainer's `Rollout` (batch.py): each pair's chosen row then its rejected row,
 each the LLaSA prompt followed by the sample's speech tokens, so the policy scores them with the same
 chunked log-prob pass (and FSDP2 path) as a GRPO rollout, over the same rows (speech tokens and the stop token).
@@ -20,14 +23,14 @@ import math
 import random
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from .batch import Rollout
-from .data import EpochPermutation, _Rows, _rows_from_file, parse_codes, reference_fields
+from .data import EpochPermutation, _Rows, _rows_from_file, collate_prompts, load_prompts, parse_codes, reference_fields
 from .llasa import LlasaVocab, codes_to_ids, encode_prompt
 from .reward.base import RewardResult
 
@@ -126,6 +129,10 @@ class PreferenceDataModule(L.LightningDataModule):
         max_prompt_length: int = 512,
         split_seed: int = 0,
         num_workers: int = 0,
+        val_prompts: str | None = None,
+        val_prompts_split: str = "test",
+        val_prompts_per_step: int = 8,
+        max_val_prompts: int | None = None,
     ) -> None:
         """
         Args:
@@ -138,6 +145,14 @@ class PreferenceDataModule(L.LightningDataModule):
             val_pairs_per_step: pairs per validation batch over all ranks.
             max_prompt_length: a longer prompt is an error naming the text (as `--rollout.max_prompt_length`).
             split_seed: the seed of the val_fraction split.
+            val_prompts: held-out prompts the `rollout:` group samples and scores at each validation (val/cer_mean,
+                val/prosody/*); the forms of PromptDataModule's val_data (`builtin:en`, a prompts file, a directory
+                with `{split}.parquet`, a HF datasets id). None: no sampled validation.
+            val_prompts_split: the split of val_prompts read (`builtin:en`'s test split is in no pairs file `pairs`
+                makes from its train split).
+            val_prompts_per_step: prompts per validation batch over all ranks; times rollout.val_group_size =
+                samples per batch.
+            max_val_prompts: keep only the first n of val_prompts.
         """
         super().__init__()
         if pairs_per_step < 1 or val_pairs_per_step < 1:
@@ -146,13 +161,21 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"--data.val_fraction={val_fraction} must be in [0, 1)")
         if val_pairs and val_fraction:
             raise ValueError("--data.val_pairs and --data.val_fraction both choose held-out pairs: set one")
+        if val_prompts_per_step < 1:
+            raise ValueError(f"--data.val_prompts_per_step={val_prompts_per_step} must be >= 1")
         self.train_pairs, self.val_pairs, self.val_fraction = train_pairs, val_pairs, val_fraction
         self.pairs_per_step, self.val_pairs_per_step = pairs_per_step, val_pairs_per_step
         self.max_prompt_length, self.split_seed, self.num_workers = max_prompt_length, split_seed, num_workers
+        self.val_prompts, self.val_prompts_split = val_prompts, val_prompts_split
+        self.val_prompts_per_step, self.max_val_prompts = val_prompts_per_step, max_val_prompts
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
+        self.val_prompt_rows: list[dict[str, Any]] = []
 
     def setup(self, stage: str) -> None:
+        if self.val_prompts and not self.val_prompt_rows:
+            rows = load_prompts(self.val_prompts, self.val_prompts_split)
+            self.val_prompt_rows = rows[: self.max_val_prompts] if self.max_val_prompts else rows
         if self.train_rows or self.val_rows:
             return
         rows = load_pairs(self.train_pairs)
@@ -182,8 +205,23 @@ class PreferenceDataModule(L.LightningDataModule):
         return DataLoader(_Rows(self.train_rows), batch_size=batch, sampler=EpochPermutation(len(self.train_rows), seed,
                           world, rank), drop_last=True, collate_fn=partial(collate_pairs, max_prompt_length=self.max_prompt_length), num_workers=self.num_workers)
 
+    def check_rows(self, check: Callable[[dict[str, Any]], Any]) -> None:
+        """Run `check` on every held-out prompt row (the rollout encodes each, so a prompt over
+        rollout.max_prompt_length stops the run at its start); a ValueError it raises names the source and the row."""
+        for i, row in enumerate(self.val_prompt_rows):
+            try:
+                check(row)
+            except ValueError as e:
+                raise ValueError(f"row {i} of --data.val_prompts={self.val_prompts!r}: {e}") from None
+
     def val_dataloader(self) -> DataLoader | list:
-        if not self.val_rows:
-            return []
-        return DataLoader(_Rows(self.val_rows), batch_size=self._per_rank("val_pairs_per_step"), shuffle=False,
-                          collate_fn=partial(collate_pairs, max_prompt_length=self.max_prompt_length), num_workers=self.num_workers)
+        """The held-out pairs' loader, then the held-out prompts' (each where there are any)."""
+        loaders = []
+        if self.val_rows:
+            loaders.append(DataLoader(_Rows(self.val_rows), batch_size=self._per_rank("val_pairs_per_step"),
+                                      shuffle=False, num_workers=self.num_workers,
+                                      collate_fn=partial(collate_pairs, max_prompt_length=self.max_prompt_length)))
+        if self.val_prompt_rows:
+            loaders.append(DataLoader(_Rows(self.val_prompt_rows), batch_size=self._per_rank("val_prompts_per_step"),
+                                      shuffle=False, collate_fn=collate_prompts, num_workers=self.num_workers))
+        return loaders[0] if len(loaders) == 1 else loaders

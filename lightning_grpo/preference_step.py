@@ -11,13 +11,15 @@ Logged (train/ every step, val/ per validation over the held-out pairs; means ov
     dpo_loss, dpo_accuracy (chosen reward > rejected reward), dpo_margin (reward margin),
     chosen_logratio / rejected_logratio (log pi - log pi_ref, summed over the sample's tokens),
     chosen_reward / rejected_reward (beta x log-ratio), and train/dpo_nll with the NLL term.
+With `data.val_prompts` and the `rollout:` group (validation_rollout.py), each validation also samples the held-out
+prompts and logs them as GRPO's validation does (val/reward_mean, val/cer_mean, val/prosody/*, val/entropy).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import dpo
+from . import dpo, grpo
 from .batch import Rollout
 from .llasa import LlasaVocab
 from .preference_data import pair_rollout
@@ -68,7 +70,10 @@ class PreferenceObjective:
         r = self._pairs(batch)
         b = len(batch["text"])
         ref, cer_gap = self._reference_and_gap(batch, r)
-        chosen_tokens = float(r.completion_mask[0::2].sum())
+        # the NLL term's token mean is over the step's chosen tokens on every rank (a collective, once per step), so
+        # DDP's gradient average makes it the one-process token mean of the union of the ranks' pairs (as GRPO's
+        # token-mean loss); a per-rank count would weigh up the tokens of a rank with shorter chosen samples
+        chosen_tokens = grpo.token_mean_normaliser(r.completion_mask[0::2]) if hp.dpo_nll_weight else 0.0
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"]
         self._grad_norm = None
@@ -97,11 +102,16 @@ class PreferenceObjective:
 
     @torch.no_grad()
     def preference_validation_step(self, batch: dict) -> None:
+        if "rollout" in batch:  # held-out prompts the `rollout:` group sampled and scored
+            self.log_rollout_stats(batch["rollout"], "val", on_epoch=True)
+            self.log_val_entropy(batch["rollout"])
+            return
         r = self._pairs(batch)
         b = len(batch["text"])
         ref, cer_gap = self._reference_and_gap(batch, r)
         parts = [self._pair_terms(r, s, ref, cer_gap)[0] for s in self._micro_batches(b)]
-        self.log_dict(self._pair_stats(parts, "val"), on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
+        self.log_dict(self._pair_stats(parts, "val"), on_step=False, on_epoch=True, sync_dist=True, batch_size=b,
+                      add_dataloader_idx=False)  # beside the held-out prompts' loader: names differ
 
     def _pair_stats(self, parts: list[dpo.DPOTerms], prefix: str) -> dict[str, float]:
         """Means over this rank's pairs (Lightning's sync_dist with batch_size averages them over ranks)."""

@@ -226,7 +226,7 @@ STRATEGIES = {
 }
 
 
-def dpo_cli_process(tmp_path: Path, pairs: Path, strategy: str | None) -> dict:
+def dpo_cli_process(tmp_path: Path, pairs: Path, strategy: str | None, *extra: str) -> dict:
     """`python -m lightning_grpo dpo fit` as a user runs it, on one CPU process or two (DDP or FSDP2 over gloo); one
     epoch of one step of 8 pairs; returns the policy weights of the checkpoint it writes (shards read by export's
     loader)."""
@@ -243,7 +243,7 @@ def dpo_cli_process(tmp_path: Path, pairs: Path, strategy: str | None) -> dict:
         [sys.executable, "-m", "lightning_grpo", "dpo", "fit", "--config", str(ROOT / "configs/tiny_dpo.yaml"),
          f"--data.train_pairs={pairs}", "--data.val_fraction=0", "--trainer.max_epochs=1", "--model.micro_batch_size=3",
          f"--trainer.devices={devices}", *STRATEGIES.get(strategy, []), f"--trainer.default_root_dir={out}",
-         f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false"],
+         f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false", *extra],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = next(out.rglob("*.ckpt"))
@@ -251,12 +251,14 @@ def dpo_cli_process(tmp_path: Path, pairs: Path, strategy: str | None) -> dict:
 
 
 @pytest.mark.slow  # three CLI processes each: about a minute on 2 idle cores
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_dpo_on_two_processes_makes_the_single_process_update(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,nll", [("ddp", 0.0), ("fsdp2", 0.0), ("ddp", 1.0)], ids=["ddp", "fsdp2", "ddp-nll"])
+def test_dpo_on_two_processes_makes_the_single_process_update(tmp_path, strategy, nll):
     """2 ranks x 4 pairs (micro-batches of 3 and 1) give the update of 1 process x the same 8 pairs: each rank's mean
-    over its pairs, averaged by DDP's all-reduce (or FSDP2's reduce-scatter), is the mean over all 8."""
+    over its pairs, averaged by DDP's all-reduce (or FSDP2's reduce-scatter), is the mean over all 8. With the NLL term,
+    its token mean is over all 8 chosen samples' tokens, of which the two ranks hold unequal shares."""
     pairs = write_pairs(tmp_path / "pairs.parquet", n=8)
-    one, two = dpo_cli_process(tmp_path, pairs, None), dpo_cli_process(tmp_path, pairs, strategy)
+    nll_flag = f"--model.dpo_nll_weight={nll}"
+    one, two = dpo_cli_process(tmp_path, pairs, None, nll_flag), dpo_cli_process(tmp_path, pairs, strategy, nll_flag)
     start = build_tiny()
     moved = [k for k in one if not torch.equal(one[k], start[f"policy.{k.removeprefix('policy.')}"])]
     assert moved  # the step changed the weights
@@ -269,3 +271,33 @@ def build_tiny() -> dict:
     from lightning_grpo.tiny import build_tiny_llasa
 
     return {f"policy.{k}": v for k, v in build_tiny_llasa()[0].state_dict().items()}
+
+
+def test_dpo_fit_samples_held_out_prompts_and_logs_cer_and_prosody_as_grpo_validation(tmp_path):
+    rows, _ = run_dpo(tmp_path)  # configs/tiny_dpo.yaml's rollout: the tone world's reward, with prosody
+    validations = [r for r in rows if r.get("val/cer_mean")]
+    assert len(validations) == 2  # one per epoch, beside the held-out pairs' statistics
+    for r in validations:
+        for key in ("val/cer_mean", "val/reward_mean", "val/prosody/f0_std_st_mean", "val/prosody/voiced_fraction_mean",
+                    "val/prosody/f0_std_st_group_std_mean", "val/entropy", "val/completion_length_mean"):
+            assert math.isfinite(float(r[key])), key
+        assert float(r["val/completion_length_mean"]) <= 16
+        assert float(r["val/prosody/f0_std_st_mean"]) > 0  # the tone world's samples move in pitch
+    assert last(rows, "val/dpo_accuracy") == 1.0  # the pairs' statistics are still there, under their own names
+    assert not any("dataloader_idx" in key for key in rows[0])
+
+
+def test_dpo_sampled_validation_config_errors_name_the_key(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.parquet")
+    common = ["dpo", "fit", "--config", str(ROOT / "configs/tiny_dpo.yaml"), f"--data.train_pairs={pairs}",
+              "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+              "--trainer.enable_progress_bar=false"]
+    with pytest.raises(ValueError, match="rollout.reward is set but rollout.sampler is not"):
+        main([*common, "--rollout.sampler=null"])
+    with pytest.raises(ValueError, match="--data.val_prompts is not set"):
+        main([*common, "--data.val_prompts=null"])
+    with pytest.raises(ValueError, match="--data.val_prompts=builtin:en are sampled .* set rollout.sampler and "
+                                         "rollout.reward"):
+        main([*common, "--rollout.sampler=null", "--rollout.reward=null"])
+    # neither: a round validates on its held-out pairs only
+    main([*common, "--rollout.sampler=null", "--rollout.reward=null", "--data.val_prompts=null"])

@@ -13,7 +13,7 @@ import torch
 
 from lightning_grpo.cli import main
 from lightning_grpo.pairs import PairCollector
-from lightning_grpo.prosody import prosody_stats
+from lightning_grpo.reward.prosody import prosody_stats
 from lightning_grpo.reward.base import SpeechSample
 from lightning_grpo.reward.tone import ToneCodec, ToneReward
 
@@ -21,31 +21,30 @@ ROOT = Path(__file__).parents[1]
 SR = 16_000
 
 
-def tone(freqs: torch.Tensor) -> torch.Tensor:
-    """A sine whose frequency follows `freqs` (Hz per sample), with a second harmonic."""
-    phase = torch.cumsum(2 * math.pi * freqs / SR, 0)
-    return 0.3 * torch.sin(phase) + 0.1 * torch.sin(2 * phase)
-
-
-def test_prosody_of_a_steady_tone_two_pitches_and_silence():
-    steady = prosody_stats(tone(torch.full((SR,), 200.0)), SR)
-    # the harmonic's and the sub-period's peaks do not pull f0 an octave off
-    assert steady["f0_mean_hz"] == pytest.approx(200.0, rel=0.01)
-    assert steady["f0_std_semitones"] < 0.1 and steady["voiced_fraction"] == 1.0
-    jump = prosody_stats(tone(torch.where(torch.arange(SR) < SR // 2, 100.0, 200.0)), SR)
-    assert jump["f0_std_semitones"] == pytest.approx(6.0, abs=0.3)  # half at -6, half at +6 semitones of the mean
-    assert jump["f0_range_semitones"] == pytest.approx(12.0, abs=0.3)
-    silent = prosody_stats(torch.zeros(SR), SR)
-    assert silent["voiced_fraction"] == 0.0 and math.isnan(silent["f0_std_semitones"])
-    assert prosody_stats(torch.randn(SR, generator=torch.Generator().manual_seed(0)) * 0.1, SR)["voiced_fraction"] < 0.1
-
-
-def test_tone_codec_pitch_follows_codes_and_reward_counts_noise_frames():
+def test_tone_codec_glides_through_each_codes_pitch_and_praat_reads_its_movement():
     codec = ToneCodec()
-    flat, moving = codec.decode([[28] * 8, [0, 55] * 4])
-    assert flat.numel() == 8 * int(0.08 * SR)
-    assert prosody_stats(flat, SR)["f0_mean_hz"] == pytest.approx(200.0, rel=0.02)
-    assert prosody_stats(moving, SR)["f0_std_semitones"] > 10 > prosody_stats(flat, SR)["f0_std_semitones"] + 9
+    half = codec.frame // 2
+    contour = codec.contour([0, 28, 60, 14])
+    assert contour[half].item() == pytest.approx(100.0) and contour[codec.frame + half].item() == pytest.approx(200.0)
+    # up from 100 Hz to 200 Hz, then down toward the next voiced code's 141 Hz across the noise frame
+    assert 100.0 < contour[codec.frame + half - 10] < 200.0 and 141.0 < contour[codec.frame + half + 10] < 200.0
+    assert (contour[2 * codec.frame: 3 * codec.frame] == 0).all()  # the noise frame
+    torch.testing.assert_close(contour[3 * codec.frame + half:], torch.full((half,), 100 * 2 ** 0.5))  # held after the last centre
+    # the project's pitch tracker (Praat) reads the movement of alternating codes, an octave and two octaves apart
+    waves = codec.decode([[28] * 16, [0, 28] * 8, [0, 55] * 8])
+    stats = prosody_stats(waves, ["x"] * 3)
+    for i, codes in enumerate([[28] * 16, [0, 28] * 8, [0, 55] * 8]):
+        track = stats.tracks[i]  # the contour's own movement over the frames Praat voiced
+        truth = 12 * torch.log2(codec.contour(codes)[(track.times[track.voiced] * SR).long()].double())
+        assert track.voiced.float().mean() > 0.9
+        assert stats.values["f0_std_st"][i].item() == pytest.approx(truth.std().item(), abs=0.2), codes
+    assert stats.values["f0_std_st"][0] < 0.05 < 3 < stats.values["f0_std_st"][1] < 6 < stats.values["f0_std_st"][2]
+    assert stats.tracks[0].f0[stats.tracks[0].voiced].median().item() == pytest.approx(200.0, rel=0.01)
+
+
+def test_tone_reward_counts_noise_frames():
+    codec = ToneCodec()
+    assert codec.decode([[28] * 8])[0].numel() == 8 * int(0.08 * SR)
     res = ToneReward().score([SpeechSample("t", [1, 2, 60, 61]), SpeechSample("t", []),
                               SpeechSample("t", [1], num_invalid=1)])
     assert res.metrics["cer"].tolist() == [0.5, 1.0, 1.0]
@@ -95,7 +94,11 @@ def test_pairs_from_the_cli_pass_the_gate_with_audio_and_prosody(tmp_path):
             wave, rate = soundfile.read(out / s["wav"])
             assert rate == SR and len(wave) == len(s["codes"]) * int(0.08 * SR)
             assert s["prosody"]["duration_s"] == pytest.approx(len(wave) / SR)
-            assert s["prosody"]["f0_std_semitones"] is not None
+            if len(wave) >= SR // 2:
+                assert s["prosody"]["reason"] == "ok" and s["prosody"]["voiced_fraction"] > 0.5
+                assert s["prosody"]["f0_std_st"] > 0
+            else:  # under reward/prosody.py's min_duration_s: not measured
+                assert s["prosody"]["reason"] == "too_short" and s["prosody"]["f0_std_st"] is None
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_pairs(out)
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(BENCH))
 def test_two_dpo_rounds_raise_the_raters_preference_while_cer_holds(tmp_path):
     import bench_preference_rounds as bench
 
-    rows = bench.main_bench(["--seeds", "0", "--rounds", "2", "--train_prompts", "16", "--k", "4", "--epochs", "3",
+    rows = bench.main_bench(["--seeds", "0", "--rounds", "2", "--train_prompts", "24", "--k", "4", "--epochs", "4",
                              "--eval_k", "2", "--out", str(tmp_path)])
     base, first, second = rows
     for r in (first, second):
