@@ -14,6 +14,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from .cli import build_cli
 from .preference_data import PreferenceDataModule
+from .reward.owner import SharedReward
+from .reward.spec import owner_rewards_described
 from .validation_rollout import ValidationRollout
 
 
@@ -21,6 +23,11 @@ class DPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ValidationRollout, "rollout")
         parser.set_defaults({"model.objective": "dpo", "model.beta": 0.1})
+
+    def instantiate_classes(self) -> None:
+        # as GRPO's fit: a SharedReward's reward is built from its description in the owner, not in every rank
+        with owner_rewards_described(self.parser, self.config, SharedReward):
+            super().instantiate_classes()
 
     def before_fit(self) -> None:
         if self.model.hparams.objective != "dpo":

@@ -273,8 +273,29 @@ def build_tiny() -> dict:
     return {f"policy.{k}": v for k, v in build_tiny_llasa()[0].state_dict().items()}
 
 
-def test_dpo_fit_samples_held_out_prompts_and_logs_cer_and_prosody_as_grpo_validation(tmp_path):
-    rows, _ = run_dpo(tmp_path)  # configs/tiny_dpo.yaml's rollout: the tone world's reward, with prosody
+OWNER = """
+rollout:
+  reward:
+    class_path: lightning_grpo.reward.owner.SharedReward
+    init_args:
+      mode: process
+      reward:
+        class_path: lightning_grpo.reward.tone.ToneReward
+        init_args: {prosody: true}
+"""
+
+
+@pytest.mark.parametrize("owner", [False, True], ids=["in_rank", "owner"])
+def test_dpo_fit_samples_held_out_prompts_and_logs_cer_and_prosody_as_grpo_validation(tmp_path, owner):
+    """configs/tiny_dpo.yaml's rollout: the tone world's reward with prosody, in the rank or behind a reward owner
+    process (SharedReward, built there from its description, as GRPO's fit does)."""
+    extra = []
+    if owner:
+        (tmp_path / "owner.yaml").write_text(OWNER)
+        extra = ["--config", str(tmp_path / "owner.yaml")]
+    rows, out = run_dpo(tmp_path, *extra)
+    if owner:
+        assert "ToneReward" in (out / "reward_owner" / "node0.log").read_text()
     validations = [r for r in rows if r.get("val/cer_mean")]
     assert len(validations) == 2  # one per epoch, beside the held-out pairs' statistics
     for r in validations:
