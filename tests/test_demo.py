@@ -261,6 +261,13 @@ def test_measure_compare_puts_arms_side_by_side(tmp_path):
             d.joinpath("summary.json").write_text(json.dumps({
                 "name": f"seed{seed}", "seed": seed, "rollouts": 60, "curve_steps": "rollouts", "curve": [],
                 "before": metrics(0.4), "after": metrics(after), "after_units": {"sampled": after / 2}, **extra}))
+            # the fit's log (version_1; validate's is version_0): dyn's runs were one-step-off, importance-corrected
+            for version, steps in ((0, []), (1, [(0.0, 0.1), (1.0, 0.3)] if arm == "dyn" else [])):
+                log = d / "grpo" / f"version_{version}"
+                log.mkdir(parents=True)
+                with open(log / "metrics.csv", "w") as f:
+                    f.write("step,rollout/staleness,train/clip_fraction,train/is_weight_mean,train/is_weight_capped_frac\n")
+                    f.writelines(f"{i},{st},{clip},1.0,0.0\n" for i, (st, clip) in enumerate(steps))
     rows = compare([tmp_path / "token", tmp_path / "dyn"]).splitlines()[2:]
-    assert rows[0].startswith("| token | 0 1 | 0.400 -> 0.200, 0.400 -> 0.300 | -50% / -25% | -37.5% | 0.125 | 1440 | 60 |")
-    assert rows[1].startswith("| dyn | 0 1 | 0.400 -> 0.100, 0.400 -> 0.300 | -75% / -25% | -50.0% | 0.100 | 1450 | 58 |")
+    assert rows[0] == "| token | 0 1 | 0.400 -> 0.200, 0.400 -> 0.300 | -50% / -25% | -37.5% | 0.125 | 1440 | 60 | - / - / - / - |"
+    assert rows[1] == "| dyn | 0 1 | 0.400 -> 0.100, 0.400 -> 0.300 | -75% / -25% | -50.0% | 0.100 | 1450 | 58 | 0.5 / 0.2 / 1 / 0 |"

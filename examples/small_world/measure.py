@@ -229,14 +229,35 @@ def _samples_per_rollout() -> int:
     return cfg["data"]["prompts_per_step"] * cfg["rollout"]["group_size"]
 
 
+FIT_LOG_KEYS = ("rollout/staleness", "train/clip_fraction", "train/is_weight_mean", "train/is_weight_capped_frac")
+
+
+def fit_log_means(run_dir: Path) -> dict[str, float]:
+    """Means over the fit's steps of FIT_LOG_KEYS, from the run's last CSV log (the fit's; validate writes the one
+    before): how stale the samples were and how much the clip and the importance weights acted. A key the run never
+    logged is left out (synchronous runs before staleness was logged, runs without importance correction)."""
+    logs = sorted((run_dir / "grpo").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not logs:
+        return {}
+    with open(logs[-1]) as f:
+        rows = list(csv.DictReader(f))
+    means = {}
+    for key in FIT_LOG_KEYS:
+        values = [float(r[key]) for r in rows if r.get(key)]
+        if values:
+            means[key] = sum(values) / len(values)
+    return means
+
+
 def compare(outs: list[Path]) -> str:
     """One row per arm (each directory of `outs`, named for its variant), its seeds side by side: held-out capped CER
     before -> after and the relative change per seed, their mean, the sampled unit error after, and the samples
     each run generated (equal budgets are the caller's to check)."""
     lines = [
         "| arm | seeds | capped CER before -> after, per seed | rel. change per seed | mean rel. change |"
-        " unit error sampled after (mean) | samples generated per run | steps trained |",
-        "|---|---|---|---|---|---|---|---|",
+        " unit error sampled after (mean) | samples generated per run | steps trained |"
+        " staleness / clip fraction / IS weight / IS capped (fit means, mean of seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for out in outs:
         runs = _load_summaries([out])
@@ -249,11 +270,17 @@ def compare(outs: list[Path]) -> str:
         samples = sorted({s.get("samples_generated") or s["rollouts"] * _samples_per_rollout() for s in runs})
         steps = sorted({s.get("steps_trained", s["rollouts"]) for s in runs})
         unit_mean = f"{sum(units) / len(units):.3f}" if units else "-"
+        logs = [fit_log_means(out / s["name"]) for s in runs]
+
+        def log_mean(key: str) -> str:
+            values = [m[key] for m in logs if key in m]
+            return f"{sum(values) / len(values):.3g}" if len(values) == len(logs) else "-"
         lines.append(
             f"| {out.name} | {' '.join(str(s['seed']) for s in runs)} | "
             + ", ".join(f"{s['before']['val/cer_capped_mean']:.3f} -> {s['after']['val/cer_capped_mean']:.3f}" for s in runs)
             + f" | {' / '.join(f'{r:+.0%}' for r in rel)} | {sum(rel) / len(rel):+.1%} | {unit_mean} | "
-            f"{' / '.join(map(str, samples))} | {' / '.join(map(str, steps))} |"
+            f"{' / '.join(map(str, samples))} | {' / '.join(map(str, steps))} | "
+            + " / ".join(log_mean(k) for k in FIT_LOG_KEYS) + " |"
         )
     return "\n".join(lines)
 
