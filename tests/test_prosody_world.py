@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from small_world import prosody_world as pw  # noqa: E402
 from small_world.unit_codec import JUNK_UNITS, WORDS, UNITS, text_to_codes  # noqa: E402
-from small_world.warm_start import WarmStartConfig, cache_key, target_codes, warm_start  # noqa: E402
+from small_world.warm_start import WarmStartConfig, cache_key, target_codes, warm_config, warm_start  # noqa: E402
 from lightning_grpo.reward.pitch import track_pitch  # noqa: E402
 
 from reward_fixtures import espeak_ng  # noqa: E402
@@ -115,7 +115,10 @@ def test_words_world_warm_start_keeps_its_cache_key():
     """The shipped words-world warm start stays valid: its key has no `world`; the prosody world's has one."""
     stamp = json.loads((ROOT / "examples" / "small_world" / "warm_seed0" / "warm_start.json").read_text())
     assert stamp["config"] == cache_key(WarmStartConfig())
-    assert cache_key(WarmStartConfig(world="prosody"))["world"] == "prosody"
+    assert cache_key(warm_config("prosody"))["world"] == "prosody"
+    assert warm_config("words") == WarmStartConfig()
+    with pytest.raises(ValueError, match="--world='tones'"):
+        warm_config("tones")
 
 
 def test_diversity_of_monotone_and_varied_code_sets():
@@ -152,7 +155,7 @@ def test_prosody_config_fits_through_the_cli(config, tmp_path):
     """Both arms' configs parse and train 1 step with the real Whisper tiny.en (a 5-step warm start, 2 samples)."""
     from lightning_grpo.cli import build_cli
 
-    policy = warm_start(tmp_path / "warm", WarmStartConfig(steps=5, world="prosody", num_layers=1, hidden_size=32))
+    policy = warm_start(tmp_path / "warm", warm_config("prosody", steps=5, num_layers=1, hidden_size=32))
     args = [
         "fit", *pw.config_args(pw.HERE_DIR / config), "--model.model_name_or_path", str(policy),
         "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--data.prompts_per_step=1",

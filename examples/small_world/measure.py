@@ -45,7 +45,7 @@ from small_world import CONFIG, HERE, TEST_PROMPTS, TRAIN_PROMPTS  # noqa: E402
 from small_world import prosody_world  # noqa: E402
 from small_world.unit_codec import JUNK_UNITS, UNITS, codes_to_text, text_to_codes  # noqa: E402
 from small_world.warm_start import (  # noqa: E402
-    WarmStartConfig, edit_distance, sample_codes, unit_error_rate, warm_start,
+    WarmStartConfig, edit_distance, sample_codes, unit_error_rate, warm_config, warm_start,
 )
 
 # world -> (default config, train prompts, held-out prompts)
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     for name in args.runs:
-        warm = WarmStartConfig(steps=args.warm_steps, label_noise=args.label_noise, world=args.world)
+        warm = warm_config(args.world, steps=args.warm_steps, label_noise=args.label_noise)
         s = run_one(name, args.out, args.rollouts, args.val_every, args.extra, args.num_iterations, warm, args.max_samples,
                     args.config, args.warm_dir)
         b, a = s["before"]["val/cer_capped_mean"], s["after"]["val/cer_capped_mean"]

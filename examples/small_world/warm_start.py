@@ -65,21 +65,33 @@ class WarmStartConfig:
     num_test: int = 48
     data_seed: int = 0
     label_noise: float = 0.3
-    world: str = "words"  # "words": one code per word; "prosody": prosody_world's codes and contours
+
+    @property
+    def world(self) -> str:
+        return "words"
+
+
+@dataclass(frozen=True)
+class ProsodyWarmStartConfig(WarmStartConfig):
+    """A warm start of the prosody world (`--world prosody`): prosody_world's codes, prompts and contours."""
+
+    world: str = "prosody"
+
+
+def warm_config(world: str = "words", **settings) -> WarmStartConfig:
+    """The warm start settings of `world` ("words" or "prosody")."""
+    if world not in WORLDS:
+        raise ValueError(f"--world={world!r} must be one of {WORLDS}")
+    return ProsodyWarmStartConfig(**settings) if world == "prosody" else WarmStartConfig(**settings)
 
 
 def cache_key(config: WarmStartConfig) -> dict:
-    """The settings a cached warm start is matched on (a words-world key leaves `world` out, as it always did)."""
-    key = asdict(config)
-    if config.world == "words":
-        del key["world"]
-    return key
+    """The settings a cached warm start is matched on (its fields; `world` only in the prosody world's)."""
+    return asdict(config)
 
 
 def world_of(name: str):
     """(prompt sets function, number of codes) of world `name`."""
-    if name not in WORLDS:
-        raise ValueError(f"--world={name!r} must be one of {WORLDS}")
     if name == "prosody":
         return prosody_world.make_prompt_sets, prosody_world.NUM_PROSODY_UNITS
     return make_prompt_sets, NUM_UNITS
@@ -224,13 +236,14 @@ def warm_start(out: str | Path, config: WarmStartConfig = WarmStartConfig(), for
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output HF directory (model + tokenizer + warm_start.json)")
+    p.add_argument("--world", choices=WORLDS, default="words", help="prosody: small_world/prosody_world.py")
     for name, field in WarmStartConfig.__dataclass_fields__.items():
         p.add_argument(f"--{name}", type=type(field.default), default=field.default)
     p.add_argument("--force", action="store_true", help="retrain even if --out holds the same settings")
     p.add_argument("--log_every", type=int, default=0, help="print held-out unit error every n steps")
     p.add_argument("--write_prompts", action="store_true", help=f"also (re)write {TRAIN_PROMPTS.name} and {TEST_PROMPTS.name}")
     args = vars(p.parse_args(argv))
-    config = WarmStartConfig(**{k: args[k] for k in WarmStartConfig.__dataclass_fields__})
+    config = warm_config(args["world"], **{k: args[k] for k in WarmStartConfig.__dataclass_fields__})
     if args["write_prompts"] and config.world == "prosody":
         for path, texts in zip((prosody_world.TRAIN_PROMPTS, prosody_world.TEST_PROMPTS),
                                prosody_world.make_prompt_sets(config.num_train, config.num_test, config.data_seed)):
