@@ -58,8 +58,8 @@ def test_pitch_levels_differ_in_measured_f0_and_slow_is_longer(codec):
         w = WORDS.index(word)
         for rate in (pw.NORMAL, pw.SLOW):
             low, mid, high = (median_st(codec.units[pw.code_of(w, p, rate)]) for p in (pw.LOW, pw.MID, pw.HIGH))
-            # measured over all 27 words: low -> mid 4.2 st (at least 2.0), mid -> high 6.9 st (at least 6.4)
-            assert mid - low > 1.5 and high - mid > 5.0, (word, rate, low, mid, high)
+            # measured over all 27 words: low -> mid 4.8 st (at least 4.4), mid -> high 6.0 st (at least 5.7)
+            assert mid - low > 3.5 and high - mid > 4.5, (word, rate, low, mid, high)
         normal, slow = (len(codec.units[pw.code_of(w, pw.MID, r)]) for r in (pw.NORMAL, pw.SLOW))
         assert slow > 1.2 * normal, word
 
@@ -139,15 +139,20 @@ def test_diversity_of_monotone_and_varied_code_sets():
 
 
 def test_f0_spread_of_a_declining_sentence_exceeds_a_monotone_one(codec):
+    """At every level a monotone sentence measures under 2 st (no octave errors: at espeak-ng -p 20 Praat found
+    some and measured a monotone sentence at 8.5 st), a contour of the warm start over 3."""
     text = "My red cat likes your ball."
     words = text_to_codes(text)
+    for pitch in (pw.LOW, pw.MID, pw.HIGH):
+        flat = pw.f0_spread(codec, [pw.speak_codes(words, [(pitch, pw.SLOW)] * 6)], [text])["f0_std_st"]
+        assert flat < 2.0, (pitch, flat)
     monotone = pw.speak_codes(words, [(pw.MID, pw.NORMAL)] * 6)
     declining = pw.speak_codes(words, pw.contour(text, random.Random(1)))
     out = pw.f0_spread(codec, [monotone, declining], [text, text])
     assert out["f0_measured_share"] == 1.0
     one = pw.f0_spread(codec, [monotone], [text])["f0_std_st"]
     two = pw.f0_spread(codec, [declining], [text])["f0_std_st"]
-    assert two > one + 1.5 and out["f0_std_st"] == pytest.approx((one + two) / 2, rel=1e-5)
+    assert two > 3.0 and two > one + 1.5 and out["f0_std_st"] == pytest.approx((one + two) / 2, rel=1e-5)
 
 
 @pytest.mark.parametrize("config", ["prosody.yaml", "prosody_floor.yaml"])

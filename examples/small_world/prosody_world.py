@@ -33,7 +33,7 @@ from small_world.unit_codec import make_prompt_sets as words_prompt_sets
 
 HERE_DIR = Path(__file__).resolve().parent
 
-PITCHES = {"low": 20, "mid": 50, "high": 85}  # espeak-ng -p (0..99); measured levels: BENCHMARKS.md
+PITCHES = {"low": 40, "mid": 65, "high": 95}  # espeak-ng -p: ~89 / 114 / 162 Hz; at -p 20 Praat made octave errors
 RATES = {"normal": 150, "slow": 105}  # espeak-ng -s, words per minute
 NUM_VARIANTS = len(PITCHES) * len(RATES)  # 6
 NUM_WORD_CODES = len(WORDS) * NUM_VARIANTS  # 162
