@@ -354,6 +354,37 @@ def compare_prosody(outs: list[Path]) -> str:
     return "\n".join(lines) + "\n\nMeans over seeds:\n\n" + "\n".join(summary)
 
 
+def reward_by_contour(config: Path | None = None) -> str:
+    """What the prosody world's Whisper reward pays for prosody alone: the correct words of every held-out sentence,
+    said monotone at each pitch x rate and with the warm start's contours (one draw each), scored by the reward of
+    `config` (default prosody.yaml). A reward that prefers one rendering pulls a CER+NLL run toward it."""
+    import random
+
+    import yaml
+
+    from lightning_grpo.reward.base import SpeechSample
+    from lightning_grpo.reward.short_window import ShortWindowWhisperReward
+    from small_world.warm_start import target_codes
+
+    path = WORLDS["prosody"][0] if config is None else config if config.exists() else HERE / config
+    init = dict(yaml.safe_load(path.read_text())["rollout"]["reward"]["init_args"])
+    codec = prosody_world.ProsodyUnitCodec()
+    reward = ShortWindowWhisperReward(**(init | {"codec": codec}))
+    texts = held_out("prosody")
+    renderings = {f"monotone {p} {r}": [prosody_world.speak_codes(text_to_codes(t), [(i, j)] * 6) for t in texts]
+                  for i, p in enumerate(prosody_world.PITCHES) for j, r in enumerate(prosody_world.RATES)}
+    rng = random.Random(0)
+    renderings["warm-start contours"] = [target_codes(t, 0.0, rng, "prosody") for t in texts]
+    lines = ["| rendering (correct words) | capped CER | NLL | reward | F0 std (st) |", "|---|---|---|---|---|"]
+    for name, codes in renderings.items():
+        result = reward.score([SpeechSample(text=t, codes=c) for t, c in zip(texts, codes)])
+        m = result.metrics
+        f0 = prosody_world.f0_spread(codec, codes, texts)["f0_std_st"]
+        lines.append(f"| {name} | {m['cer'].clamp(max=1).mean():.3f} | {m['nll'].mean():.3f} | "
+                     f"{result.rewards.mean():.3f} | {f0:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], choices=sorted(RUNS))
@@ -375,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=Path, help="another config (a file of this directory or a path); default: the world's")
     p.add_argument("--warm_dir", type=Path, help="where the warm starts are made or reused (default: --out), so arms share them")
     p.add_argument("--compare_prosody", type=Path, nargs="*", help="prosody-world arm directories, the CER+NLL-only one first")
+    p.add_argument("--reward_by_contour", action="store_true",
+                   help="score the held-out sentences' correct words at each fixed pitch x rate and with the warm "
+                        "start's contours with the prosody world's reward (--config)")
     p.add_argument("extra", nargs="*", help="more CLI overrides after --, passed to validate and fit")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -391,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
         print(report(args.report_dirs or [args.out], args.markdown, args.plot))
     if args.compare:
         print(compare(args.compare))
+    if args.reward_by_contour:
+        print(reward_by_contour(args.config))
     if args.compare_prosody:
         print(compare_prosody(args.compare_prosody))
 
