@@ -10,6 +10,10 @@ work from any directory (they read this directory's files by absolute path; outp
     python examples/small_world/cli.py fit                                           # 60 rollouts of GRPO
     python examples/small_world/measure.py --runs seed0 seed1 cer_only --rollouts 60 --val_every 10
 
+The prosody world (`prosody_world`, `prosody.yaml`, `prosody_floor.yaml`; `--world prosody` of warm_start.py,
+cli.py and measure.py) records every word at 3 pitches x 2 rates, so a policy also chooses a contour: it measures
+whether GRPO on CER+NLL flattens prosody (BENCHMARKS.md, "Small world: prosody collapse and cure").
+
 This directory is not part of the installed package; the scripts put its parent on sys.path so that
 `small_world.*` (the config's `small_world.unit_codec.UnitCodec`) imports, and lightning_grpo comes from
 wherever it is installed (`pip install .`, or the editable install scripts/setup.sh makes).

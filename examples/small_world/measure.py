@@ -16,6 +16,14 @@ N` stops each fit once N completions were generated (`--rollout.max_samples`; ra
 and the summary's curve records the samples generated before each validation:
 
     python examples/small_world/measure.py --runs seed0 --rollouts 200 --max_samples 1440 -- --rollout.dynamic_sampling true
+
+The prosody world (small_world/prosody_world.py; BENCHMARKS.md "Small world: prosody collapse and cure"): `--world
+prosody` reads its config (or `--config`, a file of this directory or a path), prompts and warm starts, and adds to
+each summary the held-out prosody diversity before and after (`prosody_measures`); `--compare_prosody` tabulates it:
+
+    python examples/small_world/measure.py --world prosody --runs seed0 seed1 seed2 --out runs/prosody/cer_nll \
+        --warm_dir runs/prosody
+    python examples/small_world/measure.py --compare_prosody runs/prosody/cer_nll runs/prosody/prosody runs/prosody/kl
 """
 
 from __future__ import annotations
@@ -33,9 +41,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `small_world` im
 
 from lightning_grpo.data import load_prompts  # noqa: E402
 from lightning_grpo.llasa import LlasaVocab, parse_completion  # noqa: E402
-from small_world import TEST_PROMPTS, config_args  # noqa: E402
+from small_world import CONFIG, HERE, TEST_PROMPTS, TRAIN_PROMPTS  # noqa: E402
+from small_world import prosody_world  # noqa: E402
 from small_world.unit_codec import JUNK_UNITS, UNITS, codes_to_text, text_to_codes  # noqa: E402
-from small_world.warm_start import WarmStartConfig, edit_distance, unit_error_rate, warm_start  # noqa: E402
+from small_world.warm_start import (  # noqa: E402
+    WarmStartConfig, edit_distance, sample_codes, unit_error_rate, warm_config, warm_start,
+)
+
+# world -> (default config, train prompts, held-out prompts)
+WORLDS = {
+    "words": (CONFIG, TRAIN_PROMPTS, TEST_PROMPTS),
+    "prosody": (prosody_world.CONFIG, prosody_world.TRAIN_PROMPTS, prosody_world.TEST_PROMPTS),
+}
 
 # Capped CER of the *correct* codes of the 48 held-out sentences under the demo reward (tiny.en, 5 s window):
 # the best any policy can score; measured once, drawn on the plot.
@@ -53,15 +70,28 @@ RUNS = {
 }
 
 
-def sample_report(rollout, tokenizer) -> dict:
-    """Hacking indicators and a few samples of one validation rollout."""
+def world_args(world: str, config: Path | None = None) -> list[str]:
+    """`--config` and the prompt files of `world` as absolute paths; `config`: another file (of this directory or a path)."""
+    default, train, test = WORLDS[world]
+    path = default if config is None else config if config.exists() else HERE / config
+    if not path.exists():
+        raise FileNotFoundError(f"--config {config} is neither a path nor a file of {HERE}")
+    return ["--config", str(path), f"--data.train_data={train}", f"--data.val_data={test}"]
+
+
+def held_out(world: str) -> list[str]:
+    return [row["text"] for row in load_prompts(str(WORLDS[world][2]), "test")]
+
+
+def sample_report(rollout, tokenizer, world: str = "words") -> dict:
+    """Hacking indicators and a few samples of one validation rollout (prosody world: of the words said)."""
     vocab = LlasaVocab.from_tokenizer(tokenizer)
     junk = {UNITS.index(u) for u in JUNK_UNITS}
     rows, counts = [], Counter()
     for i, ids in enumerate(rollout.completion_ids):
         parsed = parse_completion(ids, vocab)
         ref = text_to_codes(rollout.texts[i])
-        codes = parsed.codes
+        codes = prosody_world.word_units(parsed.codes) if world == "prosody" else parsed.codes
         counts["n"] += 1
         counts["junk"] += any(c in junk for c in codes)
         counts["repeat"] += any(a == b for a, b in zip(codes, codes[1:])) and not any(a == b for a, b in zip(ref, ref[1:]))
@@ -84,24 +114,36 @@ def sample_report(rollout, tokenizer) -> dict:
     }
 
 
-def unit_errors(policy, tokenizer, seed: int) -> dict[str, float]:
+def unit_errors(policy, tokenizer, seed: int, world: str = "words") -> dict[str, float]:
     """Held-out unit error of the codes alone (no Whisper): sampled as in training (T = 1, 4 per prompt)
     and near-greedy (T = 0.01), so a CER drop can be told apart from mere sharpening of the warm start."""
-    texts = [row["text"] for row in load_prompts(str(TEST_PROMPTS), "test")]
+    texts = held_out(world)
     return {
-        "sampled": unit_error_rate(policy, tokenizer, texts, temperature=1.0, n=4, seed=seed)["uer"],
-        "greedy": unit_error_rate(policy, tokenizer, texts, temperature=0.01, n=1, seed=seed)["uer"],
+        "sampled": unit_error_rate(policy, tokenizer, texts, temperature=1.0, n=4, seed=seed, world=world)["uer"],
+        "greedy": unit_error_rate(policy, tokenizer, texts, temperature=0.01, n=1, seed=seed, world=world)["uer"],
     }
+
+
+def prosody_measures(policy, tokenizer, seed: int, codec=None, n: int = 4) -> dict[str, float]:
+    """Prosody diversity of `n` samples per held-out prompt of the prosody world, sampled as in training (T = 1,
+    8 new tokens): prosody_world.diversity of the codes and the mean Praat voiced-F0 std of their audio."""
+    texts = held_out("prosody")
+    parsed = sample_codes(policy, tokenizer, texts, temperature=1.0, n=n, max_new_tokens=8, seed=seed)
+    codes = [p.codes for p in parsed]
+    codec = codec or prosody_world.ProsodyUnitCodec()
+    return {**prosody_world.diversity(codes), **prosody_world.f0_spread(codec, codes, [texts[i // n] for i in range(len(codes))]),
+            "samples": len(codes)}
 
 
 def _metrics(trainer) -> dict[str, float]:
     m = trainer.callback_metrics
-    return {k: float(m[k]) for k in ("val/cer_capped_mean", "val/cer_above_1", "val/exact_rate", "val/cer_mean", "val/nll_mean", "val/reward_mean", "val/completion_length_mean") if k in m}
+    return {k: float(m[k]) for k in ("val/cer_capped_mean", "val/cer_above_1", "val/exact_rate", "val/cer_mean", "val/nll_mean", "val/reward_mean", "val/completion_length_mean", "val/prosody/f0_std_st_mean") if k in m}
 
 
 def run_one(
     name: str, out: Path, rollouts: int, val_every: int, extra: list[str], num_iterations: int = 2,
-    warm: WarmStartConfig = WarmStartConfig(), max_samples: int | None = None,
+    warm: WarmStartConfig = WarmStartConfig(), max_samples: int | None = None, config: Path | None = None,
+    warm_dir: Path | None = None,
 ) -> dict:
     from lightning.pytorch.loggers import CSVLogger  # noqa: F401  (fail early if lightning is broken)
 
@@ -109,25 +151,30 @@ def run_one(
 
     seed, lc, ln = RUNS[name]
     run_dir = out / name
-    model_dir = warm_start(out / f"warm_seed{seed}", dataclasses.replace(warm, seed=seed))
+    world = warm.world
+    model_dir = warm_start((warm_dir or out) / f"warm_seed{seed}", dataclasses.replace(warm, seed=seed))
+    # both worlds' configs weigh 0.6 / 0.4; only other weights are passed (a composite reward nests them deeper)
+    weights = [] if (lc, ln) == (0.6, 0.4) else [f"{REWARD}.lambda_c", str(lc), f"{REWARD}.lambda_n", str(ln)]
     common = [
-        *config_args(), "--seed_everything", str(seed), "--model.model_name_or_path", str(model_dir),
-        f"{REWARD}.lambda_c", str(lc), f"{REWARD}.lambda_n", str(ln),
+        *world_args(world, config), "--seed_everything", str(seed), "--model.model_name_or_path", str(model_dir),
+        *weights,
         "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.default_root_dir", str(run_dir),
         "--model.num_iterations", str(num_iterations), *extra,
     ]
     before_cli = build_cli(["validate", *common])
     before = _metrics(before_cli.trainer)
     rollout_cb = next(c for c in before_cli.trainer.callbacks if hasattr(c, "last_rollout"))
-    before_samples = sample_report(rollout_cb.last_rollout, before_cli.model.tokenizer)
-    before_units = unit_errors(before_cli.model.policy, before_cli.model.tokenizer, seed)
+    before_samples = sample_report(rollout_cb.last_rollout, before_cli.model.tokenizer, world)
+    before_units = unit_errors(before_cli.model.policy, before_cli.model.tokenizer, seed, world)
+    if world == "prosody":
+        before_prosody = prosody_measures(before_cli.model.policy, before_cli.model.tokenizer, seed)
     budget = ["--rollout.max_samples", str(max_samples)] if max_samples else []
     fit_cli = build_cli(["fit", *common, "--trainer.max_steps", str(rollouts),  # a step is a rollout
                          "--trainer.val_check_interval", str(val_every), *budget])
     after = _metrics(fit_cli.trainer)
     rollout_cb = next(c for c in fit_cli.trainer.callbacks if hasattr(c, "last_rollout"))
-    after_samples = sample_report(rollout_cb.last_rollout, fit_cli.model.tokenizer)
-    after_units = unit_errors(fit_cli.model.policy, fit_cli.model.tokenizer, seed)
+    after_samples = sample_report(rollout_cb.last_rollout, fit_cli.model.tokenizer, world)
+    after_units = unit_errors(fit_cli.model.policy, fit_cli.model.tokenizer, seed, world)
     curve = [{"step": 0, "samples": 0, **before}]
     samples = 0  # completions generated so far (train/samples_generated_total), for comparisons at equal budgets
     with open(Path(fit_cli.trainer.logger.log_dir) / "metrics.csv") as f:
@@ -136,7 +183,8 @@ def run_one(
                 samples = int(float(row["train/samples_generated_total"]))
             if row.get("val/cer_mean"):
                 # the CSV's step counts rollouts (batches), not optimiser updates
-                curve.append({"step": int(row["step"]) + 1, "samples": samples, "val/cer_mean": float(row["val/cer_mean"]),
+                f0 = {"val/prosody/f0_std_st_mean": float(row["val/prosody/f0_std_st_mean"])} if row.get("val/prosody/f0_std_st_mean") else {}
+                curve.append({"step": int(row["step"]) + 1, "samples": samples, **f0, "val/cer_mean": float(row["val/cer_mean"]),
                               "val/cer_capped_mean": float(row["val/cer_capped_mean"]),
                               "val/nll_mean": float(row["val/nll_mean"]), "val/reward_mean": float(row["val/reward_mean"])})
     summary = {
@@ -147,6 +195,9 @@ def run_one(
         "before_units": before_units, "after_units": after_units,
         "warm_start": dataclasses.asdict(dataclasses.replace(warm, seed=seed)),
     }
+    if world == "prosody":
+        summary |= {"world": world, "config": str(config or WORLDS[world][0]), "before_prosody": before_prosody,
+                    "after_prosody": prosody_measures(fit_cli.model.policy, fit_cli.model.tokenizer, seed)}
     run_dir.mkdir(parents=True, exist_ok=True)
     fit_cli.model.policy.save_pretrained(run_dir / "policy")  # the trained policy, to listen to or evaluate
     fit_cli.model.tokenizer.save_pretrained(run_dir / "policy")
@@ -285,6 +336,82 @@ def compare(outs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+PROSODY_KEYS = ("f0_std_st", "variant_entropy_bits", "contour_variety", "monotone_share")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def compare_prosody(outs: list[Path]) -> str:
+    """The prosody world's arms (each directory of `outs`; the first is the CER+NLL-only reference): per seed and as
+    the mean over seeds, held-out capped CER and prosody diversity (prosody_measures) before -> after; the mean
+    rows add the arm's CER gain as a share of the first arm's and each measure after as a share of before."""
+    head = ("| arm | seed | capped CER before -> after | F0 std (st) before -> after | variant entropy (bits) | "
+            "contour variety | monotone share | val/prosody/f0_std_st (Whisper's log) | samples |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    means, reference_gain = [], None
+    for out in outs:
+        runs = [s for s in _load_summaries([out]) if "before_prosody" in s]
+        if not runs:
+            continue
+        for s in runs:
+            b, a, pb, pa = s["before"], s["after"], s["before_prosody"], s["after_prosody"]
+            f0 = "val/prosody/f0_std_st_mean"
+            lines.append(
+                f"| {out.name} | {s['seed']} | {b['val/cer_capped_mean']:.3f} -> {a['val/cer_capped_mean']:.3f} | "
+                + " | ".join(f"{pb[k]:.3f} -> {pa[k]:.3f}" for k in PROSODY_KEYS)
+                + f" | {b.get(f0, float('nan')):.3f} -> {a.get(f0, float('nan')):.3f} | {s['samples_generated']} |")
+        gain = _mean([s["before"]["val/cer_capped_mean"] - s["after"]["val/cer_capped_mean"] for s in runs])
+        reference_gain = gain if reference_gain is None else reference_gain
+        kept = {k: _mean([s["after_prosody"][k] for s in runs]) / _mean([s["before_prosody"][k] for s in runs])
+                for k in PROSODY_KEYS if _mean([s["before_prosody"][k] for s in runs])}
+        means.append(
+            f"| {out.name} | {len(runs)} | {_mean([s['before']['val/cer_capped_mean'] for s in runs]):.3f} -> "
+            f"{_mean([s['after']['val/cer_capped_mean'] for s in runs]):.3f} | {gain:+.3f} | "
+            f"{gain / reference_gain:.0%} | " if reference_gain else f"| {out.name} | {len(runs)} | - | {gain:+.3f} | - | ")
+        means[-1] += " | ".join(
+            f"{_mean([s['before_prosody'][k] for s in runs]):.3f} -> {_mean([s['after_prosody'][k] for s in runs]):.3f}"
+            + (f" ({kept[k]:.0%})" if k in kept else "") for k in PROSODY_KEYS) + " |"
+    summary = [
+        "| arm | seeds | capped CER before -> after | CER gain (before - after) | gain / first arm's | F0 std (st) "
+        "(after / before) | variant entropy (bits) | contour variety | monotone share |",
+        "|---|---|---|---|---|---|---|---|---|", *means,
+    ]
+    return "\n".join(lines) + "\n\nMeans over seeds:\n\n" + "\n".join(summary)
+
+
+def reward_by_contour(config: Path | None = None) -> str:
+    """What the prosody world's Whisper reward pays for prosody alone: the correct words of every held-out sentence,
+    said monotone at each pitch x rate and with the warm start's contours (one draw each), scored by the reward of
+    `config` (default prosody.yaml). A reward that prefers one rendering pulls a CER+NLL run toward it."""
+    import random
+
+    import yaml
+
+    from lightning_grpo.reward.base import SpeechSample
+    from lightning_grpo.reward.short_window import ShortWindowWhisperReward
+    from small_world.warm_start import target_codes
+
+    path = WORLDS["prosody"][0] if config is None else config if config.exists() else HERE / config
+    init = dict(yaml.safe_load(path.read_text())["rollout"]["reward"]["init_args"])
+    codec = prosody_world.ProsodyUnitCodec()
+    reward = ShortWindowWhisperReward(**(init | {"codec": codec}))
+    texts = held_out("prosody")
+    renderings = {f"monotone {p} {r}": [prosody_world.speak_codes(text_to_codes(t), [(i, j)] * 6) for t in texts]
+                  for i, p in enumerate(prosody_world.PITCHES) for j, r in enumerate(prosody_world.RATES)}
+    rng = random.Random(0)
+    renderings["warm-start contours"] = [target_codes(t, 0.0, rng, "prosody") for t in texts]
+    lines = ["| rendering (correct words) | capped CER | NLL | reward | F0 std (st) |", "|---|---|---|---|---|"]
+    for name, codes in renderings.items():
+        result = reward.score([SpeechSample(text=t, codes=c) for t, c in zip(texts, codes)])
+        m = result.metrics
+        f0 = prosody_world.f0_spread(codec, codes, texts)["f0_std_st"]
+        lines.append(f"| {name} | {m['cer'].clamp(max=1).mean():.3f} | {m['nll'].mean():.3f} | "
+                     f"{result.rewards.mean():.3f} | {f0:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], choices=sorted(RUNS))
@@ -301,6 +428,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--compare", type=Path, nargs="*", help="arm directories (one per variant) to compare side by side")
+    p.add_argument("--world", choices=sorted(WORLDS), default="words",
+                   help="prosody: small_world/prosody_world.py's codec, prompts, warm start and diversity measures")
+    p.add_argument("--config", type=Path, help="another config (a file of this directory or a path); default: the world's")
+    p.add_argument("--warm_dir", type=Path, help="where the warm starts are made or reused (default: --out), so arms share them")
+    p.add_argument("--compare_prosody", type=Path, nargs="*", help="prosody-world arm directories, the CER+NLL-only one first")
+    p.add_argument("--reward_by_contour", action="store_true",
+                   help="score the held-out sentences' correct words at each fixed pitch x rate and with the warm "
+                        "start's contours with the prosody world's reward (--config)")
     p.add_argument("extra", nargs="*", help="more CLI overrides after --, passed to validate and fit")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -308,14 +443,19 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     for name in args.runs:
-        warm = WarmStartConfig(steps=args.warm_steps, label_noise=args.label_noise)
-        s = run_one(name, args.out, args.rollouts, args.val_every, args.extra, args.num_iterations, warm, args.max_samples)
+        warm = warm_config(args.world, steps=args.warm_steps, label_noise=args.label_noise)
+        s = run_one(name, args.out, args.rollouts, args.val_every, args.extra, args.num_iterations, warm, args.max_samples,
+                    args.config, args.warm_dir)
         b, a = s["before"]["val/cer_capped_mean"], s["after"]["val/cer_capped_mean"]
         print(f"{name}: held-out capped CER {b:.3f} -> {a:.3f} ({(a - b) / b:+.0%})", flush=True)
     if args.report:
         print(report(args.report_dirs or [args.out], args.markdown, args.plot))
     if args.compare:
         print(compare(args.compare))
+    if args.reward_by_contour:
+        print(reward_by_contour(args.config))
+    if args.compare_prosody:
+        print(compare_prosody(args.compare_prosody))
 
 
 if __name__ == "__main__":

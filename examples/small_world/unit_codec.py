@@ -40,8 +40,8 @@ GRAMMAR = (DETERMINERS, ADJECTIVES, NOUNS, VERBS, DETERMINERS, NOUNS)
 
 
 def text_to_codes(text: str) -> list[int]:
-    """Codes of the correct speech for `text`: one code per word (case and final '.' ignored)."""
-    words = text.lower().rstrip(".").split()
+    """Codes of the correct speech for `text`: one code per word (case and a final '.' or '?' ignored)."""
+    words = text.lower().rstrip(".?").split()
     unknown = [w for w in words if w not in WORDS]
     if unknown:
         raise ValueError(
@@ -89,6 +89,8 @@ class UnitCodec:
     """SpeechDecoder whose code k is unit k's recorded waveform (see the module docstring)."""
 
     sample_rate: int = SAMPLE_RATE
+    expected_units: tuple[str, ...] = UNITS  # a subclass records other units (prosody_world.ProsodyUnitCodec)
+    make_command: str = "python examples/small_world/make_unit_codec.py --out {path}"
 
     def __init__(self, units_path: str | None = None, gap_s: float = 0.06, gain: float = 1.0) -> None:
         """
@@ -100,13 +102,14 @@ class UnitCodec:
         """
         path = Path(units_path) if units_path else DEFAULT_UNITS_PATH
         if not path.exists():
-            raise FileNotFoundError(f"unit codec data {path} is missing; run `python examples/small_world/make_unit_codec.py --out {path}`")
+            raise FileNotFoundError(f"unit codec data {path} is missing; run `{self.make_command.format(path=path)}`")
         data = np.load(path)
         if int(data["sample_rate"]) != SAMPLE_RATE:
             raise ValueError(f"{path} holds {int(data['sample_rate'])} Hz units; the unit codec needs {SAMPLE_RATE}")
         names = [str(n) for n in data["names"]]
-        if tuple(names) != UNITS:
-            raise ValueError(f"{path} has units {names}, expected {list(UNITS)}; regenerate it with examples/small_world/make_unit_codec.py")
+        if tuple(names) != self.expected_units:
+            raise ValueError(f"{path} has {len(names)} units {names[:4]}..., expected {len(self.expected_units)} "
+                             f"{list(self.expected_units[:4])}...; regenerate it with `{self.make_command.format(path=path)}`")
         audio = torch.from_numpy(data["audio"].astype(np.float32) / 32768.0) * gain
         bounds = np.concatenate([[0], np.cumsum(data["lengths"])])
         self.units = [audio[bounds[i] : bounds[i + 1]].clone() for i in range(len(names))]
