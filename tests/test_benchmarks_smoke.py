@@ -2,6 +2,8 @@
 
 No timing asserts: only that the scripts run, that the figures they would publish exist, and the
 correctness claims behind them (the memory benchmark's variants give the same loss and gradients).
+They are `slow` (about 4 minutes together): CI runs them in `.ci/run`'s second pytest step, beside the config
+rehearsals; the default suite stays the developer's quick check.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
